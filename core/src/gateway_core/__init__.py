@@ -1,0 +1,6 @@
+"""gateway-core: the plugin host of the gateway.
+
+Owns the package version; everything else lives in the submodules named in docs/architecture.md.
+"""
+
+__version__ = "0.1.0"

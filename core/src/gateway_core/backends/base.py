@@ -1,0 +1,153 @@
+"""The two interfaces a backend plugin implements: `Backend` (all of it) or `ClusterDriver`.
+
+Owns the contracts only. `Backend` is what the API calls; `ClusterDriver` is the six operations
+a process-style backend (local, Slurm, PBS, YARN, third parties) supplies to core's
+`gateway_core.backends.process.ProcessBackend`, which keeps the store and the reconciler.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+
+if TYPE_CHECKING:
+    from ..config import BackendConfig, ClusterConfig
+    from ..context import GatewayContext
+    from ..models import Cluster, ClusterStatus, User, Worker
+
+StateUpdates: TypeAlias = "AsyncIterator[dict[str, Any]] | Awaitable[dict[str, Any] | None]"
+"""What a driver's start operation returns: an awaitable of the driver's state, or an async
+generator yielding state as it goes (each yield is stored at once, so a gateway killed
+mid-start still knows e.g. the job id it must cancel)."""
+
+
+class Backend(abc.ABC):
+    """Everything the REST API needs from where clusters run.
+
+    Core builds one instance per gateway with keyword arguments; implement this class directly
+    only when the platform keeps cluster state itself (Kubernetes keeps it in custom resources).
+    Otherwise write a `ClusterDriver` and let `ProcessBackend` do the rest.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: BackendConfig,
+        cluster_config_class: type[ClusterConfig],
+        context: GatewayContext,
+        **kwargs: Any,
+    ) -> None:
+        self.config = config
+        self.cluster_config_class = cluster_config_class
+        self.context = context
+
+    async def setup(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (connect to services, load state). Called once before serving."""
+
+    async def cleanup(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work; stop clusters if ``stop_clusters_on_shutdown``."""
+
+    @abc.abstractmethod
+    async def list_clusters(
+        self,
+        *,
+        username: str | None = None,
+        statuses: Collection[ClusterStatus] | None = None,
+    ) -> list[Cluster]:
+        """Clusters of ``username`` (all users when None) whose status is in ``statuses``
+        (all statuses when None)."""
+
+    @abc.abstractmethod
+    async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:
+        """The cluster called ``name``, or None. With ``wait``, block (up to the gateway's
+        ``wait_timeout``) while it is PENDING."""
+
+    @abc.abstractmethod
+    async def start_cluster(
+        self, *, user: User, options: dict[str, Any], config: ClusterConfig
+    ) -> str:
+        """Create a cluster for ``user`` with resolved ``config``; return its new name at once
+        (starting goes on in the background)."""
+
+    @abc.abstractmethod
+    async def stop_cluster(self, name: str, *, failed: bool = False, reason: str | None = None) -> None:
+        """Begin stopping ``name``; idempotent, unknown names are ignored."""
+
+    @abc.abstractmethod
+    async def on_cluster_heartbeat(self, name: str, msg: dict[str, Any]) -> None:
+        """Take a heartbeat from the cluster's scheduler (PROTOCOL.md). The token was already
+        checked. Raise `ClusterConflict` to answer 409."""
+
+    @abc.abstractmethod
+    async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
+        """Send ``msg`` (``{"op": "scale", ...}`` or ``{"op": "adapt", ...}``) to the cluster's
+        scheduler. Raise `ClusterConflict` when the scheduler cannot take it."""
+
+
+class ClusterConflict(Exception):
+    """The cluster cannot take this request now (answered as HTTP 409 with this message)."""
+
+
+class ClusterDriver(abc.ABC):
+    """The six operations that start, stop and watch schedulers and workers on one platform.
+
+    Core's `ProcessBackend` calls these from its reconciler, with retries and timeouts, and
+    stores whatever state they return. A driver keeps no state of its own between calls that it
+    cannot rebuild from ``cluster.state`` and ``worker.state``: after a restart it is handed the
+    records it stored before.
+
+    Every operation gets the `Cluster` record; ``cluster.config`` holds the resolved cluster
+    config (a dict of the backend's cluster config class, see ``self.cluster_config(cluster)``),
+    ``cluster.token``, ``cluster.tls_cert`` and ``cluster.tls_key`` the credentials to hand to
+    the processes. `gateway_core.backends.process` has helpers for the environment and commands.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, config: BackendConfig, context: GatewayContext, **kwargs: Any) -> None:
+        self.config = config
+        self.context = context
+
+    async def setup(self) -> None:  # noqa: B027 - optional hook
+        """Prepare (check commands exist, open sessions). Called once before any operation."""
+
+    async def cleanup(self) -> None:  # noqa: B027 - optional hook
+        """Release what ``setup`` took. Called once at shutdown, after clusters were handled."""
+
+    @abc.abstractmethod
+    def start_scheduler(self, cluster: Cluster) -> StateUpdates:
+        """Launch the scheduler of ``cluster``; return (or yield, as it goes) the driver state
+        to store, e.g. ``{"pid": 1234}`` or ``{"job_id": "17"}``. The cluster becomes RUNNING
+        when its scheduler heartbeats, not when this returns. Raise to fail the attempt (the
+        message is shown to the user)."""
+
+    @abc.abstractmethod
+    async def stop_scheduler(self, cluster: Cluster) -> None:
+        """Stop the scheduler and release everything the cluster holds. Must succeed when the
+        scheduler is already gone or never started (``cluster.state`` may be empty)."""
+
+    @abc.abstractmethod
+    def start_worker(self, cluster: Cluster, worker: Worker) -> StateUpdates:
+        """Launch ``worker`` (its name is chosen by core and must be passed to the process as
+        its Dask worker name); return or yield the driver state, as for the scheduler."""
+
+    @abc.abstractmethod
+    async def stop_worker(self, cluster: Cluster, worker: Worker) -> None:
+        """Stop ``worker``; must succeed when it is already gone."""
+
+    @abc.abstractmethod
+    async def check_clusters(self, clusters: Sequence[Cluster]) -> list[bool]:
+        """For each cluster, is its scheduler still alive? One batched call per period (one
+        ``squeue`` for all clusters, not one per cluster). Raise when the platform cannot be
+        asked: the check is retried later and nobody is failed for it."""
+
+    @abc.abstractmethod
+    async def check_workers(self, workers: Sequence[tuple[Cluster, Worker]]) -> list[bool]:
+        """For each (cluster, worker) pair, is the worker still alive? Batched like
+        `check_clusters`."""
+
+    async def failure_reason(self, cluster: Cluster) -> str | None:
+        """Why the scheduler died, for the user (e.g. the last lines of its log); None if
+        unknown. Called when a cluster fails."""
+        return None

@@ -1,0 +1,422 @@
+"""The gateway's configuration: attrs classes, one cattrs converter, the TOML loader.
+
+Owns the sections of `gateway.toml` that core defines (`[gateway]`, `[proxy]`, `[cluster]`,
+`[options]`, `plugins`), the base classes plugins extend for `[backend.<name>]` and
+`[auth.<name>]`, environment overrides for secrets, and errors as one line per bad key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cattrs
+from attrs import define, field, fields
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from .units import parse_memory
+
+T = TypeVar("T")
+
+
+class Memory(int):
+    """A size in bytes; config accepts ``"2 G"``, ``"512 MiB"`` or a plain integer."""
+
+
+class Command(list[str]):
+    """A command line; config accepts a list of arguments or one shell-quoted string."""
+
+
+class ConfigError(Exception):
+    """Bad configuration: ``problems`` holds one ``"path: what is wrong"`` line per bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Core sections
+# --------------------------------------------------------------------------------------------
+
+
+@define(kw_only=True, frozen=True)
+class GatewayConfig:
+    """`[gateway]`: the API server, which plugins are selected, and the store."""
+
+    address: str = "127.0.0.1:0"
+    """Where the private API server listens (``host:port``); the proxy is the public face."""
+    backend: str = "unsafe-local"
+    """Name of the cluster backend to use (see ``gateway plugins``)."""
+    authenticator: str = "simple"
+    """Name of the authenticator to use."""
+    proxy: str = "builtin"
+    """Name of the proxy to use."""
+    api_url: str = ""
+    """Address clusters use to reach the API; default ``{proxy address}{prefix}/api``."""
+    log_level: str = "INFO"
+    admin_users: list[str] = field(factory=list)
+    """Users who may see and act on every cluster."""
+    max_body_size: Memory = Memory(1 << 20)
+    """Largest request body the API accepts."""
+    wait_timeout: float = 20.0
+    """How long ``GET /api/v1/clusters/{name}?wait`` blocks at most, in seconds."""
+    db_url: str = "sqlite:///:memory:"
+    """SQLAlchemy URL of the store; anything but in-memory needs ``db_encrypt_keys``."""
+    db_encrypt_keys: list[str] = field(factory=list)
+    """Fernet keys (base64, 32 bytes) encrypting secrets at rest; env GATEWAY_ENCRYPT_KEYS."""
+    db_debug: bool = False
+    db_cleanup_period: float = 600.0
+    db_cluster_max_age: float = 86400.0
+    stop_clusters_on_shutdown: bool = True
+
+
+@define(kw_only=True, frozen=True)
+class ProxyConfig:
+    """`[proxy]`: the public HTTP and TCP (TLS-SNI) faces; a proxy plugin may extend it."""
+
+    address: str = ":8000"
+    tcp_address: str = ""
+    prefix: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    api_token: str = ""
+    """Token the proxy uses on the routes feed; env GATEWAY_PROXY_TOKEN."""
+    externally_managed: bool = False
+    gateway_url: str = ""
+    log_level: str = "warn"
+    max_events: int = 100
+    proxy_status_period: float = 30.0
+
+
+@define(kw_only=True, frozen=True)
+class ClusterConfig:
+    """`[cluster]`: what every cluster gets unless an option handler overrides it.
+
+    Backends with more per-cluster settings (a Slurm partition) subclass this.
+    """
+
+    scheduler_cmd: Command = field(factory=lambda: Command(["dask", "scheduler"]))
+    worker_cmd: Command = field(factory=lambda: Command(["dask", "worker"]))
+    scheduler_cores: int = 1
+    scheduler_memory: Memory = Memory(2 * 2**30)
+    worker_cores: int = 1
+    worker_memory: Memory = Memory(2 * 2**30)
+    worker_threads: int = 0
+    """Threads per worker; 0 means as many as ``worker_cores``."""
+    environment: dict[str, str] = field(factory=dict)
+    idle_timeout: float = 0.0
+    adaptive_period: float = 3.0
+    cluster_max_cores: float | None = None
+    cluster_max_memory: Memory | None = None
+    cluster_max_workers: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        for name in ("scheduler_cores", "worker_cores"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.worker_threads < 0:
+            problems.append(f"worker_threads: must not be negative, got {self.worker_threads}")
+        if self.cluster_max_workers is not None and self.cluster_max_workers < 0:
+            problems.append("cluster_max_workers: must not be negative")
+        if self.cluster_max_memory is not None and self.scheduler_memory > self.cluster_max_memory:
+            problems.append("scheduler_memory: larger than cluster_max_memory")
+        if self.cluster_max_cores is not None and self.scheduler_cores > self.cluster_max_cores:
+            problems.append("scheduler_cores: larger than cluster_max_cores")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def threads(self) -> int:
+        return self.worker_threads or self.worker_cores
+
+    @property
+    def max_workers(self) -> int | None:
+        """Workers allowed by ``cluster_max_workers``, ``_cores`` and ``_memory`` together.
+
+        The scheduler's share comes off the core and memory limits first. None: no limit.
+        """
+        limit: float = math.inf
+        if self.cluster_max_workers is not None:
+            limit = self.cluster_max_workers
+        if self.cluster_max_cores is not None:
+            limit = min(limit, (self.cluster_max_cores - self.scheduler_cores) // self.worker_cores)
+        if self.cluster_max_memory is not None:
+            spare = self.cluster_max_memory - self.scheduler_memory
+            limit = min(limit, spare // self.worker_memory)
+        return None if limit == math.inf else max(0, int(limit))
+
+
+@define(kw_only=True, frozen=True)
+class BackendConfig:
+    """Base of every `[backend.<name>]` section."""
+
+
+@define(kw_only=True, frozen=True)
+class ProcessBackendConfig(BackendConfig):
+    """Timing and limits of the reconciler every process-style backend shares (seed 000)."""
+
+    cluster_start_timeout: float = 60.0
+    worker_start_timeout: float = 60.0
+    cluster_heartbeat_period: int = 15
+    cluster_heartbeat_timeout: float = 0.0
+    """Seconds without a heartbeat before a cluster is failed; 0 means 2 × the period."""
+    cluster_status_period: float = 30.0
+    worker_status_period: float = 30.0
+    check_timeouts_period: float = 0.0
+    """Seconds between timeout checks; 0 derives it from the smallest timeout."""
+    backoff_base_delay: float = 0.1
+    backoff_max_delay: float = 300.0
+    parallelism: int = 20
+    worker_start_failure_limit: int = 3
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.cluster_heartbeat_timeout or 2.0 * self.cluster_heartbeat_period
+
+    @property
+    def timeouts_period(self) -> float:
+        if self.check_timeouts_period > 0:
+            return self.check_timeouts_period
+        smallest = min(
+            self.cluster_start_timeout, self.worker_start_timeout, self.heartbeat_timeout
+        )
+        return max(0.05, min(5.0, smallest / 4))
+
+
+@define(kw_only=True, frozen=True)
+class AuthConfig:
+    """Base of every `[auth.<name>]` section."""
+
+    cache_max_age: int = 300
+    """Seconds a login is cached in a cookie before the backing service is asked again."""
+    cookie_name: str = ""
+    """Name of that cookie; empty means ``gateway-<authenticator name>``."""
+
+
+@define(kw_only=True, frozen=True)
+class OptionSpec:
+    """One user option declared in `[options.<field>]`."""
+
+    type: str
+    default: Any = None
+    label: str | None = None
+    target: str | None = None
+    min: float | None = None
+    max: float | None = None
+    options: list[Any] = field(factory=list)
+    """For ``select``: keys, or ``{key = "...", value = ...}`` tables."""
+
+
+@define(kw_only=True, frozen=True)
+class Config:
+    """The whole file, with backend and authenticator sections structured later by their
+    plugin's classes (only the plugins know them); see `load_config`."""
+
+    plugins: list[str] = field(factory=list)
+    gateway: GatewayConfig = field(factory=GatewayConfig)
+    proxy: dict[str, Any] = field(factory=dict)
+    cluster: dict[str, Any] = field(factory=dict)
+    backend: dict[str, dict[str, Any]] = field(factory=dict)
+    auth: dict[str, dict[str, Any]] = field(factory=dict)
+    options: dict[str, OptionSpec] = field(factory=dict)
+    source: str = ""
+    """Where the config came from (a path, or empty for built-in defaults)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The converter
+# --------------------------------------------------------------------------------------------
+
+
+def _structure_memory(value: Any, _type: Any) -> Memory:
+    return Memory(parse_memory(value))
+
+
+def _structure_command(value: Any, _type: Any) -> Command:
+    if isinstance(value, str):
+        return Command(shlex.split(value))
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return Command(value)
+    raise TypeError(f"expected a command (string or list of strings), got {_kind(value)}")
+
+
+def _structure_strict(expected: type) -> Any:
+    def hook(value: Any, _type: Any) -> Any:
+        # TOML already gives real types; refuse silent coercion ("3" to 3, 1 to True).
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not expected:
+            raise TypeError(f"expected {expected.__name__}, got {_kind(value)}")
+        return value
+
+    return hook
+
+
+def _kind(value: Any) -> str:
+    return {dict: "table", list: "array"}.get(type(value), type(value).__name__)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(Memory, _structure_memory)
+    conv.register_structure_hook(Command, _structure_command)
+    for t in (str, int, float, bool):
+        conv.register_structure_hook(t, _structure_strict(t))
+    conv.register_structure_hook(Any, lambda v, _t: v)
+    conv.register_unstructure_hook(Memory, int)
+    conv.register_unstructure_hook(Command, list)
+    return conv
+
+
+_converter = _make_converter()
+
+
+def structure(data: Any, cls: type[T], *, path: str = "") -> T:
+    """Build ``cls`` from plain data; raise ConfigError with one line per bad key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"{path or '<root>'}: expected a table, got {_kind(data)}"])
+    try:
+        return _converter.structure(data, cls)
+    except ConfigError as exc:
+        raise ConfigError([_join(path, p) for p in exc.problems]) from None
+    except Exception as exc:  # noqa: BLE001 - cattrs raises groups of anything a hook raised
+        raise ConfigError(list(_problems(exc, path))) from None
+
+
+def unstructure(obj: Any) -> Any:
+    """Plain data (dicts, lists, numbers) from a config object, as TOML would hold it."""
+    return _converter.unstructure(obj)
+
+
+def _join(path: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{path}[{name}]"
+    return f"{path}.{name}" if path else name
+
+
+def _problems(exc: BaseException, path: str) -> Iterator[str]:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        for key in sorted(exc.extra_fields):
+            yield f"{_join(path, key)}: unknown key"
+    elif isinstance(exc, ClassValidationError | IterableValidationError):
+        for sub in exc.exceptions:
+            notes = getattr(sub, "__notes__", [])
+            sub_path = path
+            for note in notes:
+                if hasattr(note, "name"):
+                    sub_path = _join(path, note.name)
+                elif hasattr(note, "index"):
+                    sub_path = _join(path, note.index)
+            yield from _problems(sub, sub_path)
+    elif isinstance(exc, ExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _problems(sub, path)
+    elif isinstance(exc, ConfigError):
+        for problem in exc.problems:
+            yield _join(path, problem) if path else problem
+    elif isinstance(exc, KeyError):
+        yield f"{path}: required key is missing"
+    else:
+        yield f"{path or '<root>'}: {_message(exc)}"
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, TypeError) and "missing" in text and "required" in text:
+        return "required key is missing"
+    return text or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+ENV_PROXY_TOKEN = "GATEWAY_PROXY_TOKEN"
+ENV_ENCRYPT_KEYS = "GATEWAY_ENCRYPT_KEYS"
+ENV_CONFIG = "GATEWAY_CONFIG"
+DEFAULT_CONFIG_FILE = "gateway.toml"
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error becomes a one-line ConfigError with the position."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such config file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: invalid TOML: {exc}"]) from None
+
+
+def find_config_file(explicit: str | None = None) -> Path | None:
+    """The file to load: ``explicit``, else $GATEWAY_CONFIG, else ./gateway.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_config(
+    data: Mapping[str, Any] | None = None,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Structure the core sections of a config from ``data`` or the TOML file at ``path``.
+
+    Environment variables then override secrets. Plugin sections (``backend``, ``auth``,
+    ``proxy``, ``cluster``) stay plain tables here; `gateway_core.app` structures them with the
+    selected plugins' classes. Raises ConfigError listing every bad key.
+    """
+    source = ""
+    if data is None:
+        data = read_toml(path) if path is not None else {}
+        source = str(path or "")
+    env = os.environ if environ is None else environ
+    raw = dict(data)
+    gateway = dict(raw.get("gateway") or {})
+    if env.get(ENV_ENCRYPT_KEYS):
+        gateway["db_encrypt_keys"] = [k for k in env[ENV_ENCRYPT_KEYS].split(";") if k.strip()]
+    if gateway:
+        raw["gateway"] = gateway
+    proxy = raw.get("proxy")
+    if env.get(ENV_PROXY_TOKEN):
+        proxy = dict(proxy or {})
+        proxy["api_token"] = env[ENV_PROXY_TOKEN]
+        raw["proxy"] = proxy
+    problems: list[str] = []
+    for name in ("backend", "auth"):
+        section = raw.get(name, {})
+        if not isinstance(section, Mapping):
+            problems.append(f"{name}: expected a table of [{name}.<name>] tables")
+            continue
+        for key, value in section.items():
+            if not isinstance(value, Mapping):
+                problems.append(f"{name}.{key}: expected a table, got {_kind(value)}")
+    try:
+        config = structure(raw, Config)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config.__class__(**{**_shallow(config), "source": source})
+
+
+def _shallow(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(type(obj))}
+
+
+def evolve_dict(cls: type[T], base: Mapping[str, Any], overrides: Mapping[str, Any]) -> T:
+    """Structure ``cls`` from ``base`` updated with ``overrides`` (used for per-cluster config)."""
+    merged = {**base, **overrides}
+    return structure(merged, cls)

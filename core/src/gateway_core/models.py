@@ -1,0 +1,148 @@
+"""Records the gateway keeps about users, clusters and workers.
+
+Owns the status enums (named as on the wire), the `User`, `Cluster` and `Worker` records and the
+cluster's JSON form that the REST API sends (PROTOCOL.md, `<cluster>`).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from typing import Any
+
+from attrs import define, field
+
+
+class ClusterStatus(enum.IntEnum):
+    """Where a cluster is in its life; the names are the wire names."""
+
+    PENDING = 1
+    RUNNING = 2
+    STOPPING = 3
+    STOPPED = 4
+    FAILED = 5
+
+    @property
+    def is_active(self) -> bool:
+        """True while the cluster may still hold resources (PENDING, RUNNING, STOPPING)."""
+        return self <= ClusterStatus.STOPPING
+
+    @classmethod
+    def parse(cls, text: str) -> ClusterStatus:
+        """Parse a status name case-insensitively; raise ValueError naming the bad value."""
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            names = ", ".join(s.name for s in cls)
+            raise ValueError(f"unknown cluster status {text!r}; expected one of {names}") from None
+
+
+class WorkerStatus(enum.IntEnum):
+    """Where a worker is in its life."""
+
+    PENDING = 1
+    RUNNING = 2
+    STOPPING = 3
+    STOPPED = 4
+    FAILED = 5
+
+    @property
+    def is_active(self) -> bool:
+        return self <= WorkerStatus.STOPPING
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch, the unit of every timestamp on the wire."""
+    return int(time.time() * 1000)
+
+
+def new_token() -> str:
+    """A fresh cluster token: 32 random bytes, hex encoded."""
+    return secrets.token_hex(32)
+
+
+def new_name() -> str:
+    """A fresh cluster or worker name: 32 hex characters, safe in URLs and SNI labels."""
+    return secrets.token_hex(16)
+
+
+@define(kw_only=True, frozen=True)
+class User:
+    """An authenticated person (or service) acting on the API."""
+
+    name: str
+    groups: frozenset[str] = field(default=frozenset(), converter=frozenset)
+    admin: bool = False
+
+
+@define(kw_only=True)
+class Worker:
+    """One Dask worker of a cluster, as the reconciler tracks it.
+
+    ``status`` is where the worker is; ``target`` is where the reconciler drives it. ``state`` is
+    the driver's own record (a pid, a job id) and survives a gateway restart.
+    """
+
+    name: str
+    cluster_name: str
+    status: WorkerStatus = WorkerStatus.PENDING
+    target: WorkerStatus = WorkerStatus.RUNNING
+    state: dict[str, Any] = field(factory=dict)
+    start_time: int = field(factory=now_ms)
+    stop_time: int | None = None
+    close_expected: bool = False
+    reason: str | None = None
+
+
+@define(kw_only=True)
+class Cluster:
+    """One Dask cluster of one user.
+
+    ``options`` are the user's normalized options (shown back to the user); ``config`` is the
+    resolved cluster configuration as a plain dict (what drivers read). ``count`` is the number
+    of workers the scheduler wants; ``state`` is the driver's own record.
+    """
+
+    name: str
+    username: str
+    token: str
+    options: dict[str, Any] = field(factory=dict)
+    config: dict[str, Any] = field(factory=dict)
+    status: ClusterStatus = ClusterStatus.PENDING
+    target: ClusterStatus = ClusterStatus.RUNNING
+    count: int = 0
+    state: dict[str, Any] = field(factory=dict)
+    scheduler_address: str = ""
+    dashboard_address: str = ""
+    api_address: str = ""
+    tls_cert: bytes = b""
+    tls_key: bytes = b""
+    start_time: int = field(factory=now_ms)
+    stop_time: int | None = None
+    last_heartbeat: float | None = None
+    worker_start_failures: int = 0
+    reason: str | None = None
+    workers: dict[str, Worker] = field(factory=dict, eq=False, repr=False)
+
+    @property
+    def active_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.status.is_active]
+
+    def to_json(self, *, prefix: str = "") -> dict[str, Any]:
+        """The cluster as the REST API shows it (PROTOCOL.md `<cluster>`); every key is v1."""
+        running = self.status == ClusterStatus.RUNNING
+        return {
+            "name": self.name,
+            "dashboard_route": (
+                f"{prefix}/clusters/{self.name}/status"
+                if running and self.dashboard_address
+                else None
+            ),
+            "status": self.status.name,
+            "start_time": self.start_time,
+            "stop_time": self.stop_time,
+            "options": self.options,
+            "tls_cert": self.tls_cert.decode() if running and self.tls_cert else None,
+            "tls_key": self.tls_key.decode() if running and self.tls_key else None,
+        }
