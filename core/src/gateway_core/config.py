@@ -399,10 +399,12 @@ def load_config(
         section = raw.get(name, {})
         if not isinstance(section, Mapping):
             problems.append(f"{name}: expected a table of [{name}.<name>] tables")
+            raw.pop(name)
             continue
         for key, value in section.items():
             if not isinstance(value, Mapping):
                 problems.append(f"{name}.{key}: expected a table, got {_kind(value)}")
+        raw[name] = {k: v for k, v in section.items() if isinstance(v, Mapping)}
     try:
         config = structure(raw, Config)
     except ConfigError as exc:

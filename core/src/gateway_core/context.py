@@ -33,6 +33,9 @@ class GatewayContext:
     """Base URL clusters use for the API, ending in ``/api``."""
     public_address: str = ""
     """``host:port`` of the proxy's public face (HTTP and, by default, TLS-SNI)."""
+    prefix: str = ""
+    """The proxy's path prefix (``[proxy] prefix``), e.g. ``/gateway``; empty for none."""
+    """``host:port`` of the proxy's public face (HTTP and, by default, TLS-SNI)."""
     _tasks: set[asyncio.Task[Any]] = field(factory=set, alias="_tasks")
 
     def emit(self, event: ClusterEvent) -> None:
