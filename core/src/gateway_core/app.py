@@ -1,0 +1,247 @@
+"""Assembles one running gateway from its config and plugins, and serves it until stopped.
+
+Owns `Gateway` (plugin manager, registry, backend, authenticator, API server, proxy, and their
+start/stop order) and `serve`, which the `gateway serve` command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from attrs import define, field
+
+from .api.app import make_api_app
+from .backends.base import Backend
+from .config import Config, ConfigError, find_config_file, load_config
+from .configcheck import ResolvedConfig, resolve_config
+from .context import GatewayContext
+from .manager import ClusterManager
+from .plugins import Registry, make_plugin_manager
+from .routes import Route, RouteTable
+
+log = logging.getLogger("gateway")
+
+
+def split_address(address: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``"host:port"`` → (host, port); an empty host means every interface."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        raise ConfigError([f"address {address!r}: expected host:port"])
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError([f"address {address!r}: port must be a number"]) from None
+    host = host.strip("[]")
+    return (host if host else "", number)
+
+
+def _bind(address: str) -> socket.socket:
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError([f"cannot listen on {address}: {exc.strerror}"]) from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _reachable(address: str) -> str:
+    """An address other processes on this host can connect to, for a bound ``host:port``."""
+    host, port = split_address(address)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@define(kw_only=True)
+class Gateway:
+    """One gateway: build with `Gateway.create`, then ``await start()`` and ``await stop()``."""
+
+    config: Config
+    pm: Any
+    registry: Registry
+    resolved: ResolvedConfig
+    context: GatewayContext
+    backend: Backend
+    manager: ClusterManager
+    api_app: web.Application
+    proxy_token: str
+    proxy: Any = None
+    api_address: str = ""
+    """``host:port`` of the private API, once started."""
+    _runner: web.AppRunner | None = field(default=None, alias="_runner")
+    _sock: socket.socket | None = field(default=None, alias="_sock")
+
+    @classmethod
+    def create(cls, config: Config, *, extra_plugins: Sequence[object] = ()) -> Gateway:
+        """Load plugins and build every component; raise ConfigError naming every problem."""
+        pm = make_plugin_manager(local_plugins=config.plugins, extra_plugins=extra_plugins)
+        registry = Registry.from_plugin_manager(pm)
+        resolved = resolve_config(config, registry)
+        context = GatewayContext(
+            config=config,
+            hook=pm.hook,
+            routes=RouteTable(max_events=resolved.proxy.max_events),
+            prefix=resolved.proxy.prefix.rstrip("/"),
+        )
+        authenticator = resolved.auth_spec.authenticator(
+            config=resolved.auth, context=context
+        )
+        authenticator.name = resolved.auth_spec.name
+        spec = resolved.backend_spec
+        backend: Backend
+        if spec.driver is not None:
+            from .backends.process import ProcessBackend
+
+            driver = spec.driver(config=resolved.backend, context=context)
+            backend = ProcessBackend(
+                config=resolved.backend,
+                cluster_config_class=spec.cluster_config,
+                context=context,
+                driver=driver,
+            )
+        else:
+            assert spec.backend is not None
+            backend = spec.backend(
+                config=resolved.backend,
+                cluster_config_class=spec.cluster_config,
+                context=context,
+            )
+        manager = ClusterManager(
+            backend=backend,
+            context=context,
+            cluster_config_class=spec.cluster_config,
+            cluster_defaults=resolved.cluster_table,
+        )
+        proxy_token = resolved.proxy.api_token or secrets.token_hex(32)
+        api_app = make_api_app(
+            manager=manager,
+            authenticator=authenticator,
+            context=context,
+            proxy_token=proxy_token,
+        )
+
+        async def lifetime(app: web.Application) -> Any:
+            await authenticator.setup()
+            await backend.setup()
+            yield
+            await backend.cleanup()
+            await authenticator.cleanup()
+
+        api_app.cleanup_ctx.append(lifetime)
+        return cls(
+            config=config,
+            pm=pm,
+            registry=registry,
+            resolved=resolved,
+            context=context,
+            backend=backend,
+            manager=manager,
+            api_app=api_app,
+            proxy_token=proxy_token,
+        )
+
+    @property
+    def public_address(self) -> str:
+        return self.context.public_address
+
+    @property
+    def api_url(self) -> str:
+        return self.context.api_url
+
+    async def start(self) -> None:
+        """Bind the API, start the proxy, then the backend; return once serving."""
+        gw = self.resolved.gateway
+        self._sock = _bind(gw.address)
+        self.api_address = _reachable("{}:{}".format(*self._sock.getsockname()[:2]))
+        api_target = f"http://{self.api_address}"
+        proxy_conf = self.resolved.proxy
+        prefix = self.context.prefix
+        self.context.routes.put(Route(kind="PATH", key=prefix or "/", target=api_target))
+        if self.resolved.proxy_spec is not None and not proxy_conf.externally_managed:
+            self.proxy = self.resolved.proxy_spec.proxy(
+                config=proxy_conf,
+                routes=self.context.routes,
+                api_target=api_target,
+                context=self.context,
+            )
+            await self.proxy.start()
+            self.context.public_address = _reachable(self.proxy.address)
+        elif proxy_conf.externally_managed:
+            self.context.public_address = _reachable(proxy_conf.address)
+        else:
+            log.warning(
+                "no proxy plugin is installed (pip install gateway-proxy); serving the API "
+                "directly on %s, without dashboard or scheduler routing",
+                self.api_address,
+            )
+            self.context.public_address = self.api_address
+        self.context.api_url = gw.api_url or f"http://{self.context.public_address}{prefix}/api"
+        self._runner = web.AppRunner(self.api_app, access_log=None)
+        await self._runner.setup()
+        site = web.SockSite(self._runner, self._sock)
+        await site.start()
+        log.info(
+            "gateway serving at http://%s%s (backend %s, authenticator %s)",
+            self.context.public_address,
+            prefix,
+            self.resolved.backend_spec.name,
+            self.resolved.auth_spec.name,
+        )
+
+    async def stop(self) -> None:
+        """Stop the API and backend (stopping clusters if configured), then the proxy."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.proxy is not None:
+            await self.proxy.stop()
+            self.proxy = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="[%(levelname).1s %(asctime)s.%(msecs)03d %(name)s] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+
+
+async def run_until_stopped(config: Config) -> None:
+    """Start a gateway, wait for SIGINT/SIGTERM, stop it."""
+    gateway = Gateway.create(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await gateway.stop()
+
+
+def serve(config_path: str | None = None) -> None:
+    """Entry point of ``gateway serve``: load the config and run until a signal."""
+    path = find_config_file(config_path)
+    config = load_config(path=path) if path is not None else load_config()
+    configure_logging(config.gateway.log_level)
+    asyncio.run(run_until_stopped(config))

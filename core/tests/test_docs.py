@@ -1,0 +1,45 @@
+"""Meta-tests on the documentation: every hook has its own page naming its parameters.
+
+Keeps docs/hooks/ in step with gateway_core.hookspecs, as datasette does for its hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from gateway_core import hookspecs
+
+pytestmark = pytest.mark.unit
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+HOOKS = sorted(
+    name
+    for name, obj in vars(hookspecs).items()
+    if name.startswith("gateway_") and inspect.isfunction(obj)
+)
+
+
+def test_hooks_exist() -> None:
+    assert len(HOOKS) >= 7
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_has_a_page_naming_its_parameters(hook: str) -> None:
+    page = DOCS / "hooks" / f"{hook}.md"
+    assert page.exists(), f"docs/hooks/{hook}.md is missing"
+    text = page.read_text()
+    for param in inspect.signature(getattr(hookspecs, hook)).parameters:
+        assert f"`{param}`" in text or f"{param}," in text or f"{param})" in text, (
+            f"{page.name} does not mention parameter {param!r}"
+        )
+    assert "```python" in text, f"{page.name} has no example"
+    firstresult = getattr(hookspecs, hook).gateway_spec["firstresult"]
+    assert ("firstresult" in text) == firstresult
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_in_the_index(hook: str) -> None:
+    assert f"hooks/{hook}.md" in (DOCS / "hooks.md").read_text()

@@ -1,0 +1,102 @@
+"""Every development task of the monorepo: lint, type check, tests per package, benchmarks.
+
+Run `nox` for the default set (what CI runs), `nox -l` to list sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# Each testable distribution: its folder and what its tests need installed with it.
+PACKAGES: dict[str, list[str]] = {
+    "core": ["./proxy", "./core[testing]"],
+    "proxy": ["./core[testing]", "./proxy[testing]"],
+    "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],
+}
+FOLDERS = {
+    "core": "core",
+    "proxy": "proxy",
+    "example": "examples/gateway-plugin-example",
+}
+PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
+
+
+def _install(session: nox.Session, package: str) -> None:
+    session.install(*PACKAGES[package])
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting, over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on gateway-core."""
+    session.install("mypy", "./proxy", "./core[testing]")
+    session.run("mypy", "core/src/gateway_core")
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """Every tier of one package's tests (unit, integration, and system where available)."""
+    _install(session, package)
+    session.chdir(ROOT / FOLDERS[package])
+    session.run(*PYTEST, *session.posargs, env={"PYTHONFAULTHANDLER": "1"})
+
+
+def _tier(session: nox.Session, marker: str) -> None:
+    import xml.etree.ElementTree as ET
+
+    for package in PACKAGES:
+        _install(session, package)
+    ran = 0
+    for package in PACKAGES:
+        session.chdir(ROOT / FOLDERS[package])
+        report = Path(session.create_tmp()) / f"{package}-{marker}.xml"
+        # Exit code 5 means this package has no test of this tier: fine for one package,
+        # but the session fails below if no package ran any.
+        session.run(*PYTEST, "-m", marker, f"--junitxml={report}", *session.posargs,
+                    success_codes=[0, 5])
+        if report.exists():
+            suite = ET.parse(report).getroot().find("testsuite")
+            if suite is not None:
+                ran += int(suite.get("tests", "0")) - int(suite.get("skipped", "0"))
+    if ran == 0:
+        session.error(f"no {marker} test ran in any package")
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    """The unit tier of every package: no processes."""
+    _tier(session, "unit")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """The integration tier of every package: real processes on loopback."""
+    _tier(session, "integration")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not tests): writes tables to bench/results/."""
+    session.install("./proxy", "./core", "uvloop", "dask-gateway-server")
+    for script in sorted((ROOT / "bench").glob("*_bench.py")):
+        session.run("python", str(script), *session.posargs, env={"PYTHONHASHSEED": "0"})
+
+
+if os.environ.get("CI"):
+    nox.options.error_on_missing_interpreters = True
