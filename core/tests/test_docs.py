@@ -43,3 +43,27 @@ def test_every_hook_has_a_page_naming_its_parameters(hook: str) -> None:
 @pytest.mark.parametrize("hook", HOOKS)
 def test_every_hook_is_in_the_index(hook: str) -> None:
     assert f"hooks/{hook}.md" in (DOCS / "hooks.md").read_text()
+
+
+CONFIG_SECTIONS = {
+    "[gateway]": "GatewayConfig",
+    "[proxy]": "ProxyConfig",
+    "[cluster]": "ClusterConfig",
+    "[backend.<name>]": "ProcessBackendConfig",
+    "[auth.<name>]": "AuthConfig",
+}
+
+
+@pytest.mark.parametrize("section", CONFIG_SECTIONS)
+def test_every_config_key_is_documented(section: str) -> None:
+    import attrs
+
+    from gateway_core import config
+
+    text = (DOCS / "configuration.md").read_text()
+    start = text.index(f"## `{section}`")
+    end = text.find("\n## ", start + 1)
+    block = text[start : end if end > 0 else None]
+    cls = getattr(config, CONFIG_SECTIONS[section])
+    for f in attrs.fields(cls):
+        assert f"| `{f.name}` |" in block, f"{section} {f.name} missing from configuration.md"

@@ -60,6 +60,7 @@ class GatewayConfig:
     api_url: str = ""
     """Address clusters use to reach the API; default ``{proxy address}{prefix}/api``."""
     log_level: str = "INFO"
+    """Log level of the gateway process: DEBUG, INFO, WARNING, ERROR."""
     admin_users: list[str] = field(factory=list)
     """Users who may see and act on every cluster."""
     max_body_size: Memory = Memory(1 << 20)
@@ -71,9 +72,14 @@ class GatewayConfig:
     db_encrypt_keys: list[str] = field(factory=list)
     """Fernet keys (base64, 32 bytes) encrypting secrets at rest; env GATEWAY_ENCRYPT_KEYS."""
     db_debug: bool = False
+    """Log every database statement."""
     db_cleanup_period: float = 600.0
+    """Seconds between purges of finished clusters' records."""
     db_cluster_max_age: float = 86400.0
+    """Seconds a stopped or failed cluster's record is kept."""
     stop_clusters_on_shutdown: bool = True
+    """Stop every active cluster when the gateway stops; false leaves them running, and a
+    gateway restarted on the same persistent store takes them back."""
 
 
 @define(kw_only=True, frozen=True)
@@ -81,17 +87,27 @@ class ProxyConfig:
     """`[proxy]`: the public HTTP and TCP (TLS-SNI) faces; a proxy plugin may extend it."""
 
     address: str = ":8000"
+    """Where the public HTTP face listens (``host:port``; empty host = every interface)."""
     tcp_address: str = ""
+    """Where the TLS-SNI face for schedulers listens; empty shares ``address``."""
     prefix: str = ""
+    """Path prefix for every HTTP route, e.g. ``/gateway``."""
     tls_cert: str = ""
+    """PEM certificate file for HTTPS on the public face (with ``tls_key``)."""
     tls_key: str = ""
+    """PEM key file for HTTPS on the public face."""
     api_token: str = ""
     """Token the proxy uses on the routes feed; env GATEWAY_PROXY_TOKEN."""
     externally_managed: bool = False
+    """True when the proxy runs on its own (``gateway proxy``) and reads the routes feed."""
     gateway_url: str = ""
+    """For a standalone proxy: the gateway API's base URL, where the routes feed is."""
     log_level: str = "warn"
+    """Log level of the proxy."""
     max_events: int = 100
+    """Route changes kept for feed readers; a reader further behind reloads the full table."""
     proxy_status_period: float = 30.0
+    """Seconds between checks that a gateway-managed proxy process is alive."""
 
 
 @define(kw_only=True, frozen=True)
@@ -102,19 +118,31 @@ class ClusterConfig:
     """
 
     scheduler_cmd: Command = field(factory=lambda: Command(["dask", "scheduler"]))
+    """Command starting a Dask scheduler (a list, or one shell-quoted string)."""
     worker_cmd: Command = field(factory=lambda: Command(["dask", "worker"]))
+    """Command starting a Dask worker."""
     scheduler_cores: int = 1
+    """CPU cores for the scheduler."""
     scheduler_memory: Memory = Memory(2 * 2**30)
+    """Memory for the scheduler (``"2 G"``, ``"512 MiB"`` or bytes)."""
     worker_cores: int = 1
+    """CPU cores per worker."""
     worker_memory: Memory = Memory(2 * 2**30)
+    """Memory per worker."""
     worker_threads: int = 0
     """Threads per worker; 0 means as many as ``worker_cores``."""
     environment: dict[str, str] = field(factory=dict)
+    """Environment variables for scheduler and workers."""
     idle_timeout: float = 0.0
+    """Seconds of idleness after which a cluster stops itself; 0 never."""
     adaptive_period: float = 3.0
+    """Seconds between adaptive-scaling decisions in the scheduler."""
     cluster_max_cores: float | None = None
+    """Cores one cluster may use in all (scheduler included); unset for no limit."""
     cluster_max_memory: Memory | None = None
+    """Memory one cluster may use in all (scheduler included); unset for no limit."""
     cluster_max_workers: int | None = None
+    """Workers one cluster may have; combined with the core and memory limits."""
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -163,18 +191,27 @@ class ProcessBackendConfig(BackendConfig):
     """Timing and limits of the reconciler every process-style backend shares (seed 000)."""
 
     cluster_start_timeout: float = 60.0
+    """Seconds a cluster may take from submission to its scheduler's first heartbeat."""
     worker_start_timeout: float = 60.0
+    """Seconds a worker may take to connect to its scheduler."""
     cluster_heartbeat_period: int = 15
+    """Seconds between scheduler heartbeats."""
     cluster_heartbeat_timeout: float = 0.0
     """Seconds without a heartbeat before a cluster is failed; 0 means 2 × the period."""
     cluster_status_period: float = 30.0
+    """Seconds between batched checks that schedulers are alive."""
     worker_status_period: float = 30.0
+    """Seconds between batched checks that workers are alive."""
     check_timeouts_period: float = 0.0
     """Seconds between timeout checks; 0 derives it from the smallest timeout."""
     backoff_base_delay: float = 0.1
+    """First retry delay after a failed operation; doubles each failure."""
     backoff_max_delay: float = 300.0
+    """Longest retry delay."""
     parallelism: int = 20
+    """Operations (starts, stops) run at once."""
     worker_start_failure_limit: int = 3
+    """Failed worker starts in a row after which the cluster is failed."""
 
     @property
     def heartbeat_timeout(self) -> float:
