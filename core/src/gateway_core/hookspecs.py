@@ -105,7 +105,7 @@ def gateway_cluster_options(user: User, config: Config) -> Options | None:
         @hookimpl
         def gateway_cluster_options(user, config):
             if "gpu" in user.groups:
-                return Options(Integer("worker_gpus", default=1, min=0, max=4))
+                return Options(fields=[Integer(field="worker_gpus", default=1, min=0, max=4)])
             return None
     """
 
@@ -116,11 +116,15 @@ def gateway_apply_options(
 ) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None:
     """Turn a user's validated options into overrides of the cluster configuration.
 
-    Called for every new cluster after the options were validated against the user's form. Every
-    plugin is asked; the returned mappings are merged in hook order (a later answer overrides an
-    earlier one for the same key) on top of the defaults, and the result is validated as the
-    backend's cluster config class, so a bad override is refused with a 422 naming the key.
-    Core's built-in implementation maps each option to its ``target`` field.
+    Called for every new cluster after the options were validated against the user's form. Core
+    first applies the form itself (each field's value to its ``target``, or the form's
+    ``handler``) on top of the ``[cluster]`` defaults; then every plugin is asked and the returned
+    mappings are merged on top in registration order: a plugin registered later (which pluggy
+    calls earlier) overrides one registered earlier for the same key, ``tryfirst``
+    implementations override all others and ``trylast`` ones are overridden by all, just as the
+    plugin that answers ``gateway_cluster_options`` first wins there. The result is validated as
+    the backend's cluster config class, so a bad override is refused with a 422 naming the key;
+    a plugin may also raise `gateway_core.options.OptionsError` to refuse the options (422).
 
     :param user: the user creating the cluster.
     :param options: the normalized options (field name → value), read-only.

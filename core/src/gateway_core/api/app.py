@@ -1,0 +1,118 @@
+"""Builds the REST API application: routes, body limit, error and authentication middleware.
+
+Owns `make_api_app` and the two middlewares: every exception becomes `{"error": ...}` with its
+status, and every route but health and version is authenticated as its route table says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from ..auth.base import Authenticator
+from ..context import GatewayContext
+from ..manager import ClusterManager, ClusterToken
+from .authn import Authn, token_from_header
+from .errors import error_response
+from .routes import (
+    AUTHN,
+    CALLER,
+    CLOSING,
+    CONTEXT,
+    MANAGER,
+    MAX_BODY,
+    ROUTE_ACCESS,
+    ROUTES,
+    Access,
+    Handler,
+)
+
+__all__ = ["make_api_app"]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every failure as JSON; an unexpected exception is logged and answered 500."""
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the server keeps serving whatever happened
+        return error_response(exc, max_body_size=request.app[MAX_BODY])
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate the caller as the route's `Access` says and store it as ``request[CALLER]``.
+
+    A user who passed the authenticator (not the login cookie) gets a fresh login cookie and
+    the authenticator's ``pre_response`` headers on whatever the handler answered.
+    """
+    match = request.match_info
+    if match.http_exception is not None:
+        return await handler(request)  # no such route or method: a plain 404/405
+    access = request.app[ROUTE_ACCESS].get(match.route, Access.USER)
+    if access in (Access.PUBLIC, Access.CLUSTER):
+        return await handler(request)
+    authn = request.app[AUTHN]
+    if access is Access.PROXY:
+        authn.check_proxy(request)
+        return await handler(request)
+    if access is Access.USER_OR_CLUSTER:
+        token = token_from_header(request)
+        if token is not None:
+            caller: ClusterToken = ClusterToken(token=token)
+            request[CALLER] = caller
+            return await handler(request)
+    user, fresh = await authn.authenticate_user(request)
+    request[CALLER] = user
+    if not fresh:
+        return await handler(request)
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - still a successful login: keep the cookie
+        response = error_response(exc, max_body_size=request.app[MAX_BODY])
+    authn.finish_login(request, response, user)
+    return response
+
+
+async def _close_streams(app: web.Application) -> None:
+    """At shutdown, end open routes-feed streams instead of waiting for their readers."""
+    app[CLOSING].set()
+
+
+def make_api_app(
+    *,
+    manager: ClusterManager,
+    authenticator: Authenticator,
+    context: GatewayContext,
+    proxy_token: str,
+) -> web.Application:
+    """The REST API as an aiohttp application.
+
+    Routes are served at ``/api/...`` and, when the context has a proxy prefix, also at
+    ``{prefix}/api/...`` (so it works whether or not the proxy strips the prefix). Request
+    bodies are limited to ``[gateway] max_body_size`` (413 beyond it).
+    """
+    max_body = int(context.config.gateway.max_body_size)
+    app = web.Application(client_max_size=max_body, middlewares=[error_middleware, auth_middleware])
+    app[MANAGER] = manager
+    app[AUTHN] = Authn(authenticator=authenticator, proxy_token=proxy_token)
+    app[CONTEXT] = context
+    app[MAX_BODY] = max_body
+    app[CLOSING] = asyncio.Event()
+    access: dict[web.AbstractRoute, Access] = {}
+    prefixes = [""]
+    prefix = context.prefix.rstrip("/")
+    if prefix:
+        prefixes.append(prefix if prefix.startswith("/") else "/" + prefix)
+    for base in prefixes:
+        for route in ROUTES:
+            registered = app.router.add_route(route.method, base + route.path, route.handler)
+            access[registered] = route.access
+    app[ROUTE_ACCESS] = access
+    app.on_shutdown.append(_close_streams)
+    return app

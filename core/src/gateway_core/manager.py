@@ -1,0 +1,392 @@
+"""The single entry point the REST API calls to act on clusters.
+
+Owns `ClusterManager` (user options → cluster config, ownership and admin checks, worker limits,
+scale/adapt forwarding, heartbeat token checks, health) and `ClusterToken`, the identity of a
+caller that authenticated with a cluster's own token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import Collection, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from attrs import define, field
+
+from .api.errors import Conflict, Forbidden, NotAuthenticated, NotFound, Unprocessable
+from .backends.base import Backend, ClusterConflict
+from .config import ClusterConfig, ConfigError, structure
+from .context import GatewayContext
+from .events import ClusterEvent
+from .models import Cluster, ClusterStatus, User
+from .options import Options, OptionsError
+
+log = logging.getLogger("gateway.manager")
+
+TOKEN_CHALLENGE = {"WWW-Authenticate": "token"}
+"""Headers of a 401 for a request that needed a cluster token."""
+
+
+@define(kw_only=True, frozen=True)
+class ClusterToken:
+    """A caller that presented ``Authorization: token <token>``, i.e. claims to be a cluster."""
+
+    token: str = field(repr=False)
+
+
+Caller = User | ClusterToken
+
+
+def _tokens_match(given: str, expected: str) -> bool:
+    """Constant-time comparison of two tokens."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _describe(value: Any) -> str:
+    """A value as JSON names it, for messages: ``bool true``, ``string '3'``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"bool {str(value).lower()}"
+    kinds = {str: "string", dict: "object", list: "array"}
+    kind = kinds.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 40 else text[:40] + '...'}"
+
+
+class ClusterManager:
+    """What the API does, independent of HTTP: every method raises `ApiError` subclasses.
+
+    ``cluster_defaults`` is the raw ``[cluster]`` table; it is structured once here (a bad table
+    raises ConfigError naming ``cluster.<key>``) and is the base of every cluster's config.
+
+    Creating a cluster resolves its config in layers, each overriding the one before:
+
+    1. the ``[cluster]`` defaults;
+    2. the user's form applied to the validated options (each field's value to its ``target``,
+       or the form's ``handler``);
+    3. the answers of ``gateway_apply_options`` in registration order: pluggy calls the
+       last-registered (or ``tryfirst``) plugin first, and that plugin's answer is applied last,
+       so it wins. This matches ``gateway_cluster_options``, where the first answer wins.
+
+    The merged table is then structured as ``cluster_config_class``.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        context: GatewayContext,
+        cluster_config_class: type[ClusterConfig] = ClusterConfig,
+        cluster_defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.context = context
+        self.cluster_config_class = cluster_config_class
+        self.cluster_defaults: dict[str, Any] = dict(cluster_defaults or {})
+        self.default_config = structure(self.cluster_defaults, cluster_config_class, path="cluster")
+
+    # ----------------------------------------------------------------------------------------
+    # Who may do what
+    # ----------------------------------------------------------------------------------------
+
+    def is_admin(self, user: User) -> bool:
+        return user.admin or user.name in self.context.config.gateway.admin_users
+
+    def _check_access(self, user: User, cluster: Cluster, action: str) -> None:
+        if cluster.username != user.name and not self.is_admin(user):
+            raise Forbidden(f"user {user.name!r} may not {action} cluster {cluster.name!r}")
+
+    async def _owned_cluster(self, user: User, name: str, action: str) -> Cluster:
+        cluster = await self.backend.get_cluster(name)
+        if cluster is None:
+            raise NotFound(f"cluster {name!r} not found")
+        self._check_access(user, cluster, action)
+        return cluster
+
+    async def _running_cluster(self, user: User, name: str, action: str) -> Cluster:
+        cluster = await self._owned_cluster(user, name, action)
+        if cluster.status != ClusterStatus.RUNNING:
+            raise Conflict(
+                f"cluster {name!r} is {cluster.status.name}, not RUNNING; it cannot {action} now"
+            )
+        return cluster
+
+    # ----------------------------------------------------------------------------------------
+    # Options and creation
+    # ----------------------------------------------------------------------------------------
+
+    async def options_for(self, user: User) -> Options:
+        """The form ``user`` fills in: the first plugin's answer, or an empty form."""
+        result = self.context.hook.gateway_cluster_options(user=user, config=self.context.config)
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None:
+            return Options()
+        if not isinstance(result, Options):
+            raise TypeError(
+                f"gateway_cluster_options returned {type(result).__name__}, expected Options"
+            )
+        return result
+
+    async def resolve_config(
+        self, user: User, form: Options, normalized: Mapping[str, Any]
+    ) -> ClusterConfig:
+        """The cluster config for validated options (see the class docstring for the layers)."""
+        merged = dict(self.cluster_defaults)
+        try:
+            merged.update(await form.overrides(normalized, user))
+            results = self.context.hook.gateway_apply_options(
+                user=user,
+                options=MappingProxyType(dict(normalized)),
+                config=self.default_config,
+            )
+            answers = []
+            for result in results:  # in call order: last registered first
+                answers.append(await result if inspect.isawaitable(result) else result)
+        except OptionsError as exc:
+            raise Unprocessable(f"invalid cluster options: {exc}") from None
+        for answer in reversed(answers):  # so the first-called plugin is applied last and wins
+            if answer is None:
+                continue
+            if not isinstance(answer, Mapping):
+                raise TypeError(
+                    f"gateway_apply_options returned {type(answer).__name__}, expected a mapping"
+                )
+            merged.update(answer)
+        try:
+            return structure(merged, self.cluster_config_class)
+        except ConfigError as exc:
+            raise Unprocessable(
+                "cluster options give an invalid cluster configuration: " + "; ".join(exc.problems)
+            ) from None
+
+    async def create_cluster(self, user: User, cluster_options: Any) -> str:
+        """Validate ``cluster_options``, resolve the config, start the cluster; return its name."""
+        form = await self.options_for(user)
+        try:
+            normalized = form.validate(cluster_options)
+        except OptionsError as exc:
+            raise Unprocessable(f"invalid cluster options: {exc}") from None
+        config = await self.resolve_config(user, form, normalized)
+        name = await self.backend.start_cluster(user=user, options=normalized, config=config)
+        log.info("user %s created cluster %s", user.name, name)
+        self.context.emit(
+            ClusterEvent(
+                kind="created",
+                cluster_name=name,
+                username=user.name,
+                detail={"options": dict(normalized)},
+            )
+        )
+        return name
+
+    # ----------------------------------------------------------------------------------------
+    # Reading and stopping
+    # ----------------------------------------------------------------------------------------
+
+    async def list_clusters(
+        self, user: User, statuses: Collection[ClusterStatus] | None = None
+    ) -> list[Cluster]:
+        """The caller's own clusters with a status in ``statuses`` (the active ones when None)."""
+        if statuses is None:
+            statuses = [s for s in ClusterStatus if s.is_active]
+        return await self.backend.list_clusters(username=user.name, statuses=list(statuses))
+
+    async def get_cluster(self, user: User, name: str, *, wait: bool = False) -> Cluster:
+        """The cluster ``name``; with ``wait``, block (backend's limit) while it is PENDING."""
+        cluster = await self._owned_cluster(user, name, "view")
+        if wait and cluster.status == ClusterStatus.PENDING:
+            waited = await self.backend.get_cluster(name, wait=True)
+            if waited is None:
+                raise NotFound(f"cluster {name!r} not found")
+            cluster = waited
+        return cluster
+
+    async def stop_cluster(self, caller: Caller, name: str) -> None:
+        """Stop ``name``; idempotent (an unknown or finished cluster is a no-op).
+
+        A `ClusterToken` caller may stop only the cluster whose token it holds (a wrong token is
+        401); a user may stop their own clusters, admins any.
+        """
+        cluster = await self.backend.get_cluster(name)
+        if cluster is None:
+            return
+        if isinstance(caller, ClusterToken):
+            if not _tokens_match(caller.token, cluster.token):
+                raise NotAuthenticated(
+                    f"the token is not the token of cluster {name!r}", headers=TOKEN_CHALLENGE
+                )
+            who = f"cluster {name}"
+        else:
+            self._check_access(caller, cluster, "stop")
+            who = f"user {caller.name}"
+        if cluster.status.is_active:
+            log.info("%s asked to stop cluster %s", who, name)
+            await self.backend.stop_cluster(name)
+
+    # ----------------------------------------------------------------------------------------
+    # Scaling
+    # ----------------------------------------------------------------------------------------
+
+    def max_workers(self, cluster: Cluster) -> int | None:
+        """The cluster's effective worker limit from its stored config; None means none."""
+        try:
+            return structure(cluster.config, self.cluster_config_class).max_workers
+        except ConfigError as exc:
+            log.warning(
+                "stored config of cluster %s does not structure (%s); using cluster_max_workers",
+                cluster.name,
+                "; ".join(exc.problems),
+            )
+            raw = cluster.config.get("cluster_max_workers")
+            return raw if _is_count(raw) else None
+
+    async def scale(self, user: User, name: str, count: Any) -> dict[str, Any]:
+        """Ask the scheduler for ``count`` workers, clamped to the limit.
+
+        Returns the wire answer ``{"ok": bool, "msg": str | None}``; ``ok`` is false and ``msg``
+        explains when the count was lowered.
+        """
+        if not _is_count(count):
+            raise Unprocessable(f"count: expected a non-negative integer, got {_describe(count)}")
+        cluster = await self._running_cluster(user, name, "scale")
+        limit = self.max_workers(cluster)
+        msg = None
+        requested = count
+        if limit is not None and count > limit:
+            msg = (
+                f"Asked for {count} workers but cluster {name} may have at most {limit}; "
+                f"scaling to {limit} workers instead."
+            )
+            count = limit
+        try:
+            await self.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
+        except ClusterConflict as exc:
+            raise _conflict(exc) from None
+        self.context.emit(
+            ClusterEvent(
+                kind="scaled",
+                cluster_name=name,
+                username=cluster.username,
+                detail={"count": count, "requested": requested, "by": user.name},
+            )
+        )
+        return {"ok": msg is None, "msg": msg}
+
+    async def adapt(
+        self,
+        user: User,
+        name: str,
+        minimum: Any = None,
+        maximum: Any = None,
+        active: Any = True,
+    ) -> dict[str, Any]:
+        """Configure adaptive scaling between ``minimum`` and ``maximum`` (None: 0 / no limit),
+        both clamped to the limit the same way as `scale`."""
+        problems = []
+        for key, value in (("minimum", minimum), ("maximum", maximum)):
+            if value is not None and not _is_count(value):
+                problems.append(
+                    f"{key}: expected a non-negative integer or null, got {_describe(value)}"
+                )
+        if not isinstance(active, bool):
+            problems.append(f"active: expected a bool, got {_describe(active)}")
+        if not problems and minimum is not None and maximum is not None and minimum > maximum:
+            problems.append(f"minimum: {minimum} is greater than maximum {maximum}")
+        if problems:
+            raise Unprocessable("; ".join(problems))
+        cluster = await self._running_cluster(user, name, "adapt")
+        limit = self.max_workers(cluster)
+        msg = None
+        if limit is not None:
+            lo = 0 if minimum is None else minimum
+            hi = limit if maximum is None else maximum
+            if lo > limit or hi > limit:
+                msg = (
+                    f"Adaptive range minimum={lo}, maximum={hi} exceeds the limit of {limit} "
+                    f"workers of cluster {name}; using minimum={min(lo, limit)}, "
+                    f"maximum={min(hi, limit)} instead."
+                )
+            minimum, maximum = min(lo, limit), min(hi, limit)
+        op = {"op": "adapt", "minimum": minimum, "maximum": maximum, "active": active}
+        try:
+            await self.backend.forward_to_scheduler(cluster, op)
+        except ClusterConflict as exc:
+            raise _conflict(exc) from None
+        self.context.emit(
+            ClusterEvent(
+                kind="adapted",
+                cluster_name=name,
+                username=cluster.username,
+                detail={"minimum": minimum, "maximum": maximum, "active": active, "by": user.name},
+            )
+        )
+        return {"ok": msg is None, "msg": msg}
+
+    # ----------------------------------------------------------------------------------------
+    # Heartbeats and health
+    # ----------------------------------------------------------------------------------------
+
+    async def check_cluster_token(self, name: str, token: str | None) -> Cluster:
+        """The cluster ``name`` if ``token`` is its token (compared in constant time).
+
+        A missing token and a wrong token are both 401 (with ``WWW-Authenticate: token``): the
+        caller lacks valid credentials either way. Checked in this order: missing token (401),
+        unknown cluster (404, so the scheduler of a forgotten cluster learns to exit), wrong
+        token (401).
+        """
+        if not token:
+            raise NotAuthenticated(
+                "this route needs `Authorization: token <cluster token>`", headers=TOKEN_CHALLENGE
+            )
+        cluster = await self.backend.get_cluster(name)
+        if cluster is None:
+            raise NotFound(f"cluster {name!r} not found")
+        if not _tokens_match(token, cluster.token):
+            raise NotAuthenticated(
+                f"the token is not the token of cluster {name!r}", headers=TOKEN_CHALLENGE
+            )
+        return cluster
+
+    async def heartbeat(self, name: str, token: str | None, msg: dict[str, Any]) -> None:
+        """Take a heartbeat from the scheduler of ``name`` after `check_cluster_token`; the
+        backend may refuse it with ClusterConflict (409)."""
+        await self.check_cluster_token(name, token)
+        try:
+            await self.backend.on_cluster_heartbeat(name, msg)
+        except ClusterConflict as exc:
+            raise _conflict(exc) from None
+
+    async def health(self) -> dict[str, Any]:
+        """``{"status": "pass"}`` or ``{"status": "fail", ...}``, from the backend's optional
+        ``health()`` (sync or async; returning a bool or a mapping with ``status``)."""
+        check = getattr(self.backend, "health", None)
+        if check is None:
+            return {"status": "pass"}
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:  # noqa: BLE001 - a failing check is a failed health
+            log.warning("backend health check failed: %s", exc)
+            return {"status": "fail", "reason": f"backend health check failed: {exc}"}
+        if isinstance(result, bool):
+            return {"status": "pass"} if result else {"status": "fail", "reason": "backend"}
+        if isinstance(result, Mapping):
+            out = dict(result)
+            out["status"] = "pass" if out.get("status") == "pass" else "fail"
+            return out
+        return {"status": "pass"}
+
+
+def _conflict(exc: ClusterConflict) -> Conflict:
+    """A backend's ClusterConflict becomes a 409 with its message."""
+    return Conflict(str(exc) or "the cluster cannot take this request now")
