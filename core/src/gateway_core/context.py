@@ -35,7 +35,6 @@ class GatewayContext:
     """``host:port`` of the proxy's public face (HTTP and, by default, TLS-SNI)."""
     prefix: str = ""
     """The proxy's path prefix (``[proxy] prefix``), e.g. ``/gateway``; empty for none."""
-    """``host:port`` of the proxy's public face (HTTP and, by default, TLS-SNI)."""
     _tasks: set[asyncio.Task[Any]] = field(factory=set, alias="_tasks")
 
     def emit(self, event: ClusterEvent) -> None:

@@ -117,7 +117,9 @@ class RouteTable:
         if self._changed is None:
             self._changed = asyncio.Event()
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         except TimeoutError:
             return []
         return self.events_since(last_id)

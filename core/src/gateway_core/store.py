@@ -1,0 +1,407 @@
+"""The store of cluster and worker records: in memory for reads, written through to a database.
+
+Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge) and the
+encryption of secrets at rest (cluster tokens and TLS keys, Fernet) for persistent databases.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
+
+log = logging.getLogger("gateway.store")
+
+KEY_HELP = (
+    "set `[gateway] db_encrypt_keys` or the GATEWAY_ENCRYPT_KEYS environment variable "
+    "(keys separated by ';'); make a key with `openssl rand -base64 32`"
+)
+
+
+class StoreError(Exception):
+    """The store cannot be used as configured (bad URL, missing or bad keys, unreadable data)."""
+
+
+metadata = sa.MetaData()
+
+clusters_table = sa.Table(
+    "clusters",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("username", sa.String(255), nullable=False, index=True),
+    sa.Column("token", sa.LargeBinary, nullable=False),
+    sa.Column("options", sa.JSON, nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("target", sa.Integer, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("state", sa.JSON, nullable=False),
+    sa.Column("scheduler_address", sa.Text, nullable=False),
+    sa.Column("dashboard_address", sa.Text, nullable=False),
+    sa.Column("api_address", sa.Text, nullable=False),
+    sa.Column("tls_cert", sa.LargeBinary, nullable=False),
+    sa.Column("tls_key", sa.LargeBinary, nullable=False),
+    sa.Column("start_time", sa.BigInteger, nullable=False),
+    sa.Column("stop_time", sa.BigInteger, nullable=True),
+    sa.Column("last_heartbeat", sa.Float, nullable=True),
+    sa.Column("worker_start_failures", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+)
+
+workers_table = sa.Table(
+    "workers",
+    metadata,
+    sa.Column(
+        "cluster_name",
+        sa.String(255),
+        sa.ForeignKey("clusters.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("target", sa.Integer, nullable=False),
+    sa.Column("state", sa.JSON, nullable=False),
+    sa.Column("start_time", sa.BigInteger, nullable=False),
+    sa.Column("stop_time", sa.BigInteger, nullable=True),
+    sa.Column("close_expected", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+)
+
+_CLUSTER_FIELDS = frozenset(c.name for c in clusters_table.columns)
+_WORKER_FIELDS = frozenset(c.name for c in workers_table.columns) - {"cluster_name"}
+
+
+def is_in_memory(url: str) -> bool:
+    """True for SQLite URLs that keep the database in memory (nothing persists)."""
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError:
+        return False
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return database in ("", ":memory:") or (
+        database.startswith("file:") and "mode=memory" in database
+    )
+
+
+def fernet_from_key(key: str, *, index: int = 0) -> Fernet:
+    """A Fernet from a base64-encoded 32-byte key (standard or URL-safe alphabet).
+
+    Raises StoreError naming the key by its position (never printing it).
+    """
+    text = key.strip().encode()
+    raw: bytes | None = None
+    for altchars in (None, b"-_"):
+        try:
+            raw = base64.b64decode(text, altchars=altchars, validate=True)
+            break
+        except (binascii.Error, ValueError):
+            continue
+    if raw is None:
+        raise StoreError(
+            f"db_encrypt_keys[{index}] is not valid base64; each key must be a base64-encoded "
+            "32-byte value, make one with `openssl rand -base64 32`"
+        )
+    if len(raw) != 32:
+        raise StoreError(
+            f"db_encrypt_keys[{index}] decodes to {len(raw)} bytes, expected 32; "
+            "make a key with `openssl rand -base64 32`"
+        )
+    return Fernet(base64.urlsafe_b64encode(raw))
+
+
+class Store:
+    """Every cluster (with its workers) in memory; each change written through at once.
+
+    Build with ``Store(url=..., encrypt_keys=[...], debug=False)``; the database and its tables
+    are created on construction, then `load` reads the records. Methods that change a record
+    change the object in memory and its row in one step, so readers see only stored state.
+    With ``encrypt_keys`` the first key encrypts secrets and every key decrypts them (rotation);
+    a persistent database needs at least one key.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str = "sqlite:///:memory:",
+        encrypt_keys: Iterable[str] = (),
+        debug: bool = False,
+    ) -> None:
+        self.url = url
+        keys = [k for k in encrypt_keys if k.strip()]
+        self.persistent = not is_in_memory(url)
+        if self.persistent and not keys:
+            raise StoreError(
+                f"the database {_safe_url(url)} is persistent, so cluster secrets must be "
+                f"encrypted at rest: {KEY_HELP}"
+            )
+        fernets = [fernet_from_key(k, index=i) for i, k in enumerate(keys)]
+        self._fernet: MultiFernet | None = MultiFernet(fernets) if fernets else None
+        self._rotate = len(fernets) > 1
+        self._clusters: dict[str, Cluster] = {}
+        self.engine = _make_engine(url, debug=debug)
+        try:
+            metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            raise StoreError(f"cannot open the database {_safe_url(url)}: {exc}") from exc
+
+    # ---------------------------------------------------------------------------------------
+    # Reading
+
+    @property
+    def clusters(self) -> Mapping[str, Cluster]:
+        """Every cluster in the store, by name (read-only view; change through the methods)."""
+        return self._clusters
+
+    def get(self, name: str) -> Cluster | None:
+        return self._clusters.get(name)
+
+    def load(self) -> list[Cluster]:
+        """Read every record from the database into memory and return the clusters.
+
+        With more than one key, secrets are re-encrypted with the first key as they are read,
+        so the old keys can be dropped after one start.
+        """
+        clusters: dict[str, Cluster] = {}
+        rotated: list[dict[str, Any]] = []
+        try:
+            with self.engine.begin() as conn:
+                for row in conn.execute(sa.select(clusters_table)).mappings():
+                    cluster = self._cluster_from_row(row)
+                    clusters[cluster.name] = cluster
+                    if self._rotate:
+                        rotated.append(
+                            {
+                                "b_name": cluster.name,
+                                "token": self._encrypt(cluster.token.encode()),
+                                "tls_key": self._encrypt(cluster.tls_key),
+                            }
+                        )
+                for row in conn.execute(sa.select(workers_table)).mappings():
+                    owner = clusters.get(row["cluster_name"])
+                    if owner is None:
+                        continue
+                    worker = _worker_from_row(row)
+                    owner.workers[worker.name] = worker
+                if rotated:
+                    conn.execute(
+                        clusters_table.update()
+                        .where(clusters_table.c.name == sa.bindparam("b_name"))
+                        .values(token=sa.bindparam("token"), tls_key=sa.bindparam("tls_key")),
+                        rotated,
+                    )
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot read the database {_safe_url(self.url)}: {exc}") from exc
+        self._clusters = clusters
+        return list(clusters.values())
+
+    # ---------------------------------------------------------------------------------------
+    # Writing
+
+    def create_cluster(self, cluster: Cluster) -> None:
+        """Insert ``cluster`` (and any workers it already holds)."""
+        if cluster.name in self._clusters:
+            raise StoreError(f"cluster {cluster.name} already exists")
+        with self.engine.begin() as conn:
+            conn.execute(clusters_table.insert().values(**self._cluster_row(cluster)))
+            for worker in cluster.workers.values():
+                conn.execute(workers_table.insert().values(**_worker_row(worker)))
+        self._clusters[cluster.name] = cluster
+
+    def update_cluster(self, cluster: Cluster, **changes: Any) -> None:
+        """Set ``changes`` (field name → value) on ``cluster`` and write them."""
+        unknown = set(changes) - _CLUSTER_FIELDS
+        if unknown:
+            raise TypeError(f"update_cluster: unknown fields {sorted(unknown)}")
+        if not changes:
+            return
+        for name, value in changes.items():
+            setattr(cluster, name, value)
+        values = self._cluster_row(cluster, only=changes)
+        with self.engine.begin() as conn:
+            conn.execute(
+                clusters_table.update()
+                .where(clusters_table.c.name == cluster.name)
+                .values(**values)
+            )
+
+    def delete_cluster(self, cluster: Cluster | str) -> None:
+        """Remove a cluster and its workers; unknown names are ignored."""
+        name = cluster if isinstance(cluster, str) else cluster.name
+        self._delete([name])
+
+    def create_worker(self, worker: Worker) -> None:
+        """Insert ``worker`` and add it to its cluster's ``workers``."""
+        cluster = self._clusters.get(worker.cluster_name)
+        if cluster is None:
+            raise StoreError(f"worker {worker.name}: no cluster {worker.cluster_name}")
+        if worker.name in cluster.workers:
+            raise StoreError(f"worker {worker.name} already exists")
+        with self.engine.begin() as conn:
+            conn.execute(workers_table.insert().values(**_worker_row(worker)))
+        cluster.workers[worker.name] = worker
+
+    def update_worker(self, worker: Worker, **changes: Any) -> None:
+        """Set ``changes`` (field name → value) on ``worker`` and write them."""
+        unknown = set(changes) - _WORKER_FIELDS
+        if unknown:
+            raise TypeError(f"update_worker: unknown fields {sorted(unknown)}")
+        if not changes:
+            return
+        for name, value in changes.items():
+            setattr(worker, name, value)
+        values = _worker_row(worker, only=changes)
+        with self.engine.begin() as conn:
+            conn.execute(
+                workers_table.update()
+                .where(workers_table.c.cluster_name == worker.cluster_name)
+                .where(workers_table.c.name == worker.name)
+                .values(**values)
+            )
+
+    def delete_worker(self, worker: Worker) -> None:
+        """Remove one worker record."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                workers_table.delete()
+                .where(workers_table.c.cluster_name == worker.cluster_name)
+                .where(workers_table.c.name == worker.name)
+            )
+        cluster = self._clusters.get(worker.cluster_name)
+        if cluster is not None:
+            cluster.workers.pop(worker.name, None)
+
+    def purge(self, max_age_s: float) -> int:
+        """Delete finished (STOPPED or FAILED) clusters that stopped more than ``max_age_s``
+        seconds ago, with their workers; return how many clusters were deleted."""
+        cutoff = now_ms() - int(max_age_s * 1000)
+        old = [
+            c.name
+            for c in self._clusters.values()
+            if not c.status.is_active and c.stop_time is not None and c.stop_time < cutoff
+        ]
+        self._delete(old)
+        return len(old)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------------------------------
+    # Rows
+
+    def _delete(self, names: list[str]) -> None:
+        if not names:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(workers_table.delete().where(workers_table.c.cluster_name.in_(names)))
+            conn.execute(clusters_table.delete().where(clusters_table.c.name.in_(names)))
+        for name in names:
+            self._clusters.pop(name, None)
+
+    def _encrypt(self, data: bytes) -> bytes:
+        return data if self._fernet is None else self._fernet.encrypt(data)
+
+    def _decrypt(self, data: bytes, cluster_name: str) -> bytes:
+        if self._fernet is None:
+            return data
+        try:
+            return self._fernet.decrypt(data)
+        except InvalidToken:
+            raise StoreError(
+                f"cannot decrypt the secrets of cluster {cluster_name} with any of "
+                "db_encrypt_keys; keep the key that encrypted them in the list (the first key "
+                "encrypts, every key decrypts)"
+            ) from None
+
+    def _cluster_row(self, cluster: Cluster, only: Iterable[str] | None = None) -> dict[str, Any]:
+        convert: dict[str, Callable[[Any], Any]] = {
+            "token": lambda v: self._encrypt(v.encode()),
+            "tls_key": self._encrypt,
+            "status": int,
+            "target": int,
+        }
+        names = _CLUSTER_FIELDS if only is None else only
+        return {n: convert.get(n, _plain)(getattr(cluster, n)) for n in names}
+
+    def _cluster_from_row(self, row: Mapping[Any, Any]) -> Cluster:
+        name = row["name"]
+        return Cluster(
+            name=name,
+            username=row["username"],
+            token=self._decrypt(bytes(row["token"]), name).decode(),
+            options=row["options"] or {},
+            config=row["config"] or {},
+            status=ClusterStatus(row["status"]),
+            target=ClusterStatus(row["target"]),
+            count=row["count"],
+            state=row["state"] or {},
+            scheduler_address=row["scheduler_address"],
+            dashboard_address=row["dashboard_address"],
+            api_address=row["api_address"],
+            tls_cert=bytes(row["tls_cert"]),
+            tls_key=self._decrypt(bytes(row["tls_key"]), name),
+            start_time=row["start_time"],
+            stop_time=row["stop_time"],
+            last_heartbeat=row["last_heartbeat"],
+            worker_start_failures=row["worker_start_failures"],
+            reason=row["reason"],
+        )
+
+
+def _plain(value: Any) -> Any:
+    return value
+
+
+def _worker_row(worker: Worker, only: Iterable[str] | None = None) -> dict[str, Any]:
+    names = (_WORKER_FIELDS | {"cluster_name"}) if only is None else only
+    out = {n: getattr(worker, n) for n in names}
+    for n in ("status", "target"):
+        if n in out:
+            out[n] = int(out[n])
+    return out
+
+
+def _worker_from_row(row: Mapping[Any, Any]) -> Worker:
+    return Worker(
+        name=row["name"],
+        cluster_name=row["cluster_name"],
+        status=WorkerStatus(row["status"]),
+        target=WorkerStatus(row["target"]),
+        state=row["state"] or {},
+        start_time=row["start_time"],
+        stop_time=row["stop_time"],
+        close_expected=bool(row["close_expected"]),
+        reason=row["reason"],
+    )
+
+
+def _make_engine(url: str, *, debug: bool) -> Engine:
+    kwargs: dict[str, Any] = {"echo": debug}
+    if is_in_memory(url):
+        # One shared connection, or every pooled connection would see its own empty database.
+        kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+    try:
+        return sa.create_engine(url, **kwargs)
+    except (ArgumentError, ImportError, SQLAlchemyError) as exc:
+        raise StoreError(f"cannot use db_url {_safe_url(url)}: {exc}") from exc
+
+
+def _safe_url(url: str) -> str:
+    """The URL with any password hidden, for messages."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)

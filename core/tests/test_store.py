@@ -1,0 +1,184 @@
+"""Tests of the store: records round trip, secrets encrypted at rest, key rotation, purge.
+
+Uses in-memory SQLite and SQLite files under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway_core.models import Cluster, ClusterStatus, Worker, WorkerStatus, new_token, now_ms
+from gateway_core.store import Store, StoreError, is_in_memory
+
+pytestmark = pytest.mark.unit
+
+
+def make_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def make_cluster(name: str = "c1", **kw: object) -> Cluster:
+    return Cluster(
+        name=name,
+        username="alice",
+        token=new_token(),
+        options={"worker_cores": 2},
+        config={"worker_cores": 2, "environment": {"A": "1"}},
+        tls_cert=b"-----BEGIN CERTIFICATE-----\nCERT\n",
+        tls_key=b"-----BEGIN PRIVATE KEY-----\nSECRETKEYMATERIAL\n",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_round_trip_every_field(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    key = make_key()
+    store = Store(url=url, encrypt_keys=[key])
+    assert store.load() == []
+    cluster = make_cluster(state={"pid": 12})
+    store.create_cluster(cluster)
+    store.update_cluster(
+        cluster,
+        status=ClusterStatus.RUNNING,
+        count=3,
+        scheduler_address="tls://127.0.0.1:1",
+        dashboard_address="http://127.0.0.1:2",
+        api_address="http://127.0.0.1:3",
+        last_heartbeat=123.5,
+        worker_start_failures=2,
+        reason="why not",
+    )
+    worker = Worker(name="c1-w1", cluster_name="c1", state={"job": "7"})
+    store.create_worker(worker)
+    store.update_worker(worker, status=WorkerStatus.RUNNING, close_expected=True, reason="r")
+    store.close()
+
+    again = Store(url=url, encrypt_keys=[key])
+    (loaded,) = again.load()
+    assert loaded == cluster
+    assert loaded.status is ClusterStatus.RUNNING and loaded.target is ClusterStatus.RUNNING
+    assert loaded.token == cluster.token and loaded.tls_key == cluster.tls_key
+    assert loaded.workers == {"c1-w1": worker}
+    assert again.get("c1") is loaded
+    again.delete_cluster("c1")
+    assert again.get("c1") is None
+    again.close()
+    third = Store(url=url, encrypt_keys=[key])
+    assert third.load() == []
+    third.close()
+
+
+def test_in_memory_store_needs_no_keys() -> None:
+    assert is_in_memory("sqlite:///:memory:") and is_in_memory("sqlite://")
+    assert not is_in_memory("sqlite:////tmp/x.db")
+    assert not is_in_memory("postgresql+psycopg://u:p@h/db")
+    store = Store()
+    store.create_cluster(make_cluster())
+    assert store.load()[0].name == "c1"  # both pooled reads see the same in-memory database
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_cluster(make_cluster())
+    store.close()
+
+
+def test_persistent_store_requires_keys(tmp_path: Path) -> None:
+    with pytest.raises(StoreError) as info:
+        Store(url=f"sqlite:///{tmp_path / 'gw.sqlite'}")
+    message = str(info.value)
+    assert "db_encrypt_keys" in message
+    assert "GATEWAY_ENCRYPT_KEYS" in message
+    assert "openssl rand -base64 32" in message
+
+
+def test_bad_keys_are_named_by_position(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    with pytest.raises(StoreError, match=r"db_encrypt_keys\[1\] decodes to 16 bytes"):
+        Store(url=url, encrypt_keys=[make_key(), base64.b64encode(b"x" * 16).decode()])
+    with pytest.raises(StoreError, match=r"db_encrypt_keys\[0\] is not valid base64"):
+        Store(url=url, encrypt_keys=["not a key!"])
+    urlsafe = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    Store(url=url, encrypt_keys=[urlsafe]).close()
+
+
+def test_bad_url_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="cannot use db_url"):
+        Store(url="nosuchdialect://x/y", encrypt_keys=[make_key()])
+
+
+def test_secrets_are_not_in_plaintext_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "gw.sqlite"
+    store = Store(url=f"sqlite:///{path}", encrypt_keys=[make_key()])
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+    store.close()
+    raw = path.read_bytes()
+    assert cluster.token.encode() not in raw
+    assert b"SECRETKEYMATERIAL" not in raw
+    assert b"BEGIN CERTIFICATE" in raw  # the certificate is public and stored as is
+    with sqlite3.connect(path) as db:
+        token, tls_key = db.execute("SELECT token, tls_key FROM clusters").fetchone()
+    assert token.startswith(b"gAAAA") and tls_key.startswith(b"gAAAA")  # Fernet tokens
+
+
+def test_key_rotation(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    old, new = make_key(), make_key()
+    store = Store(url=url, encrypt_keys=[old])
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+    store.close()
+
+    with pytest.raises(StoreError, match="cannot decrypt the secrets of cluster c1"):
+        Store(url=url, encrypt_keys=[new]).load()
+
+    rotating = Store(url=url, encrypt_keys=[new, old])
+    (loaded,) = rotating.load()  # old records decrypt with the second key, then re-encrypt
+    assert loaded.token == cluster.token
+    rotating.create_cluster(make_cluster("c2"))
+    rotating.close()
+
+    only_new = Store(url=url, encrypt_keys=[new])
+    names = {c.name: c for c in only_new.load()}
+    assert set(names) == {"c1", "c2"}
+    assert names["c1"].tls_key == cluster.tls_key
+    only_new.close()
+
+
+def test_purge_deletes_old_finished_clusters_with_their_workers() -> None:
+    store = Store()
+    long_ago = now_ms() - 3_600_000
+    old_stopped = make_cluster("old", status=ClusterStatus.STOPPED, stop_time=long_ago)
+    old_failed = make_cluster("failed", status=ClusterStatus.FAILED, stop_time=long_ago)
+    recent = make_cluster("recent", status=ClusterStatus.STOPPED, stop_time=now_ms())
+    running = make_cluster("running", status=ClusterStatus.RUNNING)
+    for c in (old_stopped, old_failed, recent, running):
+        store.create_cluster(c)
+    store.create_worker(Worker(name="old-w", cluster_name="old"))
+    assert store.purge(60) == 2
+    assert set(store.clusters) == {"recent", "running"}
+    assert {c.name for c in store.load()} == {"recent", "running"}
+    assert store.purge(60) == 0
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM workers").scalar() == 0
+    store.close()
+
+
+def test_updates_refuse_unknown_fields() -> None:
+    store = Store()
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+    with pytest.raises(TypeError, match="nonsense"):
+        store.update_cluster(cluster, nonsense=1)
+    worker = Worker(name="w", cluster_name="c1")
+    store.create_worker(worker)
+    with pytest.raises(TypeError, match="workers"):
+        store.update_worker(worker, workers=1)
+    with pytest.raises(StoreError, match="no cluster"):
+        store.create_worker(Worker(name="w", cluster_name="nope"))
+    store.delete_worker(worker)
+    assert cluster.workers == {}
+    store.close()
