@@ -622,6 +622,18 @@ async def test_get_cluster(api: Api) -> None:
     assert cluster["stop_time"] is None
 
 
+async def test_v2_reason_route_tells_why_a_cluster_failed(api: Api) -> None:
+    name = await api.running()
+    resp = await api.call("GET", f"/api/v2/clusters/{name}/reason")
+    assert (resp.status, await resp.json()) == (200, {"name": name, "reason": None})
+    api.backend.clusters[name].status = ClusterStatus.FAILED
+    api.backend.clusters[name].reason = "scheduler exited: ImportError: no module named foo"
+    resp = await api.call("GET", f"/api/v2/clusters/{name}/reason")
+    assert (await resp.json())["reason"].startswith("scheduler exited: ImportError")
+    await api.refused("GET", f"/api/v2/clusters/{name}/reason", 403, "may not view", user="bob")
+    await api.refused("GET", "/api/v2/clusters/nope/reason", 404, "'nope' not found")
+
+
 async def test_get_unknown_cluster_is_404(api: Api) -> None:
     await api.refused("GET", "/api/v1/clusters/doesnotexist", 404, "'doesnotexist' not found")
 

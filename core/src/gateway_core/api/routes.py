@@ -227,6 +227,14 @@ async def get_cluster(request: web.Request) -> web.Response:
     return web.json_response(cluster.to_json(prefix=request.app[CONTEXT].prefix))
 
 
+async def cluster_reason(request: web.Request) -> web.Response:
+    """v2 extension: why a cluster failed (the v1 cluster JSON cannot carry it: the original
+    client refuses keys it does not know)."""
+    name = cluster_name(request)
+    cluster = await request.app[MANAGER].get_cluster(_user(request), name)
+    return web.json_response({"name": cluster.name, "reason": cluster.reason})
+
+
 async def delete_cluster(request: web.Request) -> web.Response:
     name = cluster_name(request)
     caller: Caller = request[CALLER]
@@ -347,6 +355,12 @@ ROUTES: tuple[RouteDef, ...] = (
     RouteDef(method="POST", path="/api/v1/clusters/", handler=create_cluster, access=Access.USER),
     RouteDef(method="POST", path="/api/v1/clusters", handler=create_cluster, access=Access.USER),
     RouteDef(method="GET", path="/api/v1/clusters/{name}", handler=get_cluster, access=Access.USER),
+    RouteDef(
+        method="GET",
+        path="/api/v2/clusters/{name}/reason",
+        handler=cluster_reason,
+        access=Access.USER,
+    ),
     RouteDef(
         method="DELETE",
         path="/api/v1/clusters/{name}",
