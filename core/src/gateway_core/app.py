@@ -12,6 +12,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -89,7 +90,12 @@ class Gateway:
     @classmethod
     def create(cls, config: Config, *, extra_plugins: Sequence[object] = ()) -> Gateway:
         """Load plugins and build every component; raise ConfigError naming every problem."""
-        pm = make_plugin_manager(local_plugins=config.plugins, extra_plugins=extra_plugins)
+        search = [Path(config.source).resolve().parent] if config.source else []
+        pm = make_plugin_manager(
+            local_plugins=config.plugins,
+            extra_plugins=extra_plugins,
+            local_plugin_path=search,
+        )
         registry = Registry.from_plugin_manager(pm)
         resolved = resolve_config(config, registry)
         context = GatewayContext(

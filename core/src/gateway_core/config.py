@@ -13,10 +13,11 @@ import shlex
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin
 
 import cattrs
 from attrs import define, field, fields
+from cattrs.cols import list_structure_factory, mapping_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .units import parse_memory
@@ -297,11 +298,38 @@ def _structure_strict(expected: type) -> Any:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "table", list: "array"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "table", list: "array"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _container_hook(expected: type, factory: Any) -> Any:
+    """cattrs builds a list from any iterable (``"alice"`` → five letters) and a dict from
+    anything with ``items``; refuse what TOML would not have given for the type."""
+
+    def make(type_: Any, conv: cattrs.Converter) -> Any:
+        inner = factory(type_, conv)
+
+        def hook(value: Any, t: Any) -> Any:
+            if not isinstance(value, expected):
+                name = "array" if expected is list else "table"
+                raise TypeError(f"expected {name}, got {_kind(value)}")
+            return inner(value, t)
+
+        return hook
+
+    return make
 
 
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook_factory(
+        lambda t: t is list or get_origin(t) is list,
+        _container_hook(list, list_structure_factory),
+    )
+    conv.register_structure_hook_factory(
+        lambda t: t is dict or get_origin(t) is dict,
+        _container_hook(Mapping, mapping_structure_factory),
+    )
     conv.register_structure_hook(Memory, _structure_memory)
     conv.register_structure_hook(Command, _structure_command)
     for t in (str, int, float, bool):

@@ -1,0 +1,261 @@
+"""The ``gateway`` command line: serve, inspect plugins, show and check the configuration.
+
+Owns `make_cli` (builds the click group and lets plugins add commands through
+`gateway_register_commands`) and `main`, the console script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import pluggy
+
+from . import __version__
+from .config import Config, ConfigError, find_config_file, load_config, unstructure
+from .configcheck import ResolvedConfig, resolve_config
+from .plugins import PluginError, Registry, make_plugin_manager, plugin_infos
+
+PluginManagerFactory = Callable[..., pluggy.PluginManager]
+"""Builds a plugin manager; called with ``local_plugins=`` and ``local_plugin_path=``."""
+
+SECRET_KEYS = frozenset({"api_token", "password", "db_encrypt_keys"})
+"""Config keys whose values `gateway config show` never prints."""
+REDACTED = "<redacted>"
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $GATEWAY_CONFIG, else ./gateway.toml if present).",
+)
+
+
+def make_cli(*, plugin_manager_factory: PluginManagerFactory = make_plugin_manager) -> click.Group:
+    """Build the ``gateway`` command group.
+
+    The plugin manager is built once here (entry points and built-ins) so that plugins can add
+    commands; commands that read a config file build another one when the file lists local
+    plugin modules. Raises `PluginError` when the plugins cannot be loaded at all.
+    """
+    base_pm = plugin_manager_factory()
+
+    def manager_for(config: Config) -> pluggy.PluginManager:
+        if not config.plugins:
+            return base_pm
+        search = [str(Path(config.source).resolve().parent)] if config.source else []
+        return plugin_manager_factory(local_plugins=config.plugins, local_plugin_path=search)
+
+    def load(config_path: str | None) -> Config:
+        path = find_config_file(config_path)
+        return load_config(path=path) if path is not None else load_config()
+
+    def resolve(config_path: str | None, *, to_stderr: bool) -> ResolvedConfig:
+        """Load and resolve the config; print every problem, one per line, and exit 1."""
+        try:
+            config = load(config_path)
+            return resolve_config(config, Registry.from_plugin_manager(manager_for(config)))
+        except (ConfigError, PluginError) as exc:
+            _fail(exc, err=to_stderr)
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, "-V", "--version", prog_name="gateway")
+    def cli() -> None:
+        """A multi-tenant gateway for Dask clusters."""
+
+    @cli.command("plugins")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @CONFIG_OPTION
+    def plugins_command(as_json: bool, config_path: str | None) -> None:
+        """List installed plugins: what they provide, their distribution, and failures."""
+        try:
+            pm = manager_for(load(config_path))
+            registry = Registry.from_plugin_manager(pm)
+        except (ConfigError, PluginError) as exc:
+            _fail(exc)
+        infos = plugin_infos(pm, registry)
+        if as_json:
+            click.echo(json.dumps([info.to_json() for info in infos], indent=2))
+            return
+        rows = [
+            (
+                info.name,
+                info.status,
+                info.distribution or f"({info.source})",
+                info.version,
+                ", ".join(info.kinds) or ", ".join(info.hooks) or "-",
+            )
+            for info in infos
+        ]
+        click.echo(_table(("NAME", "STATUS", "DISTRIBUTION", "VERSION", "PROVIDES"), rows))
+        for info in infos:
+            if info.error:
+                click.echo(f"{info.name}: {info.error}")
+
+    @cli.group("config")
+    def config_group() -> None:
+        """Show or check the configuration."""
+
+    @config_group.command("check")
+    @CONFIG_OPTION
+    def config_check(config_path: str | None) -> None:
+        """Validate the config: one line per bad key, exit status 1 when any."""
+        resolved = resolve(config_path, to_stderr=False)
+        source = resolved.config.source or "built-in defaults"
+        click.echo(f"config OK ({source})")
+
+    @config_group.command("show")
+    @CONFIG_OPTION
+    def config_show(config_path: str | None) -> None:
+        """Print the effective config as TOML, with defaults filled in and secrets redacted."""
+        resolved = resolve(config_path, to_stderr=True)
+        click.echo(render_toml(effective_config(resolved)), nl=False)
+
+    @cli.command("serve")
+    @CONFIG_OPTION
+    def serve_command(config_path: str | None) -> None:
+        """Run the gateway until interrupted."""
+        from .app import serve
+
+        try:
+            serve(config_path)
+        except (ConfigError, PluginError) as exc:
+            _fail(exc)
+
+    base_pm.hook.gateway_register_commands(cli=cli)
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``gateway`` console script."""
+    try:
+        cli = make_cli()
+    except PluginError as exc:
+        _fail(exc)
+    cli.main(args=list(argv) if argv is not None else None, prog_name="gateway")
+
+
+def _fail(exc: ConfigError | PluginError, *, err: bool = True) -> NoReturn:
+    lines = exc.problems if isinstance(exc, ConfigError) else str(exc).splitlines()
+    for line in lines:
+        click.echo(f"error: {line}" if err else line, err=err)
+    sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# `config show`
+# --------------------------------------------------------------------------------------------
+
+
+def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
+    """The config as the gateway will run it, as TOML-shaped data with secrets redacted."""
+    config = resolved.config
+    data: dict[str, Any] = {}
+    if config.plugins:
+        data["plugins"] = list(config.plugins)
+    data["gateway"] = unstructure(resolved.gateway)
+    data["proxy"] = unstructure(resolved.proxy)
+    data["cluster"] = unstructure(resolved.cluster)
+    data["backend"] = {name: unstructure(c) for name, c in resolved.backends.items()}
+    data["auth"] = {name: unstructure(c) for name, c in resolved.auths.items()}
+    if config.options:
+        data["options"] = {name: unstructure(spec) for name, spec in config.options.items()}
+    return redact(data)
+
+
+def redact(data: Any) -> Any:
+    """A copy of ``data`` where every non-empty value under a secret key is replaced."""
+    if isinstance(data, Mapping):
+        out = {}
+        for key, value in data.items():
+            if key in SECRET_KEYS and value:
+                out[key] = [REDACTED] * len(value) if isinstance(value, list) else REDACTED
+            else:
+                out[key] = redact(value)
+        return out
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
+def render_toml(data: Mapping[str, Any]) -> str:
+    """TOML text for ``data``: plain keys first, then one ``[section]`` per table (a table of
+    tables such as ``backend`` becomes ``[backend.<name>]`` sections). Keys whose value is None
+    (unset) are written as comments, since TOML has no null."""
+    lines: list[str] = []
+    _emit_table(lines, [], data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _emit_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
+    if not path:
+        sections = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+        for key, value in table.items():
+            if key not in sections:
+                _emit_key(lines, key, value)
+        for key, value in sections.items():
+            _emit_table(lines, [key], value)
+    elif len(path) == 1 and table and all(isinstance(v, Mapping) for v in table.values()):
+        for key, value in table.items():  # a table of tables: [backend.<name>]
+            _emit_table(lines, [*path, key], value)
+    else:
+        lines.extend(["", "[" + ".".join(_toml_key(p) for p in path) + "]"])
+        for key, value in table.items():  # deeper tables are written inline
+            _emit_key(lines, key, value)
+
+
+def _emit_key(lines: list[str], key: str, value: Any) -> None:
+    if value is None:
+        lines.append(f"# {_toml_key(key)} = (unset)")
+    else:
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, Mapping):
+        items = [
+            f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None
+        ]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )

@@ -1,0 +1,371 @@
+"""Tests of the ``gateway`` command line through click's CliRunner.
+
+Plugins come from fake installed distributions (see fakedists.py) and plugin objects handed to
+`make_cli`'s plugin-manager factory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from fakedists import BACKEND_PLUGIN, FakeDists
+from gateway_core import __version__, hookimpl
+from gateway_core.cli import main, make_cli, render_toml
+from gateway_core.config import ENV_ENCRYPT_KEYS, ENV_PROXY_TOKEN
+from gateway_core.plugins import ENV_DISABLE_PLUGINS, make_plugin_manager
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def dists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDists]:
+    root = tmp_path / "site-packages"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    for name in (ENV_DISABLE_PLUGINS, ENV_PROXY_TOKEN, ENV_ENCRYPT_KEYS, "GATEWAY_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./gateway.toml unless a test writes one
+    fake = FakeDists(root=root)
+    fake.add(
+        "gateway-queue",
+        version="1.2.3",
+        entry_points={"queue": "gw_cli_queue"},
+        modules={"gw_cli_queue": BACKEND_PLUGIN.format(name="queue")},
+    )
+    yield fake
+    fake.forget()
+
+
+def run(*args: str, plugins: list[object] | None = None) -> Result:
+    factory = functools.partial(make_plugin_manager, extra_plugins=plugins or [])
+    return CliRunner().invoke(make_cli(plugin_manager_factory=factory), list(args))
+
+
+def write_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD_CONFIG = """
+[gateway]
+backend = "queue"
+authenticator = "simple"
+
+[backend.queue]
+partition = "gpu"
+cluster_start_timeout = 30
+
+[auth.simple]
+password = "hunter2"
+
+[proxy]
+api_token = "proxy-secret-token"
+
+[cluster]
+worker_cores = 2
+worker_memory = "4 GiB"
+environment = { OMP_NUM_THREADS = "1" }
+
+[options.worker_cores]
+type = "int"
+default = 1
+min = 1
+max = 4
+"""
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"gateway, version {__version__}\n"
+
+
+def test_plugins_table_shows_each_plugin_and_failures(dists: FakeDists) -> None:
+    dists.add(
+        "gateway-brokenq",
+        version="0.4",
+        entry_points={"brokenq": "gw_cli_broken"},
+        modules={"gw_cli_broken": "import gw_cli_missing_dependency\n"},
+    )
+    result = run("plugins")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "STATUS", "DISTRIBUTION", "VERSION", "PROVIDES"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.split()}
+    assert rows["queue"] == ["queue", "ok", "gateway-queue", "1.2.3", "backend:queue"]
+    assert rows["core"][:4] == ["core", "ok", "gateway-core", __version__]
+    assert rows["brokenq"][:4] == ["brokenq", "failed", "gateway-brokenq", "0.4"]
+    assert (
+        "brokenq: ModuleNotFoundError: No module named 'gw_cli_missing_dependency'" in result.stdout
+    )
+
+
+def test_plugins_json(dists: FakeDists, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_DISABLE_PLUGINS, "queue")
+    result = run("plugins", "--json")
+    assert result.exit_code == 0, result.output
+    records = {r["name"]: r for r in json.loads(result.stdout)}
+    assert records["queue"]["status"] == "blocked"
+    assert records["queue"]["distribution"] == "gateway-queue"
+    assert records["core"]["status"] == "ok"
+    assert records["core"]["source"] == "built-in"
+    assert "authenticator:simple" in records["core"]["kinds"]
+
+
+def test_plugins_lists_local_modules_of_the_config(dists: FakeDists, tmp_path: Path) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "gw_cli_site.py").write_text(
+        "from gateway_core import hookimpl\n\n"
+        "@hookimpl\ndef gateway_cluster_event(event):\n    pass\n"
+    )
+    dists.modules.append("gw_cli_site")
+    (conf_dir / "gateway.toml").write_text('plugins = ["gw_cli_site"]\n')
+    result = run("plugins", "--json", "--config", str(conf_dir / "gateway.toml"))
+    assert result.exit_code == 0, result.output
+    records = {r["name"]: r for r in json.loads(result.stdout)}
+    assert records["gw_cli_site"]["source"] == "local"
+    assert records["gw_cli_site"]["hooks"] == ["gateway_cluster_event"]
+
+
+def test_config_check_ok(dists: FakeDists, tmp_path: Path) -> None:
+    result = run("config", "check", "--config", write_config(tmp_path, GOOD_CONFIG))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("config OK")
+
+
+def test_config_check_finds_gateway_toml_in_the_working_directory(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    write_config(tmp_path, GOOD_CONFIG.replace('partition = "gpu"', "partition = 5"))
+    result = run("config", "check")
+    assert result.exit_code == 1
+    assert result.stdout == "backend.queue.partition: expected str, got int\n"
+
+
+def test_config_check_prints_one_line_per_bad_key(dists: FakeDists, tmp_path: Path) -> None:
+    broken = """
+[gateway]
+backend = "queue"
+admin_users = "alice"
+
+[backend.queue]
+partition = 3
+queue_depth = 10
+
+[auth.simple]
+cache_max_age = "long"
+
+[proxy]
+prefix = 1
+
+[cluster]
+worker_cores = "2"
+worker_memory = "lots"
+
+[options.worker_threads]
+type = "int"
+default = 100
+max = 4
+"""
+    result = run("config", "check", "--config", write_config(tmp_path, broken))
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == ["gateway.admin_users: expected array, got str"]
+    # load_config stops at the core sections; fix them and every plugin section is checked.
+    fixed = broken.replace('admin_users = "alice"', 'admin_users = ["alice"]')
+    result = run("config", "check", "--config", write_config(tmp_path, fixed))
+    assert result.exit_code == 1
+    problems = result.stdout.splitlines()
+    assert "backend.queue.partition: expected str, got int" in problems
+    assert "backend.queue.queue_depth: unknown key" in problems
+    assert "auth.simple.cache_max_age: expected int, got str" in problems
+    assert "proxy.prefix: expected str, got int" in problems
+    assert "cluster.worker_cores: expected int, got str" in problems
+    assert any(p.startswith("cluster.worker_memory:") for p in problems)
+    assert any(p.startswith("options.worker_threads.default:") for p in problems)
+    assert "config OK" not in result.stdout
+
+
+def test_config_check_names_an_unknown_backend_and_the_available_ones(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, '[gateway]\nbackend = "slurmm"\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith("gateway.backend: no backend named 'slurmm' is installed (available: ")
+    assert "queue" in line.split("available: ", 1)[1]
+
+
+def test_config_check_refuses_sections_no_plugin_owns(dists: FakeDists, tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[gateway]\nbackend = "queue"\n[backend.queu]\nx = 1\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith("backend.queu: no plugin provides backend 'queu' (installed: ")
+    assert "queue" in line.split("installed: ", 1)[1]
+
+
+def test_config_check_refuses_option_targets_that_are_not_cluster_settings(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    text = (
+        '[gateway]\nbackend = "queue"\n'
+        '[options.gpus]\ntype = "int"\n'
+        '[options.env]\ntype = "string"\ntarget = "conda_env"\n'
+    )
+    result = run("config", "check", "--config", write_config(tmp_path, text))
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "options.gpus: 'gpus' is not a [cluster] setting of ClusterConfig; set `target` to one",
+        "options.env.target: 'conda_env' is not a [cluster] setting of ClusterConfig",
+    ]
+
+
+def test_a_broken_proxy_distribution_is_reported_for_the_default_proxy(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    dists.add(
+        "gateway-proxy",
+        version="9.9",
+        entry_points={"proxy": "gw_cli_broken_proxy"},
+        modules={"gw_cli_broken_proxy": "raise ImportError('libssl is too old')\n"},
+    )
+    path = write_config(tmp_path, '[gateway]\nbackend = "queue"\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith("gateway.proxy: no proxy named 'builtin' is installed")
+    assert "'proxy' (ImportError: libssl is too old)" in line
+
+
+def test_config_check_reports_a_missing_file(dists: FakeDists, tmp_path: Path) -> None:
+    result = run("config", "check", "--config", str(tmp_path / "nope.toml"))
+    assert result.exit_code == 1
+    assert result.stdout == f"{tmp_path / 'nope.toml'}: no such config file\n"
+
+
+def test_config_check_names_a_local_plugin_that_cannot_be_imported(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, 'plugins = ["gw_cli_no_such_site_module"]\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith("plugin module 'gw_cli_no_such_site_module' listed in `plugins` cannot")
+    assert "No module named 'gw_cli_no_such_site_module'" in line
+
+
+def test_serve_reports_a_broken_config_and_exits_1(dists: FakeDists, tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[gateway]\nbackend = "slurmm"\n')
+    result = run("serve", "--config", path)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: gateway.backend: no backend named 'slurmm'")
+    assert "Traceback" not in result.output
+
+
+def test_config_show_fills_in_defaults_and_redacts_secrets(
+    dists: FakeDists, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_ENCRYPT_KEYS, "key-one;key-two")
+    result = run("config", "show", "--config", write_config(tmp_path, GOOD_CONFIG))
+    assert result.exit_code == 0, result.output
+    for secret in ("hunter2", "proxy-secret-token", "key-one", "key-two"):
+        assert secret not in result.stdout
+    shown = tomllib.loads(result.stdout)
+    assert shown["auth"]["simple"]["password"] == "<redacted>"
+    assert shown["proxy"]["api_token"] == "<redacted>"
+    assert shown["gateway"]["db_encrypt_keys"] == ["<redacted>", "<redacted>"]
+    # What the file set, and the defaults of the selected plugins' classes.
+    assert shown["backend"]["queue"]["partition"] == "gpu"
+    assert shown["backend"]["queue"]["cluster_start_timeout"] == 30.0
+    assert shown["backend"]["queue"]["worker_start_failure_limit"] == 3
+    assert shown["cluster"]["worker_memory"] == 4 * 2**30
+    assert shown["cluster"]["scheduler_cmd"] == ["dask", "scheduler"]
+    assert shown["cluster"]["environment"] == {"OMP_NUM_THREADS": "1"}
+    assert shown["gateway"]["backend"] == "queue"
+    assert shown["options"]["worker_cores"]["max"] == 4
+    assert "# cluster_max_workers = (unset)" in result.stdout
+
+
+def test_config_show_of_a_broken_config_prints_problems_to_stderr(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, "[cluster]\nworker_cores = 0\n")
+    result = run("config", "show", "--config", path)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "error: cluster.worker_cores: must be at least 1, got 0" in result.stderr
+
+
+def test_render_toml_round_trips_awkward_values() -> None:
+    data: dict[str, Any] = {
+        "plugins": ["a"],
+        "gateway": {"quote": 'say "hi"\n\ttab \x7f', "inf": float("inf"), "unset": None},
+        "backend": {"my backend": {"n": 1, "nested": {"k": [1, 2]}}},
+        "empty": {},
+    }
+    parsed = tomllib.loads(render_toml(data))
+    assert parsed == {
+        "plugins": ["a"],
+        "gateway": {"quote": 'say "hi"\n\ttab \x7f', "inf": float("inf")},
+        "backend": {"my backend": {"n": 1, "nested": {"k": [1, 2]}}},
+        "empty": {},
+    }
+
+
+class HelloCommand:
+    __name__ = "hello-plugin"
+
+    @hookimpl
+    def gateway_register_commands(self, cli: click.Group) -> None:
+        @cli.command("hello")
+        @click.argument("who")
+        def hello(who: str) -> None:
+            """Say hello (added by a plugin)."""
+            click.echo(f"hello {who}")
+
+
+def test_plugins_add_commands(dists: FakeDists) -> None:
+    help_text = run("--help", plugins=[HelloCommand()]).stdout
+    assert "hello" in help_text
+    assert "Say hello (added by a plugin)." in help_text
+    result = run("hello", "world", plugins=[HelloCommand()])
+    assert result.exit_code == 0
+    assert result.stdout == "hello world\n"
+
+
+def test_main_reports_plugin_errors_without_a_traceback(
+    dists: FakeDists, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dists.add(
+        "gateway-typo",
+        entry_points={"typo": "gw_cli_typo"},
+        modules={
+            "gw_cli_typo": "from gateway_core import hookimpl\n\n"
+            "@hookimpl\ndef gateway_register_command(cli):\n    pass\n"
+        },
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plugins"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: plugin 'typo' (gateway-typo 1.0) implements unknown hook" in err
+    assert "Traceback" not in err
+
+
+def test_main_runs_commands(dists: FakeDists, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plugins", "--json"])
+    assert exit_info.value.code == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    assert "queue" in names and "core" in names
