@@ -15,12 +15,14 @@ from typing import Any
 
 import aiohttp
 import attrs
-import gateway_core
-import gateway_core.hookspecs
 import pluggy
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+import gateway_core
+import gateway_core.hookspecs
 from gateway_core.api.app import make_api_app
 from gateway_core.api.routes import AUTHN
 from gateway_core.auth.simple import SimpleAuthConfig, SimpleAuthenticator
@@ -39,7 +41,6 @@ from gateway_core.manager import ClusterManager
 from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token, now_ms
 from gateway_core.options import Integer, Options, OptionsError
 from gateway_core.routes import Route, RouteTable
-from yarl import URL
 
 pytestmark = pytest.mark.unit
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 
-import gateway_core.hookspecs
 import pluggy
 import pytest
 from aiohttp.test_utils import make_mocked_request
+
+import gateway_core.hookspecs
 from gateway_core.auth.base import Unauthorized
 from gateway_core.auth.simple import SimpleAuthConfig, SimpleAuthenticator
 from gateway_core.config import load_config, structure

@@ -17,6 +17,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 from fakedists import BACKEND_PLUGIN, FakeDists
+
 from gateway_core import __version__, hookimpl
 from gateway_core.cli import main, make_cli, render_toml
 from gateway_core.config import ENV_ENCRYPT_KEYS, ENV_PROXY_TOKEN

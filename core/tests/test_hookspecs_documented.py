@@ -9,6 +9,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+
 from gateway_core import builtin, hookspecs
 
 pytestmark = pytest.mark.unit

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from gateway_core.config import ConfigError, load_config
 from gateway_core.models import User
 from gateway_core.options import (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fakedists import BACKEND_PLUGIN, FakeDists
+
 from gateway_core import hookimpl
 from gateway_core.config import load_config
 from gateway_core.context import GatewayContext

@@ -5,6 +5,6 @@ Owns the package version; everything else lives in the submodules named in docs/
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402 - the marker plugin authors import from here
+from .hookspecs import hookimpl
 
 __all__ = ["__version__", "hookimpl"]

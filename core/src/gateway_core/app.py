@@ -104,9 +104,7 @@ class Gateway:
             routes=RouteTable(max_events=resolved.proxy.max_events),
             prefix=resolved.proxy.prefix.rstrip("/"),
         )
-        authenticator = resolved.auth_spec.authenticator(
-            config=resolved.auth, context=context
-        )
+        authenticator = resolved.auth_spec.authenticator(config=resolved.auth, context=context)
         authenticator.name = resolved.auth_spec.name
         spec = resolved.backend_spec
         backend: Backend
@@ -170,7 +168,17 @@ class Gateway:
         return self.context.api_url
 
     async def start(self) -> None:
-        """Bind the API, start the proxy, then the backend; return once serving."""
+        """Bind the API, start the proxy, then the backend; return once serving.
+
+        If any step fails, whatever already started is stopped before the error is raised.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         gw = self.resolved.gateway
         self._sock = _bind(gw.address)
         self.api_address = _reachable("{}:{}".format(*self._sock.getsockname()[:2]))
@@ -197,9 +205,10 @@ class Gateway:
             )
             self.context.public_address = self.api_address
         self.context.api_url = gw.api_url or f"http://{self.context.public_address}{prefix}/api"
-        self._runner = web.AppRunner(self.api_app, access_log=None)
-        await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock)
+        runner = web.AppRunner(self.api_app, access_log=None)
+        await runner.setup()
+        self._runner = runner
+        site = web.SockSite(runner, self._sock)
         await site.start()
         log.info(
             "gateway serving at http://%s%s (backend %s, authenticator %s)",

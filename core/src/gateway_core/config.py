@@ -198,7 +198,7 @@ class ProcessBackendConfig(BackendConfig):
     cluster_heartbeat_period: int = 15
     """Seconds between scheduler heartbeats."""
     cluster_heartbeat_timeout: float = 0.0
-    """Seconds without a heartbeat before a cluster is failed; 0 means 2 × the period."""
+    """Seconds without a heartbeat before a cluster is failed; 0 means twice the period."""
     cluster_status_period: float = 30.0
     """Seconds between batched checks that schedulers are alive."""
     worker_status_period: float = 30.0

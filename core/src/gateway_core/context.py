@@ -41,7 +41,7 @@ class GatewayContext:
         """Tell observer plugins about ``event``; never raises, never blocks the caller."""
         try:
             results = self.hook.gateway_cluster_event(event=event)
-        except Exception:  # noqa: BLE001 - an observer must not break the gateway
+        except Exception:
             log.exception("gateway_cluster_event observer failed for %s", event.kind)
             return
         for result in results:
@@ -54,5 +54,5 @@ class GatewayContext:
 async def _guard(awaitable: Any, kind: str) -> None:
     try:
         await awaitable
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("gateway_cluster_event observer failed for %s", kind)

@@ -55,7 +55,7 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return f"bool {str(value).lower()}"
-    kinds = {str: "string", dict: "object", list: "array"}
+    kinds: dict[type, str] = {str: "string", dict: "object", list: "array"}
     kind = kinds.get(type(value), type(value).__name__)
     text = repr(value)
     return f"{kind} {text if len(text) <= 40 else text[:40] + '...'}"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gateway_core.config import ClusterConfig, ConfigError, load_config, structure, unstructure
 from gateway_core.context import GatewayContext
 from gateway_core.models import Cluster, Worker, new_name, new_token

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
 from gateway_plugin_example.backend import is_alive
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+
 from gateway_core.cli import make_cli
 from gateway_core.plugins import ENV_DISABLE_PLUGINS, Registry, make_plugin_manager
 from gateway_plugin_example import __version__

@@ -71,7 +71,9 @@ class Backend(abc.ABC):
         (starting goes on in the background)."""
 
     @abc.abstractmethod
-    async def stop_cluster(self, name: str, *, failed: bool = False, reason: str | None = None) -> None:
+    async def stop_cluster(
+        self, name: str, *, failed: bool = False, reason: str | None = None
+    ) -> None:
         """Begin stopping ``name``; idempotent, unknown names are ignored."""
 
     @abc.abstractmethod

@@ -45,9 +45,7 @@ async def start_gateway(
     from . import hooks as testing_hooks
 
     data = merge(TEST_DEFAULTS, config or {})
-    gateway = Gateway.create(
-        load_config(data, environ={}), extra_plugins=[testing_hooks, *plugins]
-    )
+    gateway = Gateway.create(load_config(data, environ={}), extra_plugins=[testing_hooks, *plugins])
     await gateway.start()
     return gateway
 

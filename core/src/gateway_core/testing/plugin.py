@@ -53,13 +53,15 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
 
 
 @pytest.fixture
-async def make_api_client() -> AsyncIterator[Callable[..., "ApiClient"]]:
+async def make_api_client() -> AsyncIterator[Callable[..., ApiClient]]:
     """``make_api_client(gateway, "alice", password=None)``: an `ApiClient` for that user."""
     from .harness import client_for
 
     clients: list[ApiClient] = []
 
-    def factory(gateway: Gateway, username: str = "alice", password: str | None = None) -> ApiClient:
+    def factory(
+        gateway: Gateway, username: str = "alice", password: str | None = None
+    ) -> ApiClient:
         client = client_for(gateway, username, password)
         clients.append(client)
         return client

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
+
 from gateway_core.backends.base import ClusterDriver
 from gateway_core.backends.process import cluster_env
 from gateway_core.config import (
