@@ -17,13 +17,15 @@ nox.options.reuse_existing_virtualenvs = True
 
 # Each testable distribution: its folder and what its tests need installed with it.
 PACKAGES: dict[str, list[str]] = {
-    "core": ["./proxy", "./core[testing]"],
+    "core": ["./proxy", "./client", "./core[local,testing]"],
     "proxy": ["./core[testing]", "./proxy[testing]"],
+    "client": ["./client[testing]"],
     "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],
 }
 FOLDERS = {
     "core": "core",
     "proxy": "proxy",
+    "client": "client",
     "example": "examples/gateway-plugin-example",
 }
 PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
