@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from distributed.core import Status
 from fakes import FakeCluster, FakeGateway, make_cert
+
 from gateway_client import BasicAuth, Gateway, GatewayCluster, GatewayClusterError
 
 pytestmark = pytest.mark.unit

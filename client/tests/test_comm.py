@@ -18,6 +18,7 @@ from distributed.comm.core import CommClosedError, FatalCommClosedError
 from distributed.core import Status, rpc
 from distributed.security import Security
 from fakes import FakeCluster, FakeGateway, LoopThread, SNISplice, make_cert
+
 from gateway_client import BasicAuth, Gateway, GatewayCluster
 from gateway_client.comm import GatewayBackend, parse_gateway_address
 from gateway_client.models import cluster_security

@@ -9,6 +9,7 @@ import getpass
 import aiohttp
 import dask
 import pytest
+
 from gateway_client import BasicAuth, Gateway, GatewayAuth, JupyterHubAuth
 from gateway_client._http import proxy_for
 from gateway_client.auth import get_auth
@@ -30,8 +31,9 @@ class TokenAuth(GatewayAuth):
 
 
 def test_shipped_defaults_are_registered() -> None:
-    import gateway_client.config
     import yaml
+
+    import gateway_client.config
 
     with gateway_client.config.DEFAULTS_FILE.open() as f:
         shipped = yaml.safe_load(f)["gateway"]

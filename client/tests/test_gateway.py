@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fakes import FakeCluster, FakeGateway
+
 from gateway_client import (
     BasicAuth,
     ClusterReport,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fakes import OPTIONS_SPEC
+
 from gateway_client import Options
 from gateway_client.options import AnyField, Integer, field_from_spec
 

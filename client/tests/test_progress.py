@@ -11,6 +11,7 @@ from typing import Any
 
 import dask
 import pytest
+
 from gateway_client import progress
 from gateway_client.progress import (
     NotebookProgress,

@@ -104,9 +104,7 @@ async def test_a_failed_start_reports_its_reason(make_gateway: Any, make_api_cli
     assert "partition 'gpu' is full" in reason.body["reason"]
 
 
-async def test_observer_plugins_see_cluster_events(
-    make_gateway: Any, make_api_client: Any
-) -> None:
+async def test_observer_plugins_see_cluster_events(make_gateway: Any, make_api_client: Any) -> None:
     from gateway_core import hookimpl
 
     seen: list[tuple[str, str]] = []
@@ -142,8 +140,9 @@ async def test_bad_configs_refuse_to_start_with_the_reason(
     from gateway_core.testing.harness import TEST_DEFAULTS, merge
 
     with pytest.raises(Exception) as info:
-        gw = Gateway.create(load_config(merge(TEST_DEFAULTS, config), environ={}),
-                            extra_plugins=[hooks])
+        gw = Gateway.create(
+            load_config(merge(TEST_DEFAULTS, config), environ={}), extra_plugins=[hooks]
+        )
         await gw.start()
         await gw.stop()
     assert needle in str(info.value)

@@ -18,7 +18,7 @@ import pluggy
 import pytest
 
 from gateway_core import hookspecs
-from gateway_core.backends.base import ClusterConflict
+from gateway_core.backends.base import BackendUnavailable, ClusterConflict
 from gateway_core.backends.process import ProcessBackend, cluster_env
 from gateway_core.config import ClusterConfig, Command, Memory, load_config
 from gateway_core.context import GatewayContext
@@ -499,6 +499,10 @@ async def test_restart_from_a_persistent_store(
     await first.backend.cleanup()
     assert first.driver.calls["stop_scheduler"] == 0  # left running
     scheduler = first.driver.schedulers[cluster.name]
+    # While no gateway runs, a heartbeat is "try again" (503), not "unknown cluster" (409),
+    # which would make the scheduler shut itself down.
+    with pytest.raises(BackendUnavailable):
+        await first.backend.on_cluster_heartbeat(cluster.name, scheduler.message())
 
     second = await make(gateway=settings, schedulers=first.driver.schedulers)
     again = await second.backend.get_cluster(cluster.name)

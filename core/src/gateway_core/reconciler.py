@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from attrs import define
 
-from .backends.base import ClusterConflict
+from .backends.base import BackendUnavailable, ClusterConflict
 from .events import ClusterEvent, EventKind
 from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
 from .routes import Route
@@ -305,7 +305,7 @@ class Reconciler:
         message is malformed.
         """
         if not self.running:
-            raise ClusterConflict("The gateway is not running; heartbeat rejected")
+            raise BackendUnavailable("the gateway is starting or stopping; heartbeat not taken")
         cluster = self.store.get(name)
         if cluster is None:
             raise ClusterConflict(f"Cluster {name} does not exist")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from ..auth.base import Unauthorized
-from ..backends.base import ClusterConflict
+from ..backends.base import BackendUnavailable, ClusterConflict
 from ..options import OptionsError
 
 log = logging.getLogger("gateway.api")
@@ -88,6 +88,8 @@ def error_response(exc: BaseException, *, max_body_size: int | None = None) -> w
         return json_error(401, exc.reason, exc.headers)
     if isinstance(exc, OptionsError):
         return json_error(422, f"invalid cluster options: {exc}")
+    if isinstance(exc, BackendUnavailable):
+        return json_error(503, str(exc) or "the gateway is not ready; try again shortly")
     if isinstance(exc, ClusterConflict):
         return json_error(409, str(exc) or "the cluster cannot take this request now")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

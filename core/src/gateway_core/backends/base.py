@@ -91,6 +91,11 @@ class ClusterConflict(Exception):
     """The cluster cannot take this request now (answered as HTTP 409 with this message)."""
 
 
+class BackendUnavailable(Exception):
+    """The backend is starting or stopping and cannot answer yet (HTTP 503): a scheduler that
+    gets this keeps its cluster and tries again, unlike a 409 that tells it to shut down."""
+
+
 class ClusterDriver(abc.ABC):
     """The six operations that start, stop and watch schedulers and workers on one platform.
 
