@@ -396,7 +396,11 @@ def test_plugin_infos_list_kinds_hooks_and_sources(dists: FakeDists) -> None:
         "status": "ok",
         "error": "",
     }
-    assert infos["core"].kinds == ["authenticator:simple"]
+    assert infos["core"].kinds == [
+        "backend:local",
+        "backend:unsafe-local",
+        "authenticator:simple",
+    ]
     assert "gateway_cluster_options" in infos["core"].hooks
     assert infos["edgeproxy"].kinds == ["proxy:edge"]
     assert infos["edgeproxy"].distribution == ""

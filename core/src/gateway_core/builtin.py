@@ -1,6 +1,7 @@
 """Core's own plugin, registered as ``core`` through the same hooks third-party plugins use.
 
-Owns the built-in registrations (the ``simple`` authenticator) and the fallback answer to
+Owns the built-in registrations (the ``local`` and ``unsafe-local`` backends, the ``simple``
+authenticator) and the fallback answer to
 `gateway_cluster_options`: the form declared in the config's ``[options]`` tables.
 """
 
@@ -9,12 +10,34 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .hookspecs import hookimpl
-from .specs import AuthenticatorSpec
+from .specs import AuthenticatorSpec, BackendSpec
 
 if TYPE_CHECKING:
     from .config import Config
     from .models import User
     from .options import Options
+
+
+@hookimpl
+def gateway_register_backends() -> list[BackendSpec]:
+    from .backends.local import LocalBackendConfig, LocalDriver, UnsafeLocalDriver
+
+    return [
+        BackendSpec(
+            name="local",
+            driver=LocalDriver,
+            config=LocalBackendConfig,
+            description="Dask processes on the gateway's host, run as the requesting user "
+            "(needs root)",
+        ),
+        BackendSpec(
+            name="unsafe-local",
+            driver=UnsafeLocalDriver,
+            config=LocalBackendConfig,
+            description="Dask processes on the gateway's host, run as the gateway's user "
+            "(no separation between users)",
+        ),
+    ]
 
 
 @hookimpl

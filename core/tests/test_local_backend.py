@@ -1,0 +1,774 @@
+"""Tests of the ``local`` and ``unsafe-local`` backends with real processes: real Dask schedulers
+and workers (warm from the fork server and cold), and small scripts standing in for them.
+
+Every test checks that no process it caused is left (the test process becomes a child subreaper,
+so even orphans of the fork server are seen). Tests of ``local`` create a throwaway user account
+and need root, as CI has; elsewhere they fail saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gateway_core.builtin
+from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
+from gateway_core.backends.local import (
+    DEFAULT_INHERITED_ENVIRONMENT,
+    LocalBackendConfig,
+    LocalDriver,
+    ProcessRef,
+    UnsafeLocalDriver,
+    boot_id,
+)
+from gateway_core.config import ConfigError, load_config, structure
+from gateway_core.context import GatewayContext
+from gateway_core.hookspecs import hookimpl
+from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
+from gateway_core.specs import BackendSpec
+
+pytestmark = pytest.mark.integration
+
+PYTHON = sys.executable
+BIN = os.path.dirname(PYTHON)
+
+
+class LocalBackends:
+    """Registers the two backends, until core's built-in plugin does it itself."""
+
+    @hookimpl
+    def gateway_register_backends(self) -> list[BackendSpec]:
+        return [
+            BackendSpec(name="local", driver=LocalDriver, config=LocalBackendConfig),
+            BackendSpec(name="unsafe-local", driver=UnsafeLocalDriver, config=LocalBackendConfig),
+        ]
+
+
+def _builtin_registers_local() -> bool:
+    hook = getattr(gateway_core.builtin, "gateway_register_backends", None)
+    return hook is not None and any(spec.name == "local" for spec in hook())
+
+
+PLUGINS: list[object] = [] if _builtin_registers_local() else [LocalBackends()]
+
+FAST: dict[str, Any] = {
+    "cluster_start_timeout": 40.0,
+    "worker_start_timeout": 40.0,
+    "cluster_heartbeat_period": 1,
+    "cluster_status_period": 0.2,
+    "worker_status_period": 0.2,
+    "backoff_base_delay": 0.01,
+    "backoff_max_delay": 0.2,
+    "sigint_timeout": 5.0,
+    "sigterm_timeout": 2.0,
+    "sigkill_timeout": 2.0,
+    "early_exit_window": 1.0,
+}
+
+
+def config_for(
+    backend: str, tmp_path: Path, *, cluster: dict[str, Any] | None = None, **knobs: Any
+) -> dict[str, Any]:
+    return {
+        "gateway": {"backend": backend},
+        "backend": {backend: {**FAST, "clusters_directory": str(tmp_path / "clusters"), **knobs}},
+        "cluster": cluster or {},
+    }
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what or check}")
+        await asyncio.sleep(0.02)
+
+
+def script(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+# -------------------------------------------------------------------------------------------
+# No process left behind
+
+
+def _set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, int(on), 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def _descendants() -> dict[int, str]:
+    """Live descendants of this process (zombie children are reaped on the way)."""
+    parents: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        states[int(entry)] = fields[0].decode()
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = list(parents.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        if states.get(pid) == "Z":
+            if pid in parents.get(os.getpid(), []):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            continue
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        todo.extend(parents.get(pid, []))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    _set_subreaper(True)
+    before = set(_descendants())
+    try:
+        yield
+        deadline = time.monotonic() + 10
+        left = {p: c for p, c in _descendants().items() if p not in before}
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = {p: c for p, c in _descendants().items() if p not in before}
+        assert not left, f"processes left behind: {left}"
+    finally:
+        for pid in set(_descendants()) - before:  # don't let one failure spoil the next test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+        _descendants()  # reaps what was just killed
+        _set_subreaper(False)
+
+
+@pytest.fixture
+def dask_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dask`` on PATH is this environment's (what the fork server runs warm)."""
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return raw[raw.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+# File checks are plain blocking calls on local files, kept in these sync helpers.
+
+
+def _text(path: str | Path) -> str:
+    return Path(path).read_text()
+
+
+def _gone(path: str | Path) -> bool:
+    return not os.path.lexists(path)
+
+
+def _start_ticks(pid: int) -> int:
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(raw[raw.rindex(b")") + 2 :].split()[19])
+
+
+def _check_private(workdir: Path, cluster: Cluster, *, uid: int, gid: int) -> None:
+    """The working directory and its files belong to ``uid``/``gid``, for them alone."""
+    assert (workdir / "dask.crt").read_bytes() == cluster.tls_cert
+    assert (workdir / "dask.pem").read_bytes() == cluster.tls_key
+    expected = {".": 0o700, "dask.crt": 0o600, "dask.pem": 0o600, "scheduler.log": 0o600}
+    for name, mode in expected.items():
+        st = (workdir / name).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode), name
+
+
+def _child_of(pid: int) -> int:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(raw[raw.rindex(b")") + 2 :].split()[1])
+        if parent == pid and _pid_alive(int(entry)) and b"spawn_main" in cmdline:
+            return int(entry)
+    raise AssertionError(f"no worker process under the nanny {pid}")
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+# -------------------------------------------------------------------------------------------
+# Real Dask
+
+
+async def test_a_real_cluster_starts_warm_runs_a_worker_and_leaves_nothing(
+    make_gateway: Any,
+    make_api_client: Any,
+    tmp_path: Path,
+    dask_on_path: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GW_TEST_INHERITED", "yes")
+    monkeypatch.setenv("GW_TEST_NOT_INHERITED", "secret")
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        inherited_environment=[*DEFAULT_INHERITED_ENVIRONMENT, "GW_TEST_INHERITED"],
+        cluster={
+            "environment": {
+                "GW_TEST_MARK": "from-config",
+                "DASK_DISTRIBUTED__ADMIN__LOG_FORMAT": "GWTEST %(name)s %(message)s",
+            }
+        },
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    driver = gw.backend.driver
+    alice = make_api_client(gw, "alice")
+
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    report = await alice.get(f"/api/v1/clusters/{name}?wait")
+    cluster = gw.backend.store.get(name)
+    assert report.body["status"] == "RUNNING", cluster.reason
+    assert cluster.state["method"] == "fork", driver.warm_disabled
+    assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+
+    # The working directory: private, with the TLS files and the scheduler's log.
+    workdir = Path(cluster.state["workdir"])
+    assert workdir.parent == tmp_path / "clusters"
+    _check_private(workdir, cluster, uid=os.getuid(), gid=os.getgid())
+    # The warm scheduler re-read the Dask config from its own environment (log format).
+    scheduler_log = _text(workdir / "scheduler.log")
+    assert "GWTEST distributed.scheduler" in scheduler_log, scheduler_log
+
+    scaled = await alice.post(f"/api/v1/clusters/{name}/scale", {"count": 1})
+    assert scaled.status == 200
+    await eventually(
+        lambda: any(w.status == WorkerStatus.RUNNING for w in cluster.workers.values()),
+        timeout=40,
+        what="a worker connected",
+    )
+    (worker,) = cluster.workers.values()
+    assert worker.state["method"] == "fork"
+    assert "GWTEST distributed.nanny" in _text(workdir / worker.state["log"])
+    # The nanny (forked) started its worker process with its own environment: read it there.
+    process = _child_of(worker.state["pid"])
+    assert os.readlink(f"/proc/{process}/cwd") == str(workdir)
+    seen = _environ_of(process)
+    assert seen["GW_TEST_MARK"] == "from-config"
+    assert seen["GW_TEST_INHERITED"] == "yes"
+    assert "GW_TEST_NOT_INHERITED" not in seen
+    assert "PYTHONNOUSERSITE" not in seen  # the template's own settings are not the process's
+    assert seen["USER"] == "alice"
+    assert seen["DASK_GATEWAY_CLUSTER_NAME"] == name
+    assert seen["DASK_GATEWAY_API_TOKEN"] == cluster.token
+    assert seen["DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"] == str(workdir / "dask.pem")
+    assert await driver.check_workers([(cluster, worker)]) == [True]
+
+    pids = [cluster.state["pid"], worker.state["pid"]]
+    await gw.stop()  # stop_clusters_on_shutdown is true by default
+    assert cluster.status == ClusterStatus.STOPPED
+    assert _gone(workdir)
+    assert not any(_pid_alive(p) for p in pids)
+
+
+async def test_a_real_scheduler_starts_cold_and_stops_on_request(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path, dask_on_path: None
+) -> None:
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        cluster={"environment": {"DASK_DISTRIBUTED__ADMIN__LOG_FORMAT": "COLD %(message)s"}},
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    report = await alice.get(f"/api/v1/clusters/{name}?wait")
+    cluster = gw.backend.store.get(name)
+    assert report.body["status"] == "RUNNING", cluster.reason
+    assert cluster.state["method"] == "spawn"
+    workdir = Path(cluster.state["workdir"])
+    lines = _text(workdir / "scheduler.log").splitlines()
+    assert any(line.startswith("COLD") and "Scheduler at:" in line for line in lines), lines
+    pid = cluster.state["pid"]
+    assert _pid_alive(pid) and os.getpgid(pid) == pid  # leads its own process group
+
+    assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+    assert _gone(workdir)
+    assert not _pid_alive(pid)
+
+
+# -------------------------------------------------------------------------------------------
+# Scripts standing in for Dask
+
+
+STUBBORN = """
+    import os, signal, sys, time
+
+    record = os.environ["GW_TEST_SIGNALS"]
+
+    def note(sig, frame):
+        with open(record, "a") as f:
+            f.write(f"{os.getpid()} {signal.Signals(sig).name}\\n")
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+    child = os.fork()  # just as stubborn, in the same process group
+    if child == 0:
+        while True:
+            time.sleep(0.05)
+    with open(record + ".pids", "w") as f:
+        f.write(f"{os.getpid()} {child}")
+    while True:
+        time.sleep(0.05)
+"""
+
+
+async def test_stopping_escalates_from_sigint_to_sigterm_to_sigkill(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    record = tmp_path / "signals"
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        sigint_timeout=0.4,
+        sigterm_timeout=0.4,
+        sigkill_timeout=2.0,
+        cluster={
+            "scheduler_cmd": [PYTHON, script(tmp_path, "stubborn.py", STUBBORN)],
+            "environment": {"GW_TEST_SIGNALS": str(record)},
+        },
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    pids_file = f"{record}.pids"
+    await eventually(lambda: not _gone(pids_file), what="the stubborn scheduler is up")
+    leader, child = map(int, _text(pids_file).split())
+    cluster = gw.backend.store.get(name)
+    assert cluster.state["pid"] == leader
+
+    began = time.monotonic()
+    assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+    took = time.monotonic() - began
+    # The process itself got SIGINT, then SIGTERM, each ignored for its timeout; SIGKILL went
+    # to the whole group and took the child too.
+    assert _text(record).split("\n")[:2] == [f"{leader} SIGINT", f"{leader} SIGTERM"]
+    assert took >= 0.8
+    assert not _pid_alive(leader) and not _pid_alive(child)
+
+
+@pytest.mark.parametrize("when", ["at once", "later"])
+async def test_a_dead_scheduler_fails_the_cluster_with_the_end_of_its_log(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path, when: str
+) -> None:
+    delay = 0.0 if when == "at once" else 1.2
+    dying = script(
+        tmp_path,
+        "dying.py",
+        f"""
+        import sys, time
+        print("loading the flux capacitor")
+        print("error: out of plutonium", file=sys.stderr, flush=True)
+        time.sleep({delay})
+        sys.exit(4)
+        """,
+    )
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        early_exit_window=0.6,
+        cluster={"scheduler_cmd": [PYTHON, dying]},
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    cluster = gw.backend.store.get(name)
+    await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
+    reason = (await alice.get(f"/api/v2/clusters/{name}/reason")).body["reason"]
+    assert "The scheduler exited with status 4" in reason
+    assert "error: out of plutonium" in reason and "flux capacitor" in reason
+    if when == "at once":
+        assert reason.startswith("The scheduler failed to start")
+    assert os.listdir(tmp_path / "clusters") == []  # the working directory went too
+
+
+FAKE_SCHEDULER = """
+    from gateway_core.testing.fake_scheduler import main
+
+    main(["--heartbeat-period", "0.2"])  # the gateway's dask arguments are ignored
+"""
+
+
+async def test_a_worker_that_exits_at_once_fails_the_cluster_with_its_log(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    broken_worker = "import sys; print('ImportError: no module named lasers'); sys.exit(3)"
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        worker_start_failure_limit=1,
+        cluster={
+            "scheduler_cmd": [PYTHON, script(tmp_path, "fake.py", FAKE_SCHEDULER)],
+            "worker_cmd": [PYTHON, "-c", broken_worker],
+        },
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    assert (await alice.get(f"/api/v1/clusters/{name}?wait")).body["status"] == "RUNNING"
+    assert (await alice.post(f"/api/v1/clusters/{name}/scale", {"count": 1})).status == 200
+    cluster = gw.backend.store.get(name)
+    await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
+    reason = (await alice.get(f"/api/v2/clusters/{name}/reason")).body["reason"]
+    assert "workers in a row failed to start" in reason
+    assert "The worker exited with status 3" in reason
+    assert "ImportError: no module named lasers" in reason
+    assert all(w.status == WorkerStatus.FAILED for w in cluster.workers.values())
+
+
+async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_them(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    from cryptography.fernet import Fernet
+
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        cluster={"scheduler_cmd": [PYTHON, script(tmp_path, "fake.py", FAKE_SCHEDULER)]},
+    )
+    config["gateway"].update(
+        db_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        db_encrypt_keys=[Fernet.generate_key().decode()],
+        stop_clusters_on_shutdown=False,
+    )
+    first = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(first, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    assert (await alice.get(f"/api/v1/clusters/{name}?wait")).body["status"] == "RUNNING"
+    state = dict(first.backend.store.get(name).state)
+    await first.stop()
+    assert _pid_alive(state["pid"]) and not _gone(state["workdir"])
+
+    # The new gateway did not start the process: it knows it only by its stored pid.
+    second = await make_gateway(config, plugins=PLUGINS)
+    cluster = second.backend.store.get(name)
+    assert cluster.status == ClusterStatus.RUNNING
+    assert await second.backend.driver.check_clusters([cluster]) == [True]
+    assert (await make_api_client(second, "alice").delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+    assert not _pid_alive(state["pid"])
+    assert _gone(state["workdir"])
+
+
+def _driver(**knobs: Any) -> UnsafeLocalDriver:
+    context = GatewayContext(config=load_config({}, environ={}), hook=None)
+    return UnsafeLocalDriver(config=LocalBackendConfig(**{**FAST, **knobs}), context=context)
+
+
+async def test_a_reused_pid_is_neither_alive_nor_signalled() -> None:
+    driver = _driver(sigint_timeout=0.2, sigterm_timeout=0.2, sigkill_timeout=1.0)
+    sleeper = await asyncio.create_subprocess_exec("sleep", "30", start_new_session=True)
+    try:
+        ticks = _start_ticks(sleeper.pid)
+        real = ProcessRef(pid=sleeper.pid, start_ticks=ticks, boot_id=boot_id())
+        # Same pid, another start time (or another boot): a later process given that pid.
+        impostors = [
+            ProcessRef(pid=sleeper.pid, start_ticks=ticks - 1, boot_id=boot_id()),
+            ProcessRef(pid=sleeper.pid, start_ticks=ticks, boot_id="another-boot"),
+        ]
+
+        def cluster(ref: ProcessRef) -> Cluster:
+            name = secrets.token_hex(16)
+            return Cluster(name=name, username="alice", token="t", state=ref.to_state())
+
+        checked = await driver.check_clusters([cluster(real), *map(cluster, impostors)])
+        assert checked == [True, False, False]
+        for ref in impostors:
+            await driver.stop_scheduler(cluster(ref))
+        assert sleeper.returncode is None and _pid_alive(sleeper.pid)  # not signalled
+        # The real one: stopped, though this driver never started it (a gateway restart).
+        await driver.stop_scheduler(cluster(real))
+        assert await asyncio.wait_for(sleeper.wait(), 5) == -signal.SIGINT
+        assert await driver.check_clusters([cluster(real)]) == [False]
+    finally:
+        if sleeper.returncode is None:
+            sleeper.kill()
+            await sleeper.wait()
+
+
+def test_the_config_refuses_bad_values() -> None:
+    with pytest.raises(ConfigError) as info:
+        structure(
+            {"start_method": "vfork", "sigint_timeout": -1, "clusters_directory": "rel/dir"},
+            LocalBackendConfig,
+            path="backend.local",
+        )
+    problems = "\n".join(info.value.problems)
+    assert "start_method: expected fork or spawn, got 'vfork'" in problems
+    assert "sigint_timeout: must not be negative" in problems
+    assert "clusters_directory: must be an absolute path" in problems
+    defaults = LocalBackendConfig()
+    assert (defaults.sigint_timeout, defaults.sigterm_timeout, defaults.sigkill_timeout) == (
+        10,
+        5,
+        5,
+    )
+    assert defaults.clusters_directory == "" and defaults.start_method == "fork"
+
+
+# -------------------------------------------------------------------------------------------
+# The fork server
+
+
+async def test_the_fork_server_refuses_to_start_with_threads(tmp_path: Path) -> None:
+    script(
+        tmp_path,
+        "gw_thready.py",
+        """
+        import threading, time
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+        """,
+    )
+    server = ForkServer(env={"PYTHONPATH": str(tmp_path)}, preload=["gw_thready"])
+    with pytest.raises(ForkServerError, match="2 threads are running after the imports"):
+        await server.start()
+    assert not server.alive
+
+
+# -------------------------------------------------------------------------------------------
+# local: as the requesting user
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[tuple[pwd.struct_passwd, int]]:
+    """A system account made for one test (plus an extra group), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "this test creates a user account and runs processes as it, which needs root: "
+            "run the integration tests as root (CI does)"
+        )
+    name = f"gwt{secrets.token_hex(4)}"
+    extra = f"{name}x"
+    subprocess.run(["groupadd", "--system", extra], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                f"/nonexistent/{name}",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--groups",
+                extra,
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield pwd.getpwnam(name), grp.getgrnam(extra).gr_gid
+        finally:
+            subprocess.run(["userdel", name], check=True, capture_output=True)
+    finally:
+        subprocess.run(["groupdel", extra], check=False, capture_output=True)
+
+
+SHOW_IDENTITY = (
+    'echo "uid=$(id -u) gid=$(id -g) groups=$(id -G)"; echo "pwd=$(pwd)"; '
+    'echo "home=$HOME user=$USER logname=$LOGNAME shell=$SHELL"; exec sleep 60'
+)
+
+
+async def test_local_runs_the_scheduler_as_the_requesting_user(
+    make_gateway: Any,
+    make_api_client: Any,
+    tmp_path: Path,
+    throwaway_user: tuple[pwd.struct_passwd, int],
+) -> None:
+    user, extra_gid = throwaway_user
+    config = config_for(
+        "local",
+        tmp_path,
+        start_method="spawn",
+        sigint_timeout=1.0,
+        cluster={"scheduler_cmd": ["/bin/sh", "-c", SHOW_IDENTITY, "scheduler"]},
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    client = make_api_client(gw, user.pw_name)
+    name = (await client.post("/api/v1/clusters/", {})).body["name"]
+    cluster = gw.backend.store.get(name)
+    await eventually(lambda: "pid" in cluster.state, what="the scheduler launched")
+    workdir = Path(cluster.state["workdir"])
+    log_file = workdir / "scheduler.log"
+    await eventually(lambda: "shell=" in _text(log_file), what="the script's output")
+    assert cluster.status == ClusterStatus.PENDING
+
+    pid = cluster.state["pid"]
+    assert _uid_of(pid) == user.pw_uid
+    shown = _text(log_file)
+    assert f"uid={user.pw_uid} gid={user.pw_gid}" in shown
+    assert str(extra_gid) in shown.split("groups=")[1].split()
+    assert f"pwd={workdir}" in shown
+    assert f"home={user.pw_dir} user={user.pw_name} logname={user.pw_name} shell=" in shown
+    _check_private(workdir, cluster, uid=user.pw_uid, gid=user.pw_gid)
+
+    assert (await client.delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+    assert not _pid_alive(pid)
+    assert _gone(workdir)
+
+
+async def test_local_fails_a_cluster_of_an_unknown_user_before_starting_anything(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the local backend needs root: run the integration tests as root (CI does)")
+    gw = await make_gateway(config_for("local", tmp_path, start_method="spawn"), plugins=PLUGINS)
+    nobody = make_api_client(gw, f"no-such-user-{secrets.token_hex(3)}")
+    name = (await nobody.post("/api/v1/clusters/", {})).body["name"]
+    cluster = gw.backend.store.get(name)
+    await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
+    reason = (await nobody.get(f"/api/v2/clusters/{name}/reason")).body["reason"]
+    assert "has no account on the gateway's host" in reason
+    clusters_dir = tmp_path / "clusters"
+    assert _gone(clusters_dir) or os.listdir(clusters_dir) == []
+
+
+async def test_local_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    context = GatewayContext(config=load_config({}, environ={}), hook=None)
+    driver = LocalDriver(config=LocalBackendConfig(start_method="spawn"), context=context)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(RuntimeError, match="needs root; the gateway runs as uid 1000"):
+        await driver.setup()
+
+
+PROBE = """
+    import ctypes, json, os, sys
+
+    open_fds = []
+    for fd in range(3, 256):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        open_fds.append(fd)
+    print(json.dumps({
+        "ids": [os.getuid(), os.geteuid(), os.getgid(), sorted(os.getgroups())],
+        "sid": os.getsid(0), "pid": os.getpid(), "cwd": os.getcwd(),
+        "env": dict(os.environ), "argv": sys.argv, "open_fds": open_fds,
+        "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),  # PR_GET_DUMPABLE
+    }), flush=True)
+"""
+
+
+@pytest.fixture
+async def fork_server() -> AsyncIterator[ForkServer]:
+    server = ForkServer(env={"PATH": os.environ.get("PATH", os.defpath)})
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def shared_dir(throwaway_user: tuple[pwd.struct_passwd, int]) -> Iterator[Path]:
+    """A directory the throwaway user can read (a forked child reads its script after dropping
+    privileges), with the probe script and a home the user owns."""
+    user, _ = throwaway_user
+    shared = Path(tempfile.mkdtemp(prefix="gw-forkserver-test-"))
+    try:
+        shared.chmod(0o755)
+        probe = shared / "probe.py"
+        probe.write_text(textwrap.dedent(PROBE))
+        probe.chmod(0o644)
+        (shared / "home").mkdir(mode=0o700)
+        os.chown(shared / "home", user.pw_uid, user.pw_gid)
+        yield shared
+    finally:
+        shutil.rmtree(shared)
+
+
+async def test_a_forked_child_becomes_the_user_with_nothing_of_the_template(
+    fork_server: ForkServer, throwaway_user: tuple[pwd.struct_passwd, int], shared_dir: Path
+) -> None:
+    user, extra_gid = throwaway_user
+    probe, home, out = shared_dir / "probe.py", shared_dir / "home", shared_dir / "out.log"
+    groups = os.getgrouplist(user.pw_name, user.pw_gid)
+    env = {"HOME": str(home), "USER": user.pw_name, "GW_TEST": "only this"}
+    as_user: dict[str, Any] = {"uid": user.pw_uid, "gid": user.pw_gid, "groups": groups}
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        pid, _ticks = await fork_server.spawn(
+            argv=["probe", "--flag"], path=str(probe), env=env, cwd=str(home), log_fd=fd, **as_user
+        )
+        await eventually(lambda: not _pid_alive(pid) and _text(out) != "", what="the probe ran")
+        seen = json.loads(_text(out))
+        # A directory the user cannot enter: refused by the child, the server lives on.
+        with pytest.raises(LaunchRefused, match="Permission denied"):
+            await fork_server.spawn(
+                argv=["probe"], path=str(probe), env=env, cwd="/root", log_fd=fd, **as_user
+            )
+        assert fork_server.alive
+    finally:
+        os.close(fd)
+    uid, euid, gid, seen_groups = seen["ids"]
+    assert (uid, euid, gid) == (user.pw_uid, user.pw_uid, user.pw_gid)
+    assert seen_groups == sorted(groups) and extra_gid in seen_groups
+    assert seen["sid"] == seen["pid"] == pid  # its own session and process group
+    assert seen["cwd"] == str(home)
+    assert seen["env"] == env  # exactly: nothing of the template's environment
+    assert seen["argv"] == [str(probe), "--flag"]
+    assert seen["open_fds"] == []  # no descriptor of the template (its control socket least)
+    assert seen["dumpable"] == 1  # its user may debug it, as after an exec
