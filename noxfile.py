@@ -12,7 +12,7 @@ import nox
 
 ROOT = Path(__file__).parent
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "compat"]
 nox.options.reuse_existing_virtualenvs = True
 
 # Each testable distribution: its folder and what its tests need installed with it.
@@ -57,7 +57,15 @@ def tests(session: nox.Session, package: str) -> None:
     """Every tier of one package's tests (unit, integration, and system where available)."""
     _install(session, package)
     session.chdir(ROOT / FOLDERS[package])
-    session.run(*PYTEST, *session.posargs, env={"PYTHONFAULTHANDLER": "1"})
+    session.run(*PYTEST, "-m", "not compat", *session.posargs, env={"PYTHONFAULTHANDLER": "1"})
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """The original `dask-gateway` client (PyPI) runs the user flow against this server."""
+    session.install("./proxy", "./client", "./core[local,testing]", "dask-gateway")
+    session.chdir(ROOT / "core")
+    session.run(*PYTEST, "-m", "compat", *session.posargs)
 
 
 def _tier(session: nox.Session, marker: str) -> None:

@@ -1,0 +1,169 @@
+"""The original `dask-gateway` client from PyPI against this server: the whole user flow.
+
+Runs only in `nox -s compat`, whose venv holds `dask-gateway` beside our packages; the server is
+a real `gateway serve` process with the unsafe-local backend and the built-in proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.compat
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `gateway serve` process; yields its public address, checks it stops cleanly."""
+    try:
+        import dask_gateway  # noqa: F401
+    except ImportError:
+        pytest.fail("the compat tier needs the original client: run it with `nox -s compat`")
+    folder = tmp_path_factory.mktemp("compat")
+    port = free_port()
+    config = folder / "gateway.toml"
+    config.write_text(
+        f"""
+[gateway]
+backend = "unsafe-local"
+
+[proxy]
+address = "127.0.0.1:{port}"
+
+[backend.unsafe-local]
+cluster_heartbeat_period = 2
+clusters_directory = "{folder / "clusters"}"
+
+[cluster]
+worker_memory = "512 MiB"
+scheduler_memory = "512 MiB"
+
+[options.worker_cores]
+type = "int"
+default = 1
+min = 1
+max = 2
+label = "Worker Cores"
+
+[options.environment]
+type = "mapping"
+target = "environment"
+"""
+    )
+    log = open(folder / "gateway.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway_core", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+    )
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail("gateway did not start:\n" + (folder / "gateway.log").read_text()[-3000:])
+        time.sleep(0.2)
+    yield address
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        log.close()
+    assert proc.returncode == 0, (folder / "gateway.log").read_text()[-3000:]
+    leftovers = list((folder / "clusters").glob("*")) if (folder / "clusters").exists() else []
+    assert leftovers == [], f"cluster directories left behind: {leftovers}"
+
+
+def test_the_original_client_runs_the_whole_flow(server: str) -> None:
+    from dask_gateway import BasicAuth, Gateway
+
+    with Gateway(server, auth=BasicAuth("alice")) as gateway:
+        options = gateway.cluster_options()
+        assert options.worker_cores == 1
+        options.worker_cores = 2
+        options.environment = {"COMPAT_MARK": "from-the-original-client"}
+
+        cluster = gateway.new_cluster(options)
+        try:
+            assert cluster.scheduler_address.startswith("gateway://127.0.0.1:")
+            cluster.scale(2)
+            client = cluster.get_client(set_as_default=False)
+            client.wait_for_workers(2, timeout=120)
+            assert sum(client.gather(client.map(lambda x: x * x, range(10)))) == 285
+            marks = client.run(lambda: os.environ.get("COMPAT_MARK"))
+            assert set(marks.values()) == {"from-the-original-client"}
+            threads = client.nthreads()
+            assert sorted(threads.values()) == [2, 2]
+
+            listed = gateway.list_clusters()
+            assert [c.name for c in listed] == [cluster.name]
+            assert listed[0].options["worker_cores"] == 2
+
+            with Gateway(server, auth=BasicAuth("alice")) as second:
+                again = second.connect(cluster.name)
+                assert again.name == cluster.name
+                other = again.get_client(set_as_default=False)
+                assert other.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+                other.close()
+
+            with urllib.request.urlopen(cluster.dashboard_link, timeout=30) as resp:
+                page = resp.read().decode()
+            assert resp.status == 200
+            assert "Bokeh" in page or "bokeh" in page
+            assert "pip install" not in page.lower(), "the dashboard says bokeh is missing"
+            client.close()
+        finally:
+            cluster.shutdown()
+        # Stopping takes the processes' own shutdown time; the cluster is STOPPING meanwhile.
+        deadline = time.monotonic() + 30
+        while gateway.list_clusters() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gateway.list_clusters() == []
+        stopped = gateway.list_clusters(status="stopped")
+        assert [c.name for c in stopped] == [cluster.name]
+
+
+def test_bad_options_are_refused_with_the_field_named(server: str) -> None:
+    from dask_gateway import BasicAuth, Gateway
+
+    with Gateway(server, auth=BasicAuth("bob")) as gateway, pytest.raises(ValueError) as info:
+        gateway.new_cluster(worker_cores=99)
+    assert "worker_cores" in str(info.value)
+
+
+def test_another_users_cluster_is_out_of_reach(server: str) -> None:
+    from dask_gateway import BasicAuth, Gateway
+
+    with Gateway(server, auth=BasicAuth("carol")) as carol:
+        cluster = carol.new_cluster()
+        try:
+            with Gateway(server, auth=BasicAuth("mallory")) as mallory:
+                assert mallory.list_clusters() == []
+                with pytest.raises(Exception) as info:
+                    mallory.connect(cluster.name)
+                assert "403" in str(info.value) or "may not" in str(info.value)
+        finally:
+            cluster.shutdown()
