@@ -9,7 +9,6 @@ and need root, as CI has; elsewhere they fail saying so.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import grp
 import json
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import descendants as _descendants
 
 import gateway_core.builtin
 from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
@@ -112,48 +112,8 @@ def script(tmp_path: Path, name: str, text: str) -> str:
 # No process left behind
 
 
-def _set_subreaper(on: bool) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, int(on), 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-
-
-def _descendants() -> dict[int, str]:
-    """Live descendants of this process (zombie children are reaped on the way)."""
-    parents: dict[int, list[int]] = {}
-    states: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        states[int(entry)] = fields[0].decode()
-        parents.setdefault(int(fields[1]), []).append(int(entry))
-    found: dict[int, str] = {}
-    todo = list(parents.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        if states.get(pid) == "Z":
-            if pid in parents.get(os.getpid(), []):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            continue
-        try:
-            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        todo.extend(parents.get(pid, []))
-    return found
-
-
 @pytest.fixture(autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    _set_subreaper(True)
     before = set(_descendants())
     try:
         yield
@@ -171,7 +131,6 @@ def no_process_left_behind() -> Iterator[None]:
                 pass
         time.sleep(0.05)
         _descendants()  # reaps what was just killed
-        _set_subreaper(False)
 
 
 @pytest.fixture
