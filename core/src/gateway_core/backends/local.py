@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -343,10 +344,11 @@ class UnsafeLocalDriver(ClusterDriver):
         _check_name(cluster.name)
         settings = self.cluster_settings(cluster)
         run_as = await self.run_as(cluster)
-        # No await between making the directory and storing its path: a cancelled start
-        # cannot lose it. (Likewise for log files and launched processes below.)
-        workdir = self._make_workdir(cluster, run_as)
+        # The directory's path is stored before the directory is made, so neither a cancelled
+        # start nor a gateway killed half-way can lose it. (Likewise for processes below.)
+        workdir = self._workdir_path(cluster)
         yield {"workdir": workdir}
+        self._make_workdir(cluster, workdir, run_as)
         argv = self.scheduler_command(cluster, settings)
         env = self.process_env(cluster, role="scheduler", workdir=workdir, run_as=run_as)
         ref, method = await self._launch(
@@ -410,14 +412,20 @@ class UnsafeLocalDriver(ClusterDriver):
     # ---------------------------------------------------------------------------------------
     # Working directories
 
-    def _make_workdir(self, cluster: Cluster, run_as: RunAs | None) -> str:
+    def _workdir_path(self, cluster: Cluster) -> str:
+        """Where the cluster's working directory goes; chosen (and stored) before it exists, so
+        a gateway killed while making it still knows what to remove."""
         base = self.settings.clusters_directory
         if base:
+            return os.path.join(base, cluster.name)
+        suffix = secrets.token_hex(4)
+        return os.path.join(tempfile.gettempdir(), f"dask-gateway-{cluster.name}-{suffix}")
+
+    def _make_workdir(self, cluster: Cluster, workdir: str, run_as: RunAs | None) -> None:
+        base = os.path.dirname(workdir)
+        if self.settings.clusters_directory:
             os.makedirs(base, mode=0o755, exist_ok=True)
-            workdir = os.path.join(base, cluster.name)
-            os.mkdir(workdir, 0o700)
-        else:
-            workdir = tempfile.mkdtemp(prefix=f"dask-gateway-{cluster.name}-")
+        os.mkdir(workdir, 0o700)  # fails if it exists: never reuse someone else's directory
         try:
             os.chmod(workdir, 0o700)
             for name, data in ((CERT_FILE, cluster.tls_cert), (KEY_FILE, cluster.tls_key)):
@@ -437,7 +445,6 @@ class UnsafeLocalDriver(ClusterDriver):
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         log.debug("Working directory %s for cluster %s created", workdir, cluster.name)
-        return workdir
 
     def _remove_workdir(self, cluster: Cluster, workdir: str) -> None:
         if cluster.name not in os.path.basename(workdir):
