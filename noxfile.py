@@ -21,12 +21,14 @@ PACKAGES: dict[str, list[str]] = {
     "proxy": ["./core[testing]", "./proxy[testing]"],
     "client": ["./client[testing]"],
     "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],
+    "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
 }
 FOLDERS = {
     "core": "core",
     "proxy": "proxy",
     "client": "client",
     "example": "examples/gateway-plugin-example",
+    "slurm": "plugins/gateway-slurm",
 }
 PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
 
@@ -104,7 +106,9 @@ def integration(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): writes tables to bench/results/."""
-    session.install("./proxy", "./core", "uvloop", "dask-gateway-server")
+    session.install(
+        "./proxy", "./client", "./core[local]", "uvloop", "dask-gateway-server", "dask-gateway"
+    )
     for script in sorted((ROOT / "bench").glob("*_bench.py")):
         session.run("python", str(script), *session.posargs, env={"PYTHONHASHSEED": "0"})
 

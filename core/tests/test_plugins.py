@@ -164,8 +164,10 @@ def test_selecting_a_name_a_failed_plugin_provides_names_the_failure(dists: Fake
 def test_an_unknown_name_lists_what_is_available(dists: FakeDists) -> None:
     add_backend_plugin(dists, "gateway-queue", "gw_fake_queue6", "queue")
     registry = Registry.from_plugin_manager(make_plugin_manager())
-    with pytest.raises(UnknownPluginError, match=r"no backend named 'slurm'.*available: .*queue"):
-        registry.backend("slurm")
+    with pytest.raises(
+        UnknownPluginError, match=r"no backend named 'grid-engine'.*available: .*queue"
+    ):
+        registry.backend("grid-engine")
     with pytest.raises(UnknownPluginError, match=r"no authenticator named 'kerberos'.*simple"):
         registry.authenticator("kerberos")
     with pytest.raises(UnknownPluginError, match=r"no proxy named 'nginx'"):

@@ -14,12 +14,10 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.compat
-
 
 
 def free_port() -> int:

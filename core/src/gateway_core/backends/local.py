@@ -30,11 +30,20 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from attrs import define, field
 
-from ..config import ClusterConfig, ConfigError, ProcessBackendConfig, structure
+from ..config import ClusterConfig, ConfigError, ProcessBackendConfig
 from .base import ClusterDriver, StateUpdates
+from .commands import (
+    CERT_FILE,
+    DEFAULT_INHERITED_ENVIRONMENT,
+    KEY_FILE,
+    RunAs,
+    cluster_settings,
+    scheduler_command,
+    tls_env,
+    worker_command,
+)
 from .forkserver import ForkServer, ForkServerError, LaunchRefused
 from .process import cluster_env
 
@@ -45,22 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.backend.local")
 
-DEFAULT_INHERITED_ENVIRONMENT: tuple[str, ...] = (
-    "PATH",
-    "PYTHONPATH",
-    "CONDA_ROOT",
-    "CONDA_DEFAULT_ENV",
-    "VIRTUAL_ENV",
-    "LANG",
-    "LC_ALL",
-)
-"""The original gateway's default for ``inherited_environment``."""
 
 HOST = "127.0.0.1"
 """Schedulers, dashboards, agents and workers listen on loopback: the gateway is local."""
 
-CERT_FILE = "dask.crt"
-KEY_FILE = "dask.pem"
 SCHEDULER_LOG = "scheduler.log"
 
 WARM_COMMANDS: dict[tuple[str, str], str] = {
@@ -112,18 +109,6 @@ class LocalBackendConfig(ProcessBackendConfig):
             )
         if problems:
             raise ConfigError(problems)
-
-
-@define(kw_only=True, frozen=True)
-class RunAs:
-    """The account a cluster's processes run as (`LocalDriver`)."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: list[int]
-    home: str
-    shell: str
 
 
 @define(kw_only=True, frozen=True)
@@ -268,50 +253,24 @@ class UnsafeLocalDriver(ClusterDriver):
 
     def cluster_settings(self, cluster: Cluster) -> ClusterConfig:
         """The cluster config fields of ``cluster.config`` (extra keys of subclasses ignored)."""
-        known = {f.name for f in attrs.fields(ClusterConfig)}
-        data = {k: v for k, v in cluster.config.items() if k in known}
-        return structure(data, ClusterConfig, path="cluster")
+        return cluster_settings(cluster)
 
     def scheduler_command(self, cluster: Cluster, settings: ClusterConfig) -> list[str]:
         """``scheduler_cmd`` plus the arguments of the original gateway (TLS on loopback,
         dynamic ports, the agent preload and its settings)."""
-        return [
-            *settings.scheduler_cmd,
-            "--protocol",
-            "tls",
-            "--port",
-            "0",
-            "--host",
-            HOST,
-            "--dashboard-address",
-            f"{HOST}:0",
-            "--preload",
-            "gateway_client.agent",
-            "--dg-api-address",
-            f"{HOST}:0",
-            "--dg-heartbeat-period",
-            str(self.settings.cluster_heartbeat_period),
-            "--dg-adaptive-period",
-            f"{settings.adaptive_period:g}",
-            "--dg-idle-timeout",
-            f"{settings.idle_timeout:g}",
-        ]
+        return scheduler_command(
+            settings, host=HOST, heartbeat_period=self.settings.cluster_heartbeat_period
+        )
 
     def worker_command(
         self, cluster: Cluster, worker: Worker, settings: ClusterConfig
     ) -> list[str]:
-        return [
-            *settings.worker_cmd,
-            cluster.scheduler_address,
-            "--dashboard-address",
-            f"{HOST}:0",
-            "--name",
-            worker.name,
-            "--nthreads",
-            str(settings.threads),
-            "--memory-limit",
-            str(int(settings.worker_memory)),
-        ]
+        return worker_command(
+            settings,
+            scheduler_address=cluster.scheduler_address,
+            worker_name=worker.name,
+            host=HOST,
+        )
 
     def process_env(
         self, cluster: Cluster, *, role: str, workdir: str, run_as: RunAs | None
@@ -324,14 +283,7 @@ class UnsafeLocalDriver(ClusterDriver):
         env["DASK_TEMPORARY_DIRECTORY"] = workdir
         env.update(cluster_env(cluster, self.context))
         cert, key = os.path.join(workdir, CERT_FILE), os.path.join(workdir, KEY_FILE)
-        env.update(
-            {
-                "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": cert,
-                f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__CERT": cert,
-                f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__KEY": key,
-            }
-        )
+        env.update(tls_env(role, cert, key))
         return env
 
     # ---------------------------------------------------------------------------------------
@@ -805,14 +757,7 @@ def lookup_user(username: str) -> RunAs:
         raise RuntimeError(
             f"User {username!r} is root; the local backend does not run clusters as root"
         )
-    return RunAs(
-        name=entry.pw_name,
-        uid=entry.pw_uid,
-        gid=entry.pw_gid,
-        groups=os.getgrouplist(entry.pw_name, entry.pw_gid),
-        home=entry.pw_dir,
-        shell=entry.pw_shell or "/bin/sh",
-    )
+    return RunAs.from_pwd(entry)
 
 
 def _check_name(name: str) -> None:

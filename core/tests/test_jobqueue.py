@@ -1,0 +1,647 @@
+"""Tests of the job-queue driver base with a toy scheduler and a fake command runner.
+
+No batch system and no processes: `FakeQueue` stands in for both the status command (run as
+the gateway) and the launcher (run as the user), and records every call, so the tests can
+count status calls (one per period, whatever the number of jobs), check what would be
+submitted, and inject failures. The launcher itself is tested at the end, as a real process
+of the current user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from gateway_core.backends import jobqueue
+from gateway_core.backends.commands import RunAs
+from gateway_core.backends.jobqueue import (
+    CommandResult,
+    JobQueueClusterConfig,
+    JobQueueConfig,
+    JobQueueDriver,
+    JobState,
+    LauncherError,
+    Submission,
+)
+from gateway_core.config import ConfigError, load_config, structure, unstructure
+from gateway_core.context import GatewayContext
+from gateway_core.hookspecs import hookimpl
+from gateway_core.models import Cluster, ClusterStatus, Worker
+from gateway_core.specs import BackendSpec
+
+pytestmark = pytest.mark.unit
+
+ALICE = RunAs(name="alice", uid=1234, gid=1234, groups=[1234], home="/home/alice", shell="/bin/sh")
+
+
+class FakeQueue:
+    """A batch system and a launcher in one: jobs are a dict of id → state code."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, str] = {}
+        self.next_id = 100
+        self.status_calls: list[tuple[float, list[str]]] = []
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.status_failures = 0
+        self.status_stderr = "toy-status: error: cannot reach the controller"
+        self.submit_stderr = ""
+        self.submit_delay = 0.0
+        self.tail_text = ""
+
+    def mode(self) -> str:
+        return "fake"
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Any = None,
+        stdin: bytes | None = None,
+        timeout: float,
+        identity: RunAs | None = None,
+    ) -> CommandResult:
+        ids = argv[1].split(",")
+        self.status_calls.append((time.monotonic(), ids))
+        if self.status_failures > 0:
+            self.status_failures -= 1
+            return CommandResult(returncode=1, stdout="", stderr=self.status_stderr)
+        if len(ids) == 1 and ids[0] not in self.jobs:
+            return CommandResult(returncode=1, stdout="", stderr="unknown job " + ids[0])
+        out = "".join(f"{i} {self.jobs[i]}\n" for i in ids if i in self.jobs)
+        return CommandResult(returncode=0, stdout=out, stderr="")
+
+    async def run_as(self, user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append((user.name, request))
+        action = request["action"]
+        if action == "submit":
+            if self.submit_delay:
+                await asyncio.sleep(self.submit_delay)
+            if self.submit_stderr:
+                return {"ok": True, "returncode": 1, "stdout": "", "stderr": self.submit_stderr}
+            job_id = str(self.next_id)
+            self.next_id += 1
+            self.jobs[job_id] = "Q"
+            return {"ok": True, "returncode": 0, "stdout": f"{job_id}\n", "stderr": ""}
+        if action == "run":
+            for job_id in (request.get("cmd") or [])[1:]:
+                if job_id in self.jobs:
+                    self.jobs[job_id] = "X"
+            return {"ok": True, "returncode": 0, "stdout": "", "stderr": ""}
+        if action == "tail":
+            return {"ok": True, "text": self.tail_text}
+        raise AssertionError(action)
+
+    def of(self, action: str) -> list[dict[str, Any]]:
+        return [r for _, r in self.requests if r["action"] == action]
+
+
+class ToyDriver(JobQueueDriver):
+    """A scheduler whose submit prints the id, whose status prints ``<id> <Q|R|X>`` lines."""
+
+    name = "toyq"
+    job_label: ClassVar[str] = "toy job"
+    default_submit_command: ClassVar[str] = "toy-submit"
+    default_cancel_command: ClassVar[str] = "toy-cancel"
+    default_status_command: ClassVar[str] = "toy-status"
+
+    def submission(
+        self,
+        cluster: Cluster,
+        settings: JobQueueClusterConfig,
+        *,
+        worker: Worker | None,
+        staging_dir: str,
+        script: str,
+    ) -> Submission:
+        name = worker.name if worker is not None else cluster.name
+        return Submission(argv=[self.submit_program, f"--name={name}"], stdin=script)
+
+    def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
+        return [self.cancel_program, *job_ids]
+
+    def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
+        return [self.status_program, ",".join(job_ids)]
+
+    def parse_job_id(self, stdout: str) -> str:
+        if not stdout.strip().isdigit():
+            raise ValueError("expected digits")
+        return stdout.strip()
+
+    def parse_job_states(self, stdout: str) -> dict[str, str]:
+        return dict(line.split() for line in stdout.splitlines() if line.strip())
+
+    def job_state(self, code: str) -> JobState:
+        return {"Q": JobState.PENDING, "R": JobState.RUNNING}.get(code, JobState.FINISHED)
+
+    def describe_state(self, code: str) -> str:
+        return {"X": "X: cancelled"}.get(code, code)
+
+    def status_error_means_gone(self, result: CommandResult, job_ids: Sequence[str]) -> bool:
+        return "unknown job" in result.stderr
+
+
+@pytest.fixture(autouse=True)
+def known_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    def lookup(username: str) -> RunAs:
+        if username != "alice":
+            raise RuntimeError(f"User {username!r} has no account on the gateway's host")
+        return ALICE
+
+    monkeypatch.setattr(jobqueue, "lookup_account", lookup)
+
+
+def make_driver(queue: FakeQueue, **settings: Any) -> ToyDriver:
+    config = JobQueueConfig(**{"backoff_base_delay": 0.01, **settings})
+    context = GatewayContext(config=load_config({}, environ={}), hook=None)
+    context.api_url = "http://127.0.0.1:8000/api"
+    return ToyDriver(config=config, context=context, runner=queue)  # type: ignore[arg-type]
+
+
+def make_cluster(name: str = "c0ffee", username: str = "alice", **config: Any) -> Cluster:
+    return Cluster(
+        name=name,
+        username=username,
+        token="secret-token",
+        config=unstructure(structure(config, JobQueueClusterConfig)),
+        tls_cert=b"CERT",
+        tls_key=b"KEY",
+    )
+
+
+async def run_start(updates: Any) -> list[dict[str, Any]]:
+    assert isinstance(updates, AsyncIterator)
+    return [state async for state in updates]
+
+
+# -------------------------------------------------------------------------------------------
+# Starting
+
+
+async def test_the_scheduler_is_submitted_as_the_user_with_its_staging_directory() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue, job_host="10.0.0.1", inherited_environment=[])
+    cluster = make_cluster(
+        scheduler_setup="source /opt/env/bin/activate",
+        environment={"GREETING": "it's me"},
+        staging_directory="/scratch/{username}/dg",
+    )
+    states = await run_start(driver.start_scheduler(cluster))
+    staging = "/scratch/alice/dg/c0ffee"
+    assert states == [{"staging_dir": staging}, {"job_id": "100"}]
+
+    [(user, request)] = queue.requests
+    assert user == "alice"
+    assert request["action"] == "submit" and request["staging_dir"] == staging
+    assert request["files"] == {
+        "dask.crt": {"data": "CERT", "mode": 0o600},
+        "dask.pem": {"data": "KEY", "mode": 0o600},
+    }
+    assert request["cmd"] == ["toy-submit", "--name=c0ffee"]
+    script = request["stdin"]
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/sh"
+    assert "export GREETING='it'\"'\"'s me'" in lines
+    assert "export DASK_GATEWAY_API_TOKEN=secret-token" in lines
+    assert "export DASK_GATEWAY_API_URL=http://127.0.0.1:8000/api" in lines
+    assert f"export DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY={staging}/dask.pem" in lines
+    assert f"export DASK_DISTRIBUTED__COMM__TLS__CA_FILE={staging}/dask.crt" in lines
+    # exports, then the setup script, then the scheduler itself
+    setup = lines.index("source /opt/env/bin/activate")
+    assert setup > max(i for i, line in enumerate(lines) if line.startswith("export "))
+    last = lines[-1]
+    assert last.startswith("exec dask scheduler --protocol tls --port 0 --host 10.0.0.1 ")
+    assert "--preload gateway_client.agent --dg-api-address 10.0.0.1:0" in last
+    # the secret goes through stdin, never the command line
+    assert not any("secret-token" in arg for arg in request["cmd"])
+
+
+async def test_a_worker_job_uses_the_clusters_staging_directory() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue, job_host="0.0.0.0")
+    cluster = make_cluster(worker_setup="module load dask", worker_cores=2, worker_memory="1 G")
+    cluster.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee", "job_id": "7"}
+    cluster.scheduler_address = "tls://10.0.0.5:8786"
+    worker = Worker(name="c0ffee-w1", cluster_name="c0ffee")
+    assert await run_start(driver.start_worker(cluster, worker)) == [{"job_id": "100"}]
+    [request] = queue.of("submit")
+    assert "staging_dir" not in request and "files" not in request
+    lines = request["stdin"].splitlines()
+    assert "module load dask" in lines
+    assert (
+        "export DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT=/home/alice/.dask-gateway/c0ffee/dask.crt"
+        in lines
+    )
+    assert lines[-1] == (
+        "exec dask worker tls://10.0.0.5:8786 --dashboard-address 0.0.0.0:0 --name c0ffee-w1 "
+        f"--nthreads 2 --memory-limit {2**30}"
+    )
+
+
+async def test_an_unknown_user_fails_before_anything_is_created_or_submitted() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    gen = driver.start_scheduler(make_cluster(username="mallory"))
+    with pytest.raises(RuntimeError, match="'mallory' has no account"):
+        await run_start(gen)
+    assert queue.requests == []
+
+
+async def test_a_failed_submit_raises_with_the_schedulers_error() -> None:
+    queue = FakeQueue()
+    queue.submit_stderr = "toy-submit: error: invalid partition specified: nope"
+    driver = make_driver(queue)
+    seen: list[dict[str, Any]] = []
+    with pytest.raises(RuntimeError) as info:
+        async for state in driver.start_scheduler(make_cluster()):  # type: ignore[union-attr]
+            seen.append(state)
+    assert seen == [{"staging_dir": "/home/alice/.dask-gateway/c0ffee"}]
+    message = str(info.value)
+    assert "toy-submit failed (exit 1)" in message
+    assert "invalid partition specified: nope" in message
+
+
+async def test_a_submit_without_a_job_id_in_its_output_is_an_error() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+
+    async def odd_submit(user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "returncode": 0, "stdout": "Submitted, probably\n", "stderr": ""}
+
+    queue.run_as = odd_submit  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="no job id in the output of toy-submit"):
+        await run_start(driver.start_scheduler(make_cluster()))
+
+
+async def test_a_start_cancelled_during_submission_cancels_the_job_it_gave() -> None:
+    queue = FakeQueue()
+    queue.submit_delay = 0.2
+    driver = make_driver(queue)
+    task = asyncio.create_task(run_start(driver.start_scheduler(make_cluster())))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await driver.cleanup()  # waits for the late cancellation
+    assert queue.jobs == {"100": "X"}
+    [cancel] = queue.of("run")
+    assert cancel["cmd"] == ["toy-cancel", "100"]
+
+
+def test_the_staging_directory_template_is_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        structure({"staging_directory": "{home}/{user}/x"}, JobQueueClusterConfig)
+    assert info.value.problems == [
+        "staging_directory: unknown placeholder {user}; known: {home}, {username}"
+    ]
+    with pytest.raises(ConfigError) as info:
+        structure({"switch_user": "su", "command_timeout": 0}, JobQueueConfig)
+    assert info.value.problems == [
+        "switch_user: expected one of auto, sudo, setuid, got 'su'",
+        "command_timeout: must be positive, got 0.0",
+    ]
+
+
+async def test_a_relative_staging_directory_fails_the_start() -> None:
+    driver = make_driver(FakeQueue())
+    with pytest.raises(RuntimeError, match="not an absolute path"):
+        await run_start(driver.start_scheduler(make_cluster(staging_directory="dg/{username}")))
+
+
+# -------------------------------------------------------------------------------------------
+# Stopping
+
+
+async def test_stopping_the_scheduler_cancels_its_job_and_removes_the_staging_directory() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    cluster = make_cluster()
+    for state in await run_start(driver.start_scheduler(cluster)):
+        cluster.state.update(state)
+    await driver.stop_scheduler(cluster)
+    [stop] = queue.of("run")
+    assert stop["cmd"] == ["toy-cancel", "100"]
+    assert stop["remove"] == "/home/alice/.dask-gateway/c0ffee"
+    assert queue.jobs["100"] == "X"
+
+
+async def test_stopping_what_never_started_does_nothing() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    await driver.stop_scheduler(make_cluster())
+    await driver.stop_worker(make_cluster(), Worker(name="w", cluster_name="c0ffee"))
+    assert queue.requests == []
+
+
+async def test_a_failed_cancel_raises_so_the_stop_is_retried() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+
+    async def refuse(user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "returncode": 1, "stdout": "", "stderr": "toy-cancel: access denied"}
+
+    queue.run_as = refuse  # type: ignore[method-assign]
+    cluster = make_cluster()
+    cluster.state = {"job_id": "5", "staging_dir": "/home/alice/.dask-gateway/c0ffee"}
+    with pytest.raises(RuntimeError, match=r"cancelling toy job 5 .* access denied"):
+        await driver.stop_scheduler(cluster)
+
+
+async def test_a_launcher_failure_fails_the_stop_only_when_a_job_may_be_left_behind() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+
+    async def broken(user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        raise LauncherError("cannot run the launcher as alice: Permission denied")
+
+    queue.run_as = broken  # type: ignore[method-assign]
+    never_submitted = make_cluster()
+    never_submitted.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee"}
+    await driver.stop_scheduler(never_submitted)  # nothing to cancel: the stop goes through
+    submitted = make_cluster()
+    submitted.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee", "job_id": "9"}
+    with pytest.raises(LauncherError):
+        await driver.stop_scheduler(submitted)
+
+
+# -------------------------------------------------------------------------------------------
+# Status
+
+
+def clusters_with_jobs(queue: FakeQueue, n: int, state: str = "R") -> list[Cluster]:
+    out = []
+    for i in range(n):
+        cluster = make_cluster(name=f"c{i}")
+        cluster.state = {"job_id": str(1000 + i)}
+        queue.jobs[str(1000 + i)] = state
+        out.append(cluster)
+    return out
+
+
+async def test_clusters_and_workers_checked_together_share_one_status_call() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    clusters = clusters_with_jobs(queue, 25)
+    pairs = []
+    for i in range(25):
+        worker = Worker(name=f"w{i}", cluster_name="c0", state={"job_id": str(2000 + i)})
+        queue.jobs[str(2000 + i)] = "Q"
+        pairs.append((clusters[0], worker))
+    alive_c, alive_w = await asyncio.gather(
+        driver.check_clusters(clusters), driver.check_workers(pairs)
+    )
+    assert alive_c == [True] * 25 and alive_w == [True] * 25
+    assert len(queue.status_calls) == 1
+    assert len(queue.status_calls[0][1]) == 50
+    assert driver.status_calls == 1
+
+
+async def test_ended_and_missing_jobs_are_dead() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    clusters = clusters_with_jobs(queue, 4)
+    queue.jobs["1001"] = "X"
+    del queue.jobs["1002"]
+    clusters[3].state = {}
+    assert await driver.check_clusters(clusters) == [True, False, False, False]
+
+
+async def test_a_status_command_that_forgot_every_job_means_they_ended() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    cluster = make_cluster()
+    cluster.state = {"job_id": "4242"}
+    assert await driver.check_clusters([cluster]) == [False]
+    assert len(queue.status_calls) == 1
+
+
+async def test_a_status_command_failing_once_is_retried_after_a_backoff() -> None:
+    queue = FakeQueue()
+    queue.status_failures = 1
+    driver = make_driver(queue, backoff_base_delay=0.1)
+    clusters = clusters_with_jobs(queue, 3)
+    assert await driver.check_clusters(clusters) == [True, True, True]
+    (t0, _), (t1, _) = queue.status_calls
+    assert t1 - t0 >= 0.09
+
+
+async def test_a_status_command_that_keeps_failing_raises_rather_than_reporting_deaths() -> None:
+    queue = FakeQueue()
+    queue.status_failures = 10
+    driver = make_driver(queue, status_command_retries=2)
+    clusters = clusters_with_jobs(queue, 3)
+    with pytest.raises(RuntimeError, match="cannot reach the controller"):
+        await driver.check_clusters(clusters)
+    assert len(queue.status_calls) == 3
+    # the next period asks again
+    queue.status_failures = 0
+    assert await driver.check_clusters(clusters) == [True, True, True]
+
+
+async def test_unreadable_status_output_raises() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue, status_command_retries=0)
+
+    async def garbage(argv: Sequence[str], **kw: Any) -> CommandResult:
+        return CommandResult(returncode=0, stdout="what is this\n", stderr="")
+
+    queue.run = garbage  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="cannot understand the output of toy-status"):
+        await driver.check_clusters(clusters_with_jobs(FakeQueue(), 2))
+
+
+async def test_the_failure_reason_has_the_last_state_and_the_end_of_the_output() -> None:
+    queue = FakeQueue()
+    queue.tail_text = "starting\n\nTraceback (most recent call last):\nImportError: no dask\n"
+    driver = make_driver(queue)
+    [cluster] = clusters_with_jobs(queue, 1)
+    cluster.state["staging_dir"] = "/home/alice/.dask-gateway/c0"
+    queue.jobs["1000"] = "X"
+    assert await driver.check_clusters([cluster]) == [False]
+    reason = await driver.failure_reason(cluster)
+    assert reason == (
+        "The scheduler's toy job 1000 ended (state X: cancelled); the end of its output "
+        "(/home/alice/.dask-gateway/c0/dask-scheduler-c0.log):\n"
+        "starting\nTraceback (most recent call last):\nImportError: no dask"
+    )
+    assert queue.of("tail") == [
+        {"action": "tail", "path": "/home/alice/.dask-gateway/c0/dask-scheduler-c0.log"}
+    ]
+
+
+# -------------------------------------------------------------------------------------------
+# Through a whole gateway: one status call per period for 50 clusters
+
+SHARED = FakeQueue()
+
+
+class GatewayToyDriver(ToyDriver):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(runner=SHARED, **kwargs)  # type: ignore[arg-type]
+
+
+class ToyPlugin:
+    @hookimpl
+    def gateway_register_backends(self) -> list[BackendSpec]:
+        return [
+            BackendSpec(
+                name="toyq",
+                driver=GatewayToyDriver,
+                config=JobQueueConfig,
+                cluster_config=JobQueueClusterConfig,
+            )
+        ]
+
+
+async def test_fifty_clusters_cost_one_status_call_per_period(
+    make_gateway: Any, make_api_client: Any
+) -> None:
+    SHARED.__init__()  # type: ignore[misc]
+    period = 0.2
+    gw = await make_gateway(
+        {
+            "gateway": {"backend": "toyq"},
+            "backend": {
+                "toyq": {
+                    "cluster_status_period": period,
+                    "worker_status_period": period,
+                    "cluster_start_timeout": 60,
+                }
+            },
+        },
+        plugins=[ToyPlugin()],
+    )
+    alice = make_api_client(gw, "alice")
+    names = [
+        (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
+        for _ in range(50)
+    ]
+    deadline = time.monotonic() + 10
+    while len(SHARED.of("submit")) < 50:
+        assert time.monotonic() < deadline, "the 50 clusters were not submitted"
+        await asyncio.sleep(0.02)
+    first = len(SHARED.status_calls)
+    began = time.monotonic()
+    await asyncio.sleep(10 * period + period / 2)
+    elapsed = time.monotonic() - began
+    calls = SHARED.status_calls[first:]
+    assert len(calls) <= elapsed / period + 1
+    assert len(calls) >= 8
+    assert all(len(ids) == 50 for _, ids in calls[1:])
+    for (a, _), (b, _) in itertools.pairwise(calls):
+        assert b - a > period / 2, "two status calls within one period"
+    for name in names:
+        assert (await alice.get(f"/api/v1/clusters/{name}")).body["status"] == "PENDING"
+
+
+async def test_a_cancelled_job_fails_its_cluster_with_the_reason(
+    make_gateway: Any, make_api_client: Any
+) -> None:
+    SHARED.__init__()  # type: ignore[misc]
+    SHARED.tail_text = "distributed.scheduler - INFO - Scheduler closing\n"
+    gw = await make_gateway(
+        {
+            "gateway": {"backend": "toyq"},
+            "backend": {"toyq": {"cluster_status_period": 0.1, "worker_status_period": 0.1}},
+        },
+        plugins=[ToyPlugin()],
+    )
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
+    cluster = gw.backend.store.get(name)
+    deadline = time.monotonic() + 10
+    while "job_id" not in cluster.state:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    SHARED.jobs[cluster.state["job_id"]] = "X"
+    while cluster.status != ClusterStatus.FAILED:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    body = (await alice.get(f"/api/v1/clusters/{name}")).body
+    assert body["status"] == "FAILED"
+    assert "ended (state X: cancelled)" in cluster.reason
+    assert "Scheduler closing" in cluster.reason
+
+
+# -------------------------------------------------------------------------------------------
+# The launcher, as a real process of the current user
+
+
+def launch(request: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway_core.backends.jobqueue_launcher"],
+        input=json.dumps(request).encode(),
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
+
+
+@pytest.mark.integration
+def test_the_launcher_makes_a_private_staging_directory_and_submits_from_it(
+    tmp_path: Path,
+) -> None:
+    staging = tmp_path / "home" / ".dask-gateway" / "abc"
+    answer = launch(
+        {
+            "action": "submit",
+            "staging_dir": str(staging),
+            "files": {"dask.pem": {"data": "KEY", "mode": 0o600}},
+            "cmd": ["/bin/sh", "-c", 'pwd; cat; echo "home=$HOME" >&2; exit 3'],
+            "stdin": "the script\n",
+            "env": {"PATH": os.environ["PATH"]},
+        }
+    )
+    assert answer["ok"] and answer["returncode"] == 3
+    assert answer["stdout"] == f"{staging}\nthe script\n"
+    assert answer["stderr"].startswith("home=")
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700
+    assert stat.S_IMODE(staging.parent.stat().st_mode) == 0o700
+    key = staging / "dask.pem"
+    assert key.read_text() == "KEY" and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    again = launch({"action": "submit", "staging_dir": str(staging), "cmd": ["true"]})
+    assert again == {"ok": False, "error": f"staging directory {staging} already exists"}
+
+    (staging / "dask-scheduler-abc.log").write_text("one\ntwo\n")
+    tail = launch({"action": "tail", "path": str(staging / "dask-scheduler-abc.log")})
+    assert tail == {"ok": True, "text": "one\ntwo\n"}
+
+    done = launch({"action": "run", "cmd": ["true"], "remove": str(staging)})
+    assert done["ok"] and done["returncode"] == 0 and "remove_error" not in done
+    assert not staging.exists()
+    # removing again, or cancelling with nothing to remove, is fine
+    assert launch({"action": "run", "cmd": None, "remove": str(staging)})["ok"]
+
+
+@pytest.mark.integration
+def test_the_launcher_answers_bad_requests_with_an_error(tmp_path: Path) -> None:
+    assert launch({"action": "fly"}) == {"ok": False, "error": "unknown action 'fly'"}
+    missing = launch({"action": "submit", "cmd": ["/no/such/program"]})
+    assert missing == {"ok": False, "error": "command not found: '/no/such/program'"}
+    relative = launch({"action": "submit", "staging_dir": "rel/dir", "cmd": ["true"]})
+    assert relative["error"] == "staging directory 'rel/dir' is not an absolute path"
+    assert launch({"action": "run", "remove": "/"})["error"] == "refusing to remove '/'"
+
+
+async def test_a_launcher_that_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
+    runner = jobqueue.JobRunner(
+        JobQueueConfig(dask_gateway_jobqueue_launcher=["/no/such/launcher"], switch_user="setuid")
+    )
+    me = RunAs.from_pwd(__import__("pwd").getpwuid(os.getuid()))
+    if os.geteuid() != 0:
+        pytest.fail("run as root: the setuid mode needs it (CI runs as root)")
+    with pytest.raises(LauncherError, match=r"cannot run the launcher as .*/no/such/launcher"):
+        await runner.run_as(me, {"action": "tail", "path": "/etc/hostname"})
