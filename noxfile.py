@@ -22,6 +22,7 @@ PACKAGES: dict[str, list[str]] = {
     "client": ["./client[testing]"],
     "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
+    "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
 }
 FOLDERS = {
     "core": "core",
@@ -29,6 +30,7 @@ FOLDERS = {
     "client": "client",
     "example": "examples/gateway-plugin-example",
     "slurm": "plugins/gateway-slurm",
+    "site-options": "examples/site-options",
 }
 PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
 
@@ -67,7 +69,10 @@ def compat(session: nox.Session) -> None:
     """The original `dask-gateway` client (PyPI) runs the user flow against this server."""
     session.install("./proxy", "./client", "./core[local,testing]", "dask-gateway")
     session.chdir(ROOT / "core")
-    session.run(*PYTEST, "-m", "compat", *session.posargs)
+    # The original client's objects raise from __del__ when collected after their event loop
+    # closed (upstream behaviour, not this server's); pytest's unraisable-exception plugin
+    # would turn that noise into an INTERNALERROR, so it is off for this session only.
+    session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
 
 
 def _tier(session: nox.Session, marker: str) -> None:

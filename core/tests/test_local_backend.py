@@ -183,7 +183,8 @@ def _child_of(pid: int) -> int:
         except OSError:
             continue
         parent = int(raw[raw.rindex(b")") + 2 :].split()[1])
-        if parent == pid and _pid_alive(int(entry)) and b"spawn_main" in cmdline:
+        # The worker process, forked by the nanny (not its multiprocessing resource tracker).
+        if parent == pid and _pid_alive(int(entry)) and b"resource_tracker" not in cmdline:
             return int(entry)
     raise AssertionError(f"no worker process under the nanny {pid}")
 
@@ -221,6 +222,9 @@ async def test_a_real_cluster_starts_warm_runs_a_worker_and_leaves_nothing(
             "environment": {
                 "GW_TEST_MARK": "from-config",
                 "DASK_DISTRIBUTED__ADMIN__LOG_FORMAT": "GWTEST %(name)s %(message)s",
+                # The config may send the nanny back to spawning its worker (the default on
+                # the warm path is fork); a spawned worker's environment can be read in /proc.
+                "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "spawn",
             }
         },
     )
@@ -265,6 +269,7 @@ async def test_a_real_cluster_starts_warm_runs_a_worker_and_leaves_nothing(
     assert seen["DASK_GATEWAY_CLUSTER_NAME"] == name
     assert seen["DASK_GATEWAY_API_TOKEN"] == cluster.token
     assert seen["DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"] == str(workdir / "dask.pem")
+    assert seen["DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"] == "spawn"
     assert await driver.check_workers([(cluster, worker)]) == [True]
 
     pids = [cluster.state["pid"], worker.state["pid"]]
@@ -473,6 +478,18 @@ async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_t
 def _driver(**knobs: Any) -> UnsafeLocalDriver:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     return UnsafeLocalDriver(config=LocalBackendConfig(**{**FAST, **knobs}), context=context)
+
+
+def test_warm_nannies_fork_their_workers_unless_the_config_says_otherwise(tmp_path: Path) -> None:
+    cluster = Cluster(name=secrets.token_hex(16), username="alice", token="t")
+    var = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
+    warm, cold = _driver(start_method="fork"), _driver(start_method="spawn")
+    env = warm.process_env(cluster, role="worker", workdir=str(tmp_path), run_as=None)
+    assert env[var] == "fork"
+    assert var not in warm.process_env(cluster, role="scheduler", workdir="w", run_as=None)
+    assert var not in cold.process_env(cluster, role="worker", workdir="w", run_as=None)
+    cluster.config = {"environment": {var: "spawn"}}
+    assert warm.process_env(cluster, role="worker", workdir="w", run_as=None)[var] == "spawn"
 
 
 async def test_a_reused_pid_is_neither_alive_nor_signalled() -> None:

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from ..models import Cluster, Worker
 
 log = logging.getLogger("gateway.backend.local")
+NANNY_START_VAR = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
+"""How a nanny starts its worker process (distributed's ``worker.multiprocessing-method``)."""
 
 
 HOST = "127.0.0.1"
@@ -281,6 +283,11 @@ class UnsafeLocalDriver(ClusterDriver):
         env = {k: os.environ[k] for k in self.settings.inherited_environment if k in os.environ}
         env.update(self.identity_env(cluster, run_as))
         env["DASK_TEMPORARY_DIRECTORY"] = workdir
+        if role == "worker" and self.settings.start_method == "fork":
+            # The nanny is already warm (forked from the template): let it fork its worker
+            # too instead of spawning a fresh interpreter; scale(4) measured 7 s -> 1.5-3.5 s.
+            # `[cluster] environment` may set it back to "spawn".
+            env[NANNY_START_VAR] = "fork"
         env.update(cluster_env(cluster, self.context))
         cert, key = os.path.join(workdir, CERT_FILE), os.path.join(workdir, KEY_FILE)
         env.update(tls_env(role, cert, key))
