@@ -1,0 +1,192 @@
+"""Running the proxy on its own: the ``gateway proxy`` command (also ``gateway-proxy``).
+
+Owns the click command, its options (environment variables for secrets), logging setup, the
+choice of event loop, and `run_standalone`: serve, follow the gateway's route feed, stop on
+SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import click
+
+from .settings import READY_PATH, ProxySettings
+
+log = logging.getLogger("gateway.proxy")
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+async def run_standalone(settings: ProxySettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve ``settings`` and follow its gateway's route feed until ``stop`` (or a signal)."""
+    from .feed import RouteFeed
+    from .server import ProxyServer
+
+    server = ProxyServer(settings)
+    feed = RouteFeed(
+        server,
+        gateway_url=settings.gateway_url,
+        api_token=settings.api_token,
+        initial_backoff=settings.feed_initial_backoff,
+        max_backoff=settings.feed_max_backoff,
+        read_timeout=settings.feed_timeout,
+    )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            pass
+    await server.start()
+    feed.start()
+    log.warning(
+        "gateway proxy: HTTP at %s, TLS-SNI at %s, routes from %s (ready at %s)",
+        server.address,
+        server.tcp_address,
+        feed.url,
+        READY_PATH,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await feed.stop()
+        await server.stop()
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one: every proxied connection takes two files."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise click.UsageError("--loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+@click.command("proxy")
+@click.option(
+    "--address",
+    default=":8000",
+    show_default=True,
+    help="host:port of the HTTP face (and of the TLS-SNI face unless --tcp-address).",
+)
+@click.option("--tcp-address", default="", help="host:port of the TLS-SNI face; default: shared.")
+@click.option("--prefix", default="", help="Path prefix the gateway is served under.")
+@click.option(
+    "--gateway-url",
+    required=True,
+    help="Base URL of the gateway API whose /api/v1/routes feed is followed.",
+)
+@click.option(
+    "--api-token",
+    envvar="GATEWAY_PROXY_TOKEN",
+    required=True,
+    show_envvar=True,
+    help="Token for the routes feed.",
+)
+@click.option("--tls-cert", default="", help="PEM certificate: serve HTTPS on the HTTP face.")
+@click.option("--tls-key", default="", help="PEM key for --tls-cert.")
+@click.option(
+    "--handshake-timeout",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds a client has to send its first bytes.",
+)
+@click.option(
+    "--connect-timeout",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds to connect to a route's target.",
+)
+@click.option(
+    "--log-level",
+    default="warn",
+    show_default=True,
+    type=click.Choice(sorted(LEVELS), case_sensitive=False),
+)
+@click.option(
+    "--loop",
+    "loop_kind",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    help="Event loop; auto picks uvloop when installed.",
+)
+def proxy_command(
+    address: str,
+    tcp_address: str,
+    prefix: str,
+    gateway_url: str,
+    api_token: str,
+    tls_cert: str,
+    tls_key: str,
+    handshake_timeout: float,
+    connect_timeout: float,
+    log_level: str,
+    loop_kind: str,
+) -> None:
+    """Run the proxy standalone, following a gateway's route feed.
+
+    Readiness: GET /_gateway-proxy/ready answers 200 once the routes are loaded.
+    """
+    logging.basicConfig(
+        level=LEVELS[log_level.lower()],
+        format="[%(levelname).1s %(asctime)s.%(msecs)03d %(name)s] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+    try:
+        settings = ProxySettings(
+            address=address,
+            tcp_address=tcp_address,
+            prefix=prefix,
+            gateway_url=gateway_url,
+            api_target=gateway_url,
+            api_token=api_token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            handshake_timeout=handshake_timeout,
+            connect_timeout=connect_timeout,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    raise_open_files_limit()
+    loop = _new_loop(loop_kind)
+    try:
+        loop.run_until_complete(run_standalone(settings))
+    finally:
+        loop.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``gateway-proxy`` console script."""
+    proxy_command.main(args=list(argv) if argv is not None else None, prog_name="gateway-proxy")

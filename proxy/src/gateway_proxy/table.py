@@ -1,0 +1,240 @@
+"""The proxy's own routing tables: path prefixes for the HTTP face, server names for the TCP face.
+
+Owns `RouteSpec` (a route as the proxy sees it, from the feed's JSON or from core's `Route`),
+target parsing, and `RoutingTable` with its segment-wise longest-prefix match.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+from attrs import define
+
+SNI_PREFIX = "daskgateway-"
+"""Clients ask for ``daskgateway-<cluster>``; SNI routes are keyed by ``<cluster>`` alone."""
+
+
+class RouteLike(Protocol):
+    """Anything with the three fields of a route (core's `gateway_core.routes.Route` fits)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+
+
+@define(kw_only=True, frozen=True, slots=True)
+class RouteSpec:
+    """One route: ``kind`` PATH (``key`` a path prefix, prefix of the gateway included) or SNI
+    (``key`` the server name without ``daskgateway-``); ``target`` ``http(s)://host:port[/path]``
+    for PATH, ``tls://host:port`` (or ``host:port``) for SNI. ``target`` may be empty in the
+    route of a DELETE event."""
+
+    kind: Literal["PATH", "SNI"]
+    key: str
+    target: str = ""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RouteSpec:
+        """Parse one route of the ``/api/v1/routes`` feed (PROTOCOL.md)."""
+        kind = data.get("kind")
+        target = str(data.get("target") or "")
+        if kind == "PATH":
+            if not data.get("path"):
+                raise ValueError("PATH route without a path")
+            return cls(kind="PATH", key=str(data["path"]), target=target)
+        if kind == "SNI":
+            if not data.get("sni"):
+                raise ValueError("SNI route without an sni")
+            return cls(kind="SNI", key=str(data["sni"]), target=target)
+        raise ValueError(f"unknown route kind {kind!r}")
+
+    @classmethod
+    def of(cls, route: RouteLike) -> RouteSpec:
+        kind = route.kind
+        if kind not in ("PATH", "SNI"):
+            raise ValueError(f"unknown route kind {kind!r}")
+        return cls(kind=kind, key=route.key, target=route.target)  # type: ignore[arg-type]
+
+
+@define(kw_only=True, frozen=True, slots=True)
+class HttpTarget:
+    """Where a PATH route sends requests: the upstream server and the path its routes hang off."""
+
+    host: str
+    port: int
+    tls: bool
+    path: str
+    """The target URL's path without a trailing slash; "" for the server root."""
+    host_header: bytes
+    """``host:port`` as sent in the upstream request's Host header."""
+
+    @classmethod
+    def parse(cls, url: str) -> HttpTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"PATH target {url!r} must be http:// or https://")
+        if not parts.hostname:
+            raise ValueError(f"PATH target {url!r} has no host")
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        host = parts.hostname
+        shown = f"[{host}]" if ":" in host else host
+        return cls(
+            host=host,
+            port=port,
+            tls=tls,
+            path=parts.path.rstrip("/"),
+            host_header=f"{shown}:{port}".encode("ascii"),
+        )
+
+
+def parse_sni_target(target: str) -> tuple[str, int]:
+    """``tls://host:port`` (or bare ``host:port``) → (host, port)."""
+    rest = target[len("tls://") :] if target.startswith("tls://") else target
+    if "://" in rest:
+        raise ValueError(f"SNI target {target!r} must be tls://host:port")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"SNI target {target!r} must be tls://host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"SNI target {target!r} has a bad port")
+    return host, number
+
+
+SniTarget = tuple[str, int, int]
+"""(host, port, address family): the family is AF_INET or AF_INET6 for an IP literal, 0 for a
+host name that needs resolving first."""
+
+
+def sni_target(target: str) -> SniTarget:
+    host, port = parse_sni_target(target)
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return host, port, 0
+    return host, port, socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def normalize_prefix(prefix: str) -> str:
+    """``"gateway/"`` → ``"/gateway"``; ``"/"`` and ``""`` → ``""``."""
+    stripped = prefix.strip("/")
+    return f"/{stripped}" if stripped else ""
+
+
+def _path_key(path: str) -> str:
+    return path.strip("/")
+
+
+class RoutingTable:
+    """The live routes of one proxy.
+
+    PATH routes match whole path segments (``/clusters/ab`` never matches ``/clusters/abc``);
+    the longest matching route wins and its path is replaced by the target's path, as the
+    original proxy does (``/clusters/x/status`` on target ``http://h:p`` → ``/status``).
+    ``static`` routes (the default route to the gateway API) sit underneath the dynamic ones:
+    a feed route with the same path overrides one, a full reload keeps it.
+    """
+
+    def __init__(self) -> None:
+        self._paths: dict[str, HttpTarget] = {}
+        self._sni: dict[str, SniTarget] = {}
+        self._static: dict[str, HttpTarget] = {}
+        self._dynamic_paths: dict[str, HttpTarget] = {}
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def set_static_path(self, path: str, target: str) -> None:
+        key = _path_key(path)
+        self._static[key] = HttpTarget.parse(target)
+        if key not in self._dynamic_paths:
+            self._paths[key] = self._static[key]
+
+    def put(self, route: RouteSpec) -> None:
+        """Add or replace a route; raises ValueError for a malformed target."""
+        if route.kind == "SNI":
+            self._sni[route.key] = sni_target(route.target)
+        else:
+            key = _path_key(route.key)
+            target = HttpTarget.parse(route.target)
+            self._dynamic_paths[key] = target
+            self._paths[key] = target
+
+    def delete(self, route: RouteSpec) -> None:
+        if route.kind == "SNI":
+            self._sni.pop(route.key, None)
+            return
+        key = _path_key(route.key)
+        self._dynamic_paths.pop(key, None)
+        if key in self._static:
+            self._paths[key] = self._static[key]
+        else:
+            self._paths.pop(key, None)
+
+    def replace(self, routes: Iterable[RouteSpec]) -> list[tuple[RouteSpec, str]]:
+        """Swap in a whole table at once; returns the routes refused and why."""
+        sni: dict[str, SniTarget] = {}
+        dynamic: dict[str, HttpTarget] = {}
+        refused: list[tuple[RouteSpec, str]] = []
+        for route in routes:
+            try:
+                if route.kind == "SNI":
+                    sni[route.key] = sni_target(route.target)
+                else:
+                    dynamic[_path_key(route.key)] = HttpTarget.parse(route.target)
+            except ValueError as exc:
+                refused.append((route, str(exc)))
+        paths = dict(self._static)
+        paths.update(dynamic)
+        self._sni, self._dynamic_paths, self._paths = sni, dynamic, paths
+        return refused
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def lookup_sni(self, name: str) -> SniTarget | None:
+        """The target of a server name as the client sent it (``daskgateway-<cluster>``)."""
+        if not name.startswith(SNI_PREFIX):
+            return None
+        return self._sni.get(name[len(SNI_PREFIX) :])
+
+    def match_path(self, path: str) -> tuple[HttpTarget, str] | None:
+        """(target, upstream path) for a request path, or None when no route matches."""
+        paths = self._paths
+        rest = path[1:] if path.startswith("/") else path
+        exact = paths.get(rest)
+        if exact is not None:
+            return exact, exact.path + "/"
+        end = len(rest)
+        while True:
+            end = rest.rfind("/", 0, end)
+            if end < 0:
+                break
+            found = paths.get(rest[:end])
+            if found is not None:
+                return found, found.path + "/" + rest[end + 1 :]
+        root = paths.get("")
+        if root is not None:
+            return root, root.path + "/" + rest
+        return None
+
+    def __len__(self) -> int:
+        return len(self._paths) + len(self._sni)
+
+    def snapshot(self) -> dict[str, dict[str, str]]:
+        """The current table, for logs and tests: {"paths": {...}, "sni": {...}}."""
+        return {
+            "paths": {
+                "/" + k: f"{'https' if t.tls else 'http'}://{t.host_header.decode()}{t.path}"
+                for k, t in self._paths.items()
+            },
+            "sni": {k: f"tls://{h}:{p}" for k, (h, p, _) in self._sni.items()},
+        }
