@@ -22,6 +22,7 @@ PACKAGES: dict[str, list[str]] = {
     "client": ["./client[testing]"],
     "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
+    "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
 }
 FOLDERS = {
@@ -30,6 +31,7 @@ FOLDERS = {
     "client": "client",
     "example": "examples/gateway-plugin-example",
     "slurm": "plugins/gateway-slurm",
+    "pbs": "plugins/gateway-pbs",
     "site-options": "examples/site-options",
 }
 PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
@@ -86,8 +88,9 @@ def _tier(session: nox.Session, marker: str) -> None:
         report = Path(session.create_tmp()) / f"{package}-{marker}.xml"
         # Exit code 5 means this package has no test of this tier: fine for one package,
         # but the session fails below if no package ran any.
-        session.run(*PYTEST, "-m", marker, f"--junitxml={report}", *session.posargs,
-                    success_codes=[0, 5])
+        session.run(
+            *PYTEST, "-m", marker, f"--junitxml={report}", *session.posargs, success_codes=[0, 5]
+        )
         if report.exists():
             suite = ET.parse(report).getroot().find("testsuite")
             if suite is not None:
