@@ -53,17 +53,25 @@ def make_cli(*, plugin_manager_factory: PluginManagerFactory = make_plugin_manag
         search = [str(Path(config.source).resolve().parent)] if config.source else []
         return plugin_manager_factory(local_plugins=config.plugins, local_plugin_path=search)
 
-    def load(config_path: str | None) -> Config:
+    def load(config_path: str | None, collect: list[str] | None = None) -> Config:
         path = find_config_file(config_path)
-        return load_config(path=path) if path is not None else load_config()
+        return load_config(path=path, collect=collect)
 
     def resolve(config_path: str | None, *, to_stderr: bool) -> ResolvedConfig:
         """Load and resolve the config; print every problem, one per line, and exit 1."""
+        problems: list[str] = []
         try:
-            config = load(config_path)
-            return resolve_config(config, Registry.from_plugin_manager(manager_for(config)))
+            config = load(config_path, collect=problems)
+            registry = Registry.from_plugin_manager(manager_for(config))
+            try:
+                resolved = resolve_config(config, registry)
+            except ConfigError as exc:
+                problems.extend(p for p in exc.problems if p not in problems)
         except (ConfigError, PluginError) as exc:
             _fail(exc, err=to_stderr)
+        if problems:
+            _fail(ConfigError(problems), err=to_stderr)
+        return resolved
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, "-V", "--version", prog_name="gateway")

@@ -436,12 +436,14 @@ def load_config(
     *,
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    collect: list[str] | None = None,
 ) -> Config:
     """Structure the core sections of a config from ``data`` or the TOML file at ``path``.
 
     Environment variables then override secrets. Plugin sections (``backend``, ``auth``,
     ``proxy``, ``cluster``) stay plain tables here; `gateway_core.app` structures them with the
-    selected plugins' classes. Raises ConfigError listing every bad key.
+    selected plugins' classes. Raises ConfigError listing every bad key; with ``collect``, adds
+    the problems to that list instead and returns the config with bad sections at defaults.
     """
     source = ""
     if data is None:
@@ -470,13 +472,44 @@ def load_config(
             if not isinstance(value, Mapping):
                 problems.append(f"{name}.{key}: expected a table, got {_kind(value)}")
         raw[name] = {k: v for k, v in section.items() if isinstance(v, Mapping)}
-    try:
-        config = structure(raw, Config)
-    except ConfigError as exc:
-        raise ConfigError(problems + exc.problems) from None
-    if problems:
-        raise ConfigError(problems)
+    if collect is None:
+        try:
+            config = structure(raw, Config)
+        except ConfigError as exc:
+            raise ConfigError(problems + exc.problems) from None
+        if problems:
+            raise ConfigError(problems)
+    else:
+        # Report every problem, then go on with the bad sections at their defaults so the
+        # caller can check the plugin sections too (`gateway config check`).
+        collect.extend(problems)
+        while True:
+            try:
+                config = structure(raw, Config)
+                break
+            except ConfigError as exc:
+                collect.extend(exc.problems)
+                before = raw
+                raw = _without(raw, [p.split(":")[0] for p in exc.problems])
+                if raw == before:
+                    config = Config()
+                    break
     return config.__class__(**{**_shallow(config), "source": source})
+
+
+def _without(raw: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """``raw`` without the keys at ``paths`` (``gateway.admin_users`` drops that one key of the
+    section; a path naming no key of a table drops the whole top-level entry)."""
+    out = dict(raw)
+    for path in paths:
+        parts = path.replace("[", ".").split(".")
+        top = parts[0]
+        section = out.get(top)
+        if len(parts) > 1 and isinstance(section, Mapping) and parts[1] in section:
+            out[top] = {k: v for k, v in section.items() if k != parts[1]}
+        else:
+            out.pop(top, None)
+    return out
 
 
 def _shallow(obj: Any) -> dict[str, Any]:
