@@ -114,8 +114,15 @@ def integration(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): writes tables to bench/results/."""
+    # slurm_bench.py needs root and a running Slurm (plugins/gateway-slurm/ci/start-slurm.sh).
     session.install(
-        "./proxy", "./client", "./core[local]", "uvloop", "dask-gateway-server", "dask-gateway"
+        "./proxy",
+        "./client",
+        "./core[local]",
+        "./plugins/gateway-slurm",
+        "uvloop",
+        "dask-gateway-server",
+        "dask-gateway",
     )
     for script in sorted((ROOT / "bench").glob("*_bench.py")):
         session.run("python", str(script), *session.posargs, env={"PYTHONHASHSEED": "0"})
