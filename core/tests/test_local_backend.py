@@ -440,6 +440,33 @@ async def test_a_worker_that_exits_at_once_fails_the_cluster_with_its_log(
     assert all(w.status == WorkerStatus.FAILED for w in cluster.workers.values())
 
 
+async def test_a_scheduler_that_never_heartbeats_times_out_and_is_cleaned_up(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    silent = "import time; print('waiting for nothing', flush=True); time.sleep(600)"
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        cluster_start_timeout=1.5,
+        cluster={"scheduler_cmd": [PYTHON, "-c", silent]},
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    cluster = gw.backend.store.get(name)
+    await eventually(lambda: "pid" in cluster.state, what="the scheduler launched")
+    pid, workdir = cluster.state["pid"], cluster.state["workdir"]
+    assert _pid_alive(pid)
+    report = await alice.get(f"/api/v1/clusters/{name}?wait")
+    assert report.body["status"] in {"STOPPING", "FAILED"}  # no longer pending: failing
+    await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
+    reason = (await alice.get(f"/api/v2/clusters/{name}/reason")).body["reason"]
+    assert "did not start within cluster_start_timeout (1.5 s)" in reason
+    await eventually(lambda: not _pid_alive(pid), what="the silent scheduler was stopped")
+    await eventually(lambda: _gone(workdir), what="its working directory was removed")
+
+
 async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_them(
     make_gateway: Any, make_api_client: Any, tmp_path: Path
 ) -> None:
