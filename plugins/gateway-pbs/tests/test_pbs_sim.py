@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -204,7 +205,24 @@ def test_held_jobs_wait_in_H_until_released_and_a_dead_runner_means_finished(
     subprocess.run(["kill", "-KILL", str(record["runner_pid"])], check=True)
     wait_for(lambda: state_of(pbs, held) == "F", "the lost job finished")
     run(pbs, "qdel", held, user=user)
-    subprocess.run(["kill", "-KILL", f"-{record['pgid']}"], check=False)
+    _kill_group_of(user, record.get("pgid"))
+
+
+def _kill_group_of(user: pwd.struct_passwd, pgid: object) -> None:
+    """Clean up the job's own process group, and only that: a group whose leader is not the
+    job user's (a number since reused, or this test's own group) is left alone."""
+    if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgid(0):
+        return
+    try:
+        uid_line = next(
+            line
+            for line in Path(f"/proc/{pgid}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        )
+    except (OSError, StopIteration):
+        return
+    if int(uid_line.split()[1]) == user.pw_uid:
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def test_concurrent_qsubs_get_distinct_sequence_numbers(

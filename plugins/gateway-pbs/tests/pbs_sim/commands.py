@@ -449,7 +449,8 @@ def qstat(root: str, argv: list[str]) -> int:
 
 def _kill(job: dict[str, Any]) -> None:
     pgid = job.get("pgid")
-    if not pgid:
+    # Never signal our own group (or init's): only a job's own session is ever killed.
+    if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgid(0):
         return
     try:
         os.killpg(pgid, signal.SIGTERM)
