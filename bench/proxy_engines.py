@@ -89,7 +89,7 @@ def role_raw_server(args: argparse.Namespace) -> None:
 
 
 def raw_connect(port: int) -> socket.socket:
-    conn = socket.create_connection(("127.0.0.1", port))
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)  # a broken engine fails
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn.sendall(HELLO)
     return conn
@@ -130,6 +130,8 @@ def bulk(port: int, direction: str, streams: int, size: int) -> float:
     start = time.perf_counter()
     for thread in threads:
         thread.join()
+    if len(ends) < streams:
+        raise ConnectionError(f"{streams - len(ends)} of {streams} streams failed")
     return streams * size / (max(ends) - start) / 1e6
 
 
@@ -227,8 +229,8 @@ def main() -> None:
                 engine, loop = config
                 bench.args.engine = engine
                 proc, port = bench.start_ours(loop)
+            row: dict[str, Any] = {}
             try:
-                row: dict[str, Any] = {}
                 for direction in ("down", "up"):
                     for streams in (1, 4):
                         runs, cpu = [], []
@@ -245,12 +247,18 @@ def main() -> None:
                 row["rtt_p99_us"] = statistics.median(x[1] for x in lat)
                 if proc and args.idle:
                     row["idle_kib_per_conn"] = idle_kib(port, proc.pid, args.idle)
+            except (OSError, AssertionError) as exc:
+                row["failed"] = f"{type(exc).__name__}: {exc}"
+            finally:
                 results[name] = row
                 print(json.dumps(row), flush=True)
-            finally:
                 if proc is not None:
                     proc.send_signal(signal.SIGTERM)
-                    proc.wait(10)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
     finally:
         for child in children:
             os.killpg(child.pid, signal.SIGKILL)
@@ -302,6 +310,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         def fmt(key: str, digits: int = 0, r: dict[str, Any] = r) -> str:
             return f"{r[key]:.{digits}f}" if key in r else "—"
 
+        if "failed" in r:
+            lines.append(f"| {name} | failed: {r['failed']} |" + " |" * 8)
+            continue
         lines.append(
             f"| {name} | {fmt('down1_mb_s')} | {fmt('down4_mb_s')} | {fmt('up1_mb_s')} | "
             f"{fmt('up4_mb_s')} | {fmt('down4_cpu_s_gb', 2)} | {fmt('up4_cpu_s_gb', 2)} | "

@@ -115,7 +115,8 @@ class _PipeProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        assert self.peer is not None and self.peer.transport is not None
+        if self.peer is None or self.peer.transport is None:
+            return False
         if self.peer.eof:
             self.peer.transport.close()
             return False
@@ -123,12 +124,12 @@ class _PipeProtocol(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        assert self.peer is not None and self.peer.transport is not None
-        self.peer.transport.pause_reading()
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        assert self.peer is not None and self.peer.transport is not None
-        self.peer.transport.resume_reading()
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:

@@ -268,6 +268,24 @@ async def test_large_bodies_both_ways(serve_app, make_proxy) -> None:
     assert down == blob
 
 
+async def test_keep_alive_across_a_large_body(serve_app, make_proxy) -> None:
+    """A big Content-Length body passes through unparsed; both connections stay usable."""
+    blob = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=blob)
+
+    up = await serve_app(info_app("up", extra=[web.get("/blob", download)]))
+    proxy = await make_proxy([path_route("/u", up)])
+    request = b"GET /u/%s HTTP/1.1\r\nHost: p\r\n\r\n"
+    responses = await raw_requests(
+        proxy.address, request % b"info" + request % b"blob" + request % b"info", 3
+    )
+    assert responses[1]["body"] == blob
+    first, last = (json.loads(responses[i]["body"]) for i in (0, 2))
+    assert first["peer_port"] == last["peer_port"]  # the same upstream connection
+
+
 async def test_websocket_through_the_proxy(serve_app, make_proxy) -> None:
     async def ws_echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()

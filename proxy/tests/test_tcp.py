@@ -28,6 +28,10 @@ from gateway_proxy import RouteSpec
 
 pytestmark = pytest.mark.unit
 
+AT_ONCE = 3.0
+"""Seconds within which "closed at once" must happen: far below the 10 s handshake timeout
+these proxies run with, and generous enough for a loaded CI machine."""
+
 
 def sni(name: str, target: str) -> RouteSpec:
     return RouteSpec(kind="SNI", key=name, target=target)
@@ -46,7 +50,7 @@ async def tls_roundtrip(address: str, server_name: str, ca, payload: bytes = b"p
         writer.close()
 
 
-async def expect_closed(address: str, data: bytes, timeout: float = 2.0) -> float:
+async def expect_closed(address: str, data: bytes, timeout: float = 5.0) -> float:
     """Send ``data`` raw; return how long the proxy took to close the connection."""
     host, port = host_port(address)
     reader, writer = await asyncio.open_connection(host, port)
@@ -84,29 +88,29 @@ async def test_separate_tcp_port(ca, make_echo, make_proxy) -> None:
 async def test_non_tls_bytes_are_closed_at_once(make_proxy, caplog, data: bytes) -> None:
     proxy = await make_proxy(tcp_address="auto")
     with caplog.at_level(logging.INFO, logger="gateway.proxy"):
-        assert await expect_closed(proxy.tcp_address, data) < 1.0
+        assert await expect_closed(proxy.tcp_address, data) < AT_ONCE
     assert len([r for r in caplog.records if "tls-sni: closed" in r.getMessage()]) == 1
 
 
 async def test_unknown_server_name_is_closed_with_one_log_line(make_proxy, caplog) -> None:
     proxy = await make_proxy([sni("known", f"tls://{LOOPBACK}:9")])
     with caplog.at_level(logging.INFO, logger="gateway.proxy"):
-        assert await expect_closed(proxy.tcp_address, client_hello("daskgateway-nope")) < 1.0
+        assert await expect_closed(proxy.tcp_address, client_hello("daskgateway-nope")) < AT_ONCE
     lines = [r.getMessage() for r in caplog.records if "tls-sni: closed" in r.getMessage()]
     assert len(lines) == 1 and "daskgateway-nope" in lines[0]
 
 
 async def test_tls_without_the_prefix_is_closed_on_the_tcp_port(make_proxy) -> None:
     proxy = await make_proxy([sni("x", f"tls://{LOOPBACK}:9")], tcp_address="auto")
-    assert await expect_closed(proxy.tcp_address, client_hello("x")) < 1.0
-    assert await expect_closed(proxy.tcp_address, client_hello(None)) < 1.0
+    assert await expect_closed(proxy.tcp_address, client_hello("x")) < AT_ONCE
+    assert await expect_closed(proxy.tcp_address, client_hello(None)) < AT_ONCE
 
 
 async def test_oversize_hello_is_closed(make_proxy) -> None:
     proxy = await make_proxy(max_hello_size=4096)
     # A handshake header announcing 1 MiB: refused once the header is in.
     header = b"\x16\x03\x01\x40\x00\x01\x10\x00\x00" + bytes(100)
-    assert await expect_closed(proxy.tcp_address, header) < 1.0
+    assert await expect_closed(proxy.tcp_address, header) < AT_ONCE
     # Records that keep coming without completing the hello: refused at the limit.
     host, port = host_port(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(host, port)
@@ -127,7 +131,7 @@ async def test_silent_client_is_closed_after_the_handshake_timeout(make_proxy, c
     proxy = await make_proxy(handshake_timeout=0.3)
     with caplog.at_level(logging.INFO, logger="gateway.proxy"):
         took = await expect_closed(proxy.tcp_address, b"", timeout=3.0)
-    assert 0.25 < took < 2.0
+    assert 0.25 < took < 5.0
     assert any("no ClientHello within" in r.getMessage() for r in caplog.records)
 
 
@@ -135,7 +139,7 @@ async def test_incomplete_hello_is_closed_after_the_handshake_timeout(make_proxy
     proxy = await make_proxy(handshake_timeout=0.3)
     hello = client_hello("daskgateway-slow")
     took = await expect_closed(proxy.tcp_address, hello[: len(hello) // 2], timeout=3.0)
-    assert 0.25 < took < 2.0
+    assert 0.25 < took < 5.0
 
 
 async def test_hello_trickled_byte_by_byte_is_routed(ca, make_echo, make_proxy) -> None:
@@ -206,7 +210,7 @@ async def test_target_refusing_closes_the_client(make_proxy, caplog) -> None:
     closed.close()  # nothing listens there now
     proxy = await make_proxy([sni("down", f"tls://{LOOPBACK}:{port}")])
     with caplog.at_level(logging.INFO, logger="gateway.proxy"):
-        assert await expect_closed(proxy.tcp_address, client_hello("daskgateway-down")) < 1.0
+        assert await expect_closed(proxy.tcp_address, client_hello("daskgateway-down")) < AT_ONCE
     assert any("refused" in r.getMessage() for r in caplog.records)
 
 

@@ -621,6 +621,9 @@ class UpstreamConn(asyncio.Protocol):
         self.close_delimited = False
         self.interim = False
         self.switching = False
+        self.raw_left = 0
+        """Body bytes of the current response still to pass through without parsing."""
+        self.raw_keep_alive = False
 
     # -- request side ---------------------------------------------------------------------------
 
@@ -632,6 +635,7 @@ class UpstreamConn(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self.chunked_out = self.close_delimited = self.interim = self.switching = False
+        self.raw_left = 0
         if self.read_paused and not client.write_paused:
             self.resume_reading()
         elif client.write_paused:
@@ -697,6 +701,9 @@ class UpstreamConn(asyncio.Protocol):
             self.close()  # an idle keep-alive connection must not talk
             return
         self.got_bytes = True
+        if self.raw_left:
+            self._pass_body(ex, data)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -707,6 +714,24 @@ class UpstreamConn(asyncio.Protocol):
                 self._broken("upgrade without 101")
         except httptools.HttpParserError as exc:
             self._broken(f"bad response: {exc}")
+
+    def _pass_body(self, ex: Exchange, data: bytes) -> None:
+        """Forward Content-Length body bytes as they are, without the parser (one copy less)."""
+        left = self.raw_left
+        if len(data) <= left:
+            self.raw_left = left - len(data)
+            ex.client.write(data)
+            rest = b""
+        else:
+            self.raw_left = 0
+            ex.client.write(data[:left])
+            rest = data[left:]
+        if self.raw_left == 0:
+            # The parser was left waiting for the body it never saw: start a fresh one.
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish_response(reusable=self.raw_keep_alive)
+            if rest:
+                self.data_received(rest)  # nothing is expected: this closes the connection
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -791,7 +816,7 @@ class UpstreamConn(asyncio.Protocol):
         self.status = code
         reason = self.reason or _reason(code)
         out = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
-        content_length = False
+        content_length = -1
         chunked = False
         upgrade_to = b""
         connection_tokens: set[bytes] = set()
@@ -807,7 +832,7 @@ class UpstreamConn(asyncio.Protocol):
                     upgrade_to = value
                 continue
             if lname == b"content-length":
-                content_length = True
+                content_length = int(value) if value.strip().isdigit() else 0
             out += (name, b": ", value, b"\r\n")
         if 100 <= code < 200 and code != 101:
             self.interim = True
@@ -825,7 +850,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         no_body = ex.head_only or code in (204, 304)
         keep = ex.keep_alive and not ex.upgrade
-        if not no_body and not content_length:
+        if not no_body and content_length < 0:
             if ex.version == b"1.1":
                 self.chunked_out = True
                 out.append(b"Transfer-Encoding: chunked\r\n")
@@ -844,11 +869,18 @@ class UpstreamConn(asyncio.Protocol):
         if ex.head_only:
             # llhttp would wait for the Content-Length bytes a HEAD answer never has.
             self._finish_response(reusable=False)
+        elif not no_body and content_length > 0:
+            # What this chunk holds of the body goes through on_body; later chunks bypass the
+            # parser in data_received until the length is reached.
+            self.raw_left = content_length
+            self.raw_keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
         if ex is None or not body:
             return
+        if self.raw_left:
+            self.raw_left -= len(body)
         if self.chunked_out:
             ex.client.write(b"%x\r\n%s\r\n" % (len(body), body))
         else:
