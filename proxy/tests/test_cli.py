@@ -73,3 +73,94 @@ async def test_standalone_process_follows_the_feed(ca, make_echo, fake_feed, loo
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# --- `--config`: the [proxy] section of a gateway config file -------------------------------
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Replace the serving loop: the settings the command built are recorded, nothing runs."""
+    from gateway_proxy import cli
+
+    seen: list[object] = []
+
+    async def fake_run(settings, *, stop=None) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr(cli, "run_standalone", fake_run)
+    monkeypatch.delenv("GATEWAY_PROXY_TOKEN", raising=False)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    return seen
+
+
+def _invoke(args: list[str], env: dict[str, str] | None = None):
+    from click.testing import CliRunner
+
+    from gateway_proxy.cli import proxy_command
+
+    return CliRunner().invoke(proxy_command, args, env=env, catch_exceptions=False)
+
+
+@pytest.mark.unit
+def test_config_file_gives_defaults_and_options_win(tmp_path, captured) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[gateway]\nbackend = 'slurm'\n\n"  # other sections are the gateway's business
+        "[proxy]\naddress = '127.0.0.1:9000'\ntcp_address = '127.0.0.1:9001'\n"
+        "prefix = '/gw'\ngateway_url = 'http://127.0.0.1:8081'\napi_token = 'from-file'\n"
+        "connect_timeout = 3\nexternally_managed = true\nmax_events = 50\n"
+    )
+    result = _invoke(["--config", str(config), "--address", "127.0.0.1:9100"])
+    assert result.exit_code == 0, result.output
+    (settings,) = captured
+    assert settings.address == "127.0.0.1:9100"  # the command line wins
+    assert settings.tcp_address == "127.0.0.1:9001"
+    assert settings.prefix == "/gw"
+    assert settings.gateway_url == settings.api_target == "http://127.0.0.1:8081"
+    assert settings.api_token == "from-file"
+    assert settings.connect_timeout == 3.0
+    # The environment beats the file, as an explicit option does.
+    captured.clear()
+    result = _invoke(["--config", str(config)], env={"GATEWAY_PROXY_TOKEN": "from-env"})
+    assert result.exit_code == 0, result.output
+    assert captured[0].api_token == "from-env"
+    assert captured[0].address == "127.0.0.1:9000"
+
+
+@pytest.mark.unit
+def test_config_file_problems_are_all_named(tmp_path, captured) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[proxy]\nadress = ':9000'\nconnect_timeout = 'soon'\nprefix = 3\nlog_level = 'loud'\n"
+    )
+    result = _invoke(["--config", str(config)])
+    assert result.exit_code == 2
+    for line in (
+        "proxy.adress: unknown key",
+        "proxy.connect_timeout: expected float, got str",
+        "proxy.prefix: expected str, got int",
+        "proxy.log_level: 'loud' is not one of",
+    ):
+        assert line in result.output
+    assert captured == []
+
+
+@pytest.mark.unit
+def test_config_file_unreadable_or_not_toml(tmp_path, captured) -> None:
+    result = _invoke(["--config", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "cannot read" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[proxy\n")
+    result = _invoke(["--config", str(bad)])
+    assert result.exit_code == 2 and "not valid TOML" in result.output
+    assert captured == []
+
+
+@pytest.mark.unit
+def test_feed_url_and_token_are_required_somewhere(tmp_path, captured) -> None:
+    result = _invoke([])
+    assert result.exit_code == 2 and "--gateway-url is required" in result.output
+    result = _invoke(["--gateway-url", "http://127.0.0.1:1"])
+    assert result.exit_code == 2 and "--api-token is required" in result.output
+    assert captured == []

@@ -1,8 +1,8 @@
 """Running the proxy on its own: the ``gateway proxy`` command (also ``gateway-proxy``).
 
-Owns the click command, its options (environment variables for secrets), logging setup, the
-choice of event loop, and `run_standalone`: serve, follow the gateway's route feed, stop on
-SIGINT/SIGTERM.
+Owns the click command, its options (a gateway config file's `[proxy]` section, environment
+variables for secrets), logging setup, the choice of event loop, and `run_standalone`: serve,
+follow the gateway's route feed, stop on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -78,6 +81,63 @@ def raise_open_files_limit() -> int:
             return soft
     return hard
 
+# `[proxy]` keys of a gateway config file the standalone proxy takes, with their types. Keys
+# that only the gateway reads are accepted and ignored, so one file serves both processes.
+CONFIG_KEYS: dict[str, type] = {
+    "address": str,
+    "tcp_address": str,
+    "prefix": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "api_token": str,
+    "gateway_url": str,
+    "log_level": str,
+    "handshake_timeout": float,
+    "connect_timeout": float,
+    "max_hello_size": int,
+    "upstream_idle_timeout": float,
+    "client_idle_timeout": float,
+}
+GATEWAY_ONLY_KEYS = frozenset({"externally_managed", "max_events", "proxy_status_period"})
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The `[proxy]` section of a gateway TOML config, checked; every problem in one error.
+
+    Raises `click.UsageError` naming the file and each bad key (unknown key, wrong type).
+    """
+    try:
+        with Path(path).open("rb") as fh:
+            document = tomllib.load(fh)
+    except OSError as exc:
+        raise click.UsageError(f"--config {path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.UsageError(f"--config {path}: not valid TOML: {exc}") from None
+    section = document.get("proxy", {})
+    if not isinstance(section, Mapping):
+        raise click.UsageError(f"--config {path}: proxy must be a table, got {section!r}")
+    values: dict[str, Any] = {}
+    problems = []
+    for key, value in section.items():
+        if key in GATEWAY_ONLY_KEYS:
+            continue
+        kind = CONFIG_KEYS.get(key)
+        if kind is None:
+            problems.append(f"proxy.{key}: unknown key")
+        elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            problems.append(f"proxy.{key}: expected {kind.__name__}, got {type(value).__name__}")
+        else:
+            values[key] = value
+    if "log_level" in values and values["log_level"].lower() not in LEVELS:
+        problems.append(
+            f"proxy.log_level: {values['log_level']!r} is not one of {', '.join(sorted(LEVELS))}"
+        )
+    if problems:
+        raise click.UsageError(f"--config {path}:\n  " + "\n  ".join(problems))
+    return values
+
 
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind in ("auto", "uvloop"):
@@ -93,6 +153,15 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 @click.command("proxy")
 @click.option(
+    "--config",
+    "config_file",
+    default=None,
+    envvar="GATEWAY_CONFIG",
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="Gateway TOML config whose [proxy] section gives defaults; options given here win.",
+)
+@click.option(
     "--address",
     default=":8000",
     show_default=True,
@@ -102,15 +171,15 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
 @click.option("--prefix", default="", help="Path prefix the gateway is served under.")
 @click.option(
     "--gateway-url",
-    required=True,
-    help="Base URL of the gateway API whose /api/v1/routes feed is followed.",
+    default="",
+    help="(Required here or in --config.) Base URL of the gateway API whose /api/v1/routes feed is followed.",
 )
 @click.option(
     "--api-token",
     envvar="GATEWAY_PROXY_TOKEN",
-    required=True,
+    default="",
     show_envvar=True,
-    help="Token for the routes feed.",
+    help="(Required here, in the environment or in --config.) Token for the routes feed.",
 )
 @click.option("--tls-cert", default="", help="PEM certificate: serve HTTPS on the HTTP face.")
 @click.option("--tls-key", default="", help="PEM key for --tls-cert.")
@@ -142,7 +211,10 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     type=click.Choice(["auto", "asyncio", "uvloop"]),
     help="Event loop; auto picks uvloop when installed.",
 )
+@click.pass_context
 def proxy_command(
+    ctx: click.Context,
+    config_file: str | None,
     address: str,
     tcp_address: str,
     prefix: str,
@@ -159,24 +231,37 @@ def proxy_command(
 
     Readiness: GET /_gateway-proxy/ready answers 200 once the routes are loaded.
     """
+    given = {
+        "address": address,
+        "tcp_address": tcp_address,
+        "prefix": prefix,
+        "gateway_url": gateway_url,
+        "api_token": api_token,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "handshake_timeout": handshake_timeout,
+        "connect_timeout": connect_timeout,
+        "log_level": log_level,
+    }
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(read_config_file(config_file))
+    for name, value in given.items():
+        source = ctx.get_parameter_source(name)
+        if name not in merged or source not in (None, click.core.ParameterSource.DEFAULT):
+            merged[name] = value
+    for name, flag in (("gateway_url", "--gateway-url"), ("api_token", "--api-token")):
+        if not merged.get(name):
+            raise click.UsageError(
+                f"{flag} is required (or `{name}` in the [proxy] section of --config)"
+            )
     logging.basicConfig(
-        level=LEVELS[log_level.lower()],
+        level=LEVELS[merged.pop("log_level").lower()],
         format="[%(levelname).1s %(asctime)s.%(msecs)03d %(name)s] %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
     )
     try:
-        settings = ProxySettings(
-            address=address,
-            tcp_address=tcp_address,
-            prefix=prefix,
-            gateway_url=gateway_url,
-            api_target=gateway_url,
-            api_token=api_token,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            handshake_timeout=handshake_timeout,
-            connect_timeout=connect_timeout,
-        )
+        settings = ProxySettings(api_target=merged["gateway_url"], **merged)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     raise_open_files_limit()
