@@ -81,6 +81,7 @@ def raise_open_files_limit() -> int:
             return soft
     return hard
 
+
 # `[proxy]` keys of a gateway config file the standalone proxy takes, with their types. Keys
 # that only the gateway reads are accepted and ignored, so one file serves both processes.
 CONFIG_KEYS: dict[str, type] = {
@@ -172,7 +173,7 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
 @click.option(
     "--gateway-url",
     default="",
-    help="(Required here or in --config.) Base URL of the gateway API whose /api/v1/routes feed is followed.",
+    help="Base URL of the gateway API with the /api/v1/routes feed (here or in --config).",
 )
 @click.option(
     "--api-token",
