@@ -12,7 +12,7 @@ import nox
 
 ROOT = Path(__file__).parent
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["lint", "typecheck", "tests", "compat"]
+nox.options.sessions = ["lint", "typecheck", "tests", "compat", "interop"]
 nox.options.reuse_existing_virtualenvs = True
 
 # Each testable distribution: its folder and what its tests need installed with it.
@@ -63,7 +63,14 @@ def tests(session: nox.Session, package: str) -> None:
     """Every tier of one package's tests (unit, integration, and system where available)."""
     _install(session, package)
     session.chdir(ROOT / FOLDERS[package])
-    session.run(*PYTEST, "-m", "not compat", *session.posargs, env={"PYTHONFAULTHANDLER": "1"})
+    # compat and interop need the original packages from PyPI: their own sessions run them.
+    session.run(
+        *PYTEST,
+        "-m",
+        "not compat and not interop",
+        *session.posargs,
+        env={"PYTHONFAULTHANDLER": "1"},
+    )
 
 
 @nox.session
@@ -75,6 +82,30 @@ def compat(session: nox.Session) -> None:
     # closed (upstream behaviour, not this server's); pytest's unraisable-exception plugin
     # would turn that noise into an INTERNALERROR, so it is off for this session only.
     session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """Our proxy on the original dask-gateway-server's feed; its Go proxy on our gateway's."""
+    # The dask-gateway-server wheel ships the original Go proxy (x86_64 Linux).
+    session.install(
+        "./proxy[testing]",
+        "./client",
+        "./core[local,testing]",
+        "dask-gateway-server==2026.3.0",
+        "dask-gateway==2026.3.0",
+    )
+    session.chdir(ROOT / "proxy")
+    # As in compat: the original client's __del__ noise after its loop closed is not ours.
+    session.run(
+        *PYTEST,
+        "-m",
+        "interop",
+        "-p",
+        "no:unraisableexception",
+        *session.posargs,
+        env={"PYTHONFAULTHANDLER": "1"},
+    )
 
 
 def _tier(session: nox.Session, marker: str) -> None:
