@@ -205,6 +205,13 @@ async def test_a_real_dashboard_and_its_websocket_load_through_the_proxy(
             assert identity["services"]["dashboard"] == dashboard.port
             async with http.get(f"{proxy}/clusters/{name}/health") as resp:
                 assert (resp.status, await resp.text()) == (200, "ok")
+            # The scheduler answers its root with an absolute-path redirect to /status; the
+            # proxy keeps it inside the cluster's route, so the bare link works in a browser.
+            for bare in (f"/clusters/{name}", f"/clusters/{name}/"):
+                async with http.get(proxy + bare) as resp:
+                    assert resp.status == 200
+                    assert resp.url.path == route, resp.history
+                    assert "Bokeh" in await resp.text()
 
         assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
         await eventually(lambda: not cluster.status.is_active, what="the cluster stopped")

@@ -146,6 +146,31 @@ async def test_target_path_is_kept(serve_app, make_proxy) -> None:
     assert (status, body["path"]) == (200, "/base/status")
 
 
+async def test_redirect_from_a_cluster_stays_inside_its_route(serve_app, make_proxy) -> None:
+    """A Dask scheduler answers its root with ``301 Location: /status``; through the proxy
+    that must point at the cluster's own ``/clusters/<name>/status``, not the gateway's."""
+
+    async def root(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently("/status")
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="the dashboard")
+
+    app = web.Application()
+    app.router.add_get("/", root)
+    app.router.add_get("/status", status)
+    up = await serve_app(app)
+    proxy = await make_proxy([path_route("/clusters/abc", up)])
+    async with aiohttp.ClientSession() as session:
+        url = f"http://{proxy.address}/clusters/abc"
+        async with session.get(url, allow_redirects=False) as resp:
+            assert resp.status == 301
+            assert resp.headers["Location"] == "/clusters/abc/status"
+        async with session.get(url) as resp:  # followed by the client, as a browser would
+            assert (resp.status, await resp.text()) == (200, "the dashboard")
+            assert resp.url.path == "/clusters/abc/status"
+
+
 async def test_no_route_is_404_json(serve_app, make_proxy) -> None:
     api = await serve_app(info_app("api"))
     proxy = await make_proxy(api_target=api, prefix="/gateway")

@@ -110,3 +110,42 @@ def test_settings_and_addresses() -> None:
         ProxySettings(tls_cert="cert.pem")
     with pytest.raises(ValueError):
         ProxySettings(address="nowhere")
+
+
+@pytest.mark.parametrize(
+    ("target", "location", "public"),
+    [
+        # distributed answers /clusters/abc with "301 Location: /status"
+        ("http://10.0.0.1:8787", b"/status", b"/clusters/abc/status"),
+        ("http://10.0.0.1:8787", b"/", b"/clusters/abc/"),
+        ("http://10.0.0.1:8787", b"/x?y=1", b"/clusters/abc/x?y=1"),
+        ("http://10.0.0.1:8787", b"http://10.0.0.1:8787/status", b"/clusters/abc/status"),
+        ("http://10.0.0.1:8787", b"http://10.0.0.1:8787", b"/clusters/abc/"),
+        # a target with its own path: only paths under it map back
+        ("http://10.0.0.1:1/base", b"/base/page", b"/clusters/abc/page"),
+        ("http://10.0.0.1:1/base", b"/base", b"/clusters/abc/"),
+        ("http://10.0.0.1:1/base", b"/basement", b"/basement"),
+        ("http://10.0.0.1:1/base", b"/other", b"/other"),
+        # left alone: relative references, other hosts, scheme-relative, a longer port
+        ("http://10.0.0.1:8787", b"status", b"status"),
+        ("http://10.0.0.1:8787", b"https://example.org/x", b"https://example.org/x"),
+        ("http://10.0.0.1:8787", b"//example.org/x", b"//example.org/x"),
+        ("http://10.0.0.1:8787", b"http://10.0.0.1:87870/x", b"http://10.0.0.1:87870/x"),
+    ],
+)
+def test_redirects_from_a_target_stay_inside_its_route(
+    target: str, location: bytes, public: bytes
+) -> None:
+    table = RoutingTable()
+    table.put(path("/clusters/abc", target))
+    found = table.match_path("/clusters/abc/anything")
+    assert found is not None
+    assert found[0].public_location(location) == public
+
+
+def test_redirects_from_the_root_route_are_untouched() -> None:
+    table = RoutingTable()
+    table.set_static_path("/", "http://127.0.0.1:8081")
+    found = table.match_path("/api/v1/clusters")
+    assert found is not None
+    assert found[0].public_location(b"/api/v1/clusters/") == b"/api/v1/clusters/"

@@ -833,6 +833,8 @@ class UpstreamConn(asyncio.Protocol):
                 continue
             if lname == b"content-length":
                 content_length = int(value) if value.strip().isdigit() else 0
+            elif lname == b"location" and ex.target is not None:
+                value = ex.target.public_location(value)
             out += (name, b": ", value, b"\r\n")
         if 100 <= code < 200 and code != 101:
             self.interim = True

@@ -74,9 +74,11 @@ class HttpTarget:
     """The target URL's path without a trailing slash; "" for the server root."""
     host_header: bytes
     """``host:port`` as sent in the upstream request's Host header."""
+    route: str = ""
+    """The route's public path (``/clusters/abc``), "" for the root route."""
 
     @classmethod
-    def parse(cls, url: str) -> HttpTarget:
+    def parse(cls, url: str, *, route: str = "") -> HttpTarget:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"PATH target {url!r} must be http:// or https://")
@@ -92,7 +94,37 @@ class HttpTarget:
             tls=tls,
             path=parts.path.rstrip("/"),
             host_header=f"{shown}:{port}".encode("ascii"),
+            route="/" + route if route else "",
         )
+
+    def public_location(self, location: bytes) -> bytes:
+        """A ``Location`` from this target as the client must see it.
+
+        The route's public path is stripped before requests go upstream, so an absolute-path
+        redirect (``/status``), or an absolute URL on the target itself, would leave the route;
+        it gets the public path put back (``/clusters/abc/status``). Relative references,
+        other hosts, and paths outside the target's own path are left alone.
+        """
+        if not self.route:
+            return location
+        path = location
+        for scheme in (b"http://", b"https://"):
+            origin = scheme + self.host_header
+            if path.startswith(origin) and path[len(origin) : len(origin) + 1] in (b"", b"/"):
+                path = path[len(origin) :] or b"/"
+                break
+        if not path.startswith(b"/") or path.startswith(b"//"):
+            return location
+        base = self.path.encode("latin-1")
+        if base:
+            if path[len(base) : len(base) + 1] not in (b"", b"/", b"?") or not path.startswith(
+                base
+            ):
+                return location
+            path = path[len(base) :]
+            if not path.startswith(b"/"):
+                path = b"/" + path
+        return self.route.encode("latin-1") + path
 
 
 def parse_sni_target(target: str) -> tuple[str, int]:
@@ -155,7 +187,7 @@ class RoutingTable:
 
     def set_static_path(self, path: str, target: str) -> None:
         key = _path_key(path)
-        self._static[key] = HttpTarget.parse(target)
+        self._static[key] = HttpTarget.parse(target, route=key)
         if key not in self._dynamic_paths:
             self._paths[key] = self._static[key]
 
@@ -165,7 +197,7 @@ class RoutingTable:
             self._sni[route.key] = sni_target(route.target)
         else:
             key = _path_key(route.key)
-            target = HttpTarget.parse(route.target)
+            target = HttpTarget.parse(route.target, route=key)
             self._dynamic_paths[key] = target
             self._paths[key] = target
 
@@ -190,7 +222,8 @@ class RoutingTable:
                 if route.kind == "SNI":
                     sni[route.key] = sni_target(route.target)
                 else:
-                    dynamic[_path_key(route.key)] = HttpTarget.parse(route.target)
+                    key = _path_key(route.key)
+                    dynamic[key] = HttpTarget.parse(route.target, route=key)
             except ValueError as exc:
                 refused.append((route, str(exc)))
         paths = dict(self._static)
