@@ -144,19 +144,28 @@ def integration(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (not tests): writes tables to bench/results/."""
-    # slurm_bench.py needs root and a running Slurm (plugins/gateway-slurm/ci/start-slurm.sh).
+    """Benchmarks (not tests): writes tables to bench/results/.
+
+    ``nox -s bench`` runs every ``bench/*_bench.py``; ``nox -s bench -- proxy cluster`` only
+    those named. Each script's own options: ``python bench/<name>_bench.py --help``.
+    slurm_bench.py needs root and a running Slurm (plugins/gateway-slurm/ci/start-slurm.sh).
+    """
     session.install(
-        "./proxy",
+        "./proxy[fast]",
         "./client",
         "./core[local]",
         "./plugins/gateway-slurm",
-        "uvloop",
-        "dask-gateway-server",
+        "trustme",  # the benchmarks' TLS certificates
+        "dask-gateway-server",  # the original server, and the Go proxy in its wheel
         "dask-gateway",
     )
-    for script in sorted((ROOT / "bench").glob("*_bench.py")):
-        session.run("python", str(script), *session.posargs, env={"PYTHONHASHSEED": "0"})
+    scripts = {p.name.removesuffix("_bench.py"): p for p in (ROOT / "bench").glob("*_bench.py")}
+    chosen = session.posargs or sorted(scripts)
+    unknown = [name for name in chosen if name not in scripts]
+    if unknown:
+        session.error(f"no benchmark named {', '.join(unknown)}; choose from {sorted(scripts)}")
+    for name in chosen:
+        session.run("python", str(scripts[name]), env={"PYTHONHASHSEED": "0"})
 
 
 if os.environ.get("CI"):
