@@ -148,3 +148,23 @@ async def test_bad_configs_refuse_to_start_with_the_reason(
     assert needle in str(info.value)
     if isinstance(info.value, ConfigError):
         assert all(": " in line for line in info.value.problems)
+
+
+@pytest.mark.unit
+def test_serve_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[gateway] event_loop``: auto takes uvloop when installed, asyncio on request or when
+    uvloop is missing; asking for a missing uvloop is a config error naming the key."""
+    import sys
+
+    import uvloop  # part of gateway-core[local], which the core tests install
+
+    from gateway_core.app import loop_factory
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is asyncio.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(ConfigError, match=r"gateway\.event_loop: uvloop is not installed"):
+        loop_factory("uvloop")
+    with pytest.raises(ConfigError, match=r"gateway\.event_loop: expected one of 'auto', "):
+        load_config(data={"gateway": {"event_loop": "fast"}})

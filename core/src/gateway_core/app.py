@@ -11,7 +11,7 @@ import logging
 import secrets
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,9 +254,30 @@ async def run_until_stopped(config: Config) -> None:
         await gateway.stop()
 
 
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop ``[gateway] event_loop`` asks for; ``auto`` is uvloop when installed.
+
+    Raises `ConfigError` for ``uvloop`` when it is not installed.
+    """
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise ConfigError(
+                    ["gateway.event_loop: uvloop is not installed (pip install uvloop)"]
+                ) from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 def serve(config_path: str | None = None) -> None:
     """Entry point of ``gateway serve``: load the config and run until a signal."""
     path = find_config_file(config_path)
     config = load_config(path=path) if path is not None else load_config()
     configure_logging(config.gateway.log_level)
-    asyncio.run(run_until_stopped(config))
+    factory = loop_factory(config.gateway.event_loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        log.info("event loop: %s", type(runner.get_loop()).__module__)
+        runner.run(run_until_stopped(config))
