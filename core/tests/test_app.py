@@ -159,6 +159,7 @@ def test_serve_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     import uvloop  # part of gateway-core[local], which the core tests install
 
     from gateway_core.app import loop_factory
+
     assert loop_factory("auto") is uvloop.new_event_loop
     assert loop_factory("uvloop") is uvloop.new_event_loop
     assert loop_factory("asyncio") is asyncio.new_event_loop
