@@ -212,13 +212,23 @@ def role_bulk(args: argparse.Namespace) -> None:
         proc.start()
     barrier.wait()
     start = time.perf_counter()
+    machine_start = machine_cpu_seconds()
     done = [ends.get(timeout=300) for _ in procs]
+    machine_cpu = machine_cpu_seconds() - machine_start
     for proc in procs:
         proc.join()
         if proc.exitcode:
             raise SystemExit(f"a stream failed with {proc.exitcode}")
     elapsed = max(done) - start
-    print(json.dumps({"mb_s": args.streams * size / elapsed / 1e6, "seconds": elapsed}))
+    print(
+        json.dumps(
+            {
+                "mb_s": args.streams * size / elapsed / 1e6,
+                "seconds": elapsed,
+                "machine_cpu_s": machine_cpu,
+            }
+        )
+    )
 
 
 def role_latency(args: argparse.Namespace) -> None:
@@ -371,6 +381,14 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU-seconds of the whole machine so far (user, nice, system, irq, softirq):
+    what every process and the kernel's network stack spent, steal and idle left out."""
+    with open("/proc/stat") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, fh.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 class Path_:
@@ -538,8 +556,9 @@ class Bench:
                 "--streams", str(args.streams), "--mb", str(args.mb),
             )  # fmt: skip
             result.setdefault(f"bulk_{direction}_runs", []).append(run["mb_s"])
+            gb = args.streams * args.mb * (1 << 20) / 1e9
+            result.setdefault(f"machine_cpu_{direction}_runs", []).append(run["machine_cpu_s"] / gb)
             if pid:
-                gb = args.streams * args.mb * (1 << 20) / 1e9
                 result.setdefault(f"cpu_{direction}_runs", []).append(
                     (cpu_seconds(pid) - before) / gb
                 )
@@ -558,6 +577,9 @@ class Bench:
         med = statistics.median
         for direction in ("down", "up"):
             result[f"bulk_{direction}_mb_s"] = med(result[f"bulk_{direction}_runs"])
+            result[f"machine_cpu_s_per_gb_{direction}"] = med(
+                result[f"machine_cpu_{direction}_runs"]
+            )
             if f"cpu_{direction}_runs" in result:
                 result[f"proxy_cpu_s_per_gb_{direction}"] = med(result[f"cpu_{direction}_runs"])
         result["rtt_median_us"] = med(result["rtt_median_runs"])
@@ -663,12 +685,16 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         "its open files per connection; N is bounded by RLIMIT_NOFILE (here "
         f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]}, not raisable)",
         "- proxy CPU: user+system seconds the proxy process spent per GB of bulk data",
+        "- machine CPU: busy CPU-seconds of the whole machine (endpoints, clients, proxy, the "
+        "kernel's TCP stack) from the streams' common start to the last one's end, per GB of "
+        "bulk data, down / up; CPU-bound ceiling = direct's "
+        "machine CPU / this path's: the best throughput ratio to direct possible once the CPUs "
+        "are saturated, whatever the proxy does in user space",
         "",
         "| path | bulk down MB/s | bulk up MB/s | vs direct (down/up) | RTT median µs | "
-        "added µs | RTT p99 µs | conn/s | proxy CPU s/GB | "
-        + " | ".join(f"KiB/idle conn, N={n}" for n in counts)
-        + " |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(counts),
+        "added µs | RTT p99 µs | conn/s | proxy CPU s/GB | machine CPU s/GB | "
+        "CPU-bound ceiling | " + " | ".join(f"KiB/idle conn, N={n}" for n in counts) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(counts),
     ]
     for name, r in results.items():
         ratio = (
@@ -682,10 +708,15 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             else "—"
         )
         idle = " | ".join(_idle_cell(r.get(f"idle_{n}")) for n in counts)
+        machine = f"{r['machine_cpu_s_per_gb_down']:.2f} / {r['machine_cpu_s_per_gb_up']:.2f}"
+        ceiling = (
+            f"{direct['machine_cpu_s_per_gb_down'] / r['machine_cpu_s_per_gb_down']:.2f} / "
+            f"{direct['machine_cpu_s_per_gb_up'] / r['machine_cpu_s_per_gb_up']:.2f}"
+        )
         lines.append(
             f"| {name} | {r['bulk_down_mb_s']:.0f} | {r['bulk_up_mb_s']:.0f} | {ratio} | "
             f"{r['rtt_median_us']:.1f} | {'—' if name == 'direct' else f'{added:.1f}'} | "
-            f"{r['rtt_p99_us']:.1f} | {r['cps']:.0f} | {cpu} | {idle} |"
+            f"{r['rtt_p99_us']:.1f} | {r['cps']:.0f} | {cpu} | {machine} | {ceiling} | {idle} |"
         )
     if go is not None:
         lines += ["", "Goals of issue 3, each of our rows against the Go proxy and direct:", ""]
