@@ -709,7 +709,9 @@ class UnsafeLocalDriver(ClusterDriver):
         self, ref: ProcessRef, workdir: str, log_name: str, what: str, run_as: RunAs | None
     ) -> str:
         popen = self._children.get(ref.pid)
-        how = _describe_status(popen.returncode if popen is not None else None)
+        # poll(), not returncode: the process may have exited just after the liveness check
+        # polled it (seen as a zombie in /proc), and only reaping it tells its status.
+        how = _describe_status(popen.poll() if popen is not None else None)
         lines = self._tail(workdir, log_name, run_as)
         where = os.path.join(workdir, log_name)
         if lines is None:
