@@ -459,7 +459,14 @@ class Reconciler:
                 reason=f"The scheduler failed to start: {_describe(exc)}",
             )
         else:
-            log.info("Scheduler of cluster %s submitted; waiting for its heartbeat", cluster.name)
+            # A fast scheduler can register before the start step returns (the local backend
+            # watches for an early exit a while longer): say so, not "waiting".
+            if cluster.status == ClusterStatus.PENDING:
+                log.info(
+                    "Scheduler of cluster %s started; waiting for it to register", cluster.name
+                )
+            else:
+                log.debug("Start step of cluster %s done (%s)", cluster.name, cluster.status.name)
         finally:
             self._cluster_starts.pop(cluster.name, None)
 
