@@ -8,10 +8,9 @@ import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,9 +20,8 @@ import pytest
 from bokeh.protocol import Protocol  # core's `local` extra: the dashboard needs bokeh
 from bokeh.protocol.receiver import Receiver
 from bokeh.util.token import get_token_payload
-from procs import descendants as _descendants
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
 TIMEOUT = 30.0
 """Seconds any single step may take (a request, a websocket message)."""
@@ -40,28 +38,6 @@ FAST: dict[str, Any] = {
     "sigterm_timeout": 2.0,
     "sigkill_timeout": 2.0,
 }
-
-
-@pytest.fixture(autouse=True)
-def no_process_left_behind() -> Iterator[None]:
-    """The scheduler (and the fork server) are gone after the test, even if it failed."""
-    before = set(_descendants())
-    try:
-        yield
-        deadline = time.monotonic() + 10
-        left = {p: c for p, c in _descendants().items() if p not in before}
-        while left and time.monotonic() < deadline:
-            time.sleep(0.05)
-            left = {p: c for p, c in _descendants().items() if p not in before}
-        assert not left, f"processes left behind: {left}"
-    finally:
-        for pid in set(_descendants()) - before:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-        _descendants()  # reaps what was just killed
 
 
 @pytest.fixture

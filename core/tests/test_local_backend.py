@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import descendants as _descendants
 
 import gateway_core.builtin
 from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
@@ -45,7 +44,7 @@ from gateway_core.hookspecs import hookimpl
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
 from gateway_core.specs import BackendSpec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
 PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
@@ -110,27 +109,6 @@ def script(tmp_path: Path, name: str, text: str) -> str:
 
 # -------------------------------------------------------------------------------------------
 # No process left behind
-
-
-@pytest.fixture(autouse=True)
-def no_process_left_behind() -> Iterator[None]:
-    before = set(_descendants())
-    try:
-        yield
-        deadline = time.monotonic() + 10
-        left = {p: c for p, c in _descendants().items() if p not in before}
-        while left and time.monotonic() < deadline:
-            time.sleep(0.05)
-            left = {p: c for p, c in _descendants().items() if p not in before}
-        assert not left, f"processes left behind: {left}"
-    finally:
-        for pid in set(_descendants()) - before:  # don't let one failure spoil the next test
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-        _descendants()  # reaps what was just killed
 
 
 @pytest.fixture

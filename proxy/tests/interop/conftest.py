@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from gateway_core.testing.processes import descendants, kill_tree, start_times
+
 LOOPBACK = "127.0.0.1"
 WATCHDOG = 150.0
 """Seconds after which every child of a test is killed, so whatever waits on them fails."""
@@ -36,45 +38,6 @@ CHILDREN = pytest.StashKey[list["Child"]]()
 # ------------------------------------------------------------------------------------------
 # Processes
 # ------------------------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()[19].decode()
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Live descendants of ``root`` (pid -> start time, to never signal a reused pid)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        ppid = int(raw[raw.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found: dict[int, str] = {}
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        started = _start_time(pid)
-        if started is not None:
-            found[pid] = started
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def _kill(pid: int, started: str) -> None:
-    if _start_time(pid) == started:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class Child:
@@ -112,25 +75,24 @@ class Child:
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (a gateway then stops its clusters), then SIGKILL to the process group and to
         every descendant seen, those in sessions of their own included."""
-        self._seen.update(descendants(self.proc.pid))
+        self._seen.update(start_times(descendants(self.proc.pid)))
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self.proc.poll() is None and time.monotonic() < deadline:
-                self._seen.update(descendants(self.proc.pid))
+                self._seen.update(start_times(descendants(self.proc.pid)))
                 time.sleep(0.1)
         self.kill()
         return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self._seen.update(descendants(self.proc.pid))
+            self._seen.update(start_times(descendants(self.proc.pid)))
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        for pid, started in self._seen.items():
-            _kill(pid, started)
+        kill_tree(self._seen)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -1,7 +1,8 @@
 """The pytest plugin plugin authors get with gateway-core: fixtures for a running gateway.
 
-Owns the fixtures `gateway_plugin_manager`, `make_gateway` and `make_api_client`; the
-machinery they use lives in `gateway_core.testing.harness`.
+Owns the fixtures `gateway_plugin_manager`, `make_gateway`, `make_api_client` and
+`no_process_left_behind`; the machinery they use lives in `gateway_core.testing.harness` and
+`gateway_core.testing.processes`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,21 @@ if TYPE_CHECKING:
 # Heavy imports happen inside the fixtures: pytest loads this module in every session of every
 # project that has gateway-core installed, and most of them never use it.
 GatewayFactory = Callable[..., Awaitable["Gateway"]]
+
+
+@pytest.fixture
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the test if a process it started (a scheduler, a worker, a fork server, their
+    orphans when the session set a subreaper) outlives it by more than 10 s; what is left is
+    killed either way, so one failure does not spoil the next test.
+
+    Use it with ``pytestmark = pytest.mark.usefixtures("no_process_left_behind")``.
+    """
+    from .processes import check_no_process_left, descendants
+
+    before = set(descendants(reap=True))
+    yield
+    check_no_process_left(before)
 
 
 @pytest.fixture
