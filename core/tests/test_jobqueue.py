@@ -168,6 +168,23 @@ def make_driver(queue: FakeQueue, **settings: Any) -> ToyDriver:
     return ToyDriver(config=config, context=context, runner=queue)  # type: ignore[arg-type]
 
 
+def test_a_driver_missing_a_scheduler_method_fails_when_made() -> None:
+    """The six scheduler-specific methods are abstract: a plugin that forgets one learns it
+    when the driver is made, not on the first status check."""
+
+    class Forgetful(JobQueueDriver):  # everything but parse_job_states
+        name = "forgetful"
+        submission = ToyDriver.submission
+        cancel_command_line = ToyDriver.cancel_command_line
+        status_command_line = ToyDriver.status_command_line
+        parse_job_id = ToyDriver.parse_job_id
+        job_state = ToyDriver.job_state
+
+    context = GatewayContext(config=load_config({}, environ={}), hook=None)
+    with pytest.raises(TypeError, match="parse_job_states"):
+        Forgetful(config=JobQueueConfig(), context=context, runner=FakeQueue())  # type: ignore[arg-type]
+
+
 def make_cluster(name: str = "c0ffee", username: str = "alice", **config: Any) -> Cluster:
     return Cluster(
         name=name,

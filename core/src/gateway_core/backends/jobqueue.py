@@ -66,6 +66,7 @@ and what goes to its stdin), `JobQueueDriver.cancel_command_line`,
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
@@ -435,6 +436,7 @@ class JobQueueDriver(ClusterDriver):
     # ---------------------------------------------------------------------------------------
     # What a subclass implements
 
+    @abc.abstractmethod
     def submission(
         self,
         cluster: Cluster,
@@ -448,23 +450,28 @@ class JobQueueDriver(ClusterDriver):
         whose job script is ``script``; it runs as the user, in ``staging_dir``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
         """The command cancelling ``job_ids`` (run as the user)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
         """One command asking the state of every job in ``job_ids`` (run as the gateway)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def parse_job_id(self, stdout: str) -> str:
         """The job id in the submit command's output; raise ValueError when there is none."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def parse_job_states(self, stdout: str) -> dict[str, str]:
         """Job id → the scheduler's state code, from the status command's output. Raise
         ValueError on output that cannot be understood (the check then counts as failed)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def job_state(self, code: str) -> JobState:
         """What the scheduler's state ``code`` means."""
         raise NotImplementedError
