@@ -26,17 +26,21 @@ import asyncio
 import json
 import os
 import platform
-import pwd
-import secrets
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
+
+from gateway_core.testing.jobqueue import (
+    JobTestSetupError,
+    add_user,
+    jobqueue_test_config,
+    shared_tempdir,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -111,35 +115,12 @@ def job_python(args: argparse.Namespace, notes: list[str]) -> str:
 
 
 def gateway_config(python: str, backend: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
-    setup = f'export PATH="{os.path.dirname(python)}:$PATH"'
-    return {
-        "gateway": {"backend": "slurm"},
-        "backend": {
-            "slurm": {
-                "cluster_heartbeat_period": 1,
-                "cluster_heartbeat_timeout": 30,
-                "cluster_status_period": 1.0,
-                "worker_status_period": 1.0,
-                "cluster_start_timeout": 120,
-                "worker_start_timeout": 120,
-                "backoff_base_delay": 0.2,
-                "backoff_max_delay": 2.0,
-                "dask_gateway_jobqueue_launcher": [
-                    python,
-                    "-m",
-                    "gateway_core.backends.jobqueue_launcher",
-                ],
-                **backend,
-            }
-        },
-        "cluster": {
-            "scheduler_setup": setup,
-            "worker_setup": setup,
-            "scheduler_memory": "1 G",
-            "worker_memory": "768 M",
-            **cluster,
-        },
-    }
+    """The Slurm tests' gateway config (short periods, small jobs), with start timeouts that
+    leave room for a loaded machine."""
+    timeouts = {"cluster_start_timeout": 120, "worker_start_timeout": 120}
+    return jobqueue_test_config(
+        "slurm", python=python, backend={**timeouts, **backend}, cluster=cluster
+    )
 
 
 # ============================================================================================
@@ -404,13 +385,11 @@ def main() -> None:
     t0 = time.monotonic()
     notes: list[str] = []
     python = job_python(args, notes)
-    homes = Path(tempfile.mkdtemp(prefix="gw-slurm-bench-homes-", dir="/tmp"))
-    homes.chmod(0o755)
-    name = f"gwb{secrets.token_hex(4)}"
-    done = run(["useradd", "--create-home", "--home-dir", str(homes / name), "-s", "/bin/sh", name])
-    if done.returncode != 0:
-        raise SystemExit(f"useradd {name} failed: {done.stderr}")
-    pwd.getpwnam(name)
+    homes = shared_tempdir("gw-slurm-bench-homes-")
+    try:
+        name = add_user("gwb", homes).pw_name
+    except JobTestSetupError as exc:
+        raise SystemExit(str(exc)) from None
     result: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
