@@ -22,6 +22,8 @@ import struct
 import threading
 import time
 
+from proxy_bench import machine_cpu_seconds  # this folder: python bench/proxy_sockmap.py
+
 SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 5, 8
 BPF_MAP_TYPE_SOCKHASH = 18
@@ -187,24 +189,18 @@ def round_trip_us(port: int, count: int) -> float:
     return statistics.median(samples) / 1000
 
 
-def machine_cpu() -> float:
-    with open("/proc/stat") as fh:
-        user, nice, system, _idle, _iowait, irq, softirq = map(int, fh.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 def bulk(port: int) -> tuple[float, float]:
     """(MB/s, whole-machine CPU seconds per GB) for BULK bytes from the endpoint."""
     conn = socket.create_connection(("127.0.0.1", port))
     conn.sendall(b"b")
     buf = bytearray(1 << 20)
-    got, start, cpu = 0, time.perf_counter(), machine_cpu()
+    got, start, cpu = 0, time.perf_counter(), machine_cpu_seconds()
     while got < BULK:
         n = conn.recv_into(buf)
         if not n:
             raise ConnectionError(f"closed after {got} bytes")
         got += n
-    elapsed, cpu = time.perf_counter() - start, machine_cpu() - cpu
+    elapsed, cpu = time.perf_counter() - start, machine_cpu_seconds() - cpu
     conn.sendall(b".")
     conn.close()
     return got / elapsed / 1e6, cpu / (got / 1e9)

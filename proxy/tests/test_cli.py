@@ -164,3 +164,16 @@ def test_feed_url_and_token_are_required_somewhere(tmp_path, captured) -> None:
     result = _invoke(["--gateway-url", "http://127.0.0.1:1"])
     assert result.exit_code == 2 and "--api-token is required" in result.output
     assert captured == []
+
+
+@pytest.mark.unit
+def test_config_keys_cover_the_embedded_proxys_proxy_section() -> None:
+    """`gateway proxy --config` reads [proxy] without importing gateway-core, from its own list
+    of keys: it must name every key of `BuiltinProxyConfig`, no more, no fewer."""
+    import attrs
+
+    from gateway_proxy.cli import CONFIG_KEYS, GATEWAY_ONLY_KEYS
+    from gateway_proxy.embedded import BuiltinProxyConfig
+
+    section = {f.name for f in attrs.fields(BuiltinProxyConfig)}
+    assert set(CONFIG_KEYS) | GATEWAY_ONLY_KEYS == section

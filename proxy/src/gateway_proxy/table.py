@@ -117,13 +117,10 @@ class HttpTarget:
             return location
         base = self.path.encode("latin-1")
         if base:
-            if path[len(base) : len(base) + 1] not in (b"", b"/", b"?") or not path.startswith(
-                base
-            ):
-                return location
-            path = path[len(base) :]
-            if not path.startswith(b"/"):
-                path = b"/" + path
+            rest = path[len(base) :]
+            if not path.startswith(base) or rest[:1] not in (b"", b"/", b"?"):
+                return location  # outside the target's own path
+            path = rest if rest.startswith(b"/") else b"/" + rest
         return self.route.encode("latin-1") + path
 
 
