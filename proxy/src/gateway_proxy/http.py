@@ -73,6 +73,19 @@ def _reason(code: int) -> bytes:
         return b"Unknown"
 
 
+def _half_close(transport: asyncio.Transport | None, *, reading_done: bool) -> None:
+    """The other side stopped sending: pass the FIN on, and close outright when this side's
+    reading has ended too (or when the transport cannot half-close)."""
+    if transport is None or transport.is_closing():
+        return
+    if transport.can_write_eof():
+        transport.write_eof()
+        if reading_done:
+            transport.close()
+    else:
+        transport.close()
+
+
 class HttpFace:
     """Serves HTTP (or HTTPS) on one or more listeners against a routing table."""
 
@@ -572,15 +585,7 @@ class ClientConn(asyncio.Protocol):
             up.write_eof()
 
     def write_eof(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if transport.can_write_eof():
-            transport.write_eof()
-            if self.eof:
-                transport.close()
-        else:
-            transport.close()
+        _half_close(self.transport, reading_done=self.eof)
 
     # -- idle keep-alive ------------------------------------------------------------------------
 
@@ -676,15 +681,7 @@ class UpstreamConn(asyncio.Protocol):
             transport.write(data)
 
     def write_eof(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if transport.can_write_eof():
-            transport.write_eof()
-            if self.eof:
-                transport.close()
-        else:
-            transport.close()
+        _half_close(self.transport, reading_done=self.eof)
 
     # -- transport callbacks ------------------------------------------------------------------
 
