@@ -169,3 +169,22 @@ def test_serve_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         loop_factory("uvloop")
     with pytest.raises(ConfigError, match=r"gateway\.event_loop: expected one of 'auto', "):
         load_config(data={"gateway": {"event_loop": "fast"}})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_serve_runs_the_gateway_on_the_configured_loop(
+    kind: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway_core import app
+
+    seen: list[str] = []
+
+    async def fake_run(config: Any) -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    monkeypatch.setattr(app, "run_until_stopped", fake_run)
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[gateway]\nevent_loop = "{kind}"\n')
+    app.serve(str(path))
+    assert len(seen) == 1 and seen[0].startswith(kind)
