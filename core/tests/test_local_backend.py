@@ -28,21 +28,17 @@ from typing import Any
 
 import pytest
 
-import gateway_core.builtin
 from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
+from gateway_core.backends.kit import DEFAULT_INHERITED_ENVIRONMENT, ProcessRef, boot_id
 from gateway_core.backends.local import (
-    DEFAULT_INHERITED_ENVIRONMENT,
+    GatewayUser,
     LocalBackendConfig,
     LocalDriver,
-    ProcessRef,
-    UnsafeLocalDriver,
-    boot_id,
+    RequestingUser,
 )
 from gateway_core.config import ConfigError, load_config, structure
 from gateway_core.context import GatewayContext
-from gateway_core.hookspecs import hookimpl
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
-from gateway_core.specs import BackendSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
@@ -50,23 +46,8 @@ PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
 
 
-class LocalBackends:
-    """Registers the two backends, until core's built-in plugin does it itself."""
-
-    @hookimpl
-    def gateway_register_backends(self) -> list[BackendSpec]:
-        return [
-            BackendSpec(name="local", driver=LocalDriver, config=LocalBackendConfig),
-            BackendSpec(name="unsafe-local", driver=UnsafeLocalDriver, config=LocalBackendConfig),
-        ]
-
-
-def _builtin_registers_local() -> bool:
-    hook = getattr(gateway_core.builtin, "gateway_register_backends", None)
-    return hook is not None and any(spec.name == "local" for spec in hook())
-
-
-PLUGINS: list[object] = [] if _builtin_registers_local() else [LocalBackends()]
+PLUGINS: list[object] = []
+"""Core's built-in plugin registers both backends."""
 
 FAST: dict[str, Any] = {
     "cluster_start_timeout": 40.0,
@@ -480,9 +461,10 @@ async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_t
     assert _gone(state["workdir"])
 
 
-def _driver(**knobs: Any) -> UnsafeLocalDriver:
+def _driver(**knobs: Any) -> LocalDriver:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    return UnsafeLocalDriver(config=LocalBackendConfig(**{**FAST, **knobs}), context=context)
+    config = LocalBackendConfig(**{**FAST, **knobs})
+    return LocalDriver(config=config, context=context, owner=GatewayUser())
 
 
 def test_warm_nannies_fork_their_workers_unless_the_config_says_otherwise(tmp_path: Path) -> None:
@@ -670,7 +652,9 @@ async def test_local_fails_a_cluster_of_an_unknown_user_before_starting_anything
 
 async def test_local_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    driver = LocalDriver(config=LocalBackendConfig(start_method="spawn"), context=context)
+    driver = LocalDriver(
+        config=LocalBackendConfig(start_method="spawn"), context=context, owner=RequestingUser()
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(RuntimeError, match="needs root; the gateway runs as uid 1000"):
         await driver.setup()

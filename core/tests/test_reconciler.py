@@ -19,7 +19,8 @@ import pytest
 
 from gateway_core import hookspecs
 from gateway_core.backends.base import BackendUnavailable, ClusterConflict
-from gateway_core.backends.process import ProcessBackend, cluster_env
+from gateway_core.backends.kit import cluster_env
+from gateway_core.backends.process import ProcessBackend
 from gateway_core.config import ClusterConfig, Command, Memory, load_config
 from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
