@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+import gateway_core.builtin
 from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
 from gateway_core.backends.kit import DEFAULT_INHERITED_ENVIRONMENT, ProcessRef, boot_id
 from gateway_core.backends.local import (
@@ -36,7 +37,7 @@ from gateway_core.backends.local import (
     LocalDriver,
     RequestingUser,
 )
-from gateway_core.config import ConfigError, load_config, structure
+from gateway_core.config import BackendConfig, ClusterConfig, ConfigError, load_config, structure
 from gateway_core.context import GatewayContext
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
 
@@ -461,6 +462,25 @@ async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_t
     assert _gone(state["workdir"])
 
 
+async def test_dask_is_found_beside_the_gateways_python_when_path_lacks_it(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway started as ``/venv/bin/gateway serve`` without activating the venv."""
+    bare = os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin"])
+    assert shutil.which("dask", path=bare) is None, "this test needs a PATH without dask"
+    monkeypatch.setenv("PATH", bare)
+    gw = await make_gateway(config_for("unsafe-local", tmp_path, start_method="spawn"))
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    report = await alice.get(f"/api/v1/clusters/{name}?wait")
+    cluster = gw.backend.store.get(name)
+    assert report.body["status"] == "RUNNING", cluster.reason
+    # The gateway's bin is appended: what the site's PATH provides still comes first.
+    assert _environ_of(cluster.state["pid"])["PATH"] == os.pathsep.join([bare, BIN])
+    assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+
+
 def _driver(**knobs: Any) -> LocalDriver:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     config = LocalBackendConfig(**{**FAST, **knobs})
@@ -648,6 +668,21 @@ async def test_local_fails_a_cluster_of_an_unknown_user_before_starting_anything
     assert "has no account on the gateway's host" in reason
     clusters_dir = tmp_path / "clusters"
     assert _gone(clusters_dir) or os.listdir(clusters_dir) == []
+
+
+def test_local_and_unsafe_local_are_one_driver_with_two_owners() -> None:
+    specs = {spec.name: spec for spec in gateway_core.builtin.gateway_register_backends()}
+    context = GatewayContext(config=load_config({}, environ={}), hook=None)
+    made = {
+        name: specs[name].make_driver(config=LocalBackendConfig(), context=context)
+        for name in ("local", "unsafe-local")
+    }
+    assert {type(driver) for driver in made.values()} == {LocalDriver}
+    assert isinstance(made["local"].owner, RequestingUser)
+    assert isinstance(made["unsafe-local"].owner, GatewayUser)
+    assert made["local"].name == "local" and made["local"].cluster_config_class is ClusterConfig
+    with pytest.raises(TypeError, match="backend 'local' needs a LocalBackendConfig"):
+        specs["local"].make_driver(config=BackendConfig(), context=context)
 
 
 async def test_local_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
