@@ -294,10 +294,12 @@ class CommandTemplateDriver(ClusterDriver[CommandTemplateConfig, ClusterConfig])
     # Helpers
 
     def directory(self, cluster: Cluster) -> Path:
+        """The cluster's working directory (as stored, once its start has begun)."""
         stored = cluster.state.get("directory")
         return Path(stored) if stored else self.config.base_directory / cluster.name
 
     def values(self, cluster: Cluster) -> dict[str, object]:
+        """The placeholder values of the scheduler template for ``cluster``."""
         return scheduler_values(
             cluster_name=cluster.name,
             username=cluster.username,
@@ -308,6 +310,8 @@ class CommandTemplateDriver(ClusterDriver[CommandTemplateConfig, ClusterConfig])
         )
 
     def environment(self, cluster: Cluster, **extra: str) -> dict[str, str]:
+        """The gateway's environment, the cluster's (`cluster_env`), the TLS file paths, then
+        ``extra``."""
         directory = self.directory(cluster)
         env = dict(os.environ)
         env.update(cluster_env(cluster, self.context))
@@ -329,6 +333,7 @@ class CommandTemplateDriver(ClusterDriver[CommandTemplateConfig, ClusterConfig])
         return ref
 
     async def stop(self, state: Mapping[str, Any], what: str) -> None:
+        """Stop the process group whose `ProcessRef` is in ``state`` (nothing if none is)."""
         ref = ProcessRef.from_state(state)
         if ref is not None:
             # The whole group at once: a wrapper's children need not pass the signal on.
@@ -342,7 +347,7 @@ class CommandTemplateDriver(ClusterDriver[CommandTemplateConfig, ClusterConfig])
         directory = self.config.base_directory / cluster.name
         # Stored before anything is created, so a stop after a crash knows what to remove.
         yield {"directory": str(directory)}
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True)  # fails if it exists: never reuse one
         for name, data in ((CERT_FILE, cluster.tls_cert), (KEY_FILE, cluster.tls_key)):
             write_private_file(directory / name, data)
         argv = expand(self.config.scheduler_template, config.scheduler_cmd, self.values(cluster))
