@@ -30,7 +30,13 @@ import pytest
 
 import gateway_core.builtin
 from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
-from gateway_core.backends.kit import DEFAULT_INHERITED_ENVIRONMENT, ProcessRef, boot_id
+from gateway_core.backends.kit import (
+    DEFAULT_INHERITED_ENVIRONMENT,
+    ProcessRef,
+    all_stats,
+    boot_id,
+    read_stat,
+)
 from gateway_core.backends.local import (
     GatewayUser,
     LocalBackendConfig,
@@ -100,11 +106,8 @@ def dask_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return raw[raw.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
+    st = read_stat(pid)
+    return st is not None and st.running
 
 
 # File checks are plain blocking calls on local files, kept in these sync helpers.
@@ -119,8 +122,9 @@ def _gone(path: str | Path) -> bool:
 
 
 def _start_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(raw[raw.rindex(b")") + 2 :].split()[19])
+    st = read_stat(pid)
+    assert st is not None, f"no process {pid}"
+    return st.start_ticks
 
 
 def _check_private(workdir: Path, cluster: Cluster, *, uid: int, gid: int) -> None:
@@ -134,18 +138,16 @@ def _check_private(workdir: Path, cluster: Cluster, *, uid: int, gid: int) -> No
 
 
 def _child_of(pid: int) -> int:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for st in all_stats():
+        if st.ppid != pid or not st.running:
             continue
         try:
-            raw = Path(f"/proc/{entry}/stat").read_bytes()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cmdline = Path(f"/proc/{st.pid}/cmdline").read_bytes()
         except OSError:
             continue
-        parent = int(raw[raw.rindex(b")") + 2 :].split()[1])
         # The worker process, forked by the nanny (not its multiprocessing resource tracker).
-        if parent == pid and _pid_alive(int(entry)) and b"resource_tracker" not in cmdline:
-            return int(entry)
+        if b"resource_tracker" not in cmdline:
+            return st.pid
     raise AssertionError(f"no worker process under the nanny {pid}")
 
 
