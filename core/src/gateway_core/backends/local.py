@@ -86,7 +86,8 @@ class LocalBackendConfig(ProcessBackendConfig):
     """Directory holding one working directory per cluster (created, 0700, removed when the
     cluster stops); empty: a new temporary directory per cluster."""
     inherited_environment: list[str] = field(factory=lambda: list(DEFAULT_INHERITED_ENVIRONMENT))
-    """Environment variables the scheduler and worker processes inherit from the gateway."""
+    """Environment variables the scheduler and worker processes inherit from the gateway. Their
+    ``PATH`` ends with the directory of the gateway's own Python (`kit.with_gateway_bin`)."""
     sigint_timeout: float = 10.0
     """Seconds a process has to exit after SIGINT before it gets SIGTERM."""
     sigterm_timeout: float = 5.0
