@@ -49,6 +49,8 @@ from typing import Any
 
 import psutil
 
+from gateway_core.backends.kit import DEFAULT_INHERITED_ENVIRONMENT, inherited_env
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BIN = Path(sys.executable).parent
@@ -69,16 +71,6 @@ METRICS: dict[str, str] = {
     "stopped_s": "→ STOPPED (API)",
     "gone_s": "→ all processes exited",
 }
-INHERITED = (
-    "PATH",
-    "PYTHONPATH",
-    "CONDA_ROOT",
-    "CONDA_DEFAULT_ENV",
-    "VIRTUAL_ENV",
-    "LANG",
-    "LC_ALL",
-)
-"""The environment both gateways' local backends let schedulers and workers inherit."""
 DISTRIBUTIONS = (
     "gateway-core",
     "gateway-client",
@@ -439,8 +431,9 @@ class Driver:
         workdir = self.tmp / f"rep-{rep}"
         workdir.mkdir()
         scheduler_file = workdir / "scheduler.json"
-        # What both gateways pass on to their processes by default, nothing else.
-        env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+        # What both gateways pass on to their processes by default (the original's default
+        # inherited_environment, which core's kit keeps), nothing else.
+        env = inherited_env(DEFAULT_INHERITED_ENVIRONMENT)
         env["DASK_TEMPORARY_DIRECTORY"] = str(workdir)
         popens: list[subprocess.Popen[bytes]] = []
         client = None

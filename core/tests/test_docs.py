@@ -67,3 +67,13 @@ def test_every_config_key_is_documented(section: str) -> None:
     cls = getattr(config, CONFIG_SECTIONS[section])
     for f in attrs.fields(cls):
         assert f"| `{f.name}` |" in block, f"{section} {f.name} missing from configuration.md"
+
+
+def test_every_driver_kit_helper_is_in_the_toolbox_section() -> None:
+    from gateway_core.backends import kit
+
+    page = (DOCS / "writing-a-backend.md").read_text()
+    start = page.index("## The driver kit (toolbox)")
+    section = page[start : page.index("\n## ", start + 1)]
+    missing = [name for name in kit.__all__ if f"`{name}" not in section]
+    assert missing == [], f"docs/writing-a-backend.md does not list {missing}"

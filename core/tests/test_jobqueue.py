@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import pytest
 
 from gateway_core.backends import jobqueue
-from gateway_core.backends.commands import RunAs
 from gateway_core.backends.jobqueue import (
     CommandResult,
     JobQueueClusterConfig,
@@ -34,6 +33,7 @@ from gateway_core.backends.jobqueue import (
     LauncherError,
     Submission,
 )
+from gateway_core.backends.kit import RunAs
 from gateway_core.config import ConfigError, load_config, structure, unstructure
 from gateway_core.context import GatewayContext
 from gateway_core.hookspecs import hookimpl
@@ -153,19 +153,24 @@ class ToyDriver(JobQueueDriver):
 
 @pytest.fixture(autouse=True)
 def known_users(monkeypatch: pytest.MonkeyPatch) -> None:
-    def lookup(username: str) -> RunAs:
+    def lookup(username: str, *, purpose: str) -> RunAs:
         if username != "alice":
             raise RuntimeError(f"User {username!r} has no account on the gateway's host")
         return ALICE
 
-    monkeypatch.setattr(jobqueue, "lookup_account", lookup)
+    monkeypatch.setattr(jobqueue, "lookup_user", lookup)
 
 
 def make_driver(queue: FakeQueue, **settings: Any) -> ToyDriver:
     config = JobQueueConfig(**{"backoff_base_delay": 0.01, **settings})
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     context.api_url = "http://127.0.0.1:8000/api"
-    return ToyDriver(config=config, context=context, runner=queue)  # type: ignore[arg-type]
+    return ToyDriver(
+        config=config,
+        context=context,
+        cluster_config_class=JobQueueClusterConfig,
+        runner=queue,  # type: ignore[arg-type]
+    )
 
 
 def test_a_driver_missing_a_scheduler_method_fails_when_made() -> None:

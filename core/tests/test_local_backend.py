@@ -30,19 +30,22 @@ import pytest
 
 import gateway_core.builtin
 from gateway_core.backends.forkserver import ForkServer, ForkServerError, LaunchRefused
-from gateway_core.backends.local import (
+from gateway_core.backends.kit import (
     DEFAULT_INHERITED_ENVIRONMENT,
+    ProcessRef,
+    all_stats,
+    boot_id,
+    read_stat,
+)
+from gateway_core.backends.local import (
+    GatewayUser,
     LocalBackendConfig,
     LocalDriver,
-    ProcessRef,
-    UnsafeLocalDriver,
-    boot_id,
+    RequestingUser,
 )
-from gateway_core.config import ConfigError, load_config, structure
+from gateway_core.config import BackendConfig, ClusterConfig, ConfigError, load_config, structure
 from gateway_core.context import GatewayContext
-from gateway_core.hookspecs import hookimpl
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
-from gateway_core.specs import BackendSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
@@ -50,23 +53,8 @@ PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
 
 
-class LocalBackends:
-    """Registers the two backends, until core's built-in plugin does it itself."""
-
-    @hookimpl
-    def gateway_register_backends(self) -> list[BackendSpec]:
-        return [
-            BackendSpec(name="local", driver=LocalDriver, config=LocalBackendConfig),
-            BackendSpec(name="unsafe-local", driver=UnsafeLocalDriver, config=LocalBackendConfig),
-        ]
-
-
-def _builtin_registers_local() -> bool:
-    hook = getattr(gateway_core.builtin, "gateway_register_backends", None)
-    return hook is not None and any(spec.name == "local" for spec in hook())
-
-
-PLUGINS: list[object] = [] if _builtin_registers_local() else [LocalBackends()]
+PLUGINS: list[object] = []
+"""Core's built-in plugin registers both backends."""
 
 FAST: dict[str, Any] = {
     "cluster_start_timeout": 40.0,
@@ -118,11 +106,8 @@ def dask_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return raw[raw.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
+    st = read_stat(pid)
+    return st is not None and st.running
 
 
 # File checks are plain blocking calls on local files, kept in these sync helpers.
@@ -137,8 +122,9 @@ def _gone(path: str | Path) -> bool:
 
 
 def _start_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(raw[raw.rindex(b")") + 2 :].split()[19])
+    st = read_stat(pid)
+    assert st is not None, f"no process {pid}"
+    return st.start_ticks
 
 
 def _check_private(workdir: Path, cluster: Cluster, *, uid: int, gid: int) -> None:
@@ -152,18 +138,16 @@ def _check_private(workdir: Path, cluster: Cluster, *, uid: int, gid: int) -> No
 
 
 def _child_of(pid: int) -> int:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for st in all_stats():
+        if st.ppid != pid or not st.running:
             continue
         try:
-            raw = Path(f"/proc/{entry}/stat").read_bytes()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cmdline = Path(f"/proc/{st.pid}/cmdline").read_bytes()
         except OSError:
             continue
-        parent = int(raw[raw.rindex(b")") + 2 :].split()[1])
         # The worker process, forked by the nanny (not its multiprocessing resource tracker).
-        if parent == pid and _pid_alive(int(entry)) and b"resource_tracker" not in cmdline:
-            return int(entry)
+        if b"resource_tracker" not in cmdline:
+            return st.pid
     raise AssertionError(f"no worker process under the nanny {pid}")
 
 
@@ -480,9 +464,29 @@ async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_t
     assert _gone(state["workdir"])
 
 
-def _driver(**knobs: Any) -> UnsafeLocalDriver:
+async def test_dask_is_found_beside_the_gateways_python_when_path_lacks_it(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway started as ``/venv/bin/gateway serve`` without activating the venv."""
+    bare = os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin"])
+    assert shutil.which("dask", path=bare) is None, "this test needs a PATH without dask"
+    monkeypatch.setenv("PATH", bare)
+    gw = await make_gateway(config_for("unsafe-local", tmp_path, start_method="spawn"))
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    report = await alice.get(f"/api/v1/clusters/{name}?wait")
+    cluster = gw.backend.store.get(name)
+    assert report.body["status"] == "RUNNING", cluster.reason
+    # The gateway's bin is appended: what the site's PATH provides still comes first.
+    assert _environ_of(cluster.state["pid"])["PATH"] == os.pathsep.join([bare, BIN])
+    assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+
+
+def _driver(**knobs: Any) -> LocalDriver:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    return UnsafeLocalDriver(config=LocalBackendConfig(**{**FAST, **knobs}), context=context)
+    config = LocalBackendConfig(**{**FAST, **knobs})
+    return LocalDriver(config=config, context=context, owner=GatewayUser())
 
 
 def test_warm_nannies_fork_their_workers_unless_the_config_says_otherwise(tmp_path: Path) -> None:
@@ -668,9 +672,26 @@ async def test_local_fails_a_cluster_of_an_unknown_user_before_starting_anything
     assert _gone(clusters_dir) or os.listdir(clusters_dir) == []
 
 
+def test_local_and_unsafe_local_are_one_driver_with_two_owners() -> None:
+    specs = {spec.name: spec for spec in gateway_core.builtin.gateway_register_backends()}
+    context = GatewayContext(config=load_config({}, environ={}), hook=None)
+    made = {
+        name: specs[name].make_driver(config=LocalBackendConfig(), context=context)
+        for name in ("local", "unsafe-local")
+    }
+    assert {type(driver) for driver in made.values()} == {LocalDriver}
+    assert isinstance(made["local"].owner, RequestingUser)
+    assert isinstance(made["unsafe-local"].owner, GatewayUser)
+    assert made["local"].name == "local" and made["local"].cluster_config_class is ClusterConfig
+    with pytest.raises(TypeError, match="backend 'local' needs a LocalBackendConfig"):
+        specs["local"].make_driver(config=BackendConfig(), context=context)
+
+
 async def test_local_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    driver = LocalDriver(config=LocalBackendConfig(start_method="spawn"), context=context)
+    driver = LocalDriver(
+        config=LocalBackendConfig(start_method="spawn"), context=context, owner=RequestingUser()
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(RuntimeError, match="needs root; the gateway runs as uid 1000"):
         await driver.setup()

@@ -19,7 +19,8 @@ import pytest
 
 from gateway_core import hookspecs
 from gateway_core.backends.base import BackendUnavailable, ClusterConflict
-from gateway_core.backends.process import ProcessBackend, cluster_env
+from gateway_core.backends.kit import cluster_env
+from gateway_core.backends.process import ProcessBackend
 from gateway_core.config import ClusterConfig, Command, Memory, load_config
 from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
@@ -538,6 +539,44 @@ async def test_restart_resumes_a_pending_cluster_waiting_for_its_heartbeat(
     again = await second.backend.get_cluster(cluster.name, wait=True)
     assert again is not None and again.status == ClusterStatus.RUNNING
     assert second.driver.calls["start_scheduler"] == 0  # its start had already run
+
+
+async def test_a_stored_config_that_no_longer_fits_fails_that_cluster_only(
+    make: Callable[..., Awaitable[Gateway]], tmp_path: Path
+) -> None:
+    """The cluster config class changed between restarts (here: a key it no longer has)."""
+    settings = {
+        "db_url": f"sqlite:///{tmp_path / 'gateway.sqlite'}",
+        "db_encrypt_keys": [base64.b64encode(os.urandom(32)).decode()],
+        "stop_clusters_on_shutdown": False,
+    }
+    first = await make(gateway=settings)
+    fits, unfit = await first.running(), await first.running()
+    first.backend.store.update_cluster(unfit, config={**unfit.config, "retired_key": 1})
+    await first.backend.cleanup()
+
+    second = await make(gateway=settings, schedulers=first.driver.schedulers)
+    kept = await second.backend.get_cluster(fits.name)
+    failed = await second.backend.get_cluster(unfit.name)
+    assert kept is not None and failed is not None
+    await until(lambda: failed.status == ClusterStatus.FAILED)
+    assert failed.reason is not None and "cluster.retired_key: unknown key" in failed.reason
+    assert second.driver.calls["stop_scheduler"] == 1, "its processes are stopped"
+    assert kept.status == ClusterStatus.RUNNING
+    assert isinstance(kept.typed_config, ClusterConfig), "structured once, when loaded"
+    assert second.backend.cluster_config(kept) is kept.typed_config
+
+
+async def test_the_typed_config_a_cluster_starts_with_is_what_the_driver_gets(
+    make: Callable[..., Awaitable[Gateway]],
+) -> None:
+    gw = await make()
+    config = ClusterConfig(worker_cores=3)
+    name = await gw.backend.start_cluster(user=ALICE, options={}, config=config)
+    cluster = await gw.backend.get_cluster(name)
+    assert cluster is not None
+    assert gw.driver.cluster_config(cluster) is config  # kept, not converted again
+    assert cluster.config["worker_cores"] == 3  # the plain form, for the store
 
 
 # -------------------------------------------------------------------------------------------

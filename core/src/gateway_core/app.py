@@ -111,7 +111,7 @@ class Gateway:
         if spec.driver is not None:
             from .backends.process import ProcessBackend
 
-            driver = spec.driver(config=resolved.backend, context=context)
+            driver = spec.make_driver(config=resolved.backend, context=context)
             backend = ProcessBackend(
                 config=resolved.backend,
                 cluster_config_class=spec.cluster_config,

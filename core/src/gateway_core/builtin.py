@@ -7,6 +7,7 @@ authenticator) and the fallback answer to
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from .hookspecs import hookimpl
@@ -20,19 +21,20 @@ if TYPE_CHECKING:
 
 @hookimpl
 def gateway_register_backends() -> list[BackendSpec]:
-    from .backends.local import LocalBackendConfig, LocalDriver, UnsafeLocalDriver
+    from .backends.local import GatewayUser, LocalBackendConfig, LocalDriver, RequestingUser
 
+    # One driver, two owners of the processes.
     return [
         BackendSpec(
             name="local",
-            driver=LocalDriver,
+            driver=functools.partial(LocalDriver, owner=RequestingUser()),
             config=LocalBackendConfig,
             description="Dask processes on the gateway's host, run as the requesting user "
             "(needs root)",
         ),
         BackendSpec(
             name="unsafe-local",
-            driver=UnsafeLocalDriver,
+            driver=functools.partial(LocalDriver, owner=GatewayUser()),
             config=LocalBackendConfig,
             description="Dask processes on the gateway's host, run as the gateway's user "
             "(no separation between users)",

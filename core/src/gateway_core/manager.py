@@ -238,6 +238,8 @@ class ClusterManager:
 
     def max_workers(self, cluster: Cluster) -> int | None:
         """The cluster's effective worker limit from its stored config; None means none."""
+        if cluster.typed_config is not None:
+            return cluster.typed_config.max_workers
         try:
             return structure(cluster.config, self.cluster_config_class).max_workers
         except ConfigError as exc:

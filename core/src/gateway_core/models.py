@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
+
+if TYPE_CHECKING:
+    from .config import ClusterConfig
 
 
 class ClusterStatus(enum.IntEnum):
@@ -100,8 +103,10 @@ class Cluster:
     """One Dask cluster of one user.
 
     ``options`` are the user's normalized options (shown back to the user); ``config`` is the
-    resolved cluster configuration as a plain dict (what drivers read). ``count`` is the number
-    of workers the scheduler wants; ``state`` is the driver's own record.
+    resolved cluster configuration as a plain dict (what the store keeps), ``typed_config`` the
+    same as the backend's cluster config class (what drivers read, through
+    ``driver.cluster_config(cluster)``). ``count`` is the number of workers the scheduler wants;
+    ``state`` is the driver's own record.
     """
 
     name: str
@@ -124,6 +129,9 @@ class Cluster:
     worker_start_failures: int = 0
     reason: str | None = None
     workers: dict[str, Worker] = field(factory=dict, eq=False, repr=False)
+    typed_config: ClusterConfig | None = field(default=None, eq=False, repr=False)
+    """``config`` structured once by `ProcessBackend` (not stored: rebuilt when loaded); None
+    until then, or when the stored config no longer fits the cluster config class."""
 
     @property
     def active_workers(self) -> list[Worker]:

@@ -6,7 +6,8 @@ the attrs class its config section is structured into.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from attrs import define, field
 
@@ -15,18 +16,26 @@ from .config import AuthConfig, BackendConfig, ClusterConfig, ProxyConfig
 if TYPE_CHECKING:
     from .auth.base import Authenticator
     from .backends.base import Backend, ClusterDriver
+    from .context import GatewayContext
     from .proxies import Proxy
+
+DriverFactory: TypeAlias = "Callable[..., ClusterDriver[Any, Any]]"
+"""What `BackendSpec.driver` holds: a `ClusterDriver` subclass, or any callable taking the same
+keyword arguments (``config``, ``context``, ``cluster_config_class``, ``name``) and returning a
+driver, e.g. ``functools.partial(LocalDriver, processes=GATEWAY_USER)`` to register one driver
+class twice with different parts."""
 
 
 @define(kw_only=True, frozen=True)
 class BackendSpec:
-    """A cluster backend: either ``driver``, a `ClusterDriver` subclass that core's
-    `ProcessBackend` runs (the usual case), or ``backend``, a full `Backend` subclass.
-    ``config`` structures `[backend.<name>]`; ``cluster_config`` structures `[cluster]` when
-    this backend is selected."""
+    """A cluster backend: either ``driver``, a `ClusterDriver` subclass (or a `DriverFactory`)
+    that core's `ProcessBackend` runs (the usual case), or ``backend``, a full `Backend`
+    subclass. ``config`` structures `[backend.<name>]`; ``cluster_config`` structures
+    `[cluster]` when this backend is selected. These two are the only declaration of a
+    backend's config classes: a driver gets them from here (`make_driver`)."""
 
     name: str
-    driver: type[ClusterDriver] | None = None
+    driver: DriverFactory | None = None
     backend: type[Backend] | None = None
     config: type[BackendConfig] = BackendConfig
     cluster_config: type[ClusterConfig] = ClusterConfig
@@ -37,6 +46,26 @@ class BackendSpec:
     def __attrs_post_init__(self) -> None:
         if (self.driver is None) == (self.backend is None):
             raise TypeError(f"BackendSpec {self.name!r}: give exactly one of driver= or backend=")
+
+    def make_driver(
+        self, *, config: BackendConfig, context: GatewayContext, **kwargs: Any
+    ) -> ClusterDriver[Any, Any]:
+        """The driver for this backend: ``driver`` called with ``config`` (structured with
+        ``self.config``), ``context``, this spec's ``cluster_config`` and ``name``, and
+        ``kwargs``."""
+        if self.driver is None:
+            raise TypeError(f"BackendSpec {self.name!r} has no driver (it is a full backend)")
+        if not isinstance(config, self.config):
+            raise TypeError(
+                f"backend {self.name!r} needs a {self.config.__name__}, got {type(config).__name__}"
+            )
+        return self.driver(
+            config=config,
+            context=context,
+            cluster_config_class=self.cluster_config,
+            name=self.name,
+            **kwargs,
+        )
 
 
 @define(kw_only=True, frozen=True)
@@ -63,8 +92,3 @@ class ProxySpec:
 
 
 AnySpec = BackendSpec | AuthenticatorSpec | ProxySpec
-KIND_OF: dict[type[Any], str] = {
-    BackendSpec: "backend",
-    AuthenticatorSpec: "authenticator",
-    ProxySpec: "proxy",
-}

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from gateway_core.backends.kit import ProcessRef, read_stat
 from gateway_core.config import ClusterConfig, ConfigError, load_config, structure, unstructure
 from gateway_core.context import GatewayContext
 from gateway_core.models import Cluster, Worker, new_name, new_token
@@ -25,7 +26,6 @@ from gateway_plugin_example.backend import (
     CommandTemplateConfig,
     CommandTemplateDriver,
     expand,
-    is_alive,
 )
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,12 @@ async def start_scheduler(driver: CommandTemplateDriver, cluster: Cluster) -> No
     """Run the start operation as the reconciler does: store every state it yields."""
     async for update in driver.start_scheduler(cluster):
         cluster.state.update(update)
+
+
+def is_alive(pid: int) -> bool:
+    """Is ``pid`` running (not exited, not a zombie)?"""
+    st = read_stat(pid)
+    return st is not None and st.running
 
 
 def mode(path: Path) -> int:
@@ -201,7 +207,7 @@ async def test_a_scheduler_that_exits_is_reported_dead_with_its_output(
 async def test_a_missing_command_fails_the_start_with_its_name(tmp_path: Path) -> None:
     driver = make_driver(tmp_path)
     cluster = make_cluster(scheduler_cmd=["gw-no-such-scheduler-command"])
-    with pytest.raises(RuntimeError, match="command not found: 'gw-no-such-scheduler-command'"):
+    with pytest.raises(RuntimeError, match="cannot run 'gw-no-such-scheduler-command'"):
         await start_scheduler(driver, cluster)
     assert "directory" in cluster.state, "the directory was stored before it was created"
     await driver.stop_scheduler(cluster)
@@ -250,7 +256,9 @@ async def test_a_new_driver_finds_processes_from_the_stored_state_alone(
     directory.mkdir(parents=True)
     cluster = make_cluster()
     cluster.name = "restored"
-    cluster.state = {"pid": pid, "directory": str(directory)}
+    ref = ProcessRef.of(pid)
+    assert ref is not None
+    cluster.state = {**ref.to_state(), "directory": str(directory)}
 
     driver = make_driver(tmp_path)
     assert await driver.check_clusters([cluster]) == [True]

@@ -19,12 +19,18 @@ from typing import Any
 
 import pytest
 
+from gateway_core.backends.kit import read_stat
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
-from gateway_plugin_example.backend import is_alive
 
 pytestmark = pytest.mark.integration
 
 FAKE = [sys.executable, "-m", "gateway_core.testing.fake_scheduler"]
+
+
+def is_alive(pid: int) -> bool:
+    """Is ``pid`` running (not exited, not a zombie)?"""
+    st = read_stat(pid)
+    return st is not None and st.running
 
 
 def gateway_config(tmp_path: Path, **gateway: Any) -> dict[str, Any]:

@@ -56,6 +56,7 @@ def run_worker_job(tmp_path: Path, **user_options: Any) -> subprocess.CompletedP
     driver = SlurmDriver(
         config=SlurmConfig(submit_command="/usr/bin/sbatch", inherited_environment=[]),
         context=context,
+        cluster_config_class=SlurmClusterConfig,
     )
     cluster = Cluster(
         name="abc123",

@@ -11,7 +11,7 @@ import pytest
 from gateway_core.config import load_config
 from gateway_core.context import GatewayContext
 from gateway_core.models import Cluster, Worker
-from gateway_slurm.backend import SlurmConfig, SlurmDriver
+from gateway_slurm.backend import SlurmClusterConfig, SlurmConfig, SlurmDriver
 
 pytestmark = pytest.mark.unit
 
@@ -137,6 +137,7 @@ async def test_the_stored_config_renders_a_job_script_running_the_pixi_env_with_
     driver = SlurmDriver(
         config=SlurmConfig(submit_command="/usr/bin/sbatch", inherited_environment=[]),
         context=context,
+        cluster_config_class=SlurmClusterConfig,
     )
     settings = driver.cluster_config(cluster)
     worker = Worker(name=f"{cluster.name}-w1", cluster_name=cluster.name)

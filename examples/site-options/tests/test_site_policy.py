@@ -52,6 +52,7 @@ def worker_script(settings: SlurmClusterConfig) -> str:
     driver = SlurmDriver(
         config=SlurmConfig(submit_command="/usr/bin/sbatch", inherited_environment=[]),
         context=context,
+        cluster_config_class=SlurmClusterConfig,
     )
     cluster = Cluster(
         name="abc123",

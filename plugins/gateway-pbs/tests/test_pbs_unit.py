@@ -40,7 +40,8 @@ def driver(**settings: Any) -> PBSDriver:
         "status_command": "/opt/pbs/bin/qstat",
         "gateway_hostname": "gw01",
     }
-    return PBSDriver(config=PBSConfig(**{**defaults, **settings}), context=context)
+    config = PBSConfig(**{**defaults, **settings})
+    return PBSDriver(config=config, context=context, cluster_config_class=PBSClusterConfig)
 
 
 def cluster(**config: Any) -> Cluster:

@@ -26,7 +26,8 @@ def driver(**settings: Any) -> SlurmDriver:
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     context.api_url = "http://127.0.0.1:8000/api"
     defaults = {"submit_command": "/usr/bin/sbatch", "cancel_command": "/usr/bin/scancel"}
-    return SlurmDriver(config=SlurmConfig(**{**defaults, **settings}), context=context)
+    config = SlurmConfig(**{**defaults, **settings})
+    return SlurmDriver(config=config, context=context, cluster_config_class=SlurmClusterConfig)
 
 
 def cluster(**config: Any) -> Cluster:

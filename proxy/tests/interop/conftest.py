@@ -49,7 +49,7 @@ class Child:
         self.name = name
         self.argv = argv
         self.log = log
-        self._seen: dict[int, str] = {}
+        self._seen: dict[int, int] = {}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 argv,

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
+
+from ..config import BackendConfig, ClusterConfig, structure
 
 if TYPE_CHECKING:
-    from ..config import BackendConfig, ClusterConfig
     from ..context import GatewayContext
     from ..models import Cluster, ClusterStatus, User, Worker
+
+ConfigT = TypeVar("ConfigT", bound=BackendConfig)
+"""A driver's backend config class (`BackendSpec.config`)."""
+ClusterConfigT = TypeVar("ClusterConfigT", bound=ClusterConfig)
+"""A driver's cluster config class (`BackendSpec.cluster_config`)."""
 
 StateUpdates: TypeAlias = "AsyncIterator[dict[str, Any]] | Awaitable[dict[str, Any] | None]"
 """What a driver's start operation returns: an awaitable of the driver's state, or an async
@@ -96,7 +102,7 @@ class BackendUnavailable(Exception):
     gets this keeps its cluster and tries again, unlike a 409 that tells it to shut down."""
 
 
-class ClusterDriver(abc.ABC):
+class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
     """The six operations that start, stop and watch schedulers and workers on one platform.
 
     Core's `ProcessBackend` calls these from its reconciler, with retries and timeouts, and
@@ -104,22 +110,46 @@ class ClusterDriver(abc.ABC):
     cannot rebuild from ``cluster.state`` and ``worker.state``: after a restart it is handed the
     records it stored before.
 
-    Every operation gets the `Cluster` record; ``cluster.config`` holds the resolved cluster
-    config (a dict of the backend's cluster config class, see ``self.cluster_config(cluster)``),
-    ``cluster.token``, ``cluster.tls_cert`` and ``cluster.tls_key`` the credentials to hand to
-    the processes. `gateway_core.backends.process` has helpers for the environment and commands.
+    A driver is generic over its two config classes, which its `BackendSpec` names (the one
+    source of them): ``class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig])``.
+    ``self.config`` is the backend's section, typed; ``self.cluster_config(cluster)`` the
+    cluster's resolved config, typed, converted once by `ProcessBackend`. ``cluster.token``,
+    ``cluster.tls_cert`` and ``cluster.tls_key`` are the credentials to hand to the processes;
+    `gateway_core.backends.kit` has the helpers for environments, accounts, commands and
+    processes.
     """
 
-    name: ClassVar[str] = ""
-
-    def __init__(self, *, config: BackendConfig, context: GatewayContext, **kwargs: Any) -> None:
-        self.config = config
+    def __init__(
+        self,
+        *,
+        config: ConfigT,
+        context: GatewayContext,
+        cluster_config_class: type[ClusterConfigT] | None = None,
+        name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        self.config: ConfigT = config
+        """`[backend.<name>]`, structured as the spec's ``config`` class."""
         self.context = context
+        self.cluster_config_class: type[ClusterConfig] = cluster_config_class or ClusterConfig
+        """The spec's ``cluster_config`` class (`BackendSpec.make_driver` passes it)."""
+        self.name = name
+        """The backend's registered name, for log lines; empty for a driver made by hand."""
 
-    async def setup(self) -> None:  # noqa: B027 - optional hook
+    def cluster_config(self, cluster: Cluster) -> ClusterConfigT:
+        """The resolved config of ``cluster``, typed. `ProcessBackend` converts it once (when
+        the cluster is created, or loaded from the store) and keeps it on the record; a record
+        made some other way (a test) is structured here, once, with ``cluster_config_class``."""
+        if cluster.typed_config is None:
+            cluster.typed_config = structure(
+                cluster.config, self.cluster_config_class, path="cluster"
+            )
+        return cast("ClusterConfigT", cluster.typed_config)
+
+    async def setup(self) -> None:
         """Prepare (check commands exist, open sessions). Called once before any operation."""
 
-    async def cleanup(self) -> None:  # noqa: B027 - optional hook
+    async def cleanup(self) -> None:
         """Release what ``setup`` took. Called once at shutdown, after clusters were handled."""
 
     @abc.abstractmethod

@@ -27,6 +27,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .kit.processes import read_stat
+
 log = logging.getLogger("gateway.backend.forkserver")
 
 TEMPLATE_ENV: dict[str, str] = {
@@ -273,9 +275,10 @@ def _thread_count() -> int:
 
 
 def _own_start_ticks() -> int:
-    with open("/proc/self/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    st = read_stat("self")
+    if st is None:
+        raise OSError("cannot read /proc/self/stat")
+    return st.start_ticks
 
 
 def _send_line(sock: socket.socket, msg: dict[str, Any]) -> None:

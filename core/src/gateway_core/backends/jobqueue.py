@@ -12,7 +12,7 @@ cluster. The job script (`JobQueueDriver.job_script`) exports the environment (t
 ``inherited_environment``, ``[cluster] environment``, the gateway's API URL, the cluster's
 token and name, and the ``DASK_DISTRIBUTED__COMM__TLS__*`` variables), runs the
 ``scheduler_setup``/``worker_setup`` script, then ``exec``\\ s the same ``dask scheduler``/
-``dask worker`` command line the local drivers build (`gateway_core.backends.commands`),
+``dask worker`` command line the local drivers build (`gateway_core.backends.kit`),
 listening on ``job_host``. The scheduler's ``gateway_client.agent`` preload heartbeats to the
 gateway's ``api_url``, which therefore must be reachable from the compute nodes. Each cluster
 has a staging directory, ``staging_directory`` (a template of ``{home}`` and ``{username}``)
@@ -54,9 +54,10 @@ period rather than marking anything dead. A job missing from the answer is finis
 
 Writing a driver for another scheduler
 --------------------------------------
-Subclass `JobQueueDriver`, set ``name``, ``cluster_config_class``, ``job_label`` and the three
-``default_*_command`` names, and implement `JobQueueDriver.submission` (the submit command line
-and what goes to its stdin), `JobQueueDriver.cancel_command_line`,
+Subclass ``JobQueueDriver[YourConfig, YourClusterConfig]`` (the classes your `BackendSpec`
+names), set ``job_label`` and the three ``default_*_command`` names, and implement
+`JobQueueDriver.submission` (the submit command line and what goes to its stdin),
+`JobQueueDriver.cancel_command_line`,
 `JobQueueDriver.status_command_line`, `JobQueueDriver.parse_job_id`,
 `JobQueueDriver.parse_job_states` and `JobQueueDriver.job_state`. Override
 `JobQueueDriver.tls_paths` when jobs see the staging directory elsewhere (PBS's stage-in),
@@ -73,31 +74,31 @@ import enum
 import json
 import logging
 import os
-import pwd
 import re
 import shlex
 import shutil
 import sys
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from attrs import define, field
 
-from ..config import ClusterConfig, Command, ConfigError, ProcessBackendConfig, structure
+from ..config import ClusterConfig, Command, ConfigError, ProcessBackendConfig
 from .base import ClusterDriver, StateUpdates
-from .commands import (
+from .kit import (
     CERT_FILE,
     DEFAULT_INHERITED_ENVIRONMENT,
     KEY_FILE,
     RunAs,
+    cluster_env,
+    inherited_env,
+    lookup_user,
     scheduler_command,
     tls_env,
     worker_command,
 )
-from .process import cluster_env
 
 if TYPE_CHECKING:
-    from ..config import BackendConfig
     from ..context import GatewayContext
     from ..models import Cluster, Worker
 
@@ -257,21 +258,6 @@ class LauncherError(RuntimeError):
     """The launcher could not do what it was asked (its message says why)."""
 
 
-def lookup_account(username: str) -> RunAs:
-    """The local account ``username``: the batch jobs run as it. A clear error when there is
-    none, or when it is root."""
-    try:
-        entry = pwd.getpwnam(username)
-    except KeyError:
-        raise RuntimeError(
-            f"User {username!r} has no account on the gateway's host; batch jobs run as the "
-            "user who asks for the cluster, so nothing was submitted"
-        ) from None
-    if entry.pw_uid == 0:
-        raise RuntimeError(f"User {username!r} is root; the gateway does not submit jobs as root")
-    return RunAs.from_pwd(entry)
-
-
 # --------------------------------------------------------------------------------------------
 # Running commands
 # --------------------------------------------------------------------------------------------
@@ -397,13 +383,14 @@ class _Batch:
     future: asyncio.Future[dict[str, str | None]] | None = None
 
 
-class JobQueueDriver(ClusterDriver):
+JobQueueConfigT = TypeVar("JobQueueConfigT", bound=JobQueueConfig)
+JobQueueClusterConfigT = TypeVar("JobQueueClusterConfigT", bound=JobQueueClusterConfig)
+
+
+class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     """Schedulers and workers as batch jobs of the requesting user (see the module's
     docstring for the model, the privileges and what a subclass implements)."""
 
-    name: ClassVar[str] = ""
-    cluster_config_class: ClassVar[type[JobQueueClusterConfig]] = JobQueueClusterConfig
-    config_class: ClassVar[type[JobQueueConfig]] = JobQueueConfig
     job_label: ClassVar[str] = "batch job"
     """How jobs are called in messages to users (``"Slurm job"``)."""
     default_submit_command: ClassVar[str] = ""
@@ -415,17 +402,18 @@ class JobQueueDriver(ClusterDriver):
     def __init__(
         self,
         *,
-        config: BackendConfig,
+        config: JobQueueConfigT,
         context: GatewayContext,
         runner: JobRunner | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config, context=context, **kwargs)
-        if not isinstance(config, JobQueueConfig):
+        if not issubclass(self.cluster_config_class, JobQueueClusterConfig):
             raise TypeError(
-                f"{type(self).__name__} needs a JobQueueConfig, got {type(config).__name__}"
+                f"{type(self).__name__} needs a JobQueueClusterConfig subclass as "
+                "cluster_config_class (its BackendSpec's cluster_config), got "
+                f"{self.cluster_config_class.__name__}"
             )
-        self.settings: JobQueueConfig = config
         self.runner = runner if runner is not None else JobRunner(config)
         self.status_calls = 0
         """Status commands run so far (benchmarks and tests count them)."""
@@ -440,7 +428,7 @@ class JobQueueDriver(ClusterDriver):
     def submission(
         self,
         cluster: Cluster,
-        settings: JobQueueClusterConfig,
+        settings: JobQueueClusterConfigT,
         *,
         worker: Worker | None,
         staging_dir: str,
@@ -498,15 +486,15 @@ class JobQueueDriver(ClusterDriver):
 
     @property
     def submit_program(self) -> str:
-        return self._program(self.settings.submit_command, self.default_submit_command)
+        return self._program(self.config.submit_command, self.default_submit_command)
 
     @property
     def cancel_program(self) -> str:
-        return self._program(self.settings.cancel_command, self.default_cancel_command)
+        return self._program(self.config.cancel_command, self.default_cancel_command)
 
     @property
     def status_program(self) -> str:
-        return self._program(self.settings.status_command, self.default_status_command)
+        return self._program(self.config.status_command, self.default_status_command)
 
     @staticmethod
     def _program(configured: str, default: str) -> str:
@@ -514,9 +502,13 @@ class JobQueueDriver(ClusterDriver):
             return configured
         return shutil.which(default) or default
 
-    def cluster_config(self, cluster: Cluster) -> JobQueueClusterConfig:
-        """``cluster.config`` structured as this driver's ``cluster_config_class``."""
-        return structure(cluster.config, self.cluster_config_class, path="cluster")
+    async def account(self, cluster: Cluster) -> RunAs:
+        """The account of the user who asked for ``cluster``: jobs are submitted as it."""
+        return await asyncio.to_thread(
+            lookup_user,
+            cluster.username,
+            purpose="batch jobs run as the user who asks for the cluster, so nothing was submitted",
+        )
 
     def staging_path(self, cluster: Cluster, settings: JobQueueClusterConfig, user: RunAs) -> str:
         """The staging directory of ``cluster``: ``staging_directory`` expanded for ``user``,
@@ -538,7 +530,7 @@ class JobQueueDriver(ClusterDriver):
     def job_env(self, cluster: Cluster, *, role: str, staging_dir: str) -> dict[str, str]:
         """The variables a ``role`` job exports: the inherited ones, ``[cluster] environment``,
         then what the gateway needs (API URL, token, cluster name, TLS files; these win)."""
-        env = {k: os.environ[k] for k in self.settings.inherited_environment if k in os.environ}
+        env = inherited_env(self.config.inherited_environment)
         env.update(cluster_env(cluster, self.context))
         env.update(tls_env(role, *self.tls_paths(cluster, staging_dir)))
         for name in env:
@@ -549,10 +541,10 @@ class JobQueueDriver(ClusterDriver):
     def job_command(
         self, cluster: Cluster, settings: JobQueueClusterConfig, worker: Worker | None
     ) -> list[str]:
-        host = self.settings.job_host
+        host = self.config.job_host
         if worker is None:
             return scheduler_command(
-                settings, host=host, heartbeat_period=self.settings.cluster_heartbeat_period
+                settings, host=host, heartbeat_period=self.config.cluster_heartbeat_period
             )
         if not cluster.scheduler_address:
             raise RuntimeError(f"cluster {cluster.name} has no scheduler address yet")
@@ -590,7 +582,7 @@ class JobQueueDriver(ClusterDriver):
     def submit_env(self) -> dict[str, str]:
         """The environment of the submit and cancel commands (the launcher adds the user's
         identity): the inherited variables, so the programs are found on ``PATH``."""
-        env = {k: os.environ[k] for k in self.settings.inherited_environment if k in os.environ}
+        env = inherited_env(self.config.inherited_environment)
         env.setdefault("PATH", os.defpath)
         return env
 
@@ -604,9 +596,9 @@ class JobQueueDriver(ClusterDriver):
                 'switch_user = "setuid" needs the gateway to run as root; it runs as uid '
                 f'{os.geteuid()}. Use switch_user = "sudo" with a sudoers rule (see the docs).'
             )
-        if mode == "sudo" and shutil.which(self.settings.sudo_command) is None:
+        if mode == "sudo" and shutil.which(self.config.sudo_command) is None:
             raise RuntimeError(
-                f"switch_user = sudo, but {self.settings.sudo_command!r} is not installed"
+                f"switch_user = sudo, but {self.config.sudo_command!r} is not installed"
             )
         for program in (self.submit_program, self.cancel_program, self.status_program):
             if shutil.which(program) is None:
@@ -631,7 +623,7 @@ class JobQueueDriver(ClusterDriver):
         return self._start_scheduler(cluster)
 
     async def _start_scheduler(self, cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
-        user = await asyncio.to_thread(lookup_account, cluster.username)
+        user = await self.account(cluster)
         settings = self.cluster_config(cluster)
         staging_dir = self.staging_path(cluster, settings, user)
         # Stored before it exists: a gateway killed now still knows what to remove.
@@ -678,7 +670,7 @@ class JobQueueDriver(ClusterDriver):
             raise RuntimeError(f"cluster {cluster.name} has no staging directory")
         if not _SAFE_NAME.fullmatch(worker.name):
             raise RuntimeError(f"refusing the unsafe worker name {worker.name!r}")
-        user = await asyncio.to_thread(lookup_account, cluster.username)
+        user = await self.account(cluster)
         settings = self.cluster_config(cluster)
         script = self.job_script(cluster, settings, worker=worker, staging_dir=staging_dir)
         sub = self.submission(
@@ -719,7 +711,7 @@ class JobQueueDriver(ClusterDriver):
             return reason
         path = self.output_file(staging_dir, "scheduler", cluster.name)
         try:
-            user = await asyncio.to_thread(lookup_account, cluster.username)
+            user = await self.account(cluster)
             answer = await self.runner.run_as(user, {"action": "tail", "path": path})
         except Exception as exc:  # noqa: BLE001 - the reason is best effort
             return f"{reason}; its output {path} cannot be read: {exc}"
@@ -780,7 +772,7 @@ class JobQueueDriver(ClusterDriver):
         self, cluster: Cluster, job_id: str | None, *, remove: str | None, what: str
     ) -> None:
         try:
-            user = await asyncio.to_thread(lookup_account, cluster.username)
+            user = await self.account(cluster)
         except RuntimeError as exc:
             log.warning("Cannot stop %s: %s", what, exc)
             return
@@ -864,21 +856,21 @@ class JobQueueDriver(ClusterDriver):
         from ..reconciler import backoff_delay
 
         argv = self.status_command_line(job_ids)
-        attempts = 1 + self.settings.status_command_retries
+        attempts = 1 + self.config.status_command_retries
         problem = ""
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(
                     backoff_delay(
                         attempt - 1,
-                        base=self.settings.backoff_base_delay,
-                        max_delay=self.settings.backoff_max_delay,
+                        base=self.config.backoff_base_delay,
+                        max_delay=self.config.backoff_max_delay,
                     )
                 )
             self.status_calls += 1
             try:
                 result = await self.runner.run(
-                    argv, env=dict(os.environ), timeout=self.settings.command_timeout
+                    argv, env=dict(os.environ), timeout=self.config.command_timeout
                 )
             except RuntimeError as exc:
                 problem = str(exc)
@@ -915,5 +907,4 @@ __all__ = [
     "JobState",
     "LauncherError",
     "Submission",
-    "lookup_account",
 ]

@@ -1,54 +1,58 @@
 """The ``local`` and ``unsafe-local`` backends: Dask schedulers and workers as processes on the
 gateway's own host, as the requesting user (``local``, needs root) or as the gateway's user.
 
-Owns `LocalBackendConfig` (`[backend.local]` / `[backend.unsafe-local]`), `UnsafeLocalDriver`
-and `LocalDriver`, and what they share: each cluster's private working directory (TLS files and
-one log per process), launching (cold: a new process; warm: forked by
-`gateway_core.backends.forkserver`), the SIGINT → SIGTERM → SIGKILL escalation on process groups,
-and liveness checks through ``/proc`` that survive a gateway restart and never mistake a reused
-pid for the process that had it.
+Owns `LocalBackendConfig` (`[backend.local]` / `[backend.unsafe-local]`) and `LocalDriver`, one
+driver for both backends whose `ProcessOwner` part says who runs the processes (`GatewayUser`
+or `RequestingUser`), with each cluster's private working directory (TLS files and one log per
+process) and launching (cold: a new process; warm: forked by
+`gateway_core.backends.forkserver`). Starting, watching and stopping process groups (SIGINT →
+SIGTERM → SIGKILL, liveness that survives a restart and a reused pid) is the driver kit's
+`ProcessGroups`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import logging
 import os
-import pwd
 import re
 import secrets
 import shutil
 import signal
-import stat
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field
 
 from ..config import ClusterConfig, ConfigError, ProcessBackendConfig
 from .base import ClusterDriver, StateUpdates
-from .commands import (
+from .forkserver import ForkServer, ForkServerError, LaunchRefused
+from .kit import (
     CERT_FILE,
     DEFAULT_INHERITED_ENVIRONMENT,
     KEY_FILE,
+    ProcessGroups,
+    ProcessRef,
     RunAs,
-    cluster_settings,
+    boot_id,
+    cluster_env,
+    create_log,
+    describe_exit,
+    inherited_env,
+    lookup_user,
     scheduler_command,
+    tail_log,
     tls_env,
+    with_gateway_bin,
     worker_command,
+    write_private_file,
 )
-from .forkserver import ForkServer, ForkServerError, LaunchRefused
-from .process import cluster_env
 
 if TYPE_CHECKING:
-    from ..config import BackendConfig
     from ..context import GatewayContext
     from ..models import Cluster, Worker
 
@@ -71,7 +75,6 @@ WARM_COMMANDS: dict[tuple[str, str], str] = {
 _STARTUP_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES")
 """Variables read only when a process starts: a forked child cannot honour new values."""
 
-_TAIL_LINES = 20
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -83,7 +86,8 @@ class LocalBackendConfig(ProcessBackendConfig):
     """Directory holding one working directory per cluster (created, 0700, removed when the
     cluster stops); empty: a new temporary directory per cluster."""
     inherited_environment: list[str] = field(factory=lambda: list(DEFAULT_INHERITED_ENVIRONMENT))
-    """Environment variables the scheduler and worker processes inherit from the gateway."""
+    """Environment variables the scheduler and worker processes inherit from the gateway. Their
+    ``PATH`` ends with the directory of the gateway's own Python (`kit.with_gateway_bin`)."""
     sigint_timeout: float = 10.0
     """Seconds a process has to exit after SIGINT before it gets SIGTERM."""
     sigterm_timeout: float = 5.0
@@ -113,107 +117,82 @@ class LocalBackendConfig(ProcessBackendConfig):
             raise ConfigError(problems)
 
 
-@define(kw_only=True, frozen=True)
-class ProcessRef:
-    """One launched process, as stored in driver state: the pid plus what tells it apart from a
-    later process given the same pid (its start time in clock ticks since boot, and the boot)."""
-
-    pid: int
-    start_ticks: int
-    boot_id: str
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> ProcessRef | None:
-        pid, ticks = state.get("pid"), state.get("start_ticks")
-        if not isinstance(pid, int) or not isinstance(ticks, int) or pid <= 0:
-            return None
-        return cls(pid=pid, start_ticks=ticks, boot_id=str(state.get("boot_id", "")))
-
-    def to_state(self) -> dict[str, Any]:
-        return {"pid": self.pid, "start_ticks": self.start_ticks, "boot_id": self.boot_id}
-
-
 # --------------------------------------------------------------------------------------------
-# /proc
+# Who runs the processes
 # --------------------------------------------------------------------------------------------
+
+
+class ProcessOwner(Protocol):
+    """The part of `LocalDriver` that says whose processes a cluster's are."""
+
+    def check(self) -> None:
+        """Raise RuntimeError, saying what to do, when the gateway cannot work this way."""
+
+    async def account(self, cluster: Cluster) -> RunAs | None:
+        """The account for ``cluster``'s processes; None: the gateway's own."""
 
 
 @define(frozen=True)
-class _Stat:
-    state: str
-    pgrp: int
-    start_ticks: int
+class GatewayUser:
+    """``unsafe-local``: every cluster's processes are the gateway's own user's (no separation
+    between users; for one person's gateway, demos and tests)."""
 
+    def check(self) -> None:
+        pass
 
-def _read_stat(pid: int) -> _Stat | None:
-    """State, process group and start time of ``pid`` from /proc; None when there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    async def account(self, cluster: Cluster) -> RunAs | None:
         return None
-    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-    rest = raw[raw.rindex(b")") + 2 :].split()
-    return _Stat(state=rest[0].decode(), pgrp=int(rest[2]), start_ticks=int(rest[19]))
 
 
-@functools.cache
-def boot_id() -> str:
-    """This boot's id: pids and start times from another boot mean nothing."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+@define(frozen=True)
+class RequestingUser:
+    """``local``: each cluster's processes run as the user who asked for it, who must have an
+    account on the host (not root). The gateway must run as root."""
 
+    def check(self) -> None:
+        if os.geteuid() != 0:
+            raise RuntimeError(
+                "The local backend runs every cluster as the user who asked for it, which "
+                f"needs root; the gateway runs as uid {os.geteuid()}. Run it as root, or use "
+                'backend = "unsafe-local" (every cluster then runs as the gateway\'s user).'
+            )
 
-def _live_members(pgid: int) -> list[int]:
-    """Pids of the running (not zombie) processes in process group ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = _read_stat(int(entry))
-        if st is not None and st.pgrp == pgid and st.state not in ("Z", "X"):
-            members.append(int(entry))
-    return members
-
-
-def _describe_status(code: int | None) -> str:
-    if code is None:
-        return "exited"
-    if code < 0:
-        try:
-            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
+    async def account(self, cluster: Cluster) -> RunAs:
+        return await asyncio.to_thread(
+            lookup_user,
+            cluster.username,
+            purpose="the local backend runs clusters as their user, so it cannot start this one",
+        )
 
 
 # --------------------------------------------------------------------------------------------
-# The drivers
+# The driver
 # --------------------------------------------------------------------------------------------
 
 
-class UnsafeLocalDriver(ClusterDriver):
-    """Schedulers and workers as local processes of the gateway's own user.
+class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
+    """Schedulers and workers as processes on the gateway's host, of the user ``owner`` says.
 
-    No separation between users: anyone's cluster can read everyone's files the gateway can.
-    For one person's gateway, demos and tests; `LocalDriver` runs each user's processes as that
-    user. Each cluster gets a working directory (``clusters_directory``) holding the TLS
-    certificate and key (``dask.crt``, ``dask.pem``) and one log per process
+    ``owner`` is `RequestingUser` (``local``, the default: the gateway must be root, and each
+    user's processes, working directory and files are that user's, 0700 / 0600, with the user's
+    uid, gid, groups and ``HOME``, ``USER``, ``LOGNAME``, ``SHELL``) or `GatewayUser`
+    (``unsafe-local``: all are the gateway's; anyone's cluster can read everyone's files the
+    gateway can). Each cluster gets a working directory (``clusters_directory``) holding the
+    TLS certificate and key (``dask.crt``, ``dask.pem``) and one log per process
     (``scheduler.log``, ``worker-<name>.log``); it is removed when the cluster stops.
     """
 
-    name = "unsafe-local"
-
-    def __init__(self, *, config: BackendConfig, context: GatewayContext, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        config: LocalBackendConfig,
+        context: GatewayContext,
+        owner: ProcessOwner | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(config=config, context=context, **kwargs)
-        if not isinstance(config, LocalBackendConfig):
-            raise TypeError(
-                f"{type(self).__name__} needs a LocalBackendConfig, got {type(config).__name__}"
-            )
-        self.settings: LocalBackendConfig = config
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self.owner: ProcessOwner = RequestingUser() if owner is None else owner
+        self.processes = ProcessGroups()
         self._forkserver_task: asyncio.Task[ForkServer | None] | None = None
         self.warm_disabled: str | None = None
         """Why the fork server is not used (it failed to start), or None."""
@@ -222,7 +201,8 @@ class UnsafeLocalDriver(ClusterDriver):
     # Life cycle
 
     async def setup(self) -> None:
-        if self.settings.start_method == "fork" and self._warm_possible():
+        self.owner.check()
+        if self.config.start_method == "fork" and self._warm_possible():
             # Start importing now, so the first cluster does not wait for it.
             self._forkserver_task = asyncio.create_task(self._start_forkserver())
 
@@ -234,34 +214,16 @@ class UnsafeLocalDriver(ClusterDriver):
             results = await asyncio.gather(task, return_exceptions=True)
             if isinstance(results[0], ForkServer):
                 await results[0].close()
-        for pid, popen in list(self._children.items()):
-            if popen.poll() is not None:
-                self._children.pop(pid, None)
-
-    # ---------------------------------------------------------------------------------------
-    # Who runs the processes (LocalDriver overrides)
-
-    async def run_as(self, cluster: Cluster) -> RunAs | None:
-        """The account for ``cluster``'s processes; None: the gateway's own."""
-        return None
-
-    def identity_env(self, cluster: Cluster, run_as: RunAs | None) -> dict[str, str]:
-        """Variables naming the user: over the inherited ones, under the config's
-        ``environment``."""
-        return {"USER": cluster.username}
+        self.processes.forget_exited()
 
     # ---------------------------------------------------------------------------------------
     # Commands and environment
-
-    def cluster_settings(self, cluster: Cluster) -> ClusterConfig:
-        """The cluster config fields of ``cluster.config`` (extra keys of subclasses ignored)."""
-        return cluster_settings(cluster)
 
     def scheduler_command(self, cluster: Cluster, settings: ClusterConfig) -> list[str]:
         """``scheduler_cmd`` plus the arguments of the original gateway (TLS on loopback,
         dynamic ports, the agent preload and its settings)."""
         return scheduler_command(
-            settings, host=HOST, heartbeat_period=self.settings.cluster_heartbeat_period
+            settings, host=HOST, heartbeat_period=self.config.cluster_heartbeat_period
         )
 
     def worker_command(
@@ -278,12 +240,16 @@ class UnsafeLocalDriver(ClusterDriver):
         self, cluster: Cluster, *, role: str, workdir: str, run_as: RunAs | None
     ) -> dict[str, str]:
         """Environment of a ``role`` ("scheduler" or "worker") process: the inherited
-        variables, the user's identity, the config's ``environment``, then what the gateway
-        needs (API URL, token, cluster name, TLS files; these win)."""
-        env = {k: os.environ[k] for k in self.settings.inherited_environment if k in os.environ}
-        env.update(self.identity_env(cluster, run_as))
+        variables (``PATH`` ending with the gateway's own ``bin``), the user's identity, the
+        config's ``environment``, then what the gateway needs (API URL, token, cluster name,
+        TLS files; these win)."""
+        env = inherited_env(self.config.inherited_environment)
+        # An unactivated venv (`/venv/bin/gateway serve`) leaves its bin off PATH: append it,
+        # so `dask` is found there when nothing earlier on PATH provides it.
+        env["PATH"] = with_gateway_bin(env.get("PATH"))
+        env.update(run_as.identity_env() if run_as is not None else {"USER": cluster.username})
         env["DASK_TEMPORARY_DIRECTORY"] = workdir
-        if role == "worker" and self.settings.start_method == "fork":
+        if role == "worker" and self.config.start_method == "fork":
             # The nanny is already warm (forked from the template): let it fork its worker
             # too instead of spawning a fresh interpreter; scale(4) measured 7 s -> 1.5-3.5 s.
             # `[cluster] environment` may set it back to "spawn".
@@ -301,8 +267,8 @@ class UnsafeLocalDriver(ClusterDriver):
 
     async def _start_scheduler(self, cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
         _check_name(cluster.name)
-        settings = self.cluster_settings(cluster)
-        run_as = await self.run_as(cluster)
+        settings = self.cluster_config(cluster)
+        run_as = await self.owner.account(cluster)
         # The directory's path is stored before the directory is made, so neither a cancelled
         # start nor a gateway killed half-way can lose it. (Likewise for processes below.)
         workdir = self._workdir_path(cluster)
@@ -337,8 +303,8 @@ class UnsafeLocalDriver(ClusterDriver):
             raise RuntimeError(f"cluster {cluster.name} has no working directory")
         if not cluster.scheduler_address:
             raise RuntimeError(f"cluster {cluster.name} has no scheduler address yet")
-        settings = self.cluster_settings(cluster)
-        run_as = await self.run_as(cluster)
+        settings = self.cluster_config(cluster)
+        run_as = await self.owner.account(cluster)
         argv = self.worker_command(cluster, worker, settings)
         env = self.process_env(cluster, role="worker", workdir=workdir, run_as=run_as)
         log_name = f"worker-{worker.name}.log"
@@ -355,17 +321,17 @@ class UnsafeLocalDriver(ClusterDriver):
             await self._terminate(ref, f"worker {worker.name}")
 
     async def check_clusters(self, clusters: Sequence[Cluster]) -> list[bool]:
-        return [self._alive(ProcessRef.from_state(c.state)) for c in clusters]
+        return [self.processes.alive(ProcessRef.from_state(c.state)) for c in clusters]
 
     async def check_workers(self, workers: Sequence[tuple[Cluster, Worker]]) -> list[bool]:
-        return [self._alive(ProcessRef.from_state(w.state)) for _, w in workers]
+        return [self.processes.alive(ProcessRef.from_state(w.state)) for _, w in workers]
 
     async def failure_reason(self, cluster: Cluster) -> str | None:
         workdir = cluster.state.get("workdir")
         ref = ProcessRef.from_state(cluster.state)
         if not isinstance(workdir, str) or ref is None:
             return None
-        run_as = await self.run_as(cluster)
+        run_as = await self.owner.account(cluster)
         return self._exit_message(ref, workdir, SCHEDULER_LOG, "scheduler", run_as)
 
     # ---------------------------------------------------------------------------------------
@@ -374,7 +340,7 @@ class UnsafeLocalDriver(ClusterDriver):
     def _workdir_path(self, cluster: Cluster) -> str:
         """Where the cluster's working directory goes; chosen (and stored) before it exists, so
         a gateway killed while making it still knows what to remove."""
-        base = self.settings.clusters_directory
+        base = self.config.clusters_directory
         if base:
             return os.path.join(base, cluster.name)
         suffix = secrets.token_hex(4)
@@ -382,21 +348,13 @@ class UnsafeLocalDriver(ClusterDriver):
 
     def _make_workdir(self, cluster: Cluster, workdir: str, run_as: RunAs | None) -> None:
         base = os.path.dirname(workdir)
-        if self.settings.clusters_directory:
+        if self.config.clusters_directory:
             os.makedirs(base, mode=0o755, exist_ok=True)
         os.mkdir(workdir, 0o700)  # fails if it exists: never reuse someone else's directory
         try:
             os.chmod(workdir, 0o700)
             for name, data in ((CERT_FILE, cluster.tls_cert), (KEY_FILE, cluster.tls_key)):
-                fd = os.open(
-                    os.path.join(workdir, name),
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
-                with os.fdopen(fd, "wb") as f:
-                    if run_as is not None:
-                        os.fchown(f.fileno(), run_as.uid, run_as.gid)
-                    f.write(data)
+                write_private_file(os.path.join(workdir, name), data, run_as=run_as)
             if run_as is not None:
                 # Last: from here on the user owns the directory and may change what is in it.
                 os.chown(workdir, run_as.uid, run_as.gid)
@@ -418,51 +376,6 @@ class UnsafeLocalDriver(ClusterDriver):
             return
         log.debug("Working directory %s removed", workdir)
 
-    def _open_workdir(self, workdir: str, run_as: RunAs | None) -> int:
-        """An fd of ``workdir``, checked to be a real directory of the expected owner (the user
-        owns it under `LocalDriver` and could have swapped it for a symlink)."""
-        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        owner = os.geteuid() if run_as is None else run_as.uid
-        if os.fstat(fd).st_uid != owner:
-            os.close(fd)
-            raise PermissionError(f"{workdir} is not owned by uid {owner}")
-        return fd
-
-    def _create_log(self, workdir: str, name: str, run_as: RunAs | None) -> int:
-        dir_fd = self._open_workdir(workdir, run_as)
-        try:
-            fd = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC,
-                0o600,
-                dir_fd=dir_fd,
-            )
-        finally:
-            os.close(dir_fd)
-        if run_as is not None:
-            os.fchown(fd, run_as.uid, run_as.gid)
-        return fd
-
-    def _tail(self, workdir: str, name: str, run_as: RunAs | None) -> list[str] | None:
-        """The last lines of log ``name``; None when it cannot be read safely."""
-        try:
-            dir_fd = self._open_workdir(workdir, run_as)
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            owner = os.geteuid() if run_as is None else run_as.uid
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
-                return None
-            f.seek(max(0, st.st_size - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-        lines = [line[:500] for line in text.splitlines() if line.strip()]
-        return lines[-_TAIL_LINES:]
-
     # ---------------------------------------------------------------------------------------
     # Launching
 
@@ -477,7 +390,7 @@ class UnsafeLocalDriver(ClusterDriver):
     ) -> tuple[ProcessRef, str]:
         """Start ``argv`` in ``workdir`` with stdout and stderr to its log; (ref, "fork" or
         "spawn")."""
-        log_fd = self._create_log(workdir, log_name, run_as)
+        log_fd = create_log(workdir, log_name, run_as=run_as)
         try:
             module = self._warm_module(argv, env, run_as)
             if module is not None:
@@ -494,39 +407,16 @@ class UnsafeLocalDriver(ClusterDriver):
                             gid=None if run_as is None else run_as.gid,
                             groups=None if run_as is None else run_as.groups,
                         )
-                        return ProcessRef(pid=pid, start_ticks=ticks, boot_id=boot_id()), "fork"
+                        ref = ProcessRef(pid=pid, start_ticks=ticks, boot_id=boot_id())
+                        return ref, "fork"
                     except ForkServerError as exc:
                         log.warning("Fork server launch failed (%s); starting it cold", exc)
                         if not isinstance(exc, LaunchRefused):
                             await self._discard_forkserver(server)
-            return self._spawn(argv, env, workdir, log_fd, run_as), "spawn"
+            ref = self.processes.start(argv, env=env, cwd=workdir, stdout=log_fd, run_as=run_as)
+            return ref, "spawn"
         finally:
             os.close(log_fd)
-
-    def _spawn(
-        self, argv: list[str], env: dict[str, str], workdir: str, log_fd: int, run_as: RunAs | None
-    ) -> ProcessRef:
-        identity: dict[str, Any] = {}
-        if run_as is not None:
-            identity = {"user": run_as.uid, "group": run_as.gid, "extra_groups": run_as.groups}
-        try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-                start_new_session=True,
-                close_fds=True,
-                **identity,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(f"cannot run {argv[0]!r}: {exc}") from exc
-        self._children[popen.pid] = popen
-        st = _read_stat(popen.pid)  # our child: /proc/<pid> stays until we reap it
-        ticks = st.start_ticks if st is not None else -1
-        return ProcessRef(pid=popen.pid, start_ticks=ticks, boot_id=boot_id())
 
     def _warm_possible(self) -> bool:
         return importlib.util.find_spec("distributed") is not None
@@ -537,7 +427,7 @@ class UnsafeLocalDriver(ClusterDriver):
         """The module to fork for ``argv``, or None when it must be started cold: not the
         default command, another ``dask`` than the gateway's, start-up variables the template
         does not have, or a user site-packages directory that could shadow the template's."""
-        if self.settings.start_method != "fork" or self.warm_disabled is not None:
+        if self.config.start_method != "fork" or self.warm_disabled is not None:
             return None
         module = WARM_COMMANDS.get((argv[0], argv[1])) if len(argv) >= 2 else None
         if module is None:
@@ -561,8 +451,7 @@ class UnsafeLocalDriver(ClusterDriver):
     def _template_env(self) -> dict[str, str]:
         from .forkserver import TEMPLATE_ENV
 
-        env = {k: os.environ[k] for k in self.settings.inherited_environment if k in os.environ}
-        return {**env, **TEMPLATE_ENV}
+        return {**inherited_env(self.config.inherited_environment), **TEMPLATE_ENV}
 
     async def _start_forkserver(self) -> ForkServer | None:
         preload = ["distributed", "distributed.cli.dask_scheduler", "distributed.cli.dask_worker"]
@@ -572,8 +461,7 @@ class UnsafeLocalDriver(ClusterDriver):
         ):
             if importlib.util.find_spec(needs) is not None:
                 preload.append(module)
-        env = {k: os.environ[k] for k in self.settings.inherited_environment if k in os.environ}
-        server = ForkServer(env=env, preload=preload)
+        server = ForkServer(env=inherited_env(self.config.inherited_environment), preload=preload)
         began = time.monotonic()
         try:
             await server.start()
@@ -608,99 +496,25 @@ class UnsafeLocalDriver(ClusterDriver):
     # ---------------------------------------------------------------------------------------
     # Watching and stopping
 
-    def _alive(self, ref: ProcessRef | None) -> bool:
-        """Is the process ``ref`` names still running (not exited, not a zombie, not another
-        process that was given the same pid later)?"""
-        if ref is None or ref.boot_id != boot_id():
-            return False
-        popen = self._children.get(ref.pid)
-        if popen is not None and popen.poll() is not None:
-            return False  # reaped just now, or before
-        st = _read_stat(ref.pid)
-        return st is not None and st.start_ticks == ref.start_ticks and st.state not in ("Z", "X")
-
-    def _group_alive(self, ref: ProcessRef) -> bool:
-        """Is anything left of ``ref``'s process group (it leads its own session)?"""
-        if self._alive(ref):
-            return True
-        if ref.boot_id != boot_id():
-            return False
-        st = _read_stat(ref.pid)
-        if st is not None and st.start_ticks != ref.start_ticks:
-            return False  # the pid was reused, so no group of ours can hold it any more
-        try:
-            os.killpg(ref.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return bool(_live_members(ref.pid))
-
-    def _signal(self, ref: ProcessRef, sig: signal.Signals) -> None:
-        """Send ``sig`` to the process while it lives (it shuts its own children down in
-        order: a Dask nanny closes its worker), to what is left of its group otherwise, and
-        SIGKILL always to the whole group."""
-        st = _read_stat(ref.pid)
-        if ref.boot_id != boot_id() or (st is not None and st.start_ticks != ref.start_ticks):
-            return
-        try:
-            if sig != signal.SIGKILL and self._alive(ref):
-                os.kill(ref.pid, sig)
-            else:
-                os.killpg(ref.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError as exc:
-            log.warning("Cannot signal process group %d: %s", ref.pid, exc)
-
     async def _terminate(self, ref: ProcessRef, what: str) -> None:
-        """SIGINT, then SIGTERM, then SIGKILL (see `_signal`), each after the previous one's
-        timeout, until nothing is left of ``ref``'s process group."""
-        s = self.settings
+        """SIGINT, then SIGTERM, then SIGKILL, each after the previous one's timeout, until
+        nothing is left of ``ref``'s process group."""
+        c = self.config
         steps = (
-            (signal.SIGINT, s.sigint_timeout),
-            (signal.SIGTERM, s.sigterm_timeout),
-            (signal.SIGKILL, s.sigkill_timeout),
+            (signal.SIGINT, c.sigint_timeout),
+            (signal.SIGTERM, c.sigterm_timeout),
+            (signal.SIGKILL, c.sigkill_timeout),
         )
-        try:
-            for sig, timeout in steps:
-                if not self._group_alive(ref):
-                    return
-                log.debug("Sending %s to the %s (process group %d)", sig.name, what, ref.pid)
-                self._signal(ref, sig)
-                if await self._wait_gone(ref, timeout):
-                    return
-            log.warning(
-                "The %s (process group %d) is still there %g s after SIGKILL; leaving it "
-                "(a zombie, or stuck in the kernel)",
-                what,
-                ref.pid,
-                s.sigkill_timeout,
-            )
-        finally:
-            popen = self._children.get(ref.pid)
-            if popen is not None and popen.poll() is not None:
-                self._children.pop(ref.pid, None)
-
-    async def _wait_gone(self, ref: ProcessRef, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        pause = 0.01
-        while self._group_alive(ref):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, 0.25)
-        return True
+        await self.processes.terminate(ref, steps, what=what)
 
     async def _watch_start(
         self, ref: ProcessRef, workdir: str, log_name: str, what: str, run_as: RunAs | None
     ) -> None:
         """Fail the start if the process exits within ``early_exit_window`` seconds."""
-        deadline = time.monotonic() + self.settings.early_exit_window
+        deadline = time.monotonic() + self.config.early_exit_window
         pause = 0.02
         while time.monotonic() < deadline:
-            if not self._alive(ref):
+            if not self.processes.alive(ref):
                 raise RuntimeError(self._exit_message(ref, workdir, log_name, what, run_as))
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.25)
@@ -708,11 +522,8 @@ class UnsafeLocalDriver(ClusterDriver):
     def _exit_message(
         self, ref: ProcessRef, workdir: str, log_name: str, what: str, run_as: RunAs | None
     ) -> str:
-        popen = self._children.get(ref.pid)
-        # poll(), not returncode: the process may have exited just after the liveness check
-        # polled it (seen as a zombie in /proc), and only reaping it tells its status.
-        how = _describe_status(popen.poll() if popen is not None else None)
-        lines = self._tail(workdir, log_name, run_as)
+        how = describe_exit(self.processes.exit_status(ref))
+        lines = tail_log(workdir, log_name, run_as=run_as)
         where = os.path.join(workdir, log_name)
         if lines is None:
             return f"The {what} {how}; its log {where} cannot be read"
@@ -721,66 +532,15 @@ class UnsafeLocalDriver(ClusterDriver):
         return f"The {what} {how}; the end of its log ({where}):\n" + "\n".join(lines)
 
 
-class LocalDriver(UnsafeLocalDriver):
-    """Schedulers and workers as local processes of the user who asked for the cluster.
-
-    The gateway must run as root. The user must exist on the host (``pwd``); root's clusters are
-    refused. The working directory and its files belong to the user (0700 / 0600); processes get
-    the user's uid, gid and groups, and ``HOME``, ``USER``, ``LOGNAME`` and ``SHELL``.
-    """
-
-    name = "local"
-
-    async def setup(self) -> None:
-        if os.geteuid() != 0:
-            raise RuntimeError(
-                "The local backend runs every cluster as the user who asked for it, which "
-                f"needs root; the gateway runs as uid {os.geteuid()}. Run it as root, or use "
-                'backend = "unsafe-local" (every cluster then runs as the gateway\'s user).'
-            )
-        await super().setup()
-
-    async def run_as(self, cluster: Cluster) -> RunAs:
-        return await asyncio.to_thread(lookup_user, cluster.username)
-
-    def identity_env(self, cluster: Cluster, run_as: RunAs | None) -> dict[str, str]:
-        assert run_as is not None
-        return {
-            "HOME": run_as.home,
-            "USER": run_as.name,
-            "LOGNAME": run_as.name,
-            "SHELL": run_as.shell,
-        }
-
-
-def lookup_user(username: str) -> RunAs:
-    """The local account ``username``; a clear error when there is none or it is root."""
-    try:
-        entry = pwd.getpwnam(username)
-    except KeyError:
-        raise RuntimeError(
-            f"User {username!r} has no account on the gateway's host; the local backend runs "
-            "clusters as their user, so it cannot start this one"
-        ) from None
-    if entry.pw_uid == 0:
-        raise RuntimeError(
-            f"User {username!r} is root; the local backend does not run clusters as root"
-        )
-    return RunAs.from_pwd(entry)
-
-
 def _check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
         raise RuntimeError(f"refusing to make files for the unsafe name {name!r}")
 
 
 __all__ = [
-    "DEFAULT_INHERITED_ENVIRONMENT",
+    "GatewayUser",
     "LocalBackendConfig",
     "LocalDriver",
-    "ProcessRef",
-    "RunAs",
-    "UnsafeLocalDriver",
-    "boot_id",
-    "lookup_user",
+    "ProcessOwner",
+    "RequestingUser",
 ]

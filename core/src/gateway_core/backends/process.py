@@ -1,7 +1,8 @@
 """The `Backend` that every process-style backend shares: store and reconciler around a driver.
 
-Owns `ProcessBackend` (the API's view of clusters run by a `ClusterDriver`) and the helpers
-drivers use to launch processes (`cluster_env`, `ProcessBackend.cluster_config`).
+Owns `ProcessBackend`: the API's view of clusters run by a `ClusterDriver`, and the one place a
+cluster's config is converted to its typed form (`Cluster.typed_config`). The helpers drivers use
+to launch processes are in `gateway_core.backends.kit`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 
-from ..config import ClusterConfig, ProcessBackendConfig, structure, unstructure
+from ..config import ClusterConfig, ConfigError, ProcessBackendConfig, structure, unstructure
 from ..models import Cluster, ClusterStatus, User, new_name, new_token
 from ..reconciler import Reconciler
 from ..store import Store
@@ -25,28 +26,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.backend")
 
 
-def cluster_env(cluster: Cluster, context: GatewayContext) -> dict[str, str]:
-    """Environment for a cluster's scheduler and workers: the cluster config's
-    ``environment``, then what the gateway's scheduler agent needs to reach the API."""
-    env = {str(k): str(v) for k, v in (cluster.config.get("environment") or {}).items()}
-    env.update(
-        {
-            "DASK_GATEWAY_API_URL": context.api_url,
-            "DASK_GATEWAY_API_TOKEN": cluster.token,
-            "DASK_GATEWAY_CLUSTER_NAME": cluster.name,
-        }
-    )
-    return env
-
-
 class ProcessBackend(Backend):
     """Clusters run by a `ClusterDriver`, with core's store and reconciler.
 
     Build with ``ProcessBackend(config=..., cluster_config_class=..., context=...,
-    driver=...)``; ``config`` is the driver's `ProcessBackendConfig` subclass. The store comes
-    from ``[gateway] db_url``/``db_encrypt_keys``/``db_debug``. State a driver returns (or
-    yields) from a start operation is merged into ``cluster.state`` / ``worker.state`` and
-    stored at once.
+    driver=...)``; ``config`` is the driver's `ProcessBackendConfig` subclass, and the driver
+    must have been made for the same ``cluster_config_class`` (`BackendSpec.make_driver`). The
+    store comes from ``[gateway] db_url``/``db_encrypt_keys``/``db_debug``. State a driver
+    returns (or yields) from a start operation is merged into ``cluster.state`` /
+    ``worker.state`` and stored at once.
+
+    Each cluster's config is converted once: the typed object `start_cluster` is given is kept
+    on the record (``cluster.typed_config``) beside its plain form for the store, and the
+    active records loaded from the store are structured once in `setup`. A stored config that
+    no longer structures (the cluster config class changed between restarts) fails that
+    cluster, with a reason naming the bad key, instead of stopping the gateway.
     """
 
     shutdown_timeout: ClassVar[float] = 30.0
@@ -61,17 +55,22 @@ class ProcessBackend(Backend):
         config: BackendConfig,
         cluster_config_class: type[ClusterConfig],
         context: GatewayContext,
-        driver: ClusterDriver,
+        driver: ClusterDriver[Any, Any],
         **kwargs: Any,
     ) -> None:
         if not isinstance(config, ProcessBackendConfig):
             raise TypeError(
                 f"ProcessBackend needs a ProcessBackendConfig, got {type(config).__name__}"
             )
+        if driver.cluster_config_class is not cluster_config_class:
+            raise TypeError(
+                f"ProcessBackend: the driver {type(driver).__name__} was made for "
+                f"{driver.cluster_config_class.__name__}, the backend for "
+                f"{cluster_config_class.__name__}; make it with BackendSpec.make_driver"
+            )
         super().__init__(
             config=config, cluster_config_class=cluster_config_class, context=context, **kwargs
         )
-        self.process_config: ProcessBackendConfig = config
         self.driver = driver
         gateway = context.config.gateway
         self.store = Store(
@@ -87,16 +86,35 @@ class ProcessBackend(Backend):
 
     async def setup(self) -> None:
         clusters = self.store.load()
-        active = sum(1 for c in clusters if c.status.is_active)
+        active = [c for c in clusters if c.status.is_active]
         if active:
-            log.info("Resuming %d active cluster(s) from the store", active)
+            log.info("Resuming %d active cluster(s) from the store", len(active))
+        unfit = {c.name: problems for c in active if (problems := self._type_config(c))}
         # No keep-alive: requests are rare, and schedulers come and go.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
             timeout=aiohttp.ClientTimeout(total=self.comm_timeout),
         )
         await self.driver.setup()
+        for name, problems in unfit.items():
+            self.reconciler.request_stop(
+                name,
+                failed=True,
+                reason="The cluster's stored config no longer fits this gateway's cluster "
+                f"config ({problems}); the config changed since it started",
+            )
         self.reconciler.start()
+
+    def _type_config(self, cluster: Cluster) -> str:
+        """Set ``cluster.typed_config`` from its stored config; what is wrong ("" if
+        nothing)."""
+        try:
+            cluster.typed_config = structure(
+                cluster.config, self.cluster_config_class, path="cluster"
+            )
+        except ConfigError as exc:
+            return "; ".join(exc.problems)
+        return ""
 
     async def cleanup(self) -> None:
         stop = self.context.config.gateway.stop_clusters_on_shutdown
@@ -140,6 +158,7 @@ class ProcessBackend(Backend):
             token=new_token(),
             options=dict(options),
             config=unstructure(config),
+            typed_config=config,
         )
         self.store.create_cluster(cluster)
         log.info("Created cluster %s for %s", cluster.name, user.name)
@@ -180,8 +199,8 @@ class ProcessBackend(Backend):
             ) from exc
 
     # ---------------------------------------------------------------------------------------
-    # For drivers
+    # For drivers and tests
 
     def cluster_config(self, cluster: Cluster) -> ClusterConfig:
-        """``cluster.config`` structured back into this backend's cluster config class."""
-        return structure(cluster.config, self.cluster_config_class, path="cluster")
+        """The typed config of ``cluster`` (as its driver sees it)."""
+        return self.driver.cluster_config(cluster)

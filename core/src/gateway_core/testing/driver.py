@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 from attrs import define
 
 from ..backends.base import ClusterDriver, StateUpdates
-from ..config import ProcessBackendConfig
+from ..config import ClusterConfig, ProcessBackendConfig
 from .fake_scheduler import FakeScheduler
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
-    from ..config import BackendConfig
     from ..context import GatewayContext
     from ..models import Cluster, Worker
 
@@ -55,7 +54,7 @@ class InProcessConfig(ProcessBackendConfig):
             )
 
 
-class InProcessDriver(ClusterDriver):
+class InProcessDriver(ClusterDriver[InProcessConfig, ClusterConfig]):
     """Runs each cluster's scheduler as a `FakeScheduler` in this process.
 
     Heartbeats go by HTTP to ``context.api_url``, or straight to a backend after
@@ -67,22 +66,15 @@ class InProcessDriver(ClusterDriver):
     schedulers across a simulated gateway restart.
     """
 
-    name = "inprocess"
-
     def __init__(
         self,
         *,
-        config: BackendConfig,
+        config: InProcessConfig,
         context: GatewayContext,
         schedulers: dict[str, FakeScheduler] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config, context=context, **kwargs)
-        if not isinstance(config, InProcessConfig):
-            raise TypeError(
-                f"InProcessDriver needs an InProcessConfig, got {type(config).__name__}"
-            )
-        self.settings = config
         self.schedulers: dict[str, FakeScheduler] = {} if schedulers is None else schedulers
         for name, scheduler in self.schedulers.items():
             scheduler.send = functools.partial(self._deliver, name)
@@ -132,7 +124,7 @@ class InProcessDriver(ClusterDriver):
         await scheduler.post_heartbeat(msg)
 
     def _style(self, gen: AsyncIterator[dict[str, Any]]) -> StateUpdates:
-        if self.settings.start_style == "generator":
+        if self.config.start_style == "generator":
             return gen
         return _last(gen)
 
@@ -144,7 +136,7 @@ class InProcessDriver(ClusterDriver):
         return self._style(self._start_scheduler(cluster))
 
     async def _start_scheduler(self, cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
-        cfg = self.settings
+        cfg = self.config
         yield {"submitted": True}
         if cfg.scheduler_start_delay > 0:
             await asyncio.sleep(cfg.scheduler_start_delay)
@@ -179,7 +171,7 @@ class InProcessDriver(ClusterDriver):
     async def _start_worker(
         self, cluster: Cluster, worker: Worker
     ) -> AsyncIterator[dict[str, Any]]:
-        cfg = self.settings
+        cfg = self.config
         if self._worker_failures_left > 0:
             self._worker_failures_left -= 1
             raise RuntimeError("fake worker start failure")

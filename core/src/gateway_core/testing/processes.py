@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from ..backends.kit import all_stats, read_stat
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -25,20 +27,12 @@ def set_subreaper(on: bool) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()  # after "pid (comm) "
+def _start_time(pid: int) -> int | None:
+    st = read_stat(pid)
+    return st.start_ticks if st is not None else None
 
 
-def _start_time(pid: int) -> str | None:
-    fields = _stat_fields(pid)
-    return fields[19].decode() if fields is not None else None
-
-
-def start_times(pids: Iterable[int]) -> dict[int, str]:
+def start_times(pids: Iterable[int]) -> dict[int, int]:
     """pid -> when it started (clock ticks since boot), for those still there: what
     `kill_tree` checks before signalling."""
     found = {pid: _start_time(pid) for pid in pids}
@@ -56,14 +50,9 @@ def descendants(root: int | None = None, *, reap: bool = False) -> dict[int, str
     root = me if root is None else root
     children: dict[int, list[int]] = {}
     states: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(int(entry))
-        if fields is None:
-            continue
-        states[int(entry)] = fields[0].decode()
-        children.setdefault(int(fields[1]), []).append(int(entry))
+    for st in all_stats():
+        states[st.pid] = st.state
+        children.setdefault(st.ppid, []).append(st.pid)
     found: dict[int, str] = {}
     todo = list(children.get(root, []))
     while todo:
@@ -83,7 +72,7 @@ def descendants(root: int | None = None, *, reap: bool = False) -> dict[int, str
     return found
 
 
-def kill_tree(started: Mapping[int, str]) -> None:
+def kill_tree(started: Mapping[int, int]) -> None:
     """SIGKILL each pid of a `start_times` record that is still the process recorded."""
     for pid, when in started.items():
         if _start_time(pid) == when:

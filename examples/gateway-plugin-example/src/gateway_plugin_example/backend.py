@@ -3,21 +3,20 @@ through a command template the administrator configures.
 
 Owns `CommandTemplateConfig` (``[backend.command-template]``), `expand` (template → argv) and
 `CommandTemplateDriver`, the six `ClusterDriver` operations for processes on the gateway's host.
+Starting, watching and stopping the processes is core's driver kit (`gateway_core.backends.kit`):
+this module only decides what to run and where.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shlex
 import shutil
 import signal
 import string
-import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,18 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from gateway_core.backends.base import ClusterDriver
-from gateway_core.backends.process import cluster_env
+from gateway_core.backends.kit import (
+    CERT_FILE,
+    KEY_FILE,
+    ProcessGroups,
+    ProcessRef,
+    StopSteps,
+    cluster_env,
+    create_log,
+    describe_exit,
+    tail_log,
+    write_private_file,
+)
 from gateway_core.config import (
     ClusterConfig,
     Command,
@@ -35,7 +45,6 @@ from gateway_core.config import (
 )
 
 if TYPE_CHECKING:
-    from gateway_core.config import BackendConfig
     from gateway_core.context import GatewayContext
     from gateway_core.models import Cluster, Worker
 
@@ -67,10 +76,9 @@ WORKER_PLACEHOLDERS = (
 )
 """Placeholders only the worker template may use (workers start once the scheduler is up)."""
 
-TLS_CERT_FILE = "dask.crt"
-TLS_KEY_FILE = "dask.pem"
 SCHEDULER_LOG = "scheduler.log"
-LOG_TAIL_LINES = 20
+KILL_WAIT = 5.0
+"""Seconds to wait for a process group to go after SIGKILL (then it is logged and left)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +157,11 @@ class CommandTemplateConfig(ProcessBackendConfig):
         return signal.Signals[self.stop_signal]
 
     @property
+    def stop_steps(self) -> StopSteps:
+        """``stop_signal``, then SIGKILL after ``stop_timeout`` seconds."""
+        return [(self.signal, self.stop_timeout), (signal.SIGKILL, KILL_WAIT)]
+
+    @property
     def base_directory(self) -> Path:
         if self.clusters_directory:
             return Path(self.clusters_directory)
@@ -181,8 +194,8 @@ def scheduler_values(
         "cluster_name": cluster_name,
         "username": username,
         "directory": str(directory),
-        "tls_cert": str(directory / TLS_CERT_FILE),
-        "tls_key": str(directory / TLS_KEY_FILE),
+        "tls_cert": str(directory / CERT_FILE),
+        "tls_key": str(directory / KEY_FILE),
         "api_url": api_url,
         "heartbeat_period": backend.cluster_heartbeat_period,
         "cores": config.scheduler_cores,
@@ -246,118 +259,34 @@ def preview(config_path: str | None = None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------
-
-
-def is_alive(pid: int) -> bool:
-    """Is the process ``pid`` still running? Reaps it if it is our child and has exited."""
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child (a gateway restart) or reaped already: ask the kernel below
-    else:
-        return waited == 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, but belongs to someone else
-    return not is_zombie(pid)
-
-
-def is_zombie(pid: int) -> bool:
-    """Has ``pid`` exited, waiting for a parent (not us) to reap it? Linux only; elsewhere
-    False. Where process 1 of a container does not reap orphans, they stay zombies."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rpartition(")")[2].split()
-    return bool(fields) and fields[0] == "Z"
-
-
-def signal_group(pid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to the process group ``pid`` leads (every process it started)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
-
-
-async def terminate(pid: int, sig: signal.Signals, timeout: float) -> None:
-    """Stop the process group led by ``pid``: ``sig``, then SIGKILL after ``timeout`` seconds.
-
-    Returns once the leader is gone; a process that is already gone is left alone (so a pid
-    reused by an unrelated process is not signalled once its leader is known dead).
-    """
-    if not is_alive(pid):
-        return
-    try:
-        signal_group(pid, sig)
-    except PermissionError:
-        log.warning("Process %d belongs to another user; not stopping it", pid)
-        return
-    if await wait_gone(pid, timeout):
-        return
-    log.info("Process %d ignored %s for %.1fs; killing it", pid, sig.name, timeout)
-    signal_group(pid, signal.SIGKILL)
-    await wait_gone(pid, 5.0)
-
-
-async def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit; True when it did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if not is_alive(pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file, or an empty string."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-# --------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------
 
 
-class CommandTemplateDriver(ClusterDriver):
+class CommandTemplateDriver(ClusterDriver[CommandTemplateConfig, ClusterConfig]):
     """Runs schedulers and workers as process groups on the gateway's host.
 
     Each cluster gets a working directory ``<clusters_directory>/<cluster name>`` holding its
     TLS certificate and key (mode 0600) and one log per process. Every process starts in a new
-    session, so its pid is also its process group, and stopping it reaches whatever it started.
-    State kept in the gateway's store: ``{"directory": ..., "pid": ...}`` for a scheduler,
-    ``{"pid": ...}`` for a worker; nothing else is needed after a gateway restart.
+    session, so stopping its process group reaches whatever it started. State kept in the
+    gateway's store: the directory, and for each process the kit's `ProcessRef` (pid, start
+    time, boot), so that after a gateway restart the driver finds its processes again and never
+    signals a process that was given a reused pid.
     """
 
-    name = "command-template"
-    cluster_config_class: type[ClusterConfig] = ClusterConfig
-
-    def __init__(self, *, config: BackendConfig, context: GatewayContext, **kwargs: Any) -> None:
+    def __init__(
+        self, *, config: CommandTemplateConfig, context: GatewayContext, **kwargs: Any
+    ) -> None:
         super().__init__(config=config, context=context, **kwargs)
-        if not isinstance(config, CommandTemplateConfig):
-            raise TypeError(f"{type(self).__name__} needs a CommandTemplateConfig")
-        self.settings = config
+        self.processes = ProcessGroups()
 
     async def setup(self) -> None:
-        base = self.settings.base_directory
+        base = self.config.base_directory
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(base, os.W_OK | os.X_OK):
             raise RuntimeError(f"clusters_directory {base} is not writable by the gateway")
         for name in ("scheduler_template", "worker_template"):
-            program = getattr(self.settings, name)[0]
+            program = getattr(self.config, name)[0]
             if program != CMD and shutil.which(program) is None:
                 raise RuntimeError(f"{name}: program {program!r} not found on PATH")
 
@@ -365,106 +294,102 @@ class CommandTemplateDriver(ClusterDriver):
     # Helpers
 
     def directory(self, cluster: Cluster) -> Path:
+        """The cluster's working directory (as stored, once its start has begun)."""
         stored = cluster.state.get("directory")
-        return Path(stored) if stored else self.settings.base_directory / cluster.name
+        return Path(stored) if stored else self.config.base_directory / cluster.name
 
-    def values(self, cluster: Cluster, config: ClusterConfig) -> dict[str, object]:
+    def values(self, cluster: Cluster) -> dict[str, object]:
+        """The placeholder values of the scheduler template for ``cluster``."""
         return scheduler_values(
             cluster_name=cluster.name,
             username=cluster.username,
             directory=self.directory(cluster),
             api_url=self.context.api_url,
-            backend=self.settings,
-            config=config,
+            backend=self.config,
+            config=self.cluster_config(cluster),
         )
 
     def environment(self, cluster: Cluster, **extra: str) -> dict[str, str]:
+        """The gateway's environment, the cluster's (`cluster_env`), the TLS file paths, then
+        ``extra``."""
         directory = self.directory(cluster)
         env = dict(os.environ)
         env.update(cluster_env(cluster, self.context))
-        env["DASK_GATEWAY_TLS_CERT"] = str(directory / TLS_CERT_FILE)
-        env["DASK_GATEWAY_TLS_KEY"] = str(directory / TLS_KEY_FILE)
+        env["DASK_GATEWAY_TLS_CERT"] = str(directory / CERT_FILE)
+        env["DASK_GATEWAY_TLS_KEY"] = str(directory / KEY_FILE)
         env.update(extra)
         return env
 
-    def spawn(self, argv: list[str], *, cwd: Path, log_name: str, env: dict[str, str]) -> int:
-        """Start ``argv`` in a new session with output to ``cwd/log_name``; return its pid."""
-        with (cwd / log_name).open("ab") as out:
-            try:
-                process = subprocess.Popen(
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except FileNotFoundError:
-                raise RuntimeError(f"command not found: {argv[0]!r}") from None
-            except PermissionError:
-                raise RuntimeError(f"command not executable: {argv[0]!r}") from None
-        log.info("Started %s (pid %d): %s", log_name, process.pid, " ".join(argv))
-        return process.pid
+    def spawn(
+        self, argv: list[str], *, cwd: Path, log_name: str, env: dict[str, str]
+    ) -> ProcessRef:
+        """Start ``argv`` in a new session with its output to ``cwd/log_name``."""
+        log_fd = create_log(cwd, log_name)
+        try:
+            ref = self.processes.start(argv, env=env, cwd=cwd, stdout=log_fd)
+        finally:
+            os.close(log_fd)
+        log.info("Started %s (pid %d): %s", log_name, ref.pid, shlex.join(argv))
+        return ref
+
+    async def stop(self, state: Mapping[str, Any], what: str) -> None:
+        """Stop the process group whose `ProcessRef` is in ``state`` (nothing if none is)."""
+        ref = ProcessRef.from_state(state)
+        if ref is not None:
+            # The whole group at once: a wrapper's children need not pass the signal on.
+            await self.processes.terminate(ref, self.config.stop_steps, what=what, group=True)
 
     # ---------------------------------------------------------------------------------------
     # The six operations
 
     async def start_scheduler(self, cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
-        config = structure(cluster.config, self.cluster_config_class, path="cluster")
-        directory = self.settings.base_directory / cluster.name
+        config = self.cluster_config(cluster)
+        directory = self.config.base_directory / cluster.name
         # Stored before anything is created, so a stop after a crash knows what to remove.
         yield {"directory": str(directory)}
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if cluster.tls_cert and cluster.tls_key:
-            for name, data in ((TLS_CERT_FILE, cluster.tls_cert), (TLS_KEY_FILE, cluster.tls_key)):
-                fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-        argv = expand(
-            self.settings.scheduler_template, config.scheduler_cmd, self.values(cluster, config)
-        )
-        pid = self.spawn(argv, cwd=directory, log_name=SCHEDULER_LOG, env=self.environment(cluster))
-        yield {"pid": pid}
+        directory.mkdir(mode=0o700, parents=True)  # fails if it exists: never reuse one
+        for name, data in ((CERT_FILE, cluster.tls_cert), (KEY_FILE, cluster.tls_key)):
+            write_private_file(directory / name, data)
+        argv = expand(self.config.scheduler_template, config.scheduler_cmd, self.values(cluster))
+        ref = self.spawn(argv, cwd=directory, log_name=SCHEDULER_LOG, env=self.environment(cluster))
+        yield ref.to_state()
 
     async def stop_scheduler(self, cluster: Cluster) -> None:
-        pid = cluster.state.get("pid")
-        if pid:
-            await terminate(pid, self.settings.signal, self.settings.stop_timeout)
+        await self.stop(cluster.state, f"scheduler of cluster {cluster.name}")
         directory = cluster.state.get("directory")
         # Only ever remove a directory this driver made for this cluster.
         if directory and Path(directory).name == cluster.name:
             await asyncio.to_thread(shutil.rmtree, directory, True)
 
     async def start_worker(self, cluster: Cluster, worker: Worker) -> dict[str, Any]:
-        config = structure(cluster.config, self.cluster_config_class, path="cluster")
+        config = self.cluster_config(cluster)
         values = worker_values(
-            self.values(cluster, config),
+            self.values(cluster),
             worker_name=worker.name,
             scheduler_address=cluster.scheduler_address,
             api_address=cluster.api_address,
             config=config,
         )
-        argv = expand(self.settings.worker_template, config.worker_cmd, values)
+        argv = expand(self.config.worker_template, config.worker_cmd, values)
         env = self.environment(cluster, DASK_GATEWAY_WORKER_NAME=worker.name)
-        pid = self.spawn(
-            argv, cwd=self.directory(cluster), log_name=f"worker-{worker.name}.log", env=env
-        )
-        return {"pid": pid}
+        log_name = f"worker-{worker.name}.log"
+        return self.spawn(argv, cwd=self.directory(cluster), log_name=log_name, env=env).to_state()
 
     async def stop_worker(self, cluster: Cluster, worker: Worker) -> None:
-        pid = worker.state.get("pid")
-        if pid:
-            await terminate(pid, self.settings.signal, self.settings.stop_timeout)
+        await self.stop(worker.state, f"worker {worker.name}")
 
     async def check_clusters(self, clusters: Sequence[Cluster]) -> list[bool]:
-        return [bool(c.state.get("pid")) and is_alive(c.state["pid"]) for c in clusters]
+        return [self.processes.alive(ProcessRef.from_state(c.state)) for c in clusters]
 
     async def check_workers(self, workers: Sequence[tuple[Cluster, Worker]]) -> list[bool]:
-        return [bool(w.state.get("pid")) and is_alive(w.state["pid"]) for _, w in workers]
+        return [self.processes.alive(ProcessRef.from_state(w.state)) for _, w in workers]
 
     async def failure_reason(self, cluster: Cluster) -> str | None:
-        output = tail(self.directory(cluster) / SCHEDULER_LOG)
-        if not output:
+        ref = ProcessRef.from_state(cluster.state)
+        if ref is None:
             return None
-        return f"The scheduler process exited. Its last output:\n{output}"
+        how = describe_exit(self.processes.exit_status(ref))
+        lines = tail_log(self.directory(cluster), SCHEDULER_LOG)
+        if not lines:
+            return f"The scheduler process {how} without output"
+        return f"The scheduler process {how}. Its last output:\n" + "\n".join(lines)

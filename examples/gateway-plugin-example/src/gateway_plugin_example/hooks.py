@@ -28,7 +28,6 @@ def gateway_register_backends() -> list[BackendSpec]:
             name=BACKEND_NAME,
             driver=CommandTemplateDriver,
             config=CommandTemplateConfig,
-            cluster_config=CommandTemplateDriver.cluster_config_class,
             description="Schedulers and workers as local processes, through command templates",
         )
     ]

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 from attrs import define, field
 
-from gateway_core.backends.commands import CERT_FILE, KEY_FILE
 from gateway_core.backends.jobqueue import (
     CommandResult,
     JobQueueClusterConfig,
@@ -28,6 +27,7 @@ from gateway_core.backends.jobqueue import (
     JobState,
     Submission,
 )
+from gateway_core.backends.kit import CERT_FILE, KEY_FILE
 from gateway_core.config import ConfigError
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class PBSConfig(JobQueueConfig):
             raise ConfigError(problems)
 
 
-class PBSDriver(JobQueueDriver):
+class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
     """Each scheduler and worker is one PBS job (``qsub``), submitted as the user.
 
     Jobs are named ``dask-scheduler-<cluster>``/``dask-worker-<worker>``; stdout and stderr
@@ -159,23 +159,13 @@ class PBSDriver(JobQueueDriver):
     jobs (state ``F``) in the answer while PBS keeps their history.
     """
 
-    name = "pbs"
-    cluster_config_class: ClassVar[type[JobQueueClusterConfig]] = PBSClusterConfig
-    config_class: ClassVar[type[JobQueueConfig]] = PBSConfig
     job_label: ClassVar[str] = "PBS job"
     default_submit_command: ClassVar[str] = "qsub"
     default_cancel_command: ClassVar[str] = "qdel"
     default_status_command: ClassVar[str] = "qstat"
 
-    @property
-    def pbs_settings(self) -> PBSConfig:
-        assert isinstance(self.settings, PBSConfig)
-        return self.settings
-
     def tls_paths(self, cluster: Cluster, staging_dir: str) -> tuple[str, str]:
-        settings = self.cluster_config(cluster)
-        assert isinstance(settings, PBSClusterConfig)
-        if settings.use_stagein:
+        if self.cluster_config(cluster).use_stagein:
             # Staged into the job's sandbox, its working directory.
             return CERT_FILE, KEY_FILE
         return super().tls_paths(cluster, staging_dir)
@@ -183,13 +173,12 @@ class PBSDriver(JobQueueDriver):
     def submission(
         self,
         cluster: Cluster,
-        settings: JobQueueClusterConfig,
+        settings: PBSClusterConfig,
         *,
         worker: Worker | None,
         staging_dir: str,
         script: str,
     ) -> Submission:
-        assert isinstance(settings, PBSClusterConfig)
         if worker is None:
             role, name = "scheduler", cluster.name
             resources = resource_list(
@@ -204,7 +193,7 @@ class PBSDriver(JobQueueDriver):
                 cores=settings.worker_cores,
                 memory=settings.worker_memory,
             )
-        host = self.pbs_settings.gateway_hostname
+        host = self.config.gateway_hostname
         output = self.output_file(staging_dir, role, name)
         argv = [self.submit_program, "-N", f"dask-{role}-{name}"]
         if settings.queue:

@@ -86,7 +86,7 @@ class SlurmConfig(JobQueueConfig):
     launcher and how users are switched (see `gateway_core.backends.jobqueue`)."""
 
 
-class SlurmDriver(JobQueueDriver):
+class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
     """Each scheduler and worker is one Slurm job (``sbatch``), submitted as the user.
 
     Jobs run in the cluster's staging directory and write their output there
@@ -96,9 +96,6 @@ class SlurmDriver(JobQueueDriver):
     period; a job not listed has ended.
     """
 
-    name = "slurm"
-    cluster_config_class: ClassVar[type[JobQueueClusterConfig]] = SlurmClusterConfig
-    config_class: ClassVar[type[JobQueueConfig]] = SlurmConfig
     job_label: ClassVar[str] = "Slurm job"
     default_submit_command: ClassVar[str] = "sbatch"
     default_cancel_command: ClassVar[str] = "scancel"
@@ -107,13 +104,12 @@ class SlurmDriver(JobQueueDriver):
     def submission(
         self,
         cluster: Cluster,
-        settings: JobQueueClusterConfig,
+        settings: SlurmClusterConfig,
         *,
         worker: Worker | None,
         staging_dir: str,
         script: str,
     ) -> Submission:
-        assert isinstance(settings, SlurmClusterConfig)
         if worker is None:
             role, name = "scheduler", cluster.name
             cores, memory = settings.scheduler_cores, settings.scheduler_memory
