@@ -36,6 +36,7 @@ from gateway_core.config import (
 )
 from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
+from gateway_core.hookcaller import GatewayHooks
 from gateway_core.hookspecs import hookimpl
 from gateway_core.manager import ClusterManager
 from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token, now_ms
@@ -91,6 +92,8 @@ class FakeBackend(Backend):
         self.refuse_forward: str | None = None
         self.healthy: Any = True
         self.fail_listing = False
+        self.slow_stop = False
+        """When set, a stop leaves the cluster STOPPING (target STOPPED), as a real one is."""
         self._changed: dict[str, asyncio.Event] = {}
 
     def snapshot(self) -> dict[str, Any]:
@@ -158,6 +161,10 @@ class FakeBackend(Backend):
     ) -> None:
         cluster = self.clusters.get(name)
         if cluster is not None and cluster.status.is_active:
+            cluster.target = ClusterStatus.FAILED if failed else ClusterStatus.STOPPED
+            if self.slow_stop:
+                cluster.status = ClusterStatus.STOPPING
+                return
             cluster.status = ClusterStatus.STOPPED
             cluster.stop_time = now_ms()
 
@@ -294,7 +301,10 @@ async def make_api() -> AsyncIterator[ApiFactory]:
             pm.register(plugin, name=f"test-plugin-{i}")
         cfg = load_config(dict(BASE_CONFIG if config is None else config))
         context = GatewayContext(
-            config=cfg, hook=pm.hook, routes=RouteTable(max_events=max_events), prefix=prefix
+            config=cfg,
+            hook=GatewayHooks.from_plugin_manager(pm),
+            routes=RouteTable(max_events=max_events),
+            prefix=prefix,
         )
         backend = FakeBackend(context=context)
         auth = CountingAuth(config=auth_config or SimpleAuthConfig(), context=context)
@@ -1249,6 +1259,31 @@ async def test_a_plugin_can_give_a_user_its_own_form(make_api: ApiFactory) -> No
     )
 
 
+class AsyncDeferringOptions:
+    """Answers for nobody, from a coroutine: the next plugin (the `[options]` form) decides."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @hookimpl
+    async def gateway_cluster_options(self, user: User, config: Any) -> Options | None:
+        await asyncio.sleep(0)
+        self.asked.append(user.name)
+        return None
+
+
+async def test_async_options_plugin_returning_none_defers_to_the_next(
+    make_api: ApiFactory,
+) -> None:
+    deferring = AsyncDeferringOptions()
+    api = await make_api(plugins=[deferring])
+    spec = (await (await api.call("GET", "/api/v1/options")).json())["cluster_options"]
+    assert [s["field"] for s in spec] == ["worker_cores", "idle_timeout", "profile", "environment"]
+    name = await api.create(worker_cores=3)
+    assert api.backend.clusters[name].config["worker_cores"] == 3
+    assert deferring.asked == ["alice", "alice"]
+
+
 async def test_apply_options_merge_order_later_registration_wins(make_api: ApiFactory) -> None:
     first = SyncOverrides({"worker_cores": 3, "idle_timeout": 60.0})
     second = AsyncOverrides({"worker_cores": 4, "adaptive_period": 1.5})
@@ -1337,7 +1372,7 @@ async def test_plugin_returning_a_non_mapping_is_a_500(make_api: ApiFactory) -> 
 async def test_no_options_plugin_means_an_empty_form(api: Api) -> None:
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(gateway_core.hookspecs)
-    context = GatewayContext(config=load_config({}), hook=pm.hook)
+    context = GatewayContext(config=load_config({}), hook=GatewayHooks.from_plugin_manager(pm))
     manager = ClusterManager(backend=FakeBackend(context=context), context=context)
     form = await manager.options_for(User(name="a"))
     assert form.spec_json() == []
@@ -1346,7 +1381,7 @@ async def test_no_options_plugin_means_an_empty_form(api: Api) -> None:
 def test_bad_cluster_defaults_are_refused_at_construction() -> None:
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(gateway_core.hookspecs)
-    context = GatewayContext(config=load_config({}), hook=pm.hook)
+    context = GatewayContext(config=load_config({}), hook=GatewayHooks.from_plugin_manager(pm))
     with pytest.raises(ConfigError) as exc:
         ClusterManager(
             backend=FakeBackend(context=context),

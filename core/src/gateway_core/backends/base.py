@@ -3,6 +3,7 @@
 Owns the contracts only. `Backend` is what the API calls; `ClusterDriver` is the six operations
 a process-style backend (local, Slurm, PBS, YARN, third parties) supplies to core's
 `gateway_core.backends.process.ProcessBackend`, which keeps the store and the reconciler.
+`ClusterConflict` and `BackendUnavailable` live in `gateway_core.errors` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+
+from ..errors import BackendUnavailable, ClusterConflict
+
+__all__ = ["Backend", "BackendUnavailable", "ClusterConflict", "ClusterDriver", "StateUpdates"]
 
 if TYPE_CHECKING:
     from ..config import BackendConfig, ClusterConfig
@@ -85,15 +90,6 @@ class Backend(abc.ABC):
     async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
         """Send ``msg`` (``{"op": "scale", ...}`` or ``{"op": "adapt", ...}``) to the cluster's
         scheduler. Raise `ClusterConflict` when the scheduler cannot take it."""
-
-
-class ClusterConflict(Exception):
-    """The cluster cannot take this request now (answered as HTTP 409 with this message)."""
-
-
-class BackendUnavailable(Exception):
-    """The backend is starting or stopping and cannot answer yet (HTTP 503): a scheduler that
-    gets this keeps its cluster and tries again, unlike a 409 that tells it to shut down."""
 
 
 class ClusterDriver(abc.ABC):
