@@ -41,6 +41,7 @@ from gateway_core.hookspecs import hookimpl
 from gateway_core.manager import ClusterManager
 from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token, now_ms
 from gateway_core.options import Integer, Options, OptionsError
+from gateway_core.options import Mapping as OptionsMapping
 from gateway_core.routes import Route, RouteTable
 
 pytestmark = pytest.mark.unit
@@ -601,6 +602,23 @@ async def test_list_shows_the_callers_active_clusters(api: Api) -> None:
     assert set(await resp.json()) == {stopped, running}
     resp = await api.call("GET", "/api/v1/clusters?status=STOPPED&status=pending")
     assert set(await resp.json()) == {stopped, pending}
+
+
+async def test_default_list_leaves_out_clusters_asked_to_stop(api: Api) -> None:
+    """As the original gateway: the default list is the clusters whose target is not stopped,
+    so a cluster leaves it as soon as it is asked to stop, while it is still STOPPING."""
+    api.backend.slow_stop = True
+    kept = await api.running()
+    stopping = await api.running()
+    resp = await api.call("DELETE", f"/api/v1/clusters/{stopping}")
+    assert resp.status == 204
+    assert api.backend.clusters[stopping].status == ClusterStatus.STOPPING
+    assert set(await (await api.call("GET", "/api/v1/clusters/")).json()) == {kept}
+    listed = await (await api.call("GET", "/api/v1/clusters/?status=stopping")).json()
+    assert set(listed) == {stopping}
+    assert listed[stopping]["status"] == "STOPPING"
+    listed = await (await api.call("GET", "/api/v1/clusters/?status=running,stopping")).json()
+    assert set(listed) == {kept, stopping}
 
 
 @pytest.mark.parametrize(
@@ -1282,6 +1300,60 @@ async def test_async_options_plugin_returning_none_defers_to_the_next(
     name = await api.create(worker_cores=3)
     assert api.backend.clusters[name].config["worker_cores"] == 3
     assert deferring.asked == ["alice", "alice"]
+
+
+async def test_environment_option_merges_into_the_cluster_environment(
+    make_api: ApiFactory,
+) -> None:
+    config = dict(BASE_CONFIG)
+    config["cluster"] = {
+        "cluster_max_workers": 4,
+        "environment": {"SITE": "1", "SHARED": "cluster"},
+        "scheduler_cmd": ["dask", "scheduler", "--x"],
+    }
+    plugin = SyncOverrides({"environment": {"PLUGIN": "p"}, "scheduler_cmd": ["my-scheduler"]})
+    api = await make_api(config, plugins=[plugin])
+    name = await api.create(environment={"SHARED": "user", "USER_VAR": "u"})
+    config_of = api.backend.clusters[name].config
+    # [cluster] < the user's option < the plugin; the option's and the plugin's keys win
+    assert config_of["environment"] == {
+        "SITE": "1",
+        "SHARED": "user",
+        "USER_VAR": "u",
+        "PLUGIN": "p",
+    }
+    assert config_of["scheduler_cmd"] == ["my-scheduler"]  # not a merged key: replaced
+    plain = await make_api(config)
+    name = await plain.create()  # the option's default, {}, keeps the cluster's table
+    assert plain.backend.clusters[name].config["environment"] == {
+        "SITE": "1",
+        "SHARED": "cluster",
+    }
+
+
+@attrs.define(kw_only=True, frozen=True)
+class LabelledClusterConfig(ClusterConfig):
+    """A backend's cluster config with one more merged mapping."""
+
+    merged_keys = ClusterConfig.merged_keys | {"labels"}
+    labels: dict[str, str] = attrs.field(factory=dict)
+    annotations: dict[str, str] = attrs.field(factory=dict)
+
+
+async def test_a_cluster_config_class_may_merge_more_mappings() -> None:
+    context = GatewayContext(config=load_config({}))
+    manager = ClusterManager(
+        backend=FakeBackend(context=context),
+        context=context,
+        cluster_config_class=LabelledClusterConfig,
+        cluster_defaults={"labels": {"site": "x"}, "annotations": {"site": "x"}},
+    )
+    form = Options(fields=[OptionsMapping(field="labels"), OptionsMapping(field="annotations")])
+    normalized = form.validate({"labels": {"team": "y"}, "annotations": {"team": "y"}})
+    config = await manager.resolve_config(User(name="a"), form, normalized)
+    assert isinstance(config, LabelledClusterConfig)
+    assert config.labels == {"site": "x", "team": "y"}
+    assert config.annotations == {"team": "y"}  # not in merged_keys: replaced
 
 
 async def test_apply_options_merge_order_later_registration_wins(make_api: ApiFactory) -> None:

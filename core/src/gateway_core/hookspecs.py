@@ -122,7 +122,9 @@ def gateway_apply_options(
     mappings are merged on top in registration order: a plugin registered later (which pluggy
     calls earlier) overrides one registered earlier for the same key, ``tryfirst``
     implementations override all others and ``trylast`` ones are overridden by all, just as the
-    plugin that answers ``gateway_cluster_options`` first wins there. The result is validated as
+    plugin that answers ``gateway_cluster_options`` first wins there. A mapping given for
+    ``environment`` (or another key of the config class's ``merged_keys``) is merged into the
+    one below instead of replacing it. The result is validated as
     the backend's cluster config class, so a bad override is refused with a 422 naming the key;
     a plugin may also raise `gateway_core.options.OptionsError` to refuse the options (422).
 

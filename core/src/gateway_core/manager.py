@@ -82,6 +82,11 @@ class ClusterManager:
        last-registered (or ``tryfirst``) plugin first, and that plugin's answer is applied last,
        so it wins. This matches ``gateway_cluster_options``, where the first answer wins.
 
+    A layer replaces the value of a key, except for the keys in the cluster config class's
+    ``merged_keys`` (``environment`` in core): a mapping given there is merged into the one
+    below it, its own keys winning, so ``[options.environment]`` adds variables to
+    ``[cluster] environment`` instead of dropping them.
+
     The merged table is then structured as ``cluster_config_class``.
     """
 
@@ -141,15 +146,16 @@ class ClusterManager:
     ) -> ClusterConfig:
         """The cluster config for validated options (see the class docstring for the layers)."""
         merged = dict(self.cluster_defaults)
+        merge_keys = self.cluster_config_class.merged_keys
         try:
-            merged.update(await form.overrides(normalized, user))
+            _apply_layer(merged, await form.overrides(normalized, user), merge_keys)
             answers = await self.context.hook.gateway_apply_options(
                 user=user, options=normalized, config=self.default_config
             )
         except OptionsError as exc:
             raise InvalidRequest(f"invalid cluster options: {exc}") from None
         for answer in reversed(answers):  # in call order: the first-called plugin applies last
-            merged.update(answer)
+            _apply_layer(merged, answer, merge_keys)
         try:
             return structure(merged, self.cluster_config_class)
         except ConfigError as exc:
@@ -184,10 +190,17 @@ class ClusterManager:
     async def list_clusters(
         self, user: User, statuses: Collection[ClusterStatus] | None = None
     ) -> list[Cluster]:
-        """The caller's own clusters with a status in ``statuses`` (the active ones when None)."""
-        if statuses is None:
-            statuses = [s for s in ClusterStatus if s.is_active]
-        return await self.backend.list_clusters(username=user.name, statuses=list(statuses))
+        """The caller's own clusters with a status in ``statuses``.
+
+        Without ``statuses``, the clusters that are still wanted, as the original gateway lists
+        them: active ones whose ``target`` is RUNNING. A cluster asked to stop leaves this list
+        at once, while it is still STOPPING; ``statuses=[STOPPING]`` still finds it.
+        """
+        if statuses is not None:
+            return await self.backend.list_clusters(username=user.name, statuses=list(statuses))
+        active = [s for s in ClusterStatus if s.is_active]
+        clusters = await self.backend.list_clusters(username=user.name, statuses=active)
+        return [c for c in clusters if c.target <= ClusterStatus.RUNNING]
 
     async def get_cluster(self, user: User, name: str, *, wait: bool = False) -> Cluster:
         """The cluster ``name``; with ``wait``, block (backend's limit) while it is PENDING."""
@@ -365,3 +378,16 @@ class ClusterManager:
             out["status"] = "pass" if out.get("status") == "pass" else "fail"
             return out
         return {"status": "pass"}
+
+
+def _apply_layer(
+    merged: dict[str, Any], layer: Mapping[str, Any], merge_keys: Collection[str]
+) -> None:
+    """Put one layer of overrides on ``merged``: a key's value is replaced, except a mapping
+    given for a key of ``merge_keys``, which is merged into the mapping below (its keys win)."""
+    for key, value in layer.items():
+        below = merged.get(key)
+        if key in merge_keys and isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = {**below, **value}
+        else:
+            merged[key] = value

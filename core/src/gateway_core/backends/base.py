@@ -61,7 +61,13 @@ class Backend(abc.ABC):
         statuses: Collection[ClusterStatus] | None = None,
     ) -> list[Cluster]:
         """Clusters of ``username`` (all users when None) whose status is in ``statuses``
-        (all statuses when None)."""
+        (all statuses when None).
+
+        Each `Cluster`'s ``target`` must say where the cluster is being driven: RUNNING until
+        someone asks it to stop, then STOPPED (or FAILED) at once, while its ``status`` may
+        still be STOPPING. The API's default list (no ``status`` query, as in the original
+        gateway) asks for the active statuses and keeps the clusters whose target is RUNNING,
+        so a cluster asked to stop leaves it at once."""
 
     @abc.abstractmethod
     async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:
@@ -79,7 +85,8 @@ class Backend(abc.ABC):
     async def stop_cluster(
         self, name: str, *, failed: bool = False, reason: str | None = None
     ) -> None:
-        """Begin stopping ``name``; idempotent, unknown names are ignored."""
+        """Begin stopping ``name``; idempotent, unknown names are ignored. Before returning,
+        the cluster's ``target`` is STOPPED (FAILED with ``failed``), see `list_clusters`."""
 
     @abc.abstractmethod
     async def on_cluster_heartbeat(self, name: str, msg: dict[str, Any]) -> None:
