@@ -98,8 +98,7 @@ async def test_tryfirst_and_trylast_order_as_pluggy_does() -> None:
     hooks = hooks_with(first, plain_old, last, plain_new)
     order = [impl.plugin_name for impl in hooks._impls("gateway_cluster_options")]
     pm_order = [
-        impl.plugin_name
-        for impl in reversed(hooks.pm.hook.gateway_cluster_options.get_hookimpls())
+        impl.plugin_name for impl in reversed(hooks.pm.hook.gateway_cluster_options.get_hookimpls())
     ]
     assert order == pm_order == ["p0", "p3", "p1", "p2"]
     answer = await hooks.gateway_cluster_options(user=ALICE, config=CONFIG)
@@ -108,9 +107,12 @@ async def test_tryfirst_and_trylast_order_as_pluggy_does() -> None:
 
 
 async def test_no_answer_is_none_and_a_wrong_answer_names_the_plugin() -> None:
-    assert await hooks_with(Answers(None, is_async=True)).gateway_cluster_options(
-        user=ALICE, config=CONFIG
-    ) is None
+    assert (
+        await hooks_with(Answers(None, is_async=True)).gateway_cluster_options(
+            user=ALICE, config=CONFIG
+        )
+        is None
+    )
     bad = Answers({"worker_cores": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"plugin 'p0': gateway_cluster_options returned dict"):
         await hooks_with(bad).gateway_cluster_options(user=ALICE, config=CONFIG)

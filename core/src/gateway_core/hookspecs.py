@@ -95,9 +95,10 @@ def gateway_cluster_options(
 
     ``firstresult``: plugins are asked in hook order (last registered first) and the first
     non-None answer wins; an implementation may be a coroutine, and it is its awaited answer
-    that counts (a coroutine returning None defers to the next plugin too). Core's built-in implementation runs last and returns the options
-    declared in ``[options]`` of ``config``, so a site plugin can give each user or group its own
-    form and fall back to the file by returning None.
+    that counts (a coroutine returning None defers to the next plugin too). Core's built-in
+    implementation runs last and returns the options declared in ``[options]`` of ``config``,
+    so a site plugin can give each user or group its own form and fall back to the file by
+    returning None.
 
     :param user: the authenticated user asking (for ``GET /api/v1/options`` or a new cluster).
     :param config: the gateway's loaded configuration.
