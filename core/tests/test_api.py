@@ -36,10 +36,12 @@ from gateway_core.config import (
 )
 from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
+from gateway_core.hookcaller import GatewayHooks
 from gateway_core.hookspecs import hookimpl
 from gateway_core.manager import ClusterManager
 from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token, now_ms
 from gateway_core.options import Integer, Options, OptionsError
+from gateway_core.options import Mapping as OptionsMapping
 from gateway_core.routes import Route, RouteTable
 
 pytestmark = pytest.mark.unit
@@ -91,6 +93,8 @@ class FakeBackend(Backend):
         self.refuse_forward: str | None = None
         self.healthy: Any = True
         self.fail_listing = False
+        self.slow_stop = False
+        """When set, a stop leaves the cluster STOPPING (target STOPPED), as a real one is."""
         self._changed: dict[str, asyncio.Event] = {}
 
     def snapshot(self) -> dict[str, Any]:
@@ -158,6 +162,10 @@ class FakeBackend(Backend):
     ) -> None:
         cluster = self.clusters.get(name)
         if cluster is not None and cluster.status.is_active:
+            cluster.target = ClusterStatus.FAILED if failed else ClusterStatus.STOPPED
+            if self.slow_stop:
+                cluster.status = ClusterStatus.STOPPING
+                return
             cluster.status = ClusterStatus.STOPPED
             cluster.stop_time = now_ms()
 
@@ -294,7 +302,10 @@ async def make_api() -> AsyncIterator[ApiFactory]:
             pm.register(plugin, name=f"test-plugin-{i}")
         cfg = load_config(dict(BASE_CONFIG if config is None else config))
         context = GatewayContext(
-            config=cfg, hook=pm.hook, routes=RouteTable(max_events=max_events), prefix=prefix
+            config=cfg,
+            hook=GatewayHooks.from_plugin_manager(pm),
+            routes=RouteTable(max_events=max_events),
+            prefix=prefix,
         )
         backend = FakeBackend(context=context)
         auth = CountingAuth(config=auth_config or SimpleAuthConfig(), context=context)
@@ -591,6 +602,23 @@ async def test_list_shows_the_callers_active_clusters(api: Api) -> None:
     assert set(await resp.json()) == {stopped, running}
     resp = await api.call("GET", "/api/v1/clusters?status=STOPPED&status=pending")
     assert set(await resp.json()) == {stopped, pending}
+
+
+async def test_default_list_leaves_out_clusters_asked_to_stop(api: Api) -> None:
+    """As the original gateway: the default list is the clusters whose target is not stopped,
+    so a cluster leaves it as soon as it is asked to stop, while it is still STOPPING."""
+    api.backend.slow_stop = True
+    kept = await api.running()
+    stopping = await api.running()
+    resp = await api.call("DELETE", f"/api/v1/clusters/{stopping}")
+    assert resp.status == 204
+    assert api.backend.clusters[stopping].status == ClusterStatus.STOPPING
+    assert set(await (await api.call("GET", "/api/v1/clusters/")).json()) == {kept}
+    listed = await (await api.call("GET", "/api/v1/clusters/?status=stopping")).json()
+    assert set(listed) == {stopping}
+    assert listed[stopping]["status"] == "STOPPING"
+    listed = await (await api.call("GET", "/api/v1/clusters/?status=running,stopping")).json()
+    assert set(listed) == {kept, stopping}
 
 
 @pytest.mark.parametrize(
@@ -1249,6 +1277,85 @@ async def test_a_plugin_can_give_a_user_its_own_form(make_api: ApiFactory) -> No
     )
 
 
+class AsyncDeferringOptions:
+    """Answers for nobody, from a coroutine: the next plugin (the `[options]` form) decides."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @hookimpl
+    async def gateway_cluster_options(self, user: User, config: Any) -> Options | None:
+        await asyncio.sleep(0)
+        self.asked.append(user.name)
+        return None
+
+
+async def test_async_options_plugin_returning_none_defers_to_the_next(
+    make_api: ApiFactory,
+) -> None:
+    deferring = AsyncDeferringOptions()
+    api = await make_api(plugins=[deferring])
+    spec = (await (await api.call("GET", "/api/v1/options")).json())["cluster_options"]
+    assert [s["field"] for s in spec] == ["worker_cores", "idle_timeout", "profile", "environment"]
+    name = await api.create(worker_cores=3)
+    assert api.backend.clusters[name].config["worker_cores"] == 3
+    assert deferring.asked == ["alice", "alice"]
+
+
+async def test_environment_option_merges_into_the_cluster_environment(
+    make_api: ApiFactory,
+) -> None:
+    config = dict(BASE_CONFIG)
+    config["cluster"] = {
+        "cluster_max_workers": 4,
+        "environment": {"SITE": "1", "SHARED": "cluster"},
+        "scheduler_cmd": ["dask", "scheduler", "--x"],
+    }
+    plugin = SyncOverrides({"environment": {"PLUGIN": "p"}, "scheduler_cmd": ["my-scheduler"]})
+    api = await make_api(config, plugins=[plugin])
+    name = await api.create(environment={"SHARED": "user", "USER_VAR": "u"})
+    config_of = api.backend.clusters[name].config
+    # [cluster] < the user's option < the plugin; the option's and the plugin's keys win
+    assert config_of["environment"] == {
+        "SITE": "1",
+        "SHARED": "user",
+        "USER_VAR": "u",
+        "PLUGIN": "p",
+    }
+    assert config_of["scheduler_cmd"] == ["my-scheduler"]  # not a merged key: replaced
+    plain = await make_api(config)
+    name = await plain.create()  # the option's default, {}, keeps the cluster's table
+    assert plain.backend.clusters[name].config["environment"] == {
+        "SITE": "1",
+        "SHARED": "cluster",
+    }
+
+
+@attrs.define(kw_only=True, frozen=True)
+class LabelledClusterConfig(ClusterConfig):
+    """A backend's cluster config with one more merged mapping."""
+
+    merged_keys = ClusterConfig.merged_keys | {"labels"}
+    labels: dict[str, str] = attrs.field(factory=dict)
+    annotations: dict[str, str] = attrs.field(factory=dict)
+
+
+async def test_a_cluster_config_class_may_merge_more_mappings() -> None:
+    context = GatewayContext(config=load_config({}))
+    manager = ClusterManager(
+        backend=FakeBackend(context=context),
+        context=context,
+        cluster_config_class=LabelledClusterConfig,
+        cluster_defaults={"labels": {"site": "x"}, "annotations": {"site": "x"}},
+    )
+    form = Options(fields=[OptionsMapping(field="labels"), OptionsMapping(field="annotations")])
+    normalized = form.validate({"labels": {"team": "y"}, "annotations": {"team": "y"}})
+    config = await manager.resolve_config(User(name="a"), form, normalized)
+    assert isinstance(config, LabelledClusterConfig)
+    assert config.labels == {"site": "x", "team": "y"}
+    assert config.annotations == {"team": "y"}  # not in merged_keys: replaced
+
+
 async def test_apply_options_merge_order_later_registration_wins(make_api: ApiFactory) -> None:
     first = SyncOverrides({"worker_cores": 3, "idle_timeout": 60.0})
     second = AsyncOverrides({"worker_cores": 4, "adaptive_period": 1.5})
@@ -1337,7 +1444,7 @@ async def test_plugin_returning_a_non_mapping_is_a_500(make_api: ApiFactory) -> 
 async def test_no_options_plugin_means_an_empty_form(api: Api) -> None:
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(gateway_core.hookspecs)
-    context = GatewayContext(config=load_config({}), hook=pm.hook)
+    context = GatewayContext(config=load_config({}), hook=GatewayHooks.from_plugin_manager(pm))
     manager = ClusterManager(backend=FakeBackend(context=context), context=context)
     form = await manager.options_for(User(name="a"))
     assert form.spec_json() == []
@@ -1346,7 +1453,7 @@ async def test_no_options_plugin_means_an_empty_form(api: Api) -> None:
 def test_bad_cluster_defaults_are_refused_at_construction() -> None:
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(gateway_core.hookspecs)
-    context = GatewayContext(config=load_config({}), hook=pm.hook)
+    context = GatewayContext(config=load_config({}), hook=GatewayHooks.from_plugin_manager(pm))
     with pytest.raises(ConfigError) as exc:
         ClusterManager(
             backend=FakeBackend(context=context),

@@ -13,6 +13,7 @@ from gateway_core.auth.base import Unauthorized
 from gateway_core.auth.simple import SimpleAuthConfig, SimpleAuthenticator
 from gateway_core.config import load_config, structure
 from gateway_core.context import GatewayContext
+from gateway_core.hookcaller import GatewayHooks
 from gateway_core.models import User
 
 pytestmark = pytest.mark.unit
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.unit
 def make_auth(password: str | None = None) -> SimpleAuthenticator:
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(gateway_core.hookspecs)
-    context = GatewayContext(config=load_config({}), hook=pm.hook)
+    context = GatewayContext(config=load_config({}), hook=GatewayHooks.from_plugin_manager(pm))
     return SimpleAuthenticator(config=SimpleAuthConfig(password=password), context=context)
 
 

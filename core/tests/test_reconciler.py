@@ -24,6 +24,7 @@ from gateway_core.backends.process import ProcessBackend
 from gateway_core.config import ClusterConfig, Command, Memory, load_config
 from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
+from gateway_core.hookcaller import GatewayHooks
 from gateway_core.hookspecs import hookimpl
 from gateway_core.models import Cluster, ClusterStatus, User, WorkerStatus
 from gateway_core.reconciler import WorkQueue, backoff_delay
@@ -81,7 +82,7 @@ class Gateway:
         pm.register(self.observer)
         self.context = GatewayContext(
             config=load_config({"gateway": gateway or {}}, environ={}),
-            hook=pm.hook,
+            hook=GatewayHooks.from_plugin_manager(pm),
             prefix="/gw",
         )
         self.config = InProcessConfig(**{**FAST, **knobs})

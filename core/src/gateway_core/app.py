@@ -23,6 +23,7 @@ from .backends.base import Backend
 from .config import Config, ConfigError, find_config_file, load_config
 from .configcheck import ResolvedConfig, resolve_config
 from .context import GatewayContext
+from .hookcaller import GatewayHooks
 from .manager import ClusterManager
 from .plugins import Registry, make_plugin_manager
 from .routes import Route, RouteTable
@@ -100,7 +101,7 @@ class Gateway:
         resolved = resolve_config(config, registry)
         context = GatewayContext(
             config=config,
-            hook=pm.hook,
+            hook=GatewayHooks.from_plugin_manager(pm),
             routes=RouteTable(max_events=resolved.proxy.max_events),
             prefix=resolved.proxy.prefix.rstrip("/"),
         )

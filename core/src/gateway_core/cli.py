@@ -20,6 +20,7 @@ import pluggy
 from . import __version__
 from .config import Config, ConfigError, find_config_file, load_config, unstructure
 from .configcheck import ResolvedConfig, resolve_config
+from .hookcaller import GatewayHooks
 from .plugins import PluginError, Registry, make_plugin_manager, plugin_infos
 
 PluginManagerFactory = Callable[..., pluggy.PluginManager]
@@ -137,7 +138,7 @@ def make_cli(*, plugin_manager_factory: PluginManagerFactory = make_plugin_manag
         except (ConfigError, PluginError) as exc:
             _fail(exc)
 
-    base_pm.hook.gateway_register_commands(cli=cli)
+    GatewayHooks.from_plugin_manager(base_pm).gateway_register_commands(cli=cli)
     return cli
 
 

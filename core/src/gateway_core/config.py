@@ -13,7 +13,7 @@ import shlex
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_origin
 
 import cattrs
 from attrs import define, field, fields
@@ -120,6 +120,11 @@ class ClusterConfig:
 
     Backends with more per-cluster settings (a Slurm partition) subclass this.
     """
+
+    merged_keys: ClassVar[frozenset[str]] = frozenset({"environment"})
+    """Mapping-valued settings a user option or a plugin's ``gateway_apply_options`` merges into
+    (its keys win) instead of replacing: ``environment``. Every other setting is replaced. A
+    subclass may add its own mapping settings (``merged_keys | {"pod_labels"}``)."""
 
     scheduler_cmd: Command = field(factory=lambda: Command(["dask", "scheduler"]))
     """Command starting a Dask scheduler (a list, or one shell-quoted string)."""

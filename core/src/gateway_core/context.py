@@ -1,17 +1,17 @@
 """What core hands to every backend, authenticator and proxy it builds.
 
-Owns `GatewayContext`: the loaded config, the route table, the hook relay and event emission.
+Owns `GatewayContext`: the loaded config, the route table, the typed hook caller and event
+emission.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from attrs import define, field
 
+from .hookcaller import GatewayHooks
 from .routes import RouteTable
 
 if TYPE_CHECKING:
@@ -21,13 +21,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.core")
 
 
+def _hook_caller(value: GatewayHooks | None) -> GatewayHooks:
+    if value is None:
+        return GatewayHooks.without_plugins()
+    if not isinstance(value, GatewayHooks):
+        raise TypeError(
+            f"GatewayContext.hook must be a GatewayHooks (GatewayHooks.from_plugin_manager(pm)) "
+            f"or None, got {type(value).__name__}"
+        )
+    return value
+
+
 @define(kw_only=True)
 class GatewayContext:
     """Shared services of one running gateway. ``api_url`` is filled in once the API is bound."""
 
     config: Config
-    hook: Any
-    """The plugin manager's hook relay (``pm.hook``)."""
+    hook: GatewayHooks = field(default=None, converter=_hook_caller)
+    """The typed hook caller (`GatewayHooks.from_plugin_manager(pm)`); None (the default)
+    means no plugins at all, for backends built outside a gateway."""
     routes: RouteTable = field(factory=RouteTable)
     api_url: str = ""
     """Base URL clusters use for the API, ending in ``/api``."""
@@ -35,24 +47,8 @@ class GatewayContext:
     """``host:port`` of the proxy's public face (HTTP and, by default, TLS-SNI)."""
     prefix: str = ""
     """The proxy's path prefix (``[proxy] prefix``), e.g. ``/gateway``; empty for none."""
-    _tasks: set[asyncio.Task[Any]] = field(factory=set, alias="_tasks")
 
     def emit(self, event: ClusterEvent) -> None:
-        """Tell observer plugins about ``event``; never raises, never blocks the caller."""
-        try:
-            results = self.hook.gateway_cluster_event(event=event)
-        except Exception:
-            log.exception("gateway_cluster_event observer failed for %s", event.kind)
-            return
-        for result in results:
-            if inspect.isawaitable(result):
-                task = asyncio.ensure_future(_guard(result, event.kind))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-
-async def _guard(awaitable: Any, kind: str) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("gateway_cluster_event observer failed for %s", kind)
+        """Tell observer plugins about ``event``; never raises, never blocks the caller (see
+        `GatewayHooks.gateway_cluster_event`)."""
+        self.hook.gateway_cluster_event(event=event)

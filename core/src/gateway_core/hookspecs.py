@@ -88,17 +88,22 @@ def gateway_register_proxies() -> list[ProxySpec]:
 
 
 @hookspec(firstresult=True)
-def gateway_cluster_options(user: User, config: Config) -> Options | None:
+def gateway_cluster_options(
+    user: User, config: Config
+) -> Options | Awaitable[Options | None] | None:
     """Return the options ``user`` may set when creating a cluster.
 
     ``firstresult``: plugins are asked in hook order (last registered first) and the first
-    non-None answer wins. Core's built-in implementation runs last and returns the options
-    declared in ``[options]`` of ``config``, so a site plugin can give each user or group its own
-    form and fall back to the file by returning None.
+    non-None answer wins; an implementation may be a coroutine, and it is its awaited answer
+    that counts (a coroutine returning None defers to the next plugin too). Core's built-in
+    implementation runs last and returns the options declared in ``[options]`` of ``config``,
+    so a site plugin can give each user or group its own form and fall back to the file by
+    returning None.
 
     :param user: the authenticated user asking (for ``GET /api/v1/options`` or a new cluster).
     :param config: the gateway's loaded configuration.
-    :return: an :class:`~gateway_core.options.Options`, or None to let the next plugin decide.
+    :return: an :class:`~gateway_core.options.Options`, or None to let the next plugin decide
+        (or an awaitable of either).
 
     Example::
 
@@ -122,7 +127,9 @@ def gateway_apply_options(
     mappings are merged on top in registration order: a plugin registered later (which pluggy
     calls earlier) overrides one registered earlier for the same key, ``tryfirst``
     implementations override all others and ``trylast`` ones are overridden by all, just as the
-    plugin that answers ``gateway_cluster_options`` first wins there. The result is validated as
+    plugin that answers ``gateway_cluster_options`` first wins there. A mapping given for
+    ``environment`` (or another key of the config class's ``merged_keys``) is merged into the
+    one below instead of replacing it. The result is validated as
     the backend's cluster config class, so a bad override is refused with a 422 naming the key;
     a plugin may also raise `gateway_core.options.OptionsError` to refuse the options (422).
 
@@ -146,8 +153,9 @@ def gateway_cluster_event(event: ClusterEvent) -> Awaitable[None] | None:
     """Observe what happens to clusters: created, running, scaled, stopping, stopped, failed,
     and worker changes.
 
-    Called for every event, by every plugin, after the change was stored. Observers must not
-    raise; an exception is logged and otherwise ignored. A returned awaitable is awaited in the
+    Called for every event, by every plugin, after the change was stored. Each observer is
+    isolated: one that raises (or whose awaitable raises) is logged with its plugin's name and
+    the other observers still get the event. A returned awaitable is awaited in the
     background, so a slow observer never delays the API.
 
     :param event: a :class:`~gateway_core.events.ClusterEvent`.

@@ -11,23 +11,28 @@ import hmac
 import inspect
 import logging
 from collections.abc import Collection, Mapping
-from types import MappingProxyType
 from typing import Any
 
 from attrs import define, field
 
-from .api.errors import Conflict, Forbidden, NotAuthenticated, NotFound, Unprocessable
-from .backends.base import Backend, ClusterConflict
+from .backends.base import Backend
 from .config import ClusterConfig, ConfigError, structure
 from .context import GatewayContext
+from .errors import (
+    AccessDenied,
+    ClusterConflict,
+    ClusterNotFound,
+    InvalidRequest,
+    NotAuthenticated,
+)
 from .events import ClusterEvent
 from .models import Cluster, ClusterStatus, User
 from .options import Options, OptionsError
 
 log = logging.getLogger("gateway.manager")
 
-TOKEN_CHALLENGE = {"WWW-Authenticate": "token"}
-"""Headers of a 401 for a request that needed a cluster token."""
+TOKEN_SCHEME = "token"
+"""The credentials a request that needed a cluster token should present (its 401 challenge)."""
 
 
 @define(kw_only=True, frozen=True)
@@ -62,7 +67,8 @@ def _describe(value: Any) -> str:
 
 
 class ClusterManager:
-    """What the API does, independent of HTTP: every method raises `ApiError` subclasses.
+    """What the API does, independent of HTTP: every method raises `gateway_core.errors` kinds
+    (the API maps them to statuses).
 
     ``cluster_defaults`` is the raw ``[cluster]`` table; it is structured once here (a bad table
     raises ConfigError naming ``cluster.<key>``) and is the base of every cluster's config.
@@ -75,6 +81,11 @@ class ClusterManager:
     3. the answers of ``gateway_apply_options`` in registration order: pluggy calls the
        last-registered (or ``tryfirst``) plugin first, and that plugin's answer is applied last,
        so it wins. This matches ``gateway_cluster_options``, where the first answer wins.
+
+    A layer replaces the value of a key, except for the keys in the cluster config class's
+    ``merged_keys`` (``environment`` in core): a mapping given there is merged into the one
+    below it, its own keys winning, so ``[options.environment]`` adds variables to
+    ``[cluster] environment`` instead of dropping them.
 
     The merged table is then structured as ``cluster_config_class``.
     """
@@ -102,19 +113,19 @@ class ClusterManager:
 
     def _check_access(self, user: User, cluster: Cluster, action: str) -> None:
         if cluster.username != user.name and not self.is_admin(user):
-            raise Forbidden(f"user {user.name!r} may not {action} cluster {cluster.name!r}")
+            raise AccessDenied(f"user {user.name!r} may not {action} cluster {cluster.name!r}")
 
     async def _owned_cluster(self, user: User, name: str, action: str) -> Cluster:
         cluster = await self.backend.get_cluster(name)
         if cluster is None:
-            raise NotFound(f"cluster {name!r} not found")
+            raise ClusterNotFound(f"cluster {name!r} not found")
         self._check_access(user, cluster, action)
         return cluster
 
     async def _running_cluster(self, user: User, name: str, action: str) -> Cluster:
         cluster = await self._owned_cluster(user, name, action)
         if cluster.status != ClusterStatus.RUNNING:
-            raise Conflict(
+            raise ClusterConflict(
                 f"cluster {name!r} is {cluster.status.name}, not RUNNING; it cannot {action} now"
             )
         return cluster
@@ -125,46 +136,30 @@ class ClusterManager:
 
     async def options_for(self, user: User) -> Options:
         """The form ``user`` fills in: the first plugin's answer, or an empty form."""
-        result = self.context.hook.gateway_cluster_options(user=user, config=self.context.config)
-        if inspect.isawaitable(result):
-            result = await result
-        if result is None:
-            return Options()
-        if not isinstance(result, Options):
-            raise TypeError(
-                f"gateway_cluster_options returned {type(result).__name__}, expected Options"
-            )
-        return result
+        form = await self.context.hook.gateway_cluster_options(
+            user=user, config=self.context.config
+        )
+        return Options() if form is None else form
 
     async def resolve_config(
         self, user: User, form: Options, normalized: Mapping[str, Any]
     ) -> ClusterConfig:
         """The cluster config for validated options (see the class docstring for the layers)."""
         merged = dict(self.cluster_defaults)
+        merge_keys = self.cluster_config_class.merged_keys
         try:
-            merged.update(await form.overrides(normalized, user))
-            results = self.context.hook.gateway_apply_options(
-                user=user,
-                options=MappingProxyType(dict(normalized)),
-                config=self.default_config,
+            _apply_layer(merged, await form.overrides(normalized, user), merge_keys)
+            answers = await self.context.hook.gateway_apply_options(
+                user=user, options=normalized, config=self.default_config
             )
-            answers = []
-            for result in results:  # in call order: last registered first
-                answers.append(await result if inspect.isawaitable(result) else result)
         except OptionsError as exc:
-            raise Unprocessable(f"invalid cluster options: {exc}") from None
-        for answer in reversed(answers):  # so the first-called plugin is applied last and wins
-            if answer is None:
-                continue
-            if not isinstance(answer, Mapping):
-                raise TypeError(
-                    f"gateway_apply_options returned {type(answer).__name__}, expected a mapping"
-                )
-            merged.update(answer)
+            raise InvalidRequest(f"invalid cluster options: {exc}") from None
+        for answer in reversed(answers):  # in call order: the first-called plugin applies last
+            _apply_layer(merged, answer, merge_keys)
         try:
             return structure(merged, self.cluster_config_class)
         except ConfigError as exc:
-            raise Unprocessable(
+            raise InvalidRequest(
                 "cluster options give an invalid cluster configuration: " + "; ".join(exc.problems)
             ) from None
 
@@ -174,7 +169,7 @@ class ClusterManager:
         try:
             normalized = form.validate(cluster_options)
         except OptionsError as exc:
-            raise Unprocessable(f"invalid cluster options: {exc}") from None
+            raise InvalidRequest(f"invalid cluster options: {exc}") from None
         config = await self.resolve_config(user, form, normalized)
         name = await self.backend.start_cluster(user=user, options=normalized, config=config)
         log.info("user %s created cluster %s", user.name, name)
@@ -195,10 +190,17 @@ class ClusterManager:
     async def list_clusters(
         self, user: User, statuses: Collection[ClusterStatus] | None = None
     ) -> list[Cluster]:
-        """The caller's own clusters with a status in ``statuses`` (the active ones when None)."""
-        if statuses is None:
-            statuses = [s for s in ClusterStatus if s.is_active]
-        return await self.backend.list_clusters(username=user.name, statuses=list(statuses))
+        """The caller's own clusters with a status in ``statuses``.
+
+        Without ``statuses``, the clusters that are still wanted, as the original gateway lists
+        them: active ones whose ``target`` is RUNNING. A cluster asked to stop leaves this list
+        at once, while it is still STOPPING; ``statuses=[STOPPING]`` still finds it.
+        """
+        if statuses is not None:
+            return await self.backend.list_clusters(username=user.name, statuses=list(statuses))
+        active = [s for s in ClusterStatus if s.is_active]
+        clusters = await self.backend.list_clusters(username=user.name, statuses=active)
+        return [c for c in clusters if c.target <= ClusterStatus.RUNNING]
 
     async def get_cluster(self, user: User, name: str, *, wait: bool = False) -> Cluster:
         """The cluster ``name``; with ``wait``, block (backend's limit) while it is PENDING."""
@@ -206,7 +208,7 @@ class ClusterManager:
         if wait and cluster.status == ClusterStatus.PENDING:
             waited = await self.backend.get_cluster(name, wait=True)
             if waited is None:
-                raise NotFound(f"cluster {name!r} not found")
+                raise ClusterNotFound(f"cluster {name!r} not found")
             cluster = waited
         return cluster
 
@@ -222,7 +224,7 @@ class ClusterManager:
         if isinstance(caller, ClusterToken):
             if not _tokens_match(caller.token, cluster.token):
                 raise NotAuthenticated(
-                    f"the token is not the token of cluster {name!r}", headers=TOKEN_CHALLENGE
+                    f"the token is not the token of cluster {name!r}", challenge=TOKEN_SCHEME
                 )
             who = f"cluster {name}"
         else:
@@ -258,7 +260,7 @@ class ClusterManager:
         explains when the count was lowered.
         """
         if not _is_count(count):
-            raise Unprocessable(f"count: expected a non-negative integer, got {_describe(count)}")
+            raise InvalidRequest(f"count: expected a non-negative integer, got {_describe(count)}")
         cluster = await self._running_cluster(user, name, "scale")
         limit = self.max_workers(cluster)
         msg = None
@@ -269,10 +271,7 @@ class ClusterManager:
                 f"scaling to {limit} workers instead."
             )
             count = limit
-        try:
-            await self.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
-        except ClusterConflict as exc:
-            raise _conflict(exc) from None
+        await self.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
         self.context.emit(
             ClusterEvent(
                 kind="scaled",
@@ -304,7 +303,7 @@ class ClusterManager:
         if not problems and minimum is not None and maximum is not None and minimum > maximum:
             problems.append(f"minimum: {minimum} is greater than maximum {maximum}")
         if problems:
-            raise Unprocessable("; ".join(problems))
+            raise InvalidRequest("; ".join(problems))
         cluster = await self._running_cluster(user, name, "adapt")
         limit = self.max_workers(cluster)
         msg = None
@@ -319,10 +318,7 @@ class ClusterManager:
                 )
             minimum, maximum = min(lo, limit), min(hi, limit)
         op = {"op": "adapt", "minimum": minimum, "maximum": maximum, "active": active}
-        try:
-            await self.backend.forward_to_scheduler(cluster, op)
-        except ClusterConflict as exc:
-            raise _conflict(exc) from None
+        await self.backend.forward_to_scheduler(cluster, op)
         self.context.emit(
             ClusterEvent(
                 kind="adapted",
@@ -347,14 +343,14 @@ class ClusterManager:
         """
         if not token:
             raise NotAuthenticated(
-                "this route needs `Authorization: token <cluster token>`", headers=TOKEN_CHALLENGE
+                "this route needs `Authorization: token <cluster token>`", challenge=TOKEN_SCHEME
             )
         cluster = await self.backend.get_cluster(name)
         if cluster is None:
-            raise NotFound(f"cluster {name!r} not found")
+            raise ClusterNotFound(f"cluster {name!r} not found")
         if not _tokens_match(token, cluster.token):
             raise NotAuthenticated(
-                f"the token is not the token of cluster {name!r}", headers=TOKEN_CHALLENGE
+                f"the token is not the token of cluster {name!r}", challenge=TOKEN_SCHEME
             )
         return cluster
 
@@ -362,10 +358,7 @@ class ClusterManager:
         """Take a heartbeat from the scheduler of ``name`` after `check_cluster_token`; the
         backend may refuse it with ClusterConflict (409)."""
         await self.check_cluster_token(name, token)
-        try:
-            await self.backend.on_cluster_heartbeat(name, msg)
-        except ClusterConflict as exc:
-            raise _conflict(exc) from None
+        await self.backend.on_cluster_heartbeat(name, msg)
 
     async def health(self) -> dict[str, Any]:
         """``{"status": "pass"}`` or ``{"status": "fail", ...}``, from the backend's optional
@@ -389,6 +382,14 @@ class ClusterManager:
         return {"status": "pass"}
 
 
-def _conflict(exc: ClusterConflict) -> Conflict:
-    """A backend's ClusterConflict becomes a 409 with its message."""
-    return Conflict(str(exc) or "the cluster cannot take this request now")
+def _apply_layer(
+    merged: dict[str, Any], layer: Mapping[str, Any], merge_keys: Collection[str]
+) -> None:
+    """Put one layer of overrides on ``merged``: a key's value is replaced, except a mapping
+    given for a key of ``merge_keys``, which is merged into the mapping below (its keys win)."""
+    for key, value in layer.items():
+        below = merged.get(key)
+        if key in merge_keys and isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = {**below, **value}
+        else:
+            merged[key] = value

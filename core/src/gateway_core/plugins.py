@@ -22,6 +22,7 @@ import pluggy
 from attrs import define, evolve, field
 
 from . import __version__, builtin, hookspecs
+from .hookcaller import CALLED_ONE_BY_ONE, GatewayHooks
 from .hookspecs import PROJECT_NAME
 from .specs import AnySpec, AuthenticatorSpec, BackendSpec, ProxySpec
 
@@ -94,10 +95,11 @@ def make_plugin_manager(
     built-in plugin as ``"core"``; import and register the ``local_plugins`` modules the config
     lists (searching ``local_plugin_path`` first; failure here is fatal, since the config asked
     for them); register ``extra_plugins`` objects (tests use these); check that no plugin
-    implements a hook that does not exist.
+    implements a hook that does not exist or wraps a hook core calls one implementation at a
+    time (`gateway_core.hookcaller.CALLED_ONE_BY_ONE`).
 
     Raises `PluginError` naming the plugin for a local module that cannot be imported or
-    registered and for an unknown hook name.
+    registered, for an unknown hook name and for such a hook wrapper.
     """
     pm = GatewayPluginManager()
     pm.add_hookspecs(hookspecs)
@@ -113,6 +115,7 @@ def make_plugin_manager(
     for plugin in extra_plugins:
         _register(pm, plugin, None, "extra")
     _check_hook_names(pm)
+    _check_wrappers(pm)
     pm.check_pending()  # what _check_hook_names already refused, in pluggy's own words
     return pm
 
@@ -221,6 +224,21 @@ def _check_hook_names(pm: pluggy.PluginManager) -> None:
         raise PluginError("\n".join(problems))
 
 
+def _check_wrappers(pm: pluggy.PluginManager) -> None:
+    """Refuse hook wrappers of the hooks `GatewayHooks` calls one implementation at a time."""
+    problems: list[str] = []
+    for hook_name in CALLED_ONE_BY_ONE:
+        problems.extend(
+            f"plugin {impl.plugin_name!r}{_dist_note(pm, impl.plugin_name)} implements "
+            f"{hook_name} as a hook wrapper; core calls each implementation of {hook_name} "
+            "itself (to await it or to isolate a failing plugin), so make it a plain @hookimpl"
+            for impl in getattr(pm.hook, hook_name).get_hookimpls()
+            if impl.wrapper or impl.hookwrapper
+        )
+    if problems:
+        raise PluginError("\n".join(problems))
+
+
 # --------------------------------------------------------------------------------------------
 # Where plugins come from
 # --------------------------------------------------------------------------------------------
@@ -294,16 +312,17 @@ class Registry:
         naming both plugins and their distributions.
         """
         failures = list(getattr(pm, "failures", ()))
+        hooks = GatewayHooks.from_plugin_manager(pm)
         tables: dict[str, dict[str, Any]] = {}
         clashes: list[str] = []
         for kind, hook_name, spec_type in _REGISTRATIONS:
             table: dict[str, Any] = {}
-            for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                if impl.wrapper or impl.hookwrapper:
-                    continue
-                plugin_name = impl.plugin_name
+            for answer in getattr(hooks, hook_name)():
+                plugin_name = answer.plugin
                 try:
-                    specs = _checked_specs(impl.function(), spec_type, hook_name)
+                    if answer.error is not None:
+                        raise answer.error
+                    specs = _checked_specs(answer.value, spec_type, hook_name)
                 except Exception as exc:  # noqa: BLE001 - a broken plugin is reported
                     dist, version = plugin_distribution(pm, plugin_name)
                     failures.append(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from attrs import define
 
-from .backends.base import BackendUnavailable, ClusterConflict
+from .errors import BackendUnavailable, ClusterConflict
 from .events import ClusterEvent, EventKind
 from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
 from .routes import Route

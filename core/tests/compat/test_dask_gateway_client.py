@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -26,8 +27,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+SLOW_STOP_BACKEND = "sigint_timeout = 8"
+SLOW_STOP_CLUSTER = (
+    # A shell that ignores SIGINT runs the scheduler and outlives it until SIGTERM, so a stop
+    # takes sigint_timeout (8 s) whatever the scheduler does: long enough to see STOPPING.
+    """scheduler_cmd = ["sh", "-c", 'trap "" INT; dask scheduler "$@"; sleep 60', "sh"]"""
+)
+
+
+def run_gateway(
+    tmp_path_factory: pytest.TempPathFactory, *, backend_extra: str = "", cluster_extra: str = ""
+) -> Iterator[str]:
     """A `gateway serve` process; yields its public address, checks it stops cleanly."""
     try:
         import dask_gateway  # noqa: F401
@@ -47,10 +57,12 @@ address = "127.0.0.1:{port}"
 [backend.unsafe-local]
 cluster_heartbeat_period = 2
 clusters_directory = "{folder / "clusters"}"
+{backend_extra}
 
 [cluster]
 worker_memory = "512 MiB"
 scheduler_memory = "512 MiB"
+{cluster_extra}
 
 [options.worker_cores]
 type = "int"
@@ -95,6 +107,20 @@ target = "environment"
     assert leftovers == [], f"cluster directories left behind: {leftovers}"
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway whose clusters stop as fast as their processes exit."""
+    yield from run_gateway(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def slow_stop_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway whose clusters stay STOPPING for about 8 s once asked to stop."""
+    yield from run_gateway(
+        tmp_path_factory, backend_extra=SLOW_STOP_BACKEND, cluster_extra=SLOW_STOP_CLUSTER
+    )
+
+
 def test_the_original_client_runs_the_whole_flow(server: str) -> None:
     from dask_gateway import BasicAuth, Gateway
 
@@ -135,13 +161,37 @@ def test_the_original_client_runs_the_whole_flow(server: str) -> None:
             client.close()
         finally:
             cluster.shutdown()
-        # Stopping takes the processes' own shutdown time; the cluster is STOPPING meanwhile.
-        deadline = time.monotonic() + 30
-        while gateway.list_clusters() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # Asked to stop, the cluster leaves the default list at once (its target is stopped)
+        # and is STOPPED once its processes are gone.
         assert gateway.list_clusters() == []
-        stopped = gateway.list_clusters(status="stopped")
-        assert [c.name for c in stopped] == [cluster.name]
+        wait_for_status(gateway, cluster.name, "stopped")
+
+
+def wait_for_status(gateway: Any, name: str, status: str, timeout: float = 60) -> None:
+    """Wait until ``gateway.list_clusters(status=status)`` lists ``name``."""
+    deadline = time.monotonic() + timeout
+    while name not in [c.name for c in gateway.list_clusters(status=status)]:
+        assert time.monotonic() < deadline, f"cluster {name} is not {status} after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_cluster_asked_to_stop_leaves_the_default_list_at_once(slow_stop_server: str) -> None:
+    """As with the original gateway: the default list holds the clusters whose target is not
+    stopped, so a STOPPING cluster is not in it but ``status="stopping"`` finds it."""
+    from dask_gateway import BasicAuth, Gateway
+
+    with Gateway(slow_stop_server, auth=BasicAuth("dave")) as gateway:
+        cluster = gateway.new_cluster()
+        name = cluster.name
+        assert [c.name for c in gateway.list_clusters()] == [name]
+        cluster.shutdown()
+        assert gateway.list_clusters() == []
+        stopping = gateway.list_clusters(status="stopping")
+        assert [c.name for c in stopping] == [name]  # it takes ~8 s to stop: still STOPPING
+        assert stopping[0].status.name == "STOPPING"
+        assert [c.name for c in gateway.list_clusters(status=["running", "stopping"])] == [name]
+        wait_for_status(gateway, name, "stopped")
+        assert gateway.list_clusters(status="stopping") == []
 
 
 def test_bad_options_are_refused_with_the_field_named(server: str) -> None:

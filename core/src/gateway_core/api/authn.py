@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..auth.base import Authenticator, Unauthorized
+from ..auth.base import Authenticator
+from ..errors import NotAuthenticated
 from ..models import User
-from .errors import NotAuthenticated
 
 TOKEN_SCHEME = "token"
 """The ``Authorization`` scheme of cluster and proxy tokens."""
@@ -98,10 +98,7 @@ class Authn:
             user = self.cache.get(cookie)
             if user is not None:
                 return user, False
-        try:
-            user = await self.authenticator.authenticate(request)
-        except Unauthorized as exc:
-            raise NotAuthenticated(exc.reason, headers=exc.headers) from None
+        user = await self.authenticator.authenticate(request)  # Unauthorized: 401 as it says
         if not isinstance(user, User):
             raise TypeError(
                 f"authenticator {self.authenticator.name!r} returned "
@@ -128,9 +125,7 @@ class Authn:
         if token is None:
             raise NotAuthenticated(
                 "the routes feed needs `Authorization: token <proxy token>`",
-                headers={"WWW-Authenticate": TOKEN_SCHEME},
+                challenge=TOKEN_SCHEME,
             )
         if not tokens_match(token, self.proxy_token):
-            raise NotAuthenticated(
-                "invalid proxy token", headers={"WWW-Authenticate": TOKEN_SCHEME}
-            )
+            raise NotAuthenticated("invalid proxy token", challenge=TOKEN_SCHEME)

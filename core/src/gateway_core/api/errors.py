@@ -1,7 +1,8 @@
-"""Errors the API answers with, each carrying its HTTP status and a reason for the caller.
+"""How the API answers a failure: every exception becomes ``{"error": "<reason>"}`` and a status.
 
-Owns the `ApiError` hierarchy the cluster manager and handlers raise, and `error_response`, which
-turns any exception into the wire shape `{"error": "<reason>"}` (PROTOCOL.md).
+Owns `error_response` (the mapping of core's `gateway_core.errors` kinds, the authenticators'
+`Unauthorized` and invalid options to HTTP statuses, PROTOCOL.md) and `Gone`, the one refusal
+that exists only on the wire (the routes feed's 410).
 """
 
 from __future__ import annotations
@@ -12,67 +13,32 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from ..auth.base import Unauthorized
-from ..backends.base import BackendUnavailable, ClusterConflict
+from ..errors import (
+    AccessDenied,
+    BackendUnavailable,
+    ClusterConflict,
+    ClusterNotFound,
+    GatewayError,
+    InvalidRequest,
+    NotAuthenticated,
+)
 from ..options import OptionsError
 
 log = logging.getLogger("gateway.api")
 
-
-class ApiError(Exception):
-    """A request the API refuses: answered with ``status`` and ``{"error": reason}``."""
-
-    status: int = 500
-
-    def __init__(
-        self, reason: str, *, status: int | None = None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        if status is not None:
-            self.status = status
-        self.headers = dict(headers or {})
+STATUS_OF: tuple[tuple[type[GatewayError], int], ...] = (
+    (NotAuthenticated, 401),
+    (AccessDenied, 403),
+    (ClusterNotFound, 404),
+    (ClusterConflict, 409),
+    (InvalidRequest, 422),
+    (BackendUnavailable, 503),
+)
+"""The HTTP status of each kind of `GatewayError`; any other kind is a 400."""
 
 
-class BadRequest(ApiError):
-    status = 400
-
-
-class NotAuthenticated(ApiError):
-    """No valid credentials (401); ``headers`` carry the challenge, e.g. WWW-Authenticate."""
-
-    status = 401
-
-
-class Forbidden(ApiError):
-    status = 403
-
-
-class NotFound(ApiError):
-    status = 404
-
-
-class Conflict(ApiError):
-    """The cluster cannot take the request in its current state (409)."""
-
-    status = 409
-
-
-class Gone(ApiError):
-    status = 410
-
-
-class PayloadTooLarge(ApiError):
-    status = 413
-
-
-class Unprocessable(ApiError):
-    """Well-formed HTTP whose content is invalid (422; the client raises ValueError)."""
-
-    status = 422
-
-
-class ServiceUnavailable(ApiError):
-    status = 503
+class Gone(Exception):
+    """The routes-feed events a reader asked for were dropped (410); it must reload the table."""
 
 
 def json_error(status: int, reason: str, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -82,16 +48,14 @@ def json_error(status: int, reason: str, headers: Mapping[str, str] | None = Non
 
 def error_response(exc: BaseException, *, max_body_size: int | None = None) -> web.Response:
     """Turn any exception into a JSON error response; unexpected ones become a logged 500."""
-    if isinstance(exc, ApiError):
-        return json_error(exc.status, exc.reason, exc.headers)
+    if isinstance(exc, GatewayError):
+        return json_error(status_of(exc), exc.reason, _challenge(exc))
     if isinstance(exc, Unauthorized):
         return json_error(401, exc.reason, exc.headers)
     if isinstance(exc, OptionsError):
         return json_error(422, f"invalid cluster options: {exc}")
-    if isinstance(exc, BackendUnavailable):
-        return json_error(503, str(exc) or "the gateway is not ready; try again shortly")
-    if isinstance(exc, ClusterConflict):
-        return json_error(409, str(exc) or "the cluster cannot take this request now")
+    if isinstance(exc, Gone):
+        return json_error(410, str(exc))
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = f" of {max_body_size} bytes" if max_body_size is not None else ""
         return json_error(413, f"request body is larger than the limit{limit}")
@@ -110,3 +74,17 @@ def error_response(exc: BaseException, *, max_body_size: int | None = None) -> w
         return json_error(exc.status, reason, headers)
     log.error("unexpected error handling an API request", exc_info=exc)
     return json_error(500, "internal server error; see the gateway's log")
+
+
+def status_of(exc: GatewayError) -> int:
+    """The HTTP status `error_response` answers ``exc`` with."""
+    for kind, status in STATUS_OF:
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
+def _challenge(exc: GatewayError) -> dict[str, str]:
+    if isinstance(exc, NotAuthenticated) and exc.challenge:
+        return {"WWW-Authenticate": exc.challenge}
+    return {}

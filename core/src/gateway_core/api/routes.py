@@ -19,11 +19,12 @@ from attrs import define
 
 from .. import __version__
 from ..context import GatewayContext
+from ..errors import ClusterNotFound, InvalidRequest, NotAuthenticated
 from ..manager import Caller, ClusterManager
 from ..models import ClusterStatus, User
 from ..routes import EventsGone, RouteEvent, RouteTable
 from .authn import Authn, token_from_header
-from .errors import Gone, NotAuthenticated, NotFound, Unprocessable
+from .errors import Gone
 
 log = logging.getLogger("gateway.api")
 
@@ -84,7 +85,7 @@ def cluster_name(request: web.Request) -> str:
     """The ``{name}`` of the path, refused (404) unless it matches `NAME_PATTERN`."""
     name = request.match_info["name"]
     if not NAME_PATTERN.fullmatch(name):
-        raise NotFound(
+        raise ClusterNotFound(
             f"invalid cluster name {_shown(name)}: names are 1-64 letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
         )
@@ -104,30 +105,30 @@ async def json_object(
     """
     raw = await request.read()
     if not raw.strip():
-        raise Unprocessable("request body is empty; expected a JSON object")
+        raise InvalidRequest("request body is empty; expected a JSON object")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Unprocessable(
+        raise InvalidRequest(
             f"request body is not UTF-8: {exc.reason} at byte {exc.start}"
         ) from None
     try:
         body = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        raise Unprocessable(
+        raise InvalidRequest(
             f"malformed JSON in request body: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except ValueError as exc:
-        raise Unprocessable(f"malformed JSON in request body: {exc}") from None
+        raise InvalidRequest(f"malformed JSON in request body: {exc}") from None
     except RecursionError:
-        raise Unprocessable("malformed JSON in request body: nested too deeply") from None
+        raise InvalidRequest("malformed JSON in request body: nested too deeply") from None
     if not isinstance(body, dict):
-        raise Unprocessable(f"request body must be a JSON object, got {_kind(body)}")
+        raise InvalidRequest(f"request body must be a JSON object, got {_kind(body)}")
     if allowed is not None:
         unknown = sorted(k for k in body if k not in allowed)
         if unknown:
             expected = ", ".join(sorted(allowed)) or "no keys"
-            raise Unprocessable(
+            raise InvalidRequest(
                 f"unknown key {_shown(unknown[0])} in request body; expected {expected}"
             )
     return body
@@ -143,7 +144,7 @@ def query_flag(request: web.Request, name: str) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise Unprocessable(f"{name}: expected a flag (empty, 1/0 or true/false), got {_shown(value)}")
+    raise InvalidRequest(f"{name}: expected a flag (empty, 1/0 or true/false), got {_shown(value)}")
 
 
 def status_filter(request: web.Request) -> list[ClusterStatus] | None:
@@ -157,7 +158,7 @@ def status_filter(request: web.Request) -> list[ClusterStatus] | None:
             try:
                 statuses.append(ClusterStatus.parse(part))
             except ValueError as exc:
-                raise Unprocessable(f"status: {exc}") from None
+                raise InvalidRequest(f"status: {exc}") from None
     return statuses
 
 
@@ -246,7 +247,7 @@ async def scale_cluster(request: web.Request) -> web.Response:
     name = cluster_name(request)
     body = await json_object(request, allowed={"count"})
     if "count" not in body:
-        raise Unprocessable("count: required (the number of workers wanted)")
+        raise InvalidRequest("count: required (the number of workers wanted)")
     answer = await request.app[MANAGER].scale(_user(request), name, body["count"])
     return web.json_response(answer)
 
@@ -272,7 +273,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     msg = await json_object(request)
     problems = heartbeat_problems(msg)
     if problems:
-        raise Unprocessable("invalid heartbeat: " + "; ".join(problems))
+        raise InvalidRequest("invalid heartbeat: " + "; ".join(problems))
     await manager.heartbeat(name, token, msg)
     return web.json_response({})
 
@@ -288,7 +289,7 @@ async def routes_feed(request: web.Request) -> web.StreamResponse:
     try:
         last_id = int(raw)
     except ValueError:
-        raise Unprocessable(f"last_id: expected an integer event id, got {_shown(raw)}") from None
+        raise InvalidRequest(f"last_id: expected an integer event id, got {_shown(raw)}") from None
     try:
         events = table.events_since(last_id)
     except EventsGone as exc:

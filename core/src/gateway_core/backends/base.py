@@ -3,6 +3,7 @@
 Owns the contracts only. `Backend` is what the API calls; `ClusterDriver` is the six operations
 a process-style backend (local, Slurm, PBS, YARN, third parties) supplies to core's
 `gateway_core.backends.process.ProcessBackend`, which keeps the store and the reconciler.
+`ClusterConflict` and `BackendUnavailable` live in `gateway_core.errors` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 from ..config import BackendConfig, ClusterConfig, structure
+from ..errors import BackendUnavailable, ClusterConflict
+
+__all__ = ["Backend", "BackendUnavailable", "ClusterConflict", "ClusterDriver", "StateUpdates"]
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
@@ -62,7 +66,13 @@ class Backend(abc.ABC):
         statuses: Collection[ClusterStatus] | None = None,
     ) -> list[Cluster]:
         """Clusters of ``username`` (all users when None) whose status is in ``statuses``
-        (all statuses when None)."""
+        (all statuses when None).
+
+        Each `Cluster`'s ``target`` must say where the cluster is being driven: RUNNING until
+        someone asks it to stop, then STOPPED (or FAILED) at once, while its ``status`` may
+        still be STOPPING. The API's default list (no ``status`` query, as in the original
+        gateway) asks for the active statuses and keeps the clusters whose target is RUNNING,
+        so a cluster asked to stop leaves it at once."""
 
     @abc.abstractmethod
     async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:
@@ -80,7 +90,8 @@ class Backend(abc.ABC):
     async def stop_cluster(
         self, name: str, *, failed: bool = False, reason: str | None = None
     ) -> None:
-        """Begin stopping ``name``; idempotent, unknown names are ignored."""
+        """Begin stopping ``name``; idempotent, unknown names are ignored. Before returning,
+        the cluster's ``target`` is STOPPED (FAILED with ``failed``), see `list_clusters`."""
 
     @abc.abstractmethod
     async def on_cluster_heartbeat(self, name: str, msg: dict[str, Any]) -> None:
@@ -91,15 +102,6 @@ class Backend(abc.ABC):
     async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
         """Send ``msg`` (``{"op": "scale", ...}`` or ``{"op": "adapt", ...}``) to the cluster's
         scheduler. Raise `ClusterConflict` when the scheduler cannot take it."""
-
-
-class ClusterConflict(Exception):
-    """The cluster cannot take this request now (answered as HTTP 409 with this message)."""
-
-
-class BackendUnavailable(Exception):
-    """The backend is starting or stopping and cannot answer yet (HTTP 503): a scheduler that
-    gets this keeps its cluster and tries again, unlike a 409 that tells it to shut down."""
 
 
 class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):

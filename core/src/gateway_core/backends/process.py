@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import aiohttp
 
 from ..config import ClusterConfig, ConfigError, ProcessBackendConfig, structure, unstructure
+from ..errors import ClusterConflict
 from ..models import Cluster, ClusterStatus, User, new_name, new_token
 from ..reconciler import Reconciler
 from ..store import Store
-from .base import Backend, ClusterConflict, ClusterDriver
+from .base import Backend, ClusterDriver
 
 if TYPE_CHECKING:
     from ..config import BackendConfig
