@@ -295,6 +295,10 @@ class Store:
         self._delete(old)
         return len(old)
 
+    async def flush(self) -> None:
+        """Return once every change made so far is written (now at once: writes are
+        synchronous)."""
+
     def close(self) -> None:
         """Release the database connections."""
         self.engine.dispose()
