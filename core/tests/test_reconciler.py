@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -285,9 +286,28 @@ async def test_stop_stops_workers_and_scheduler_and_deletes_routes(
         await gw.scale(cluster, 1)
 
 
-async def test_stop_while_starting_cancels_the_start(
-    make: Callable[..., Awaitable[Gateway]],
+async def test_a_normal_stop_logs_no_cancelled_start(
+    make: Callable[..., Awaitable[Gateway]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The start operation still watches the scheduler when the stop comes (as the local
+    # backend's does): ending it is part of a normal stop, not an interrupted start.
+    gw = await make(start_style="generator", scheduler_watch=30.0)
+    caplog.set_level(logging.INFO, logger="gateway")
+    cluster = await gw.running()
+    runtime = gw.backend.reconciler.runtimes.find(cluster.name)
+    assert runtime is not None and runtime.start is not None  # still watching
+    await gw.backend.stop_cluster(cluster.name)
+    await until(lambda: cluster.status == ClusterStatus.STOPPED)
+    assert gw.backend.reconciler.runtimes.find(cluster.name) is None  # forgotten in one step
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert f"Stopping cluster {cluster.name}" in messages
+    assert not [m for m in messages if "cancelled" in m], messages
+
+
+async def test_stop_while_starting_cancels_the_start(
+    make: Callable[..., Awaitable[Gateway]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
     gw = await make(scheduler_start_delay=10.0)
     cluster = await gw.start()
     await until(lambda: gw.driver.calls["start_scheduler"] == 1)
@@ -297,6 +317,8 @@ async def test_stop_while_starting_cancels_the_start(
     await until(lambda: cluster.status == ClusterStatus.STOPPED)
     assert gw.driver.calls["stop_scheduler"] == 1
     assert cluster.state == {"submitted": True}  # stored at once, seen by stop_scheduler
+    interrupted = f"Start of cluster {cluster.name} cancelled before its scheduler registered"
+    assert interrupted in [r.getMessage() for r in caplog.records]
 
 
 # -------------------------------------------------------------------------------------------

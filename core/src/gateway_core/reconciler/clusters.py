@@ -74,7 +74,13 @@ class ClusterMachine:
                 shared.store.flush,
             )
         except asyncio.CancelledError:
-            log.info("Start of cluster %s cancelled", cluster.name)
+            if cluster.scheduler_address:
+                # The scheduler registered: the driver was only watching it a while longer.
+                log.debug("Start step of cluster %s ended by its stop", cluster.name)
+            else:
+                log.info(
+                    "Start of cluster %s cancelled before its scheduler registered", cluster.name
+                )
             raise
         except Exception as exc:
             log.warning("Scheduler of cluster %s failed to start", cluster.name, exc_info=True)
