@@ -17,6 +17,7 @@ from typing import Any
 
 import pluggy
 import pytest
+import sqlalchemy
 
 from gateway_core import hookspecs
 from gateway_core.backends.base import BackendUnavailable, ClusterConflict
@@ -28,6 +29,7 @@ from gateway_core.hookspecs import hookimpl
 from gateway_core.models import Cluster, ClusterStatus, User, WorkerStatus
 from gateway_core.reconciler import WorkQueue, backoff_delay
 from gateway_core.routes import Route
+from gateway_core.store import Store
 from gateway_core.testing import hooks as testing_hooks
 from gateway_core.testing.driver import InProcessConfig, InProcessDriver
 from gateway_core.testing.fake_scheduler import FakeScheduler
@@ -485,6 +487,49 @@ async def test_forward_to_an_unreachable_scheduler_is_a_conflict(
 
 # -------------------------------------------------------------------------------------------
 # Records, shutdown and restart
+
+
+async def test_store_writes_do_not_block_the_event_loop(
+    make: Callable[..., Awaitable[Gateway]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every SQL statement takes 0.2 s; asyncio's debug mode reports any callback over 50 ms.
+    settings = {
+        "db_url": f"sqlite:///{tmp_path / 'gateway.sqlite'}",
+        "db_encrypt_keys": [base64.b64encode(os.urandom(32)).decode()],
+    }
+    patient = {"cluster_start_timeout": 60.0, "worker_start_timeout": 60.0}
+    gw = await make(gateway=settings, cluster_heartbeat_timeout=60.0, **patient)
+    store = gw.backend.store
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def crawl(*args: Any) -> None:
+        time.sleep(0.2)
+
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.05
+    try:
+        cluster = await gw.start()  # create, credentials, start state, running
+        await until(lambda: cluster.status == ClusterStatus.RUNNING, timeout=60)
+        await gw.scale(cluster, 2)  # heartbeats: count, workers created, started, running
+        await until(lambda: len(gw.running_workers(cluster)) == 2, timeout=60)
+        await gw.backend.stop_cluster(cluster.name)
+        await until(lambda: cluster.status == ClusterStatus.STOPPED, timeout=60)
+    finally:
+        loop.set_debug(False)
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert slow == [], "the event loop was blocked:\n" + "\n".join(slow)
+
+    await gw.backend.cleanup()  # waits for the queued writes
+    sqlalchemy.event.remove(store.engine, "before_cursor_execute", crawl)
+    again = Store(url=settings["db_url"], encrypt_keys=settings["db_encrypt_keys"])
+    try:
+        (stored,) = again.load()
+        assert stored.status == ClusterStatus.STOPPED and stored.state == cluster.state
+        assert stored.workers == cluster.workers and len(stored.workers) == 2
+    finally:
+        again.close()
 
 
 async def test_old_finished_clusters_are_purged(make: Callable[..., Awaitable[Gateway]]) -> None:
