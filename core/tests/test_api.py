@@ -42,7 +42,7 @@ from gateway_core.manager import ClusterManager
 from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token, now_ms
 from gateway_core.options import Integer, Options, OptionsError
 from gateway_core.options import Mapping as OptionsMapping
-from gateway_core.routes import Route, RouteTable
+from gateway_core.routes import EventsGone, Route, RouteTable
 
 pytestmark = pytest.mark.unit
 
@@ -1181,6 +1181,9 @@ async def test_routes_watch_with_a_too_old_last_id_is_410(make_api: ApiFactory) 
     api = await make_api(max_events=2)
     for i in range(5):
         api.context.routes.put(sni(f"c{i}"))
+    with pytest.raises(EventsGone, match="no longer retained") as gone:
+        api.context.routes.events_since(1)
+    assert gone.value.last_id == 1
     await api.refused(
         "GET",
         "/api/v1/routes?watch=1&last_id=1",

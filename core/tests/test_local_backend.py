@@ -50,7 +50,7 @@ from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
 PYTHON = sys.executable
-BIN = os.path.dirname(PYTHON)
+BIN = os.path.dirname(os.path.abspath(PYTHON))
 
 
 PLUGINS: list[object] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import pluggy
 import pytest
+import sqlalchemy
 
 from gateway_core import hookspecs
 from gateway_core.backends.base import BackendUnavailable, ClusterConflict
@@ -29,6 +31,7 @@ from gateway_core.hookspecs import hookimpl
 from gateway_core.models import Cluster, ClusterStatus, User, WorkerStatus
 from gateway_core.reconciler import WorkQueue, backoff_delay
 from gateway_core.routes import Route
+from gateway_core.store import Store
 from gateway_core.testing import hooks as testing_hooks
 from gateway_core.testing.driver import InProcessConfig, InProcessDriver
 from gateway_core.testing.fake_scheduler import FakeScheduler
@@ -287,9 +290,28 @@ async def test_stop_stops_workers_and_scheduler_and_deletes_routes(
         await gw.scale(cluster, 1)
 
 
-async def test_stop_while_starting_cancels_the_start(
-    make: Callable[..., Awaitable[Gateway]],
+async def test_a_normal_stop_logs_no_cancelled_start(
+    make: Callable[..., Awaitable[Gateway]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The start operation still watches the scheduler when the stop comes (as the local
+    # backend's does): ending it is part of a normal stop, not an interrupted start.
+    gw = await make(start_style="generator", scheduler_watch=30.0)
+    caplog.set_level(logging.INFO, logger="gateway")
+    cluster = await gw.running()
+    runtime = gw.backend.reconciler.runtimes.find(cluster.name)
+    assert runtime is not None and runtime.start is not None  # still watching
+    await gw.backend.stop_cluster(cluster.name)
+    await until(lambda: cluster.status == ClusterStatus.STOPPED)
+    assert gw.backend.reconciler.runtimes.find(cluster.name) is None  # forgotten in one step
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert f"Stopping cluster {cluster.name}" in messages
+    assert not [m for m in messages if "cancelled" in m], messages
+
+
+async def test_stop_while_starting_cancels_the_start(
+    make: Callable[..., Awaitable[Gateway]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
     gw = await make(scheduler_start_delay=10.0)
     cluster = await gw.start()
     await until(lambda: gw.driver.calls["start_scheduler"] == 1)
@@ -299,6 +321,8 @@ async def test_stop_while_starting_cancels_the_start(
     await until(lambda: cluster.status == ClusterStatus.STOPPED)
     assert gw.driver.calls["stop_scheduler"] == 1
     assert cluster.state == {"submitted": True}  # stored at once, seen by stop_scheduler
+    interrupted = f"Start of cluster {cluster.name} cancelled before its scheduler registered"
+    assert interrupted in [r.getMessage() for r in caplog.records]
 
 
 # -------------------------------------------------------------------------------------------
@@ -465,6 +489,49 @@ async def test_forward_to_an_unreachable_scheduler_is_a_conflict(
 
 # -------------------------------------------------------------------------------------------
 # Records, shutdown and restart
+
+
+async def test_store_writes_do_not_block_the_event_loop(
+    make: Callable[..., Awaitable[Gateway]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every SQL statement takes 0.2 s; asyncio's debug mode reports any callback over 50 ms.
+    settings = {
+        "db_url": f"sqlite:///{tmp_path / 'gateway.sqlite'}",
+        "db_encrypt_keys": [base64.b64encode(os.urandom(32)).decode()],
+    }
+    patient = {"cluster_start_timeout": 60.0, "worker_start_timeout": 60.0}
+    gw = await make(gateway=settings, cluster_heartbeat_timeout=60.0, **patient)
+    store = gw.backend.store
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def crawl(*args: Any) -> None:
+        time.sleep(0.2)
+
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.05
+    try:
+        cluster = await gw.start()  # create, credentials, start state, running
+        await until(lambda: cluster.status == ClusterStatus.RUNNING, timeout=60)
+        await gw.scale(cluster, 2)  # heartbeats: count, workers created, started, running
+        await until(lambda: len(gw.running_workers(cluster)) == 2, timeout=60)
+        await gw.backend.stop_cluster(cluster.name)
+        await until(lambda: cluster.status == ClusterStatus.STOPPED, timeout=60)
+    finally:
+        loop.set_debug(False)
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert slow == [], "the event loop was blocked:\n" + "\n".join(slow)
+
+    await gw.backend.cleanup()  # waits for the queued writes
+    sqlalchemy.event.remove(store.engine, "before_cursor_execute", crawl)
+    again = Store(url=settings["db_url"], encrypt_keys=settings["db_encrypt_keys"])
+    try:
+        (stored,) = again.load()
+        assert stored.status == ClusterStatus.STOPPED and stored.state == cluster.state
+        assert stored.workers == cluster.workers and len(stored.workers) == 2
+    finally:
+        again.close()
 
 
 async def test_old_finished_clusters_are_purged(make: Callable[..., Awaitable[Gateway]]) -> None:

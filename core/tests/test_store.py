@@ -1,17 +1,23 @@
-"""Tests of the store: records round trip, secrets encrypted at rest, key rotation, purge.
+"""Tests of the store: records round trip, secrets encrypted at rest, key rotation, purge, and
+writes behind (in order, flushed on demand, failures logged).
 
 Uses in-memory SQLite and SQLite files under pytest's tmp_path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
+from gateway_core import store as store_module
 from gateway_core.models import Cluster, ClusterStatus, Worker, WorkerStatus, new_token, now_ms
 from gateway_core.store import Store, StoreError, is_in_memory
 
@@ -162,6 +168,7 @@ def test_purge_deletes_old_finished_clusters_with_their_workers() -> None:
     assert set(store.clusters) == {"recent", "running"}
     assert {c.name for c in store.load()} == {"recent", "running"}
     assert store.purge(60) == 0
+    store.wait_written()
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM workers").scalar() == 0
     store.close()
@@ -182,3 +189,98 @@ def test_updates_refuse_unknown_fields() -> None:
     store.delete_worker(worker)
     assert cluster.workers == {}
     store.close()
+
+
+# -------------------------------------------------------------------------------------------
+# Writing behind: memory at once, the database in order, off the event loop
+
+
+def count_rows(path: Path, table: str) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+async def test_changes_are_in_memory_at_once_and_in_the_database_after_flush(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gw.sqlite"
+    key = make_key()
+    store = Store(url=f"sqlite:///{path}", encrypt_keys=[key])
+    gate = threading.Event()
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(*args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+
+    cluster = make_cluster()
+    store.create_cluster(cluster)  # returns while the writer waits at the gate
+    store.update_cluster(cluster, count=2)
+    assert store.get("c1") is cluster and cluster.count == 2
+    assert count_rows(path, "clusters") == 0
+    flushed = asyncio.ensure_future(store.flush())
+    await asyncio.sleep(0.05)
+    assert not flushed.done()  # flush waits for the writes made before it
+    gate.set()
+    await asyncio.wait_for(flushed, 10)
+    assert count_rows(path, "clusters") == 1
+    await store.aclose()
+    again = Store(url=f"sqlite:///{path}", encrypt_keys=[key])
+    assert again.load()[0].count == 2
+    again.close()
+
+
+def test_writes_keep_their_order_and_the_values_they_had(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    key = make_key()
+    store = Store(url=url, encrypt_keys=[key])
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+    for count in range(1, 51):
+        store.update_cluster(cluster, count=count)
+    state = {"job": "1"}
+    store.update_cluster(cluster, state=state)
+    state["job"] = "changed behind the store's back"  # not a store change: not written
+    worker = Worker(name="c1-w", cluster_name="c1")
+    store.create_worker(worker)
+    store.update_worker(worker, status=WorkerStatus.RUNNING)
+    store.delete_worker(worker)
+    store.create_cluster(make_cluster("c2"))
+    store.delete_cluster("c2")
+    store.close()  # writes what is queued
+    with pytest.raises(StoreError, match="the store is closed; cannot write cluster c1"):
+        store.update_cluster(cluster, count=1)
+
+    again = Store(url=url, encrypt_keys=[key])
+    (loaded,) = again.load()
+    assert loaded.count == 50 and loaded.state == {"job": "1"} and loaded.workers == {}
+    again.close()
+
+
+async def test_a_failed_write_is_logged_loudly_and_later_writes_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "WRITE_RETRY_DELAY", 0.001)
+    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    key = make_key()
+    store = Store(url=url, encrypt_keys=[key])
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def refuse_workers(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "INSERT INTO workers" in statement:
+            raise sqlalchemy.exc.OperationalError(statement, (), Exception("disk I/O error"))
+
+    store.create_worker(Worker(name="c1-w", cluster_name="c1"))
+    store.update_cluster(cluster, count=3)
+    await store.flush()
+    lost = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lost) == 1 and "LOST WRITE: new worker c1-w" in lost[0].getMessage()
+    retries = [r for r in caplog.records if "attempt" in r.getMessage()]
+    assert len(retries) == store_module.WRITE_ATTEMPTS - 1
+    assert store.failed_writes == 1
+    await store.aclose()
+    again = Store(url=url, encrypt_keys=[key])
+    (loaded,) = again.load()
+    assert loaded.count == 3 and loaded.workers == {}
+    again.close()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trustme
 
-from gateway_proxy import ProxyServer, ProxySettings, RouteSpec
+from gateway_proxy import ProxyServer, ProxySettings, Route
 
 LOOPBACK = "127.0.0.1"
 
@@ -122,7 +122,7 @@ async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyServer]]]:
     started: list[ProxyServer] = []
 
     async def factory(
-        routes: list[RouteSpec] | None = None, *, ready: bool = True, **settings: Any
+        routes: list[Route] | None = None, *, ready: bool = True, **settings: Any
     ) -> ProxyServer:
         settings.setdefault("address", f"{LOOPBACK}:0")
         if settings.get("tcp_address") == "auto":
@@ -139,11 +139,6 @@ async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyServer]]]:
     yield factory
     for server in started:
         await server.stop()
-
-
-def host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
 
 
 async def read_until_eof(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:

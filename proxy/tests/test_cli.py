@@ -14,8 +14,10 @@ import sys
 
 import aiohttp
 import pytest
-from conftest import client_context, host_port, server_context
+from conftest import client_context, server_context
 from test_feed import TOKEN, fake_feed  # noqa: F401 - the fixture is used by name
+
+from gateway_proxy.addresses import split_address
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +62,7 @@ async def test_standalone_process_follows_the_feed(ca, make_echo, fake_feed, loo
                 headers = {"Authorization": f"token {TOKEN}"}
                 async with session.get(f"http://{address}/api/v1/routes", headers=headers) as resp:
                     assert (await resp.json())["id"] == 1
-            host, port = host_port(address)
+            host, port = split_address(address)
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=client_context(ca), server_hostname="daskgateway-c1"
             )

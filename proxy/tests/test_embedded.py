@@ -13,11 +13,12 @@ import aiohttp
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import LOOPBACK, client_context, host_port, server_context
+from conftest import LOOPBACK, client_context, server_context
 
 from gateway_core.config import ProxyConfig
 from gateway_core.plugins import Registry, make_plugin_manager
 from gateway_core.routes import Route, RouteTable
+from gateway_proxy.addresses import split_address
 from gateway_proxy.embedded import BuiltinProxy, BuiltinProxyConfig
 
 pytestmark = pytest.mark.unit
@@ -65,7 +66,7 @@ async def test_embedded_proxy_follows_the_route_table(ca, make_echo) -> None:
     await proxy.start()
     try:
         assert proxy.ready and proxy.address == proxy.tcp_address
-        host, port = host_port(proxy.address)
+        host, port = split_address(proxy.address)
 
         async def roundtrip(name: str) -> bytes:
             reader, writer = await asyncio.open_connection(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -155,7 +156,8 @@ async def test_events_are_applied(fake_feed, make_proxy, follow) -> None:
     assert feed.last_id == 4 and feed.full_loads == 1
 
 
-async def test_410_fetches_the_whole_table_again(fake_feed, make_proxy, follow) -> None:
+async def test_410_fetches_the_whole_table_again(fake_feed, make_proxy, follow, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
     fake_feed.put({"kind": "SNI", "sni": "old", "target": "tls://127.0.0.1:3001"})
     fake_feed.end_streams = True  # every watch ends; the next one starts from last_id
     proxy = await make_proxy(ready=False)
@@ -169,6 +171,8 @@ async def test_410_fetches_the_whole_table_again(fake_feed, make_proxy, follow) 
     await eventually(lambda: proxy.table.lookup_sni("daskgateway-fresh") is not None)
     assert proxy.table.lookup_sni("daskgateway-old") is None
     assert any(q.get("watch") for _, q in fake_feed.requests)
+    gone = [r.getMessage() for r in caplog.records if "are gone" in r.getMessage()]
+    assert gone and all(m.startswith("route feed: events after ") for m in gone)
 
 
 async def test_ready_only_after_the_table_is_loaded(fake_feed, make_proxy, follow) -> None:

@@ -18,15 +18,16 @@ import aiohttp
 import httptools
 import pytest
 from aiohttp import web
-from conftest import LOOPBACK, client_context, client_hello, host_port, server_context
+from conftest import LOOPBACK, client_context, client_hello, server_context
 
-from gateway_proxy import RouteSpec
+from gateway_proxy import Route
+from gateway_proxy.addresses import split_address
 
 pytestmark = pytest.mark.unit
 
 
-def path_route(path: str, target: str) -> RouteSpec:
-    return RouteSpec(kind="PATH", key=path, target=target)
+def path_route(path: str, target: str) -> Route:
+    return Route(kind="PATH", key=path, target=target)
 
 
 def info_app(
@@ -102,7 +103,7 @@ class RawResponses:
 
 
 async def raw_requests(address: str, data: bytes, count: int) -> list[dict[str, Any]]:
-    host, port = host_port(address)
+    host, port = split_address(address)
     reader, writer = await asyncio.open_connection(host, port)
     responses = RawResponses()
     try:
@@ -387,7 +388,7 @@ async def test_http10_head_204_and_chunked_answers(serve_app, make_proxy) -> Non
     assert responses[0]["status"] == 204 and responses[0]["body"] == b""
     assert responses[1]["body"] == b"piece0;piece1;piece2;"
     assert responses[1]["headers"]["transfer-encoding"] == "chunked"
-    host, port = host_port(proxy.address)
+    host, port = split_address(proxy.address)
     # HEAD: headers only, and the connection stays usable for the next request.
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"HEAD /h/chunks HTTP/1.1\r\nHost: p\r\n\r\n")
@@ -436,7 +437,7 @@ async def test_https_termination_on_a_shared_port(ca, tmp_path, serve_app, make_
     up = await serve_app(info_app("up"))
     echo = await make_echo(server_context(ca, "daskgateway-c"))
     proxy = await make_proxy(
-        [path_route("/x", up), RouteSpec(kind="SNI", key="c", target=echo.target)],
+        [path_route("/x", up), Route(kind="SNI", key="c", target=echo.target)],
         tls_cert=str(cert_file),
         tls_key=str(key_file),
     )
@@ -445,7 +446,7 @@ async def test_https_termination_on_a_shared_port(ca, tmp_path, serve_app, make_
     assert status == 200
     assert body["headers"]["X-Forwarded-Proto"] == "https"
     # The same port still passes daskgateway- TLS through untouched to the cluster.
-    host, port = host_port(proxy.address)
+    host, port = split_address(proxy.address)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=context, server_hostname="daskgateway-c"
     )
@@ -479,12 +480,10 @@ async def test_https_on_its_own_port(ca, tmp_path, serve_app, make_proxy) -> Non
 async def test_plain_http_and_tls_share_the_default_port(ca, serve_app, make_echo, make_proxy):
     up = await serve_app(info_app("up"))
     echo = await make_echo(server_context(ca, "daskgateway-s"))
-    proxy = await make_proxy(
-        [path_route("/x", up), RouteSpec(kind="SNI", key="s", target=echo.target)]
-    )
+    proxy = await make_proxy([path_route("/x", up), Route(kind="SNI", key="s", target=echo.target)])
     assert proxy.address == proxy.tcp_address
     assert (await get_json(f"http://{proxy.address}/x"))[0] == 200
-    host, port = host_port(proxy.address)
+    host, port = split_address(proxy.address)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=client_context(ca), server_hostname="daskgateway-s"
     )
@@ -504,7 +503,7 @@ async def test_plain_http_and_tls_share_the_default_port(ca, serve_app, make_ech
 
 async def test_bad_request_is_400_and_closed(make_proxy) -> None:
     proxy = await make_proxy()
-    host, port = host_port(proxy.address)
+    host, port = split_address(proxy.address)
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
     async with asyncio.timeout(5):

@@ -1,6 +1,6 @@
 """Unit tests of the routing tables: segment-wise longest prefix, static routes, target parsing.
 
-Owns checks of `RoutingTable`, `RouteSpec.from_json`, `HttpTarget.parse`, `sni_target` and
+Owns checks of `RouteTable`, `Route.from_json`, `HttpTarget.parse`, `sni_target` and
 `ProxySettings` validation, with no sockets involved.
 """
 
@@ -10,19 +10,19 @@ import socket
 
 import pytest
 
-from gateway_proxy import ProxySettings, RouteSpec
-from gateway_proxy.settings import parse_address
-from gateway_proxy.table import HttpTarget, RoutingTable, normalize_prefix, sni_target
+from gateway_proxy import ProxySettings, Route
+from gateway_proxy.addresses import join_address, split_address
+from gateway_proxy.table import HttpTarget, RouteTable, normalize_prefix, sni_target
 
 pytestmark = pytest.mark.unit
 
 
-def path(key: str, target: str) -> RouteSpec:
-    return RouteSpec(kind="PATH", key=key, target=target)
+def path(key: str, target: str) -> Route:
+    return Route(kind="PATH", key=key, target=target)
 
 
 def test_match_is_by_whole_segments_and_longest_first() -> None:
-    table = RoutingTable()
+    table = RouteTable()
     table.put(path("/clusters/a", "http://10.0.0.1:1"))
     table.put(path("/clusters/a/b/", "http://10.0.0.2:2/base/"))
     assert table.match_path("/clusters/abc") is None
@@ -36,14 +36,14 @@ def test_match_is_by_whole_segments_and_longest_first() -> None:
 
 
 def test_root_route_catches_everything_else() -> None:
-    table = RoutingTable()
+    table = RouteTable()
     table.put(path("/", "http://api:80"))
     assert table.match_path("/")[1] == "/"  # type: ignore[index]
     assert table.match_path("/api/v1/x")[1] == "/api/v1/x"  # type: ignore[index]
 
 
 def test_static_route_sits_under_the_dynamic_ones() -> None:
-    table = RoutingTable()
+    table = RouteTable()
     table.set_static_path("/gw/", "http://api:1")
     table.put(path("/gw", "http://other:2"))
     assert table.match_path("/gw/x")[0].host == "other"  # type: ignore[index]
@@ -55,12 +55,12 @@ def test_static_route_sits_under_the_dynamic_ones() -> None:
 
 
 def test_replace_swaps_everything_and_reports_refusals() -> None:
-    table = RoutingTable()
-    table.put(RouteSpec(kind="SNI", key="old", target="tls://10.0.0.1:1"))
+    table = RouteTable()
+    table.put(Route(kind="SNI", key="old", target="tls://10.0.0.1:1"))
     refused = table.replace(
         [
-            RouteSpec(kind="SNI", key="new", target="tls://10.0.0.2:2"),
-            RouteSpec(kind="SNI", key="bad", target="nowhere"),
+            Route(kind="SNI", key="new", target="tls://10.0.0.2:2"),
+            Route(kind="SNI", key="bad", target="nowhere"),
             path("/p", "ftp://x"),
         ]
     )
@@ -89,13 +89,13 @@ def test_http_targets() -> None:
 
 
 def test_routes_from_the_feed_json() -> None:
-    assert RouteSpec.from_json({"kind": "SNI", "sni": "c", "target": "tls://h:1"}) == RouteSpec(
+    assert Route.from_json({"kind": "SNI", "sni": "c", "target": "tls://h:1"}) == Route(
         kind="SNI", key="c", target="tls://h:1"
     )
-    assert RouteSpec.from_json({"kind": "PATH", "path": "/p"}).target == ""  # a DELETE's route
+    assert Route.from_json({"kind": "PATH", "path": "/p"}).target == ""  # a DELETE's route
     for bad in ({"kind": "X"}, {"kind": "SNI"}, {"kind": "PATH", "path": ""}):
         with pytest.raises(ValueError):
-            RouteSpec.from_json(bad)
+            Route.from_json(bad)
 
 
 def test_settings_and_addresses() -> None:
@@ -105,7 +105,14 @@ def test_settings_and_addresses() -> None:
     assert ProxySettings(address=":8000").shared_port
     assert ProxySettings(address="127.0.0.1:0", tcp_address="127.0.0.1:0").shared_port is False
     assert ProxySettings(address=":8000", tcp_address=":8000").shared_port
-    assert parse_address("[::1]:80") == ("::1", 80)
+    assert split_address("[::1]:80") == ("::1", 80)
+    assert split_address(":8000") == ("", 8000)
+    assert join_address("::1", 80) == "[::1]:80" and join_address("h", 1) == "h:1"
+    for bad, why in (("nowhere", "expected host:port"), ("h:x", "port must be a number")):
+        with pytest.raises(ValueError, match=f"address '{bad}': {why}"):
+            split_address(bad)
+    with pytest.raises(ValueError, match="at most 65535"):
+        split_address("h:65536")
     with pytest.raises(ValueError):
         ProxySettings(tls_cert="cert.pem")
     with pytest.raises(ValueError):
@@ -136,7 +143,7 @@ def test_settings_and_addresses() -> None:
 def test_redirects_from_a_target_stay_inside_its_route(
     target: str, location: bytes, public: bytes
 ) -> None:
-    table = RoutingTable()
+    table = RouteTable()
     table.put(path("/clusters/abc", target))
     found = table.match_path("/clusters/abc/anything")
     assert found is not None
@@ -144,7 +151,7 @@ def test_redirects_from_a_target_stay_inside_its_route(
 
 
 def test_redirects_from_the_root_route_are_untouched() -> None:
-    table = RoutingTable()
+    table = RouteTable()
     table.set_static_path("/", "http://127.0.0.1:8081")
     found = table.match_path("/api/v1/clusters")
     assert found is not None

@@ -19,12 +19,12 @@ from conftest import (
     LOOPBACK,
     client_context,
     client_hello,
-    host_port,
     read_until_eof,
     server_context,
 )
 
-from gateway_proxy import RouteSpec
+from gateway_proxy import Route
+from gateway_proxy.addresses import split_address
 
 pytestmark = pytest.mark.unit
 
@@ -33,12 +33,12 @@ AT_ONCE = 3.0
 these proxies run with, and generous enough for a loaded CI machine."""
 
 
-def sni(name: str, target: str) -> RouteSpec:
-    return RouteSpec(kind="SNI", key=name, target=target)
+def sni(name: str, target: str) -> Route:
+    return Route(kind="SNI", key=name, target=target)
 
 
 async def tls_roundtrip(address: str, server_name: str, ca, payload: bytes = b"ping") -> bytes:
-    host, port = host_port(address)
+    host, port = split_address(address)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=client_context(ca), server_hostname=server_name
     )
@@ -52,7 +52,7 @@ async def tls_roundtrip(address: str, server_name: str, ca, payload: bytes = b"p
 
 async def expect_closed(address: str, data: bytes, timeout: float = 5.0) -> float:
     """Send ``data`` raw; return how long the proxy took to close the connection."""
-    host, port = host_port(address)
+    host, port = split_address(address)
     reader, writer = await asyncio.open_connection(host, port)
     started = time.monotonic()
     if data:
@@ -112,7 +112,7 @@ async def test_oversize_hello_is_closed(make_proxy) -> None:
     header = b"\x16\x03\x01\x40\x00\x01\x10\x00\x00" + bytes(100)
     assert await expect_closed(proxy.tcp_address, header) < AT_ONCE
     # Records that keep coming without completing the hello: refused at the limit.
-    host, port = host_port(proxy.tcp_address)
+    host, port = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(host, port)
     hs = b"\x01\x00\x40\x00" + bytes(3000)
     for i in range(0, len(hs), 1000):
@@ -146,7 +146,7 @@ async def test_hello_trickled_byte_by_byte_is_routed(ca, make_echo, make_proxy) 
     echo = await make_echo()
     proxy = await make_proxy([sni("slow", echo.target)])
     hello = client_hello("daskgateway-slow")
-    host, port = host_port(proxy.tcp_address)
+    host, port = split_address(proxy.tcp_address)
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
@@ -176,7 +176,7 @@ async def test_hello_fragmented_over_records_completes_a_real_handshake(
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     fragmented = as_records(handshake_of(outgoing.read()), [40, 1, 100])
-    host, port = host_port(proxy.tcp_address)
+    host, port = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(fragmented)
     async with asyncio.timeout(5):
@@ -220,7 +220,7 @@ async def test_deleted_route_keeps_open_connections_and_refuses_new(
     echo = await make_echo(server_context(ca, "daskgateway-gone"))
     route = sni("gone", echo.target)
     proxy = await make_proxy([route])
-    host, port = host_port(proxy.tcp_address)
+    host, port = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=client_context(ca), server_hostname="daskgateway-gone"
     )
@@ -251,7 +251,7 @@ async def test_half_close_is_passed_on_both_ways(make_proxy) -> None:
     port = target.sockets[0].getsockname()[1]
     proxy = await make_proxy([sni("half", f"tls://{LOOPBACK}:{port}")])
     sent = client_hello("daskgateway-half") + os.urandom(300_000)
-    host, pport = host_port(proxy.tcp_address)
+    host, pport = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(host, pport)
     writer.write(sent)
     await writer.drain()
@@ -285,7 +285,7 @@ async def test_bulk_both_ways_at_once(make_proxy, splice: bool) -> None:
     port = target.sockets[0].getsockname()[1]
     proxy = await make_proxy([sni("bulk", f"tls://{LOOPBACK}:{port}")], splice=splice)
     hello = client_hello("daskgateway-bulk")
-    host, pport = host_port(proxy.tcp_address)
+    host, pport = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(host, pport)
 
     async def upload() -> None:
@@ -318,7 +318,7 @@ async def test_a_slow_reader_gets_every_byte(make_proxy) -> None:
     target = await asyncio.start_server(flood, LOOPBACK, 0)
     port = target.sockets[0].getsockname()[1]
     proxy = await make_proxy([sni("flood", f"tls://{LOOPBACK}:{port}")])
-    host, pport = host_port(proxy.tcp_address)
+    host, pport = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(host, pport, limit=1024)
     writer.write(client_hello("daskgateway-flood"))
     got = bytearray()
@@ -336,7 +336,7 @@ async def test_a_slow_reader_gets_every_byte(make_proxy) -> None:
 async def test_thousand_concurrent_connections_every_byte_checked(make_echo, make_proxy) -> None:
     echo = await make_echo()  # plain echo: the TLS layer is not what is tested here
     proxy = await make_proxy([sni(f"c{i}", echo.target) for i in range(10)], backlog=2048)
-    host, port = host_port(proxy.tcp_address)
+    host, port = split_address(proxy.tcp_address)
     hellos = [client_hello(f"daskgateway-c{i}") for i in range(10)]
 
     async def one(i: int) -> bool:
@@ -360,7 +360,7 @@ async def test_thousand_concurrent_connections_every_byte_checked(make_echo, mak
 async def test_stop_closes_spliced_and_handshaking_connections(ca, make_echo, make_proxy) -> None:
     echo = await make_echo(server_context(ca, "daskgateway-stop"))
     proxy = await make_proxy([sni("stop", echo.target)])
-    host, port = host_port(proxy.tcp_address)
+    host, port = split_address(proxy.tcp_address)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=client_context(ca), server_hostname="daskgateway-stop"
     )

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from attrs import define, field
 
+from .addresses import join_address, split_address
 from .api.app import make_api_app
 from .backends.base import Backend
 from .config import Config, ConfigError, find_config_file, load_config
@@ -31,21 +32,15 @@ from .routes import Route, RouteTable
 log = logging.getLogger("gateway")
 
 
-def split_address(address: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``"host:port"`` → (host, port); an empty host means every interface."""
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        raise ConfigError([f"address {address!r}: expected host:port"])
+def _split(address: str) -> tuple[str, int]:
     try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError([f"address {address!r}: port must be a number"]) from None
-    host = host.strip("[]")
-    return (host if host else "", number)
+        return split_address(address)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 def _bind(address: str) -> socket.socket:
-    host, port = split_address(address)
+    host, port = _split(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -61,12 +56,12 @@ def _bind(address: str) -> socket.socket:
 
 def _reachable(address: str) -> str:
     """An address other processes on this host can connect to, for a bound ``host:port``."""
-    host, port = split_address(address)
+    host, port = _split(address)
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_address(host, port)
 
 
 @define(kw_only=True)
@@ -182,7 +177,7 @@ class Gateway:
     async def _start(self) -> None:
         gw = self.resolved.gateway
         self._sock = _bind(gw.address)
-        self.api_address = _reachable("{}:{}".format(*self._sock.getsockname()[:2]))
+        self.api_address = _reachable(join_address(*self._sock.getsockname()[:2]))
         api_target = f"http://{self.api_address}"
         proxy_conf = self.resolved.proxy
         prefix = self.context.prefix

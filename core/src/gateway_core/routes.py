@@ -52,7 +52,14 @@ class RouteEvent:
 
 
 class EventsGone(Exception):
-    """Raised when a reader asks for events older than the retained window (HTTP 410)."""
+    """The route events after ``last_id`` are not available (dropped from the retained window,
+    or ``last_id`` is no event id of this table): the reader must fetch the whole route table
+    again. The feed answers it with HTTP 410; the proxy's `gateway_proxy.feed.EventsGone` is
+    the same condition seen from the reader's side."""
+
+    def __init__(self, message: str, *, last_id: int) -> None:
+        super().__init__(message)
+        self.last_id = last_id
 
 
 Listener = Callable[[RouteEvent], None]
@@ -101,12 +108,12 @@ class RouteTable:
     def events_since(self, last_id: int) -> list[RouteEvent]:
         """Events after ``last_id``; raise EventsGone if some were already dropped."""
         if last_id > self._last_id or last_id < 0:
-            raise EventsGone(f"last_id {last_id} is not a known event id")
+            raise EventsGone(f"last_id {last_id} is not a known event id", last_id=last_id)
         if last_id == self._last_id:
             return []
         oldest = self._events[0].id if self._events else self._last_id + 1
         if last_id + 1 < oldest:
-            raise EventsGone(f"events after {last_id} are no longer retained")
+            raise EventsGone(f"events after {last_id} are no longer retained", last_id=last_id)
         return [e for e in self._events if e.id > last_id]
 
     async def wait_for_events(self, last_id: int, timeout: float) -> list[RouteEvent]:

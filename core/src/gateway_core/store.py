@@ -1,21 +1,27 @@
-"""The store of cluster and worker records: in memory for reads, written through to a database.
+"""The store of cluster and worker records: in memory for reads, written behind to a database.
 
-Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge) and the
-encryption of secrets at rest (cluster tokens and TLS keys, Fernet) for persistent databases.
+Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge, flush), its one
+writer thread, and the encryption of secrets at rest (cluster tokens and TLS keys, Fernet).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from attrs import define
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
@@ -121,12 +127,27 @@ def fernet_from_key(key: str, *, index: int = 0) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(raw))
 
 
+WRITE_ATTEMPTS = 5
+"""Tries of one write when the database reports an operational error (locked, gone away)."""
+
+WRITE_RETRY_DELAY = 0.1
+"""Seconds before the first retry of a write; each next one waits twice as long."""
+
+
 class Store:
-    """Every cluster (with its workers) in memory; each change written through at once.
+    """Every cluster (with its workers) in memory; each change written behind, in order.
 
     Build with ``Store(url=..., encrypt_keys=[...], debug=False)``; the database and its tables
     are created on construction, then `load` reads the records. Methods that change a record
-    change the object in memory and its row in one step, so readers see only stored state.
+    change the object in memory at once (readers never wait) and queue the row change for one
+    writer thread, which applies the changes in the order they were made; the event loop never
+    waits for the database. `flush` (async) returns once every change made before it is
+    written: await it where a change must be durable before acting on it (see "Durability
+    points" in docs/architecture.md). `aclose` (or `close`, for synchronous callers) writes
+    what is queued and releases the database. A write that fails is retried while the
+    database reports an operational error, then logged at ERROR and dropped (counted in
+    ``failed_writes``); later writes go on.
+
     With ``encrypt_keys`` the first key encrypts secrets and every key decrypts them (rotation);
     a persistent database needs at least one key.
     """
@@ -150,6 +171,11 @@ class Store:
         self._fernet: MultiFernet | None = MultiFernet(fernets) if fernets else None
         self._rotate = len(fernets) > 1
         self._clusters: dict[str, Cluster] = {}
+        self._writes: queue.Queue[_Write | _Barrier | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self.failed_writes = 0
+        """Writes given up on since the store was built (each logged at ERROR)."""
         self.engine = _make_engine(url, debug=debug)
         try:
             metadata.create_all(self.engine)
@@ -174,6 +200,7 @@ class Store:
         With more than one key, secrets are re-encrypted with the first key as they are read,
         so the old keys can be dropped after one start.
         """
+        self.wait_written()
         clusters: dict[str, Cluster] = {}
         rotated: list[dict[str, Any]] = []
         try:
@@ -208,20 +235,19 @@ class Store:
         return list(clusters.values())
 
     # ---------------------------------------------------------------------------------------
-    # Writing
+    # Writing: memory at once, the database behind
 
     def create_cluster(self, cluster: Cluster) -> None:
         """Insert ``cluster`` (and any workers it already holds)."""
         if cluster.name in self._clusters:
             raise StoreError(f"cluster {cluster.name} already exists")
-        with self.engine.begin() as conn:
-            conn.execute(clusters_table.insert().values(**self._cluster_row(cluster)))
-            for worker in cluster.workers.values():
-                conn.execute(workers_table.insert().values(**_worker_row(worker)))
+        steps: list[_Step] = [(clusters_table.insert(), self._cluster_row(cluster))]
+        steps.extend((workers_table.insert(), _worker_row(w)) for w in cluster.workers.values())
+        self._submit(f"new cluster {cluster.name}", steps)
         self._clusters[cluster.name] = cluster
 
     def update_cluster(self, cluster: Cluster, **changes: Any) -> None:
-        """Set ``changes`` (field name → value) on ``cluster`` and write them."""
+        """Set ``changes`` (field name → value) on ``cluster`` and queue their write."""
         unknown = set(changes) - _CLUSTER_FIELDS
         if unknown:
             raise TypeError(f"update_cluster: unknown fields {sorted(unknown)}")
@@ -230,12 +256,8 @@ class Store:
         for name, value in changes.items():
             setattr(cluster, name, value)
         values = self._cluster_row(cluster, only=changes)
-        with self.engine.begin() as conn:
-            conn.execute(
-                clusters_table.update()
-                .where(clusters_table.c.name == cluster.name)
-                .values(**values)
-            )
+        statement = clusters_table.update().where(clusters_table.c.name == cluster.name)
+        self._submit(f"cluster {cluster.name}", [(statement.values(**values), None)])
 
     def delete_cluster(self, cluster: Cluster | str) -> None:
         """Remove a cluster and its workers; unknown names are ignored."""
@@ -249,12 +271,11 @@ class Store:
             raise StoreError(f"worker {worker.name}: no cluster {worker.cluster_name}")
         if worker.name in cluster.workers:
             raise StoreError(f"worker {worker.name} already exists")
-        with self.engine.begin() as conn:
-            conn.execute(workers_table.insert().values(**_worker_row(worker)))
+        self._submit(f"new worker {worker.name}", [(workers_table.insert(), _worker_row(worker))])
         cluster.workers[worker.name] = worker
 
     def update_worker(self, worker: Worker, **changes: Any) -> None:
-        """Set ``changes`` (field name → value) on ``worker`` and write them."""
+        """Set ``changes`` (field name → value) on ``worker`` and queue their write."""
         unknown = set(changes) - _WORKER_FIELDS
         if unknown:
             raise TypeError(f"update_worker: unknown fields {sorted(unknown)}")
@@ -263,22 +284,21 @@ class Store:
         for name, value in changes.items():
             setattr(worker, name, value)
         values = _worker_row(worker, only=changes)
-        with self.engine.begin() as conn:
-            conn.execute(
-                workers_table.update()
-                .where(workers_table.c.cluster_name == worker.cluster_name)
-                .where(workers_table.c.name == worker.name)
-                .values(**values)
-            )
+        statement = (
+            workers_table.update()
+            .where(workers_table.c.cluster_name == worker.cluster_name)
+            .where(workers_table.c.name == worker.name)
+        )
+        self._submit(f"worker {worker.name}", [(statement.values(**values), None)])
 
     def delete_worker(self, worker: Worker) -> None:
         """Remove one worker record."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                workers_table.delete()
-                .where(workers_table.c.cluster_name == worker.cluster_name)
-                .where(workers_table.c.name == worker.name)
-            )
+        statement = (
+            workers_table.delete()
+            .where(workers_table.c.cluster_name == worker.cluster_name)
+            .where(workers_table.c.name == worker.name)
+        )
+        self._submit(f"deleted worker {worker.name}", [(statement, None)])
         cluster = self._clusters.get(worker.cluster_name)
         if cluster is not None:
             cluster.workers.pop(worker.name, None)
@@ -295,9 +315,94 @@ class Store:
         self._delete(old)
         return len(old)
 
+    async def flush(self) -> None:
+        """Return once every change made before this call is in the database (or was given
+        up on and logged); the event loop runs on meanwhile."""
+        if self._writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        self._writes.put(_Barrier(loop=loop, future=written))
+        await written
+
+    def wait_written(self) -> None:
+        """Block until every change made so far is in the database: for synchronous callers
+        (start-up, tools, tests); on the event loop, await `flush` instead."""
+        if self._writer is not None:
+            self._writes.join()
+
+    async def aclose(self) -> None:
+        """Write what is queued, then release the database connections."""
+        await self.flush()
+        self.close()
+
     def close(self) -> None:
-        """Release the database connections."""
+        """Write what is queued (blocking), stop the writer and release the database."""
+        self._closed = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._writes.put(None)
+            writer.join()
         self.engine.dispose()
+
+    def _submit(self, what: str, steps: Sequence[_Step]) -> None:
+        if self._closed:
+            raise StoreError(f"the store is closed; cannot write {what}")
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="gateway-store-writer", daemon=True
+            )
+            self._writer.start()
+        self._writes.put(_Write(what=what, steps=tuple(steps)))
+
+    def _write_loop(self) -> None:
+        """The writer thread: apply queued writes in order until `close`."""
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                if isinstance(item, _Barrier):
+                    item.release()
+                else:
+                    self._apply(item)
+            finally:
+                self._writes.task_done()
+
+    def _apply(self, write: _Write) -> None:
+        delay = WRITE_RETRY_DELAY
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as conn:
+                    for statement, params in write.steps:
+                        conn.execute(statement, params)
+                return
+            except OperationalError as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    error: Exception = exc
+                    break
+                log.warning(
+                    "Writing %s to %s failed (attempt %d of %d), retrying in %.1f s: %s",
+                    write.what,
+                    _safe_url(self.url),
+                    attempt,
+                    WRITE_ATTEMPTS,
+                    delay,
+                    exc.orig if exc.orig is not None else exc,
+                )
+                time.sleep(delay)
+                delay *= 2
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one write
+                error = exc
+                break
+        self.failed_writes += 1
+        log.error(
+            "LOST WRITE: %s could not be written to %s; the database now lags the gateway's "
+            "memory for this record until its next change (a restart would load the old row)",
+            write.what,
+            _safe_url(self.url),
+            exc_info=error,
+        )
 
     # ---------------------------------------------------------------------------------------
     # Rows
@@ -305,9 +410,11 @@ class Store:
     def _delete(self, names: list[str]) -> None:
         if not names:
             return
-        with self.engine.begin() as conn:
-            conn.execute(workers_table.delete().where(workers_table.c.cluster_name.in_(names)))
-            conn.execute(clusters_table.delete().where(clusters_table.c.name.in_(names)))
+        steps: list[_Step] = [
+            (workers_table.delete().where(workers_table.c.cluster_name.in_(names)), None),
+            (clusters_table.delete().where(clusters_table.c.name.in_(names)), None),
+        ]
+        self._submit(f"deleted cluster(s) {', '.join(names)}", steps)
         for name in names:
             self._clusters.pop(name, None)
 
@@ -362,12 +469,45 @@ class Store:
 
 
 def _plain(value: Any) -> Any:
-    return value
+    # A copy: the row is written later, by another thread, and must not see later changes.
+    return copy.deepcopy(value) if isinstance(value, dict | list) else value
+
+
+_Step = tuple[Any, Any]
+"""One statement of a write and its parameters (None when the values are in the statement)."""
+
+
+@define(kw_only=True, frozen=True)
+class _Write:
+    """Statements applied in one transaction by the writer thread."""
+
+    what: str
+    """The change, for log lines: ``cluster abc``."""
+    steps: tuple[_Step, ...]
+
+
+@define(kw_only=True, frozen=True)
+class _Barrier:
+    """Queued by `Store.flush`: resolves its future once every write before it is done."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+    def release(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _worker_row(worker: Worker, only: Iterable[str] | None = None) -> dict[str, Any]:
     names = (_WORKER_FIELDS | {"cluster_name"}) if only is None else only
-    out = {n: getattr(worker, n) for n in names}
+    out = {n: _plain(getattr(worker, n)) for n in names}
     for n in ("status", "target"):
         if n in out:
             out[n] = int(out[n])

@@ -1,6 +1,7 @@
 """The built-in proxy as gateway-core sees it: a core `Proxy` living in the gateway process.
 
-Owns `BuiltinProxy` (follows core's in-process `RouteTable` by subscription) and
+Owns `BuiltinProxy` (follows core's in-process `gateway_core.routes.RouteTable` by subscription,
+applying each event to the proxy's own `RouteTable`) and
 `BuiltinProxyConfig` (the `[proxy]` section with this proxy's extra keys). Imports gateway-core,
 so only `gateway_proxy.hooks` imports this module, when core loads the plugin.
 """
@@ -18,13 +19,13 @@ from gateway_core.proxies import Proxy
 from .hello import DEFAULT_MAX_HELLO
 from .server import ProxyServer
 from .settings import ProxySettings
-from .table import RouteSpec
+from .table import Route
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from gateway_core import routes as core_routes
     from gateway_core.context import GatewayContext
-    from gateway_core.routes import RouteEvent, RouteTable
 
 log = logging.getLogger("gateway.proxy")
 
@@ -89,7 +90,7 @@ class BuiltinProxy(Proxy):
         self,
         *,
         config: ProxyConfig,
-        routes: RouteTable,
+        routes: core_routes.RouteTable,
         api_target: str,
         context: GatewayContext | None = None,
         **kwargs: Any,
@@ -102,7 +103,7 @@ class BuiltinProxy(Proxy):
         apply_log_level(self.config.log_level)
         server = self.server
         # No await between the snapshot and the subscription: no event can slip in between.
-        server.replace(RouteSpec.of(route) for route in self.routes.routes())
+        server.replace(Route.of(route) for route in self.routes.routes())
         self._unsubscribe = self.routes.subscribe(self._on_event)
         try:
             await server.start()
@@ -112,9 +113,9 @@ class BuiltinProxy(Proxy):
             raise
         server.set_ready(True)
 
-    def _on_event(self, event: RouteEvent) -> None:
+    def _on_event(self, event: core_routes.RouteEvent) -> None:
         try:
-            route = RouteSpec.of(event.route)
+            route = Route.of(event.route)
             if event.type == "PUT":
                 self.server.put(route)
             else:

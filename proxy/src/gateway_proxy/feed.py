@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .server import ProxyServer
-from .table import RouteSpec
+from .table import Route
 
 log = logging.getLogger("gateway.proxy")
 
@@ -24,7 +24,13 @@ class FeedError(Exception):
 
 
 class EventsGone(FeedError):
-    """410: the feed no longer holds the events after our last id."""
+    """The route events after ``last_id`` are not available (the feed answered 410): fetch the
+    whole route table again. The same condition as core's `gateway_core.routes.EventsGone`,
+    seen from the reader's side."""
+
+    def __init__(self, message: str, *, last_id: int) -> None:
+        super().__init__(message)
+        self.last_id = last_id
 
 
 class RouteFeed:
@@ -87,8 +93,8 @@ class RouteFeed:
             started = time.monotonic()
             try:
                 got = await self._watch(session)
-            except EventsGone:
-                log.info("route feed: events after %d are gone; fetching the table", self.last_id)
+            except EventsGone as gone:
+                log.info("route feed: events after %d are gone; fetching the table", gone.last_id)
                 return
             except TimeoutError:
                 continue  # a quiet feed: ask again from the same id
@@ -111,7 +117,7 @@ class RouteFeed:
         routes = []
         for item in data["routes"]:
             try:
-                routes.append(RouteSpec.from_json(item))
+                routes.append(Route.from_json(item))
             except (ValueError, TypeError, AttributeError) as exc:
                 log.warning("route feed: ignoring route %r: %s", item, exc)
         self.server.replace(routes)
@@ -125,7 +131,7 @@ class RouteFeed:
         params = {"watch": "1", "last_id": str(self.last_id)}
         async with session.get(self.url, params=params) as resp:
             if resp.status == 410:
-                raise EventsGone()
+                raise EventsGone(f"HTTP 410 from {self.url}", last_id=self.last_id)
             if resp.status != 200:
                 raise FeedError(f"HTTP {resp.status} from {self.url}")
             pending = b""
@@ -147,7 +153,7 @@ class RouteFeed:
             raise FeedError(f"unreadable event line: {exc}") from None
         for event in events:
             try:
-                route = RouteSpec.from_json(event["route"])
+                route = Route.from_json(event["route"])
                 kind = event["type"]
                 event_id = int(event["id"])
             except (ValueError, KeyError, TypeError) as exc:

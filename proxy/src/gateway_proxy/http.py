@@ -20,7 +20,7 @@ from typing import Any, cast
 import httptools
 
 from .settings import HEALTH_PATH, READY_PATH
-from .table import HttpTarget, RoutingTable
+from .table import HttpTarget, RouteTable
 
 log = logging.getLogger("gateway.proxy")
 
@@ -93,7 +93,7 @@ class HttpFace:
         self,
         *,
         loop: asyncio.AbstractEventLoop,
-        table: RoutingTable,
+        table: RouteTable,
         ssl_context: ssl.SSLContext | None,
         is_ready: Callable[[], bool],
         connect_timeout: float,

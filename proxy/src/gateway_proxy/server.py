@@ -12,9 +12,10 @@ import socket
 import ssl
 from collections.abc import Iterable
 
+from .addresses import join_address, split_address
 from .http import HttpFace
-from .settings import ProxySettings, parse_address
-from .table import RouteSpec, RoutingTable
+from .settings import ProxySettings
+from .table import Route, RouteTable
 from .tcp import SniFace
 from .tunnel import Splicer
 
@@ -22,7 +23,7 @@ log = logging.getLogger("gateway.proxy")
 
 
 def _bind(address: str, backlog: int) -> socket.socket:
-    host, port = parse_address(address)
+    host, port = split_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
     sock.setblocking(False)
@@ -31,7 +32,7 @@ def _bind(address: str, backlog: int) -> socket.socket:
 
 def _show(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_address(host, port)
 
 
 class ProxyServer:
@@ -39,7 +40,7 @@ class ProxyServer:
 
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
-        self.table = RoutingTable()
+        self.table = RouteTable()
         self._ready = False
         self._address = ""
         self._tcp_address = ""
@@ -61,7 +62,7 @@ class ProxyServer:
             log.info("proxy ready: %d routes loaded", len(self.table))
         self._ready = ready
 
-    def put(self, route: RouteSpec) -> None:
+    def put(self, route: Route) -> None:
         try:
             self.table.put(route)
         except ValueError as exc:
@@ -69,11 +70,11 @@ class ProxyServer:
             return
         log.info("route added: %s %s -> %s", route.kind, route.key, route.target)
 
-    def delete(self, route: RouteSpec) -> None:
+    def delete(self, route: Route) -> None:
         self.table.delete(route)
         log.info("route removed: %s %s", route.kind, route.key)
 
-    def replace(self, routes: Iterable[RouteSpec]) -> None:
+    def replace(self, routes: Iterable[Route]) -> None:
         for route, why in self.table.replace(routes):
             log.warning("ignoring route %s %s: %s", route.kind, route.key, why)
         log.info("routing table replaced: %d routes", len(self.table))

@@ -1,13 +1,14 @@
 """The proxy's own settings, independent of gateway-core's configuration classes.
 
 Owns `ProxySettings` (what `ProxyServer` runs with, built from `[proxy]` by the embedded glue or
-from the command line when standalone) and `parse_address` for ``host:port`` strings.
+from the command line when standalone); its addresses are checked with `addresses.split_address`.
 """
 
 from __future__ import annotations
 
 from attrs import define, field
 
+from .addresses import split_address
 from .hello import DEFAULT_MAX_HELLO
 from .table import normalize_prefix
 
@@ -61,26 +62,13 @@ class ProxySettings:
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
-        parse_address(self.address)
+        split_address(self.address)
         if self.tcp_address:
-            parse_address(self.tcp_address)
+            split_address(self.tcp_address)
 
     @property
     def shared_port(self) -> bool:
         """One listener for both faces: no ``tcp_address``, or the same fixed one."""
         if not self.tcp_address:
             return True
-        return self.tcp_address == self.address and parse_address(self.address)[1] != 0
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"``, ``":port"``, ``"[::1]:port"`` → (host, port); "" = every interface."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} must be host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    number = int(port)
-    if number > 65535:
-        raise ValueError(f"address {address!r} has a bad port")
-    return host, number
+        return self.tcp_address == self.address and split_address(self.address)[1] != 0

@@ -1,7 +1,8 @@
-"""The proxy's own routing tables: path prefixes for the HTTP face, server names for the TCP face.
+"""The proxy's own route table: path prefixes for the HTTP face, server names for the TCP face.
 
-Owns `RouteSpec` (a route as the proxy sees it, from the feed's JSON or from core's `Route`),
-target parsing, and `RoutingTable` with its segment-wise longest-prefix match.
+Owns `Route` and `RouteTable`, named as core's `gateway_core.routes.Route` and `RouteTable` (the
+same routes, same JSON; the proxy does not import core): a route from the feed's JSON or from
+core's, target parsing, and the table's segment-wise longest-prefix match.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from attrs import define
+
+from .addresses import split_address
 
 SNI_PREFIX = "daskgateway-"
 """Clients ask for ``daskgateway-<cluster>``; SNI routes are keyed by ``<cluster>`` alone."""
@@ -30,7 +33,7 @@ class RouteLike(Protocol):
 
 
 @define(kw_only=True, frozen=True, slots=True)
-class RouteSpec:
+class Route:
     """One route: ``kind`` PATH (``key`` a path prefix, prefix of the gateway included) or SNI
     (``key`` the server name without ``daskgateway-``); ``target`` ``http(s)://host:port[/path]``
     for PATH, ``tls://host:port`` (or ``host:port``) for SNI. ``target`` may be empty in the
@@ -41,7 +44,7 @@ class RouteSpec:
     target: str = ""
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RouteSpec:
+    def from_json(cls, data: Mapping[str, Any]) -> Route:
         """Parse one route of the ``/api/v1/routes`` feed (PROTOCOL.md)."""
         kind = data.get("kind")
         target = str(data.get("target") or "")
@@ -56,7 +59,7 @@ class RouteSpec:
         raise ValueError(f"unknown route kind {kind!r}")
 
     @classmethod
-    def of(cls, route: RouteLike) -> RouteSpec:
+    def of(cls, route: RouteLike) -> Route:
         kind = route.kind
         if kind not in ("PATH", "SNI"):
             raise ValueError(f"unknown route kind {kind!r}")
@@ -126,18 +129,18 @@ class HttpTarget:
 
 def parse_sni_target(target: str) -> tuple[str, int]:
     """``tls://host:port`` (or bare ``host:port``) → (host, port)."""
-    rest = target[len("tls://") :] if target.startswith("tls://") else target
-    if "://" in rest:
+    rest = target.removeprefix("tls://")
+    try:
+        if "://" in rest:
+            raise ValueError("not tls://")
+        host, port = split_address(rest)
+    except ValueError:
+        raise ValueError(f"SNI target {target!r} must be tls://host:port") from None
+    if not host:
         raise ValueError(f"SNI target {target!r} must be tls://host:port")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"SNI target {target!r} must be tls://host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    number = int(port)
-    if not 0 < number < 65536:
+    if port == 0:
         raise ValueError(f"SNI target {target!r} has a bad port")
-    return host, number
+    return host, port
 
 
 SniTarget = tuple[str, int, int]
@@ -164,7 +167,7 @@ def _path_key(path: str) -> str:
     return path.strip("/")
 
 
-class RoutingTable:
+class RouteTable:
     """The live routes of one proxy.
 
     PATH routes match whole path segments (``/clusters/ab`` never matches ``/clusters/abc``);
@@ -188,7 +191,7 @@ class RoutingTable:
         if key not in self._dynamic_paths:
             self._paths[key] = self._static[key]
 
-    def put(self, route: RouteSpec) -> None:
+    def put(self, route: Route) -> None:
         """Add or replace a route; raises ValueError for a malformed target."""
         if route.kind == "SNI":
             self._sni[route.key] = sni_target(route.target)
@@ -198,7 +201,7 @@ class RoutingTable:
             self._dynamic_paths[key] = target
             self._paths[key] = target
 
-    def delete(self, route: RouteSpec) -> None:
+    def delete(self, route: Route) -> None:
         if route.kind == "SNI":
             self._sni.pop(route.key, None)
             return
@@ -209,11 +212,11 @@ class RoutingTable:
         else:
             self._paths.pop(key, None)
 
-    def replace(self, routes: Iterable[RouteSpec]) -> list[tuple[RouteSpec, str]]:
+    def replace(self, routes: Iterable[Route]) -> list[tuple[Route, str]]:
         """Swap in a whole table at once; returns the routes refused and why."""
         sni: dict[str, SniTarget] = {}
         dynamic: dict[str, HttpTarget] = {}
-        refused: list[tuple[RouteSpec, str]] = []
+        refused: list[tuple[Route, str]] = []
         for route in routes:
             try:
                 if route.kind == "SNI":

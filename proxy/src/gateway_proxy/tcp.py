@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 
 from .hello import HelloError, NotTLS, parse_client_hello
-from .table import SNI_PREFIX, RoutingTable, SniTarget
+from .table import SNI_PREFIX, RouteTable, SniTarget
 from .tunnel import Splicer
 
 log = logging.getLogger("gateway.proxy")
@@ -93,7 +93,7 @@ class SniFace:
         self,
         *,
         loop: asyncio.AbstractEventLoop,
-        table: RoutingTable,
+        table: RouteTable,
         splicer: Splicer,
         handshake_timeout: float,
         connect_timeout: float,

@@ -126,7 +126,7 @@ class ProcessBackend(Backend):
             if self._session is not None:
                 await self._session.close()
                 self._session = None
-            self.store.close()
+            await self.store.aclose()
 
     # ---------------------------------------------------------------------------------------
     # The API's operations
@@ -164,12 +164,14 @@ class ProcessBackend(Backend):
         self.store.create_cluster(cluster)
         log.info("Created cluster %s for %s", cluster.name, user.name)
         self.reconciler.enqueue(cluster.name)
+        await self.store.flush()  # durable before its name is handed out
         return cluster.name
 
     async def stop_cluster(
         self, name: str, *, failed: bool = False, reason: str | None = None
     ) -> None:
         self.reconciler.request_stop(name, failed=failed, reason=reason)
+        await self.store.flush()  # a stop the API acknowledged survives a restart
 
     async def on_cluster_heartbeat(self, name: str, msg: dict[str, Any]) -> None:
         self.reconciler.handle_heartbeat(name, msg)

@@ -34,6 +34,9 @@ class InProcessConfig(ProcessBackendConfig):
     start_style: str = "generator"
     """``generator``: start operations yield state as they go; ``awaitable``: they return it."""
     scheduler_start_delay: float = 0.0
+    scheduler_watch: float = 0.0
+    """Seconds a scheduler's start operation goes on after its last state (as the local
+    backend watches for an early exit), so a normal stop can end it."""
     scheduler_start_error: str = ""
     """If set, starting a scheduler raises RuntimeError with this message."""
     scheduler_heartbeats: bool = True
@@ -154,6 +157,8 @@ class InProcessDriver(ClusterDriver[InProcessConfig, ClusterConfig]):
         self.schedulers[cluster.name] = scheduler
         await scheduler.start()
         yield {"port": scheduler.port}
+        if cfg.scheduler_watch > 0:
+            await asyncio.sleep(cfg.scheduler_watch)
 
     async def stop_scheduler(self, cluster: Cluster) -> None:
         self._record("stop_scheduler", cluster.name)

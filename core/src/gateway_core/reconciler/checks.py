@@ -1,0 +1,164 @@
+"""The reconciler's periodic checks: timeouts, batched liveness checks, the purge of old records.
+
+Owns `Checks`: each method is one period's pass, run by `Reconciler` on its own timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..models import ClusterStatus, WorkerStatus, now_ms
+
+if TYPE_CHECKING:
+    from .shared import Shared
+    from .workers import WorkerMachine
+
+log = logging.getLogger("gateway.reconciler")
+
+
+class Checks:
+    """The periodic checks of the clusters and workers in ``shared.store``."""
+
+    def __init__(self, *, shared: Shared, workers: WorkerMachine) -> None:
+        self.shared = shared
+        self.workers = workers
+
+    async def timeouts(self) -> None:
+        """Fail clusters that did not start or stopped heartbeating; replace workers that did
+        not connect in time (timeouts do not count against the worker failure limit)."""
+        shared = self.shared
+        cfg = shared.config
+        now_s = time.time()
+        now = now_ms()
+        for cluster in list(shared.store.clusters.values()):
+            if cluster.target != ClusterStatus.RUNNING:
+                continue
+            if cluster.status == ClusterStatus.PENDING:
+                if now - cluster.start_time > cfg.cluster_start_timeout * 1000:
+                    shared.request_stop(
+                        cluster.name,
+                        failed=True,
+                        reason=(
+                            f"The cluster did not start within cluster_start_timeout "
+                            f"({cfg.cluster_start_timeout:g} s)"
+                        ),
+                    )
+                continue
+            if cluster.status != ClusterStatus.RUNNING:
+                continue
+            last = cluster.last_heartbeat
+            if last is not None and now_s - last > cfg.heartbeat_timeout:
+                shared.request_stop(
+                    cluster.name,
+                    failed=True,
+                    reason=(
+                        f"No heartbeat from the scheduler for more than "
+                        f"{cfg.heartbeat_timeout:g} s (cluster_heartbeat_timeout)"
+                    ),
+                )
+                continue
+            for worker in list(cluster.workers.values()):
+                if (
+                    worker.status == WorkerStatus.PENDING
+                    and worker.target == WorkerStatus.RUNNING
+                    and now - worker.start_time > cfg.worker_start_timeout * 1000
+                ):
+                    self.workers.start_failed(
+                        cluster,
+                        worker,
+                        f"The worker did not connect within worker_start_timeout "
+                        f"({cfg.worker_start_timeout:g} s)",
+                        count=False,
+                    )
+
+    async def clusters(self) -> None:
+        """One batched `ClusterDriver.check_clusters` call for every started cluster; a dead
+        one fails with the driver's reason. A check that raises is logged and skipped."""
+        shared = self.shared
+        batch = []
+        for c in shared.store.clusters.values():
+            runtime = shared.runtimes.find(c.name)
+            if (
+                c.target == ClusterStatus.RUNNING
+                and c.status in (ClusterStatus.PENDING, ClusterStatus.RUNNING)
+                and runtime is not None
+                and runtime.started
+                and runtime.start is None
+            ):
+                batch.append(c)
+        if not batch:
+            return
+        try:
+            alive = await shared.driver.check_clusters(batch)
+        except Exception:
+            log.warning(
+                "Checking %d cluster(s) failed; trying next period", len(batch), exc_info=True
+            )
+            return
+        if len(alive) != len(batch):
+            log.error("check_clusters answered %d results for %d clusters", len(alive), len(batch))
+            return
+        for cluster, ok in zip(batch, alive, strict=True):
+            if ok or cluster.target != ClusterStatus.RUNNING or not cluster.status.is_active:
+                continue
+            reason: str | None = None
+            try:
+                reason = await shared.driver.failure_reason(cluster)
+            except Exception:
+                log.warning("failure_reason(%s) raised", cluster.name, exc_info=True)
+            shared.request_stop(
+                cluster.name, failed=True, reason=reason or "The scheduler stopped unexpectedly"
+            )
+
+    async def workers_alive(self) -> None:
+        """One batched `ClusterDriver.check_workers` call for every started worker of running
+        clusters; a dead worker is replaced."""
+        shared = self.shared
+        batch = []
+        for c in shared.store.clusters.values():
+            if c.target != ClusterStatus.RUNNING or c.status != ClusterStatus.RUNNING:
+                continue
+            for w in c.workers.values():
+                runtime = shared.runtimes.find_worker(c.name, w.name)
+                if (
+                    w.target == WorkerStatus.RUNNING
+                    and w.status in (WorkerStatus.PENDING, WorkerStatus.RUNNING)
+                    and runtime is not None
+                    and runtime.started
+                    and runtime.start is None
+                ):
+                    batch.append((c, w))
+        if not batch:
+            return
+        try:
+            alive = await shared.driver.check_workers(batch)
+        except Exception:
+            log.warning(
+                "Checking %d worker(s) failed; trying next period", len(batch), exc_info=True
+            )
+            return
+        if len(alive) != len(batch):
+            log.error("check_workers answered %d results for %d workers", len(alive), len(batch))
+            return
+        for (cluster, worker), ok in zip(batch, alive, strict=True):
+            if ok or worker.target != WorkerStatus.RUNNING or not worker.status.is_active:
+                continue
+            if cluster.target != ClusterStatus.RUNNING:
+                continue
+            if worker.status == WorkerStatus.PENDING:
+                self.workers.start_failed(
+                    cluster, worker, "The worker exited before connecting", count=True
+                )
+            else:
+                self.workers.start_failed(
+                    cluster, worker, "The worker stopped unexpectedly", count=False
+                )
+
+    async def purge(self) -> None:
+        """Delete records of clusters finished longer ago than ``db_cluster_max_age``."""
+        shared = self.shared
+        deleted = shared.store.purge(shared.context.config.gateway.db_cluster_max_age)
+        if deleted:
+            log.info("Purged %d finished cluster record(s)", deleted)

@@ -1,0 +1,45 @@
+"""Parsing of a scheduler's heartbeat message (PROTOCOL.md).
+
+Owns `Heartbeat`: the checked fields of one heartbeat, or a ValueError naming the bad field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+
+
+@define(kw_only=True, frozen=True)
+class Heartbeat:
+    """A scheduler's heartbeat message (PROTOCOL.md), checked."""
+
+    scheduler_address: str = ""
+    dashboard_address: str = ""
+    api_address: str = ""
+    count: int | None = None
+    active_workers: frozenset[str] = frozenset()
+    closing_workers: frozenset[str] = frozenset()
+    closed_workers: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, msg: Any) -> Heartbeat:
+        """Build from the JSON message; raise ValueError naming the first bad field."""
+        if not isinstance(msg, dict):
+            raise ValueError("a heartbeat must be a JSON object")
+        values: dict[str, Any] = {}
+        for name in ("scheduler_address", "dashboard_address", "api_address"):
+            value = msg.get(name) or ""
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string")
+            values[name] = value
+        count = msg.get("count")
+        if count is not None and (type(count) is not int or count < 0):
+            raise ValueError("count must be a non-negative integer")
+        values["count"] = count
+        for name in ("active_workers", "closing_workers", "closed_workers"):
+            names = msg.get(name) or []
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{name} must be a list of worker names")
+            values[name] = frozenset(names)
+        return cls(**values)
