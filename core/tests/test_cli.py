@@ -246,6 +246,16 @@ def test_a_broken_proxy_distribution_is_reported_for_the_default_proxy(
     assert "'proxy' (ImportError: libssl is too old)" in line
 
 
+def test_config_check_refuses_a_removed_key_with_advice(dists: FakeDists, tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[proxy]\nproxy_status_period = 30.0\nprefix = 3\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "proxy.proxy_status_period: no longer a setting (it never had an effect; delete the line)",
+        "proxy.prefix: expected str, got int",
+    ]
+
+
 def test_config_check_reports_a_missing_file(dists: FakeDists, tmp_path: Path) -> None:
     result = run("config", "check", "--config", str(tmp_path / "nope.toml"))
     assert result.exit_code == 1
