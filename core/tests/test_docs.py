@@ -70,8 +70,8 @@ def test_every_config_key_is_documented(section: str) -> None:
 
 
 def test_every_config_attribute_has_its_own_docstring() -> None:
-    """Each setting of the documented config sections is followed by the string that documents it, and by
-    one only: a second string in a row is a docstring that slid off the setting it belongs to."""
+    """Each setting of the documented config sections is followed by the string documenting it,
+    and by one only: a second string in a row is a docstring that slid off its setting."""
     import ast
 
     from gateway_core import config

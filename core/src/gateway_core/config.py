@@ -529,4 +529,3 @@ def _without(raw: dict[str, Any], paths: list[str]) -> dict[str, Any]:
 
 def _shallow(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in fields(type(obj))}
-
