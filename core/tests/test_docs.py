@@ -54,21 +54,6 @@ CONFIG_SECTIONS = {
 }
 
 
-@pytest.mark.parametrize("section", CONFIG_SECTIONS)
-def test_every_config_key_is_documented(section: str) -> None:
-    import attrs
-
-    from gateway_core import config
-
-    text = (DOCS / "configuration.md").read_text()
-    start = text.index(f"## `{section}`")
-    end = text.find("\n## ", start + 1)
-    block = text[start : end if end > 0 else None]
-    cls = getattr(config, CONFIG_SECTIONS[section])
-    for f in attrs.fields(cls):
-        assert f"| `{f.name}` |" in block, f"{section} {f.name} missing from configuration.md"
-
-
 def test_every_config_attribute_has_its_own_docstring() -> None:
     """Each setting of the documented config sections is followed by the string documenting it,
     and by one only: a second string in a row is a docstring that slid off its setting."""
@@ -107,3 +92,18 @@ def _is_string(stmt: object) -> bool:
         and isinstance(stmt.value, ast.Constant)
         and isinstance(stmt.value.value, str)
     )
+
+
+@pytest.mark.parametrize("section", CONFIG_SECTIONS)
+def test_every_config_key_is_documented(section: str) -> None:
+    import attrs
+
+    from gateway_core import config
+
+    text = (DOCS / "configuration.md").read_text()
+    start = text.index(f"## `{section}`")
+    end = text.find("\n## ", start + 1)
+    block = text[start : end if end > 0 else None]
+    cls = getattr(config, CONFIG_SECTIONS[section])
+    for f in attrs.fields(cls):
+        assert f"| `{f.name}` |" in block, f"{section} {f.name} missing from configuration.md"
