@@ -17,7 +17,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 # Each testable distribution: its folder and what its tests need installed with it.
 PACKAGES: dict[str, list[str]] = {
-    "core": ["./proxy", "./client", "./core[local,testing]"],
+    # postgres: the driver, so that a database that is down is tested as users meet it.
+    "core": ["./proxy", "./client", "./core[local,testing,postgres]"],
     "proxy": ["./core[testing]", "./proxy[testing]"],
     "client": ["./client[testing]"],
     "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],

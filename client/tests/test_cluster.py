@@ -13,7 +13,7 @@ import pytest
 from distributed.core import Status
 from fakes import FakeCluster, FakeGateway, make_cert
 
-from gateway_client import BasicAuth, Gateway, GatewayCluster, GatewayClusterError
+from gateway_client import BasicAuth, ClusterState, Gateway, GatewayCluster, GatewayClusterError
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def test_new_cluster_runs_scales_and_stops_on_exit(fake: FakeGateway, gateway: G
         name = cluster.name
         assert name in fake.clusters
         assert fake.clusters[name].options == {"worker_cores": 2, "env": {"A": "1"}}
-        assert cluster.status is Status.running
+        assert cluster.status is ClusterState.running
         port = gateway.proxy_address.rsplit(":", 1)[1]
         assert cluster.scheduler_address == f"gateway://127.0.0.1:{port}/{name}"
         assert cluster.dashboard_link == f"{fake.address}/clusters/{name}/status"
@@ -62,20 +62,48 @@ def test_new_cluster_runs_scales_and_stops_on_exit(fake: FakeGateway, gateway: G
             "active": True,
         }
         assert deletes(fake, name) == 0
-    assert cluster.status is Status.closed
+    assert cluster.status is ClusterState.closed
     assert fake.clusters[name].status == "STOPPED" and deletes(fake, name) == 1
     cluster.close()  # closing again does nothing
     assert deletes(fake, name) == 1
+
+
+def test_status_equals_the_original_clients_strings_and_distributeds_status(
+    fake: FakeGateway, gateway: Gateway
+) -> None:
+    """Like the original client's, ``status`` is the string ``"running"``; `distributed` compares
+    it with its own `Status` members (a Client refuses a closed cluster), which must hold too."""
+    from distributed import Client
+
+    with gateway.new_cluster() as cluster:
+        assert cluster.status == "running" and cluster.status != "closed"
+        assert cluster.status == Status.running and cluster.status != Status.closed
+        assert Status.running == cluster.status  # distributed writes it both ways round
+        assert cluster.status in (Status.running, Status.closing)
+        assert f"{cluster.status}" == str(cluster.status) == "running"
+        assert {cluster.status} == {"running"} and hash(cluster.status) == hash(Status.running)
+    assert cluster.status == "closed" and cluster.status in (Status.closed, Status.closing)
+    with pytest.raises(RuntimeError, match="already closed or closing Cluster"):
+        Client(cluster, set_as_default=False)
+    assert [str(s) for s in ClusterState] == [
+        "created",
+        "starting",
+        "running",
+        "closing",
+        "closed",
+        "failed",
+    ]
+    assert all(s == Status[s.value] for s in ClusterState)
 
 
 def test_connect_attaches_without_stopping_on_close(fake: FakeGateway, gateway: Gateway) -> None:
     cert, key = make_cert("c1")
     fake.clusters["c1"] = FakeCluster(name="c1", options={}, status="RUNNING", cert=cert, key=key)
     cluster = gateway.connect("c1")
-    assert cluster.name == "c1" and cluster.status is Status.running
+    assert cluster.name == "c1" and cluster.status is ClusterState.running
     assert not fake.requests_to("POST", "/api/v1/clusters/")
     cluster.close()
-    assert cluster.status is Status.closed and deletes(fake, "c1") == 0
+    assert cluster.status is ClusterState.closed and deletes(fake, "c1") == 0
     assert fake.clusters["c1"].status == "RUNNING"
     with pytest.raises(
         RuntimeError,
@@ -201,7 +229,7 @@ async def test_async_clusters(fake: FakeGateway) -> None:
         fake.address, proxy_address=closed_port(), auth=ALICE, asynchronous=True
     ) as gw:
         async with gw.new_cluster(worker_cores=3) as cluster:
-            assert cluster.status is Status.running
+            assert cluster.status is ClusterState.running
             assert fake.clusters[cluster.name].options == {"worker_cores": 3}
             await cluster.scale(2)
             await cluster.adapt(maximum=4)
@@ -209,13 +237,13 @@ async def test_async_clusters(fake: FakeGateway) -> None:
             assert attached.scheduler_address == cluster.scheduler_address
             await attached.close()
             assert fake.clusters[cluster.name].status == "RUNNING"
-        assert cluster.status is Status.closed
+        assert cluster.status is ClusterState.closed
         assert fake.clusters[cluster.name].status == "STOPPED"
 
         other: Any = await GatewayCluster(
             address=fake.address, proxy_address=closed_port(), auth=ALICE, asynchronous=True
         )
-        assert other.status is Status.running
+        assert other.status is ClusterState.running
         await other.shutdown()
         assert fake.clusters[other.name].status == "STOPPED"
 

@@ -15,11 +15,11 @@ import pytest
 from distributed import Scheduler, Worker
 from distributed.comm import connect
 from distributed.comm.core import CommClosedError, FatalCommClosedError
-from distributed.core import Status, rpc
+from distributed.core import rpc
 from distributed.security import Security
 from fakes import FakeCluster, FakeGateway, LoopThread, SNISplice, make_cert
 
-from gateway_client import BasicAuth, Gateway, GatewayCluster
+from gateway_client import BasicAuth, ClusterState, Gateway, GatewayCluster
 from gateway_client.comm import GatewayBackend, parse_gateway_address
 from gateway_client.models import cluster_security
 
@@ -174,7 +174,7 @@ def test_blocking_client_computes_through_the_gateway(
         assert client.submit(lambda x: x + 1, 1).result() == 2
         assert client.dashboard_link == cluster.dashboard_link
         client.shutdown()  # a Client made from the cluster shuts the cluster down too
-        assert cluster.status is Status.closed
+        assert cluster.status is ClusterState.closed
         assert fake.clusters[dask_cluster.name].status == "STOPPED"
     assert f"daskgateway-{dask_cluster.name}" in splice.seen_sni
 
@@ -205,5 +205,5 @@ async def test_async_client_computes_and_sees_workers(
             assert (
                 repr(cluster) == f"GatewayCluster<{dask_cluster.name}, status=running, workers=1>"
             )
-    assert isinstance(cluster, GatewayCluster) and cluster.status is Status.closed
+    assert isinstance(cluster, GatewayCluster) and cluster.status is ClusterState.closed
     assert fake.clusters[dask_cluster.name].status == "RUNNING"  # connect() does not shut down

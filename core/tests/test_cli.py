@@ -6,8 +6,14 @@ Plugins come from fake installed distributions (see fakedists.py) and plugin obj
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +28,6 @@ from gateway_core import __version__, hookimpl
 from gateway_core.cli import main, make_cli, render_toml
 from gateway_core.config import ENV_ENCRYPT_KEYS, ENV_PROXY_TOKEN
 from gateway_core.plugins import ENV_DISABLE_PLUGINS, make_plugin_manager
-
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -84,12 +88,14 @@ max = 4
 """
 
 
+@pytest.mark.unit
 def test_version() -> None:
     result = run("--version")
     assert result.exit_code == 0
     assert result.stdout == f"gateway, version {__version__}\n"
 
 
+@pytest.mark.unit
 def test_plugins_table_shows_each_plugin_and_failures(dists: FakeDists) -> None:
     dists.add(
         "gateway-brokenq",
@@ -110,6 +116,7 @@ def test_plugins_table_shows_each_plugin_and_failures(dists: FakeDists) -> None:
     )
 
 
+@pytest.mark.unit
 def test_plugins_json(dists: FakeDists, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_DISABLE_PLUGINS, "queue")
     result = run("plugins", "--json")
@@ -122,6 +129,7 @@ def test_plugins_json(dists: FakeDists, monkeypatch: pytest.MonkeyPatch) -> None
     assert "authenticator:simple" in records["core"]["kinds"]
 
 
+@pytest.mark.unit
 def test_plugins_lists_local_modules_of_the_config(dists: FakeDists, tmp_path: Path) -> None:
     conf_dir = tmp_path / "etc"
     conf_dir.mkdir()
@@ -138,12 +146,14 @@ def test_plugins_lists_local_modules_of_the_config(dists: FakeDists, tmp_path: P
     assert records["gw_cli_site"]["hooks"] == ["gateway_cluster_event"]
 
 
+@pytest.mark.unit
 def test_config_check_ok(dists: FakeDists, tmp_path: Path) -> None:
     result = run("config", "check", "--config", write_config(tmp_path, GOOD_CONFIG))
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("config OK")
 
 
+@pytest.mark.unit
 def test_config_check_finds_gateway_toml_in_the_working_directory(
     dists: FakeDists, tmp_path: Path
 ) -> None:
@@ -153,6 +163,7 @@ def test_config_check_finds_gateway_toml_in_the_working_directory(
     assert result.stdout == "backend.queue.partition: expected str, got int\n"
 
 
+@pytest.mark.unit
 def test_config_check_prints_one_line_per_bad_key(dists: FakeDists, tmp_path: Path) -> None:
     broken = """
 [gateway]
@@ -193,6 +204,7 @@ max = 4
     assert "config OK" not in result.stdout
 
 
+@pytest.mark.unit
 def test_config_check_names_an_unknown_backend_and_the_available_ones(
     dists: FakeDists, tmp_path: Path
 ) -> None:
@@ -204,6 +216,7 @@ def test_config_check_names_an_unknown_backend_and_the_available_ones(
     assert "queue" in line.split("available: ", 1)[1]
 
 
+@pytest.mark.unit
 def test_config_check_refuses_sections_no_plugin_owns(dists: FakeDists, tmp_path: Path) -> None:
     path = write_config(tmp_path, '[gateway]\nbackend = "queue"\n[backend.queu]\nx = 1\n')
     result = run("config", "check", "--config", path)
@@ -213,6 +226,7 @@ def test_config_check_refuses_sections_no_plugin_owns(dists: FakeDists, tmp_path
     assert "queue" in line.split("installed: ", 1)[1]
 
 
+@pytest.mark.unit
 def test_config_check_refuses_option_targets_that_are_not_cluster_settings(
     dists: FakeDists, tmp_path: Path
 ) -> None:
@@ -229,6 +243,7 @@ def test_config_check_refuses_option_targets_that_are_not_cluster_settings(
     ]
 
 
+@pytest.mark.unit
 def test_a_broken_proxy_distribution_is_reported_for_the_default_proxy(
     dists: FakeDists, tmp_path: Path
 ) -> None:
@@ -246,12 +261,25 @@ def test_a_broken_proxy_distribution_is_reported_for_the_default_proxy(
     assert "'proxy' (ImportError: libssl is too old)" in line
 
 
+@pytest.mark.unit
+def test_config_check_refuses_a_removed_key_with_advice(dists: FakeDists, tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[proxy]\nproxy_status_period = 30.0\nprefix = 3\n")
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "proxy.proxy_status_period: no longer a setting (it never had an effect; delete the line)",
+        "proxy.prefix: expected str, got int",
+    ]
+
+
+@pytest.mark.unit
 def test_config_check_reports_a_missing_file(dists: FakeDists, tmp_path: Path) -> None:
     result = run("config", "check", "--config", str(tmp_path / "nope.toml"))
     assert result.exit_code == 1
     assert result.stdout == f"{tmp_path / 'nope.toml'}: no such config file\n"
 
 
+@pytest.mark.unit
 def test_config_check_names_a_local_plugin_that_cannot_be_imported(
     dists: FakeDists, tmp_path: Path
 ) -> None:
@@ -263,6 +291,7 @@ def test_config_check_names_a_local_plugin_that_cannot_be_imported(
     assert "No module named 'gw_cli_no_such_site_module'" in line
 
 
+@pytest.mark.unit
 def test_serve_reports_a_broken_config_and_exits_1(dists: FakeDists, tmp_path: Path) -> None:
     path = write_config(tmp_path, '[gateway]\nbackend = "slurmm"\n')
     result = run("serve", "--config", path)
@@ -271,13 +300,38 @@ def test_serve_reports_a_broken_config_and_exits_1(dists: FakeDists, tmp_path: P
     assert "Traceback" not in result.output
 
 
+@pytest.mark.unit
+def test_config_check_wants_a_key_for_a_persistent_database(
+    dists: FakeDists, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "gw.sqlite"
+    path = write_config(tmp_path, f'[gateway]\ndb_url = "sqlite:///{db}"\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith(
+        f"gateway.db_encrypt_keys: required, since the database sqlite:///{db} is persistent"
+    )
+    assert "GATEWAY_ENCRYPT_KEYS" in line and "openssl rand -base64 32" in line
+    # A key from the environment satisfies it; a key that is not one is named by position.
+    monkeypatch.setenv(ENV_ENCRYPT_KEYS, base64.b64encode(os.urandom(32)).decode())
+    assert run("config", "check", "--config", path).stdout.startswith("config OK")
+    monkeypatch.setenv(ENV_ENCRYPT_KEYS, base64.b64encode(os.urandom(32)).decode() + ";c2hvcnQ=")
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    assert result.stdout.startswith("gateway.db_encrypt_keys[1]: decodes to 5 bytes, expected 32")
+    assert not db.exists()  # checking opened no database
+
+
+@pytest.mark.unit
 def test_config_show_fills_in_defaults_and_redacts_secrets(
     dists: FakeDists, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(ENV_ENCRYPT_KEYS, "key-one;key-two")
+    key_one, key_two = (base64.b64encode(os.urandom(32)).decode() for _ in range(2))
+    monkeypatch.setenv(ENV_ENCRYPT_KEYS, f"{key_one};{key_two}")
     result = run("config", "show", "--config", write_config(tmp_path, GOOD_CONFIG))
     assert result.exit_code == 0, result.output
-    for secret in ("hunter2", "proxy-secret-token", "key-one", "key-two"):
+    for secret in ("hunter2", "proxy-secret-token", key_one, key_two):
         assert secret not in result.stdout
     shown = tomllib.loads(result.stdout)
     assert shown["auth"]["simple"]["password"] == "<redacted>"
@@ -295,6 +349,7 @@ def test_config_show_fills_in_defaults_and_redacts_secrets(
     assert "# cluster_max_workers = (unset)" in result.stdout
 
 
+@pytest.mark.unit
 def test_config_show_of_a_broken_config_prints_problems_to_stderr(
     dists: FakeDists, tmp_path: Path
 ) -> None:
@@ -305,6 +360,7 @@ def test_config_show_of_a_broken_config_prints_problems_to_stderr(
     assert "error: cluster.worker_cores: must be at least 1, got 0" in result.stderr
 
 
+@pytest.mark.unit
 def test_render_toml_round_trips_awkward_values() -> None:
     data: dict[str, Any] = {
         "plugins": ["a"],
@@ -333,6 +389,7 @@ class HelloCommand:
             click.echo(f"hello {who}")
 
 
+@pytest.mark.unit
 def test_plugins_add_commands(dists: FakeDists) -> None:
     help_text = run("--help", plugins=[HelloCommand()]).stdout
     assert "hello" in help_text
@@ -342,6 +399,7 @@ def test_plugins_add_commands(dists: FakeDists) -> None:
     assert result.stdout == "hello world\n"
 
 
+@pytest.mark.unit
 def test_main_reports_plugin_errors_without_a_traceback(
     dists: FakeDists, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -361,9 +419,119 @@ def test_main_reports_plugin_errors_without_a_traceback(
     assert "Traceback" not in err
 
 
+@pytest.mark.unit
 def test_main_runs_commands(dists: FakeDists, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["plugins", "--json"])
     assert exit_info.value.code == 0
     names = [r["name"] for r in json.loads(capsys.readouterr().out)]
     assert "queue" in names and "core" in names
+
+
+# --------------------------------------------------------------------------------------------
+# `gateway serve` failing to start, as a user runs it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port something else listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_process(tmp_path: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``gateway serve`` on ``config`` in its own process group until it exits; a gateway
+    that starts serving instead is killed, with its children, and fails the test."""
+    path = write_config(tmp_path, config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    command = [sys.executable, "-m", "gateway_core", "serve", "--config", path, *args]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"gateway serve did not exit:\n{err}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+LOOPBACK_PROXY = '[proxy]\naddress = "127.0.0.1:0"\n'
+START_FAILURES = {
+    # name: (config, the start of the one line on stderr)
+    "missing key": (
+        '[gateway]\ndb_url = "sqlite:///{tmp}/gw.sqlite"\n' + LOOPBACK_PROXY,
+        "error: gateway.db_encrypt_keys: required, since the database sqlite:///{tmp}/gw.sqlite "
+        "is persistent (cluster secrets are encrypted at rest); set",
+    ),
+    "database down": (
+        '[gateway]\ndb_url = "postgresql+psycopg://u@127.0.0.1:{closed}/db"\n'
+        f'db_encrypt_keys = ["{KEY}"]\n' + LOOPBACK_PROXY,
+        "error: cannot open the database postgresql+psycopg://u@127.0.0.1:{closed}/db: "
+        'connection failed: connection to server at "127.0.0.1", port {closed} failed: '
+        "Connection refused",
+    ),
+    "API port taken": (
+        '[gateway]\naddress = "127.0.0.1:{taken}"\n' + LOOPBACK_PROXY,
+        "error: gateway.address: cannot listen on 127.0.0.1:{taken}: Address already in use",
+    ),
+    "proxy port taken": (
+        '[proxy]\naddress = "127.0.0.1:{taken}"\n',
+        "error: the proxy cannot start: Address already in use",
+    ),
+    "bad config": (
+        "[gateway]\nbackend = 3\n" + LOOPBACK_PROXY,
+        "error: gateway.backend: expected str, got int",
+    ),
+    "not TOML": ("[gateway\n", "error: {tmp}/gateway.toml: invalid TOML: Expected ']'"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", START_FAILURES)
+def test_serve_names_why_it_cannot_start_in_one_line(
+    case: str, tmp_path: Path, taken_port: int, closed_port: int
+) -> None:
+    config, expected = (
+        text.format(tmp=tmp_path, taken=taken_port, closed=closed_port)
+        for text in START_FAILURES[case]
+    )
+    result = serve_process(tmp_path, config)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(expected)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["missing key", "database down", "proxy port taken"])
+def test_serve_debug_shows_the_traceback(
+    case: str, tmp_path: Path, taken_port: int, closed_port: int
+) -> None:
+    config, expected = (
+        text.format(tmp=tmp_path, taken=taken_port, closed=closed_port)
+        for text in START_FAILURES[case]
+    )
+    result = serve_process(tmp_path, config, "--debug")
+    assert result.returncode == 1
+    assert "Traceback (most recent call last):" in result.stderr
+    # The traceback ends with the exception carrying the same message.
+    assert expected.removeprefix("error: ") in result.stderr.splitlines()[-1]

@@ -54,6 +54,46 @@ CONFIG_SECTIONS = {
 }
 
 
+def test_every_config_attribute_has_its_own_docstring() -> None:
+    """Each setting of the documented config sections is followed by the string documenting it,
+    and by one only: a second string in a row is a docstring that slid off its setting."""
+    import ast
+
+    from gateway_core import config
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    problems = []
+    seen = set()
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef) or node.name not in CONFIG_SECTIONS.values():
+            continue
+        seen.add(node.name)
+        body = node.body
+        for i, stmt in enumerate(body):
+            following = body[i + 1] if i + 1 < len(body) else None
+            documented = (
+                isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            )
+            if isinstance(stmt, ast.AnnAssign) and not documented:
+                problems.append(f"{node.name}.{ast.unparse(stmt.target)}: no docstring")
+            if i > 0 and _is_string(stmt) and _is_string(body[i - 1]):
+                problems.append(f"{node.name}: line {stmt.lineno} is a second docstring in a row")
+    assert seen == set(CONFIG_SECTIONS.values())
+    assert problems == []
+
+
+def _is_string(stmt: object) -> bool:
+    import ast
+
+    return (
+        isinstance(stmt, ast.Expr)
+        and isinstance(stmt.value, ast.Constant)
+        and isinstance(stmt.value.value, str)
+    )
+
+
 @pytest.mark.parametrize("section", CONFIG_SECTIONS)
 def test_every_config_key_is_documented(section: str) -> None:
     import attrs

@@ -135,6 +135,7 @@ def test_config_file_problems_are_all_named(tmp_path, captured) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(
         "[proxy]\nadress = ':9000'\nconnect_timeout = 'soon'\nprefix = 3\nlog_level = 'loud'\n"
+        "proxy_status_period = 30\n"
     )
     result = _invoke(["--config", str(config)])
     assert result.exit_code == 2
@@ -143,6 +144,7 @@ def test_config_file_problems_are_all_named(tmp_path, captured) -> None:
         "proxy.connect_timeout: expected float, got str",
         "proxy.prefix: expected str, got int",
         "proxy.log_level: 'loud' is not one of",
+        "proxy.proxy_status_period: no longer a setting (it never had an effect; delete the line)",
     ):
         assert line in result.output
     assert captured == []

@@ -18,6 +18,7 @@ _PUBLIC = {
     "BasicAuth": "auth",
     "GatewayAuth": "auth",
     "JupyterHubAuth": "auth",
+    "ClusterState": "cluster",
     "GatewayCluster": "cluster",
     "GatewayAuthError": "errors",
     "GatewayClusterError": "errors",
@@ -33,6 +34,7 @@ _PUBLIC = {
 __all__ = [
     "BasicAuth",
     "ClusterReport",
+    "ClusterState",
     "ClusterStatus",
     "Gateway",
     "GatewayAuth",
@@ -49,7 +51,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .auth import BasicAuth, GatewayAuth, JupyterHubAuth
-    from .cluster import GatewayCluster
+    from .cluster import ClusterState, GatewayCluster
     from .errors import (
         GatewayAuthError,
         GatewayClusterError,

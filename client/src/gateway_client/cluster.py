@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import enum
 import html
 import logging
 import sys
@@ -28,12 +29,41 @@ from tornado.ioloop import IOLoop
 from .auth import GatewayAuth
 from .gateway import Gateway
 
-__all__ = ["GatewayCluster"]
+__all__ = ["ClusterState", "GatewayCluster"]
 
 log = logging.getLogger("gateway_client")
 
 # How long to try reaching the scheduler for worker-status updates before giving up on them.
 WATCH_CONNECT_TIMEOUT = "10s"
+
+
+class ClusterState(enum.StrEnum):
+    """``GatewayCluster.status``: where this handle on a cluster is in its life (not the
+    gateway's `ClusterStatus` of the cluster itself).
+
+    Each member is the string the original ``dask-gateway`` client uses (``cluster.status ==
+    "running"``), and it also equals the `distributed.core.Status` member of the same name,
+    which is what `distributed` compares a cluster's status with (``ClusterState.closed``...).
+    """
+
+    created = "created"
+    starting = "starting"
+    running = "running"
+    closing = "closing"
+    closed = "closed"
+    failed = "failed"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Status):
+            return self.value == other.value
+        return str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    # Equal objects hash alike: str("running"), ClusterState.running (an Enum hashes its name) and
+    # ClusterState.running all hash as "running".
+    __hash__ = str.__hash__
 
 
 class GatewayCluster:
@@ -119,7 +149,7 @@ class GatewayCluster:
         self.gateway = gateway
         self.name: str | None = name
         self.shutdown_on_close = shutdown_on_close
-        self.status = Status.created
+        self.status = ClusterState.created
         self.scheduler_address: str | None = None
         self.dashboard_link: str | None = None
         self.security: Security | None = None
@@ -166,15 +196,15 @@ class GatewayCluster:
         try:
             await asyncio.shield(self._start_task)
         except BaseException:
-            self.status = Status.failed
+            self.status = ClusterState.failed
             await self._stop()
             raise
         return self
 
     async def _start_impl(self) -> None:
-        if self.status in (Status.closing, Status.closed):
+        if self.status in (ClusterState.closing, ClusterState.closed):
             raise RuntimeError(f"{self!r} is closed")
-        self.status = Status.starting
+        self.status = ClusterState.starting
         if self.name is None:
             self.name = await self.gateway._submit(self._cluster_options, **self._cluster_kwargs)
         report = await self.gateway._wait_for_start(self.name)
@@ -182,7 +212,7 @@ class GatewayCluster:
         self.dashboard_link = report.dashboard_link
         self.security = report.security
         self._start_watch()
-        self.status = Status.running
+        self.status = ClusterState.running
 
     def __await__(self) -> Generator[Any, None, GatewayCluster]:
         return self._start().__await__()
@@ -243,8 +273,8 @@ class GatewayCluster:
             self._start_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._start_task
-        if self.status != Status.failed:
-            self.status = Status.closing
+        if self.status != ClusterState.failed:
+            self.status = ClusterState.closing
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(BaseException):
@@ -252,8 +282,8 @@ class GatewayCluster:
         for client in list(self._clients):
             with contextlib.suppress(Exception):
                 await client._close()
-        if self.status != Status.failed:
-            self.status = Status.closed
+        if self.status != ClusterState.failed:
+            self.status = ClusterState.closed
 
     def close(self, shutdown: bool | None = None) -> Any:
         """Release this object; with ``shutdown`` (default ``shutdown_on_close``) also stop the
@@ -340,8 +370,8 @@ class GatewayCluster:
         return len(workers), threads, memory
 
     def __repr__(self) -> str:
-        status = getattr(self, "status", Status.created)
-        parts = [f"{getattr(self, 'name', None)}", f"status={status.name}"]
+        status = getattr(self, "status", ClusterState.created)
+        parts = [f"{getattr(self, 'name', None)}", f"status={status}"]
         totals = self._worker_totals() if hasattr(self, "scheduler_info") else None
         if totals is not None:
             parts.append(f"workers={totals[0]}")
@@ -369,7 +399,7 @@ class GatewayCluster:
             "<div style='display: inline-block; padding: 8px; border: 1px solid #999'>"
             "<h3 style='margin-top: 0'>GatewayCluster</h3><ul>"
             f"<li><b>Name:</b> {html.escape(str(self.name))}</li>"
-            f"<li><b>Status:</b> {self.status.name}</li>"
+            f"<li><b>Status:</b> {self.status}</li>"
             f"<li><b>Scheduler:</b> <code>{html.escape(str(self.scheduler_address))}</code></li>"
             f"<li><b>Dashboard:</b> {link}</li></ul>{self._status_html()}</div>"
         )

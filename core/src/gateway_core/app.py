@@ -1,7 +1,7 @@
 """Assembles one running gateway from its config and plugins, and serves it until stopped.
 
 Owns `Gateway` (plugin manager, registry, backend, authenticator, API server, proxy, and their
-start/stop order) and `serve`, which the `gateway serve` command runs.
+start/stop order), `serve`, which the `gateway serve` command runs, and `StartupError`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,17 @@ from .configcheck import ResolvedConfig, resolve_config
 from .context import GatewayContext
 from .hookcaller import GatewayHooks
 from .manager import ClusterManager
-from .plugins import Registry, make_plugin_manager
+from .plugins import PluginError, Registry, make_plugin_manager
 from .routes import Route, RouteTable
+from .store import StoreError
 
 log = logging.getLogger("gateway")
+
+
+class StartupError(Exception):
+    """The gateway could not start; the message is one line saying why (the original error is
+    its ``__cause__``). `serve` raises it for every failure before the gateway serves, except
+    `ConfigError` and `PluginError`, which already name what is wrong."""
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -48,7 +55,8 @@ def _bind(address: str) -> socket.socket:
         sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
     except OSError as exc:
         sock.close()
-        raise ConfigError([f"cannot listen on {address}: {exc.strerror}"]) from None
+        problem = f"gateway.address: cannot listen on {address}: {exc.strerror}"
+        raise ConfigError([problem]) from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -189,7 +197,10 @@ class Gateway:
                 api_target=api_target,
                 context=self.context,
             )
-            await self.proxy.start()
+            try:
+                await self.proxy.start()
+            except OSError as exc:  # a port taken, a TLS file missing
+                raise StartupError(f"the proxy cannot start: {_os_reason(exc)}") from exc
             self.context.public_address = _reachable(self.proxy.address)
         elif proxy_conf.externally_managed:
             self.context.public_address = _reachable(proxy_conf.address)
@@ -207,11 +218,12 @@ class Gateway:
         site = web.SockSite(runner, self._sock)
         await site.start()
         log.info(
-            "gateway serving at http://%s%s (backend %s, authenticator %s)",
+            "gateway serving at http://%s%s (backend %s, authenticator %s, event loop %s)",
             self.context.public_address,
             prefix,
             self.resolved.backend_spec.name,
             self.resolved.auth_spec.name,
+            type(asyncio.get_running_loop()).__module__,
         )
 
     async def stop(self) -> None:
@@ -227,6 +239,11 @@ class Gateway:
             self._sock = None
 
 
+def _os_reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -236,13 +253,29 @@ def configure_logging(level: str) -> None:
 
 
 async def run_until_stopped(config: Config) -> None:
-    """Start a gateway, wait for SIGINT/SIGTERM, stop it."""
-    gateway = Gateway.create(config)
+    """Start a gateway, wait for SIGINT/SIGTERM, stop it.
+
+    A failure to start raises `ConfigError`, `PluginError` or `StartupError` (one line each).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    try:
+        gateway = Gateway.create(config)
+        await gateway.start()
+    except (ConfigError, PluginError, StartupError):
+        raise
+    except StoreError as exc:
+        raise StartupError(str(exc)) from exc
+    except OSError as exc:
+        raise StartupError(f"the gateway cannot start: {_os_reason(exc)}") from exc
+    except Exception as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise StartupError(
+            f"the gateway cannot start: {type(exc).__name__}: {reason} "
+            "(`gateway serve --debug` shows where)"
+        ) from exc
     try:
         await stop.wait()
     finally:
@@ -275,5 +308,4 @@ def serve(config_path: str | None = None) -> None:
     configure_logging(config.gateway.log_level)
     factory = loop_factory(config.gateway.event_loop)
     with asyncio.Runner(loop_factory=factory) as runner:
-        log.info("event loop: %s", type(runner.get_loop()).__module__)
         runner.run(run_until_stopped(config))

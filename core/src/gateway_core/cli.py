@@ -129,13 +129,20 @@ def make_cli(*, plugin_manager_factory: PluginManagerFactory = make_plugin_manag
 
     @cli.command("serve")
     @CONFIG_OPTION
-    def serve_command(config_path: str | None) -> None:
-        """Run the gateway until interrupted."""
-        from .app import serve
+    @click.option("--debug", is_flag=True, help="Show the traceback when the gateway cannot start.")
+    def serve_command(config_path: str | None, debug: bool) -> None:
+        """Run the gateway until interrupted.
+
+        When it cannot start (a bad config, a missing key, the database or a port), it prints
+        what is wrong, one line per problem, and exits with status 1.
+        """
+        from .app import StartupError, serve
 
         try:
             serve(config_path)
-        except (ConfigError, PluginError) as exc:
+        except (ConfigError, PluginError, StartupError) as exc:
+            if debug:
+                raise
             _fail(exc)
 
     GatewayHooks.from_plugin_manager(base_pm).gateway_register_commands(cli=cli)
@@ -151,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="gateway")
 
 
-def _fail(exc: ConfigError | PluginError, *, err: bool = True) -> NoReturn:
+def _fail(exc: Exception, *, err: bool = True) -> NoReturn:
     lines = exc.problems if isinstance(exc, ConfigError) else str(exc).splitlines()
     for line in lines:
         click.echo(f"error: {line}" if err else line, err=err)

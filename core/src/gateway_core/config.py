@@ -61,10 +61,10 @@ class GatewayConfig:
     api_url: str = ""
     """Address clusters use to reach the API; default ``{proxy address}{prefix}/api``."""
     log_level: str = "INFO"
+    """Log level of the gateway process: DEBUG, INFO, WARNING, ERROR."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """Event loop of ``gateway serve``: ``auto`` takes uvloop when it is installed (the
     embedded proxy adds about half the latency on it), else asyncio's own."""
-    """Log level of the gateway process: DEBUG, INFO, WARNING, ERROR."""
     admin_users: list[str] = field(factory=list)
     """Users who may see and act on every cluster."""
     max_body_size: Memory = Memory(1 << 20)
@@ -110,8 +110,6 @@ class ProxyConfig:
     """Log level of the proxy."""
     max_events: int = 100
     """Route changes kept for feed readers; a reader further behind reloads the full table."""
-    proxy_status_period: float = 30.0
-    """Seconds between checks that a gateway-managed proxy process is alive."""
 
 
 @define(kw_only=True, frozen=True)
@@ -419,6 +417,12 @@ ENV_ENCRYPT_KEYS = "GATEWAY_ENCRYPT_KEYS"
 ENV_CONFIG = "GATEWAY_CONFIG"
 DEFAULT_CONFIG_FILE = "gateway.toml"
 
+REMOVED_KEYS: Mapping[tuple[str, str], str] = {
+    ("proxy", "proxy_status_period"): "it never had an effect; delete the line",
+}
+"""Keys earlier versions accepted, by (section, key), with what to do instead. A file that
+still sets one is refused with that advice rather than a bare "unknown key"."""
+
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a TOML file; a syntax error becomes a one-line ConfigError with the position."""
@@ -473,6 +477,11 @@ def load_config(
         proxy["api_token"] = env[ENV_PROXY_TOKEN]
         raw["proxy"] = proxy
     problems: list[str] = []
+    for (name, key), advice in REMOVED_KEYS.items():
+        section = raw.get(name)
+        if isinstance(section, Mapping) and key in section:
+            problems.append(f"{name}.{key}: no longer a setting ({advice})")
+            raw[name] = {k: v for k, v in section.items() if k != key}
     for name in ("backend", "auth"):
         section = raw.get(name, {})
         if not isinstance(section, Mapping):
@@ -525,9 +534,3 @@ def _without(raw: dict[str, Any], paths: list[str]) -> dict[str, Any]:
 
 def _shallow(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in fields(type(obj))}
-
-
-def evolve_dict(cls: type[T], base: Mapping[str, Any], overrides: Mapping[str, Any]) -> T:
-    """Structure ``cls`` from ``base`` updated with ``overrides`` (used for per-cluster config)."""
-    merged = {**base, **overrides}
-    return structure(merged, cls)

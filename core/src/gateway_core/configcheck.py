@@ -76,6 +76,7 @@ def resolve_config(config: Config, registry: Registry) -> ResolvedConfig:
 
     problems: list[str] = []
     gw = config.gateway
+    problems.extend(_store_problems(gw))
 
     backend_spec = _select(problems, "gateway.backend", registry.backend, gw.backend)
     backends = _structure_sections(
@@ -123,6 +124,35 @@ def resolve_config(config: Config, registry: Registry) -> ResolvedConfig:
         cluster_table=dict(config.cluster),
         options=options,
     )
+
+
+def _store_problems(gw: GatewayConfig) -> list[str]:
+    """What `Store` would refuse at start-up: a ``db_url`` that is no database URL, a
+    persistent database without ``db_encrypt_keys``, a key that is not a Fernet key."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import ArgumentError
+
+    from .store import KEY_HELP, StoreError, fernet_from_key, is_in_memory
+
+    try:
+        url = sa.make_url(gw.db_url)
+    except ArgumentError:
+        return [f"gateway.db_url: {gw.db_url!r} is not a database URL (dialect+driver://...)"]
+    keys = [k for k in gw.db_encrypt_keys if k.strip()]
+    if not keys and not is_in_memory(gw.db_url):
+        shown = url.render_as_string(hide_password=True)
+        return [
+            f"gateway.db_encrypt_keys: required, since the database {shown} is persistent "
+            f"(cluster secrets are encrypted at rest); {KEY_HELP}"
+        ]
+    problems = []
+    for index, key in enumerate(keys):
+        try:
+            fernet_from_key(key, index=index)
+        except StoreError as exc:
+            where, _, what = str(exc).partition(" ")
+            problems.append(f"gateway.{where}: {what}")
+    return problems
 
 
 def _select(problems: list[str], path: str, lookup: Any, name: str) -> Any:

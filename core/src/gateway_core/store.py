@@ -181,7 +181,7 @@ class Store:
             metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
             self.engine.dispose()
-            raise StoreError(f"cannot open the database {_safe_url(url)}: {exc}") from exc
+            raise StoreError(f"cannot open the database {_safe_url(url)}: {_reason(exc)}") from exc
 
     # ---------------------------------------------------------------------------------------
     # Reading
@@ -230,7 +230,9 @@ class Store:
                         rotated,
                     )
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot read the database {_safe_url(self.url)}: {exc}") from exc
+            raise StoreError(
+                f"cannot read the database {_safe_url(self.url)}: {_reason(exc)}"
+            ) from exc
         self._clusters = clusters
         return list(clusters.values())
 
@@ -536,7 +538,15 @@ def _make_engine(url: str, *, debug: bool) -> Engine:
     try:
         return sa.create_engine(url, **kwargs)
     except (ArgumentError, ImportError, SQLAlchemyError) as exc:
-        raise StoreError(f"cannot use db_url {_safe_url(url)}: {exc}") from exc
+        raise StoreError(f"cannot use db_url {_safe_url(url)}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a database operation failed, on one line: the driver's own message when there is one
+    (without SQLAlchemy's statement dump and "Background on this error" link)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if isinstance(orig, BaseException) else exc) or type(exc).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _safe_url(url: str) -> str:

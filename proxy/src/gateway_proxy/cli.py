@@ -99,7 +99,10 @@ CONFIG_KEYS: dict[str, type] = {
     "upstream_idle_timeout": float,
     "client_idle_timeout": float,
 }
-GATEWAY_ONLY_KEYS = frozenset({"externally_managed", "max_events", "proxy_status_period"})
+GATEWAY_ONLY_KEYS = frozenset({"externally_managed", "max_events"})
+REMOVED_KEYS = {"proxy_status_period": "it never had an effect; delete the line"}
+"""`[proxy]` keys earlier versions accepted, with the advice given when a file still sets one
+(the gateway refuses them the same way)."""
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -123,7 +126,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         if key in GATEWAY_ONLY_KEYS:
             continue
         kind = CONFIG_KEYS.get(key)
-        if kind is None:
+        if key in REMOVED_KEYS:
+            problems.append(f"proxy.{key}: no longer a setting ({REMOVED_KEYS[key]})")
+        elif kind is None:
             problems.append(f"proxy.{key}: unknown key")
         elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
             values[key] = float(value)
