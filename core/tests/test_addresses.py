@@ -1,15 +1,14 @@
-"""Tests of `gateway_core.addresses`, core's one parser and formatter of ``host:port``.
-
-The proxy's `gateway_proxy.addresses` has the same two functions; its tests are in proxy/tests.
+"""Tests that core parses ``host:port`` with the proxy's `gateway_proxy.addresses` (core
+depends on gateway-proxy, so the tree has one parser) and turns its errors into config errors.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from gateway_core.addresses import join_address, split_address
 from gateway_core.app import Gateway
 from gateway_core.config import ConfigError, load_config
+from gateway_proxy.addresses import join_address, split_address
 
 pytestmark = pytest.mark.unit
 

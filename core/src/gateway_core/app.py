@@ -18,7 +18,8 @@ from typing import Any
 from aiohttp import web
 from attrs import define, field
 
-from .addresses import join_address, split_address
+from gateway_proxy.addresses import join_address, split_address
+
 from .api.app import make_api_app
 from .backends.base import Backend
 from .config import Config, ConfigError, find_config_file, load_config

@@ -1,7 +1,7 @@
 """``host:port`` strings: this package's one parser and formatter of listen and connect addresses.
 
-Owns `split_address` and `join_address` (the same two, same behaviour, as
-`gateway_core.addresses` in core; the proxy does not import core).
+Owns `split_address` and `join_address`, the only ones in the tree: gateway-core depends on
+the proxy and uses these too (the proxy never imports core).
 """
 
 from __future__ import annotations
