@@ -31,6 +31,10 @@ WHOLE_TEST = 150.0
 FAST: dict[str, Any] = {
     "cluster_start_timeout": 60.0,
     "cluster_heartbeat_period": 1,
+    # Building the bokeh document for the page and its websocket keeps the scheduler's loop
+    # busy for seconds on a loaded 2-core machine, delaying its heartbeats; this test is not
+    # about heartbeat timeouts, so the default of twice the period (2 s) is too tight here.
+    "cluster_heartbeat_timeout": 30.0,
     "cluster_status_period": 0.2,
     "backoff_base_delay": 0.01,
     "backoff_max_delay": 0.2,
