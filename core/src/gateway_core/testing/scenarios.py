@@ -60,7 +60,7 @@ class LiveJob:
     job, a process, a pod)."""
 
     owner: str
-    """The account it runs as."""
+    """The name of the account it runs as."""
     running: bool
     """True once it runs; False while queued or starting."""
     worker: str | None = None
@@ -370,14 +370,16 @@ class BackendScenarios:
 
         where = f"{setup.backend}, variant {variant!r}"
         assert seen["sum"] == 4950, where
-        # Every process of the cluster, scheduler, workers and tasks, runs as the user.
+        # Every process of the cluster, scheduler, workers and tasks, runs as the user (or as
+        # the gateway, for a backend that does not switch users).
         assert seen["scheduler_uid"] == uid, where
         assert seen["worker_uids"] == [uid, uid], where
         assert seen["task_uid"] == uid, where
         jobs: Mapping[str, LiveJob] = seen["jobs"]
         assert len(jobs) == 3, (where, jobs)
         assert sorted(j.worker is None for j in jobs.values()) == [False, False, True], jobs
-        assert all(j.owner == username and j.running for j in jobs.values()), (where, jobs)
+        owner = username if setup.runs_as_user else pwd.getpwuid(os.getuid()).pw_name
+        assert all(j.owner == owner and j.running for j in jobs.values()), (where, jobs)
         # Stopped: its jobs end, its files are removed.
         cluster: Cluster = seen["record"]
         await eventually(
