@@ -22,7 +22,7 @@ import pytest
 try:
     from pytest_asyncio import fixture as async_fixture
 except ImportError:  # gateway-core[testing] brings it; without it async fixtures cannot run
-    async_fixture = pytest.fixture
+    async_fixture = pytest.fixture  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import pwd
