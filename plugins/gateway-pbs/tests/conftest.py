@@ -23,12 +23,13 @@ from gateway_core.testing.jobqueue import (
     QueuedJob,
     end_jobs_of_user,
     jobqueue_backend_setup,
+    monorepo_packages,
     shared_tempdir,
 )
 from gateway_core.testing.scenarios import BackendSetup, RunningCluster
 from gateway_pbs.backend import PBSDriver
 
-REPO = Path(__file__).resolve().parents[3]
+PLUGIN = Path(__file__).resolve().parents[1]
 QUEUES = ("workq", "debug")
 
 
@@ -66,12 +67,7 @@ def qdel(sim: SimulatedPBS, job_ids: Sequence[str], *, check: bool = True) -> No
 
 @pytest.fixture(scope="session")
 def job_python_packages() -> list[str]:
-    return [
-        str(REPO / "proxy"),
-        str(REPO / "client"),
-        f"{REPO / 'core'}[local]",
-        str(REPO / "plugins" / "gateway-pbs"),
-    ]
+    return monorepo_packages(PLUGIN)
 
 
 @pytest.fixture

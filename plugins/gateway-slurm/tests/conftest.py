@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway_core.testing.jobqueue import QueuedJob, end_jobs_of_user, jobqueue_backend_setup
+from gateway_core.testing.jobqueue import (
+    QueuedJob,
+    end_jobs_of_user,
+    jobqueue_backend_setup,
+    monorepo_packages,
+)
 from gateway_core.testing.scenarios import BackendSetup, RunningCluster
 from gateway_slurm.backend import SlurmDriver
 
 START_SLURM = Path(__file__).resolve().parent.parent / "ci" / "start-slurm.sh"
-REPO = Path(__file__).resolve().parents[3]
+PLUGIN = Path(__file__).resolve().parents[1]
 
 
 def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -78,12 +83,7 @@ def user_jobs(username: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def job_python_packages() -> list[str]:
-    return [
-        str(REPO / "proxy"),
-        str(REPO / "client"),
-        f"{REPO / 'core'}[local]",
-        str(REPO / "plugins" / "gateway-slurm"),
-    ]
+    return monorepo_packages(PLUGIN)
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ job-queue half of the scenario suite's setup.
 Owns `shared_tempdir`, `add_user` / `delete_user` (real accounts, root only), `job_python`
 (this interpreter if other users can run it with Dask, else a venv built for them),
 `jobqueue_test_config` (a gateway config with short periods for a job-queue backend),
-`end_jobs_of_user`, and `jobqueue_backend_setup` / `QueuedJob`: a `BackendSetup` for a job-queue
-backend from what differs between schedulers (how to list, end and name jobs). The Slurm and
-PBS plugins' tests use them; so can a third party's.
+`monorepo_packages`, `end_jobs_of_user`, and `jobqueue_backend_setup` / `QueuedJob`: a
+`BackendSetup` for a job-queue backend from what differs between schedulers (how to list, end
+and name jobs). The Slurm and PBS plugins' tests use them; so can a third party's.
 """
 
 from __future__ import annotations
@@ -127,6 +127,15 @@ def job_python(*, packages: Sequence[str], base: Path, source: Path) -> str:
             "and the launcher run as throwaway users, so their Python must be readable by them."
         )
     return python
+
+
+def monorepo_packages(plugin: Path) -> list[str]:
+    """What `job_python` installs for a plugin of this monorepo: the checkout's ``proxy``,
+    ``client`` and ``core[local]`` (the folders two levels above ``plugin``) and ``plugin``
+    itself, as absolute paths (a plugin's ``job_python_packages`` fixture)."""
+    plugin = plugin.resolve()
+    root = plugin.parents[1]
+    return [str(root / "proxy"), str(root / "client"), f"{root / 'core'}[local]", str(plugin)]
 
 
 def jobqueue_test_config(
