@@ -16,12 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_core.testing.scenarios import (
-    NOT_APPLICABLE_KEY,
-    SCENARIOS,
-    BackendScenarios,
-    BackendSetup,
-)
+from gateway_core.testing.scenarios import NOT_APPLICABLE_KEY, SCENARIOS, BackendSetup, applies
 
 pytestmark = pytest.mark.unit
 
@@ -155,7 +150,7 @@ def test_a_scenario_the_setup_cannot_run_fails_naming_what_is_missing(
 ) -> None:
     setup = BackendSetup(backend="mine", config={})
     with pytest.raises(pytest.fail.Exception, match=r"needs BackendSetup.dying_scheduler from"):
-        BackendScenarios.applies(request, setup, "scheduler_dies", "dying_scheduler")
+        applies(request, setup, "scheduler_dies", "dying_scheduler")
 
 
 def test_a_scenario_declared_not_applicable_is_skipped_with_the_reason_and_recorded(
@@ -164,7 +159,7 @@ def test_a_scenario_declared_not_applicable_is_skipped_with_the_reason_and_recor
     setup = BackendSetup(backend="mine", config={}, not_applicable={"unknown_user": "no users"})
     recorded = len(request.config.stash.get(NOT_APPLICABLE_KEY, []))
     with pytest.raises(pytest.skip.Exception, match="not applicable to mine: no users"):
-        BackendScenarios.applies(request, setup, "unknown_user", "runs_as_user")
+        applies(request, setup, "unknown_user", "runs_as_user")
     assert request.config.stash[NOT_APPLICABLE_KEY][recorded:] == [
         ("mine", "unknown_user", "no users")
     ]

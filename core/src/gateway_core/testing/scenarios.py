@@ -3,8 +3,9 @@ gateway, its proxy and the user-facing client, the same scenarios for every back
 
 Owns `BackendSetup` (what a plugin tells the suite: its gateway config, the hooks that look at
 and act on its infrastructure, and the scenarios that do not apply to it), `LiveJob`,
-`RunningCluster`, `BackendScenarios` (the scenarios; a plugin's test module subclasses it),
-`SCENARIOS` and `eventually`. The guide is docs/testing-a-backend.md.
+`RunningCluster`, `BackendScenarios` (the scenarios; a plugin's test module subclasses it)
+with `ScenarioRun` (the steps they share), `applies`, `SCENARIOS` and `eventually`. The guide
+is docs/testing-a-backend.md.
 """
 
 from __future__ import annotations
@@ -232,56 +233,64 @@ def _names(line: str, job_id: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(job_id)}(?![\w.\[])", line) is not None
 
 
-class BackendScenarios:
-    """The scenarios, one test each (`SCENARIOS`). Subclass it in a test module of your plugin
-    (``class TestScenarios(BackendScenarios): pass``) and provide the ``gateway_backend_setup``
-    fixture returning a `BackendSetup`; mark the module with its tier (``integration`` or
-    ``system``). Every test is marked for pytest-asyncio, so strict mode runs them too."""
+def applies(
+    request: pytest.FixtureRequest, setup: BackendSetup, scenario: str, *needs: str
+) -> None:
+    """Skip ``scenario`` with the plugin's reason when ``setup`` declares it not applicable
+    (and record it for the end-of-run list); fail naming the `BackendSetup` fields it
+    ``needs`` that are missing."""
+    reason = setup.not_applicable.get(scenario)
+    if reason is not None:
+        request.config.stash.setdefault(NOT_APPLICABLE_KEY, []).append(
+            (setup.backend, scenario, reason)
+        )
+        pytest.skip(f"not applicable to {setup.backend}: {reason}")
+    missing = [name for name in needs if not getattr(setup, name)]
+    if missing:
+        pytest.fail(
+            f"the scenario {scenario!r} needs BackendSetup.{', BackendSetup.'.join(missing)} "
+            f"from the {setup.backend} backend's gateway_backend_setup; provide it, or "
+            "declare the scenario in BackendSetup.not_applicable with the reason"
+        )
 
-    # ---------------------------------------------------------------------------------------
-    # Helpers
 
-    @staticmethod
-    def applies(
-        request: pytest.FixtureRequest, setup: BackendSetup, scenario: str, *needs: str
-    ) -> None:
-        """Skip ``scenario`` with the plugin's reason when it is declared not applicable (and
-        record it for the end-of-run list); fail when a field it needs is missing."""
-        reason = setup.not_applicable.get(scenario)
-        if reason is not None:
-            request.config.stash.setdefault(NOT_APPLICABLE_KEY, []).append(
-                (setup.backend, scenario, reason)
-            )
-            pytest.skip(f"not applicable to {setup.backend}: {reason}")
-        missing = [name for name in needs if not getattr(setup, name)]
-        if missing:
-            pytest.fail(
-                f"the scenario {scenario!r} needs BackendSetup.{', BackendSetup.'.join(missing)} "
-                f"from the {setup.backend} backend's gateway_backend_setup; provide it, or "
-                "declare the scenario in BackendSetup.not_applicable with the reason"
-            )
+@define(kw_only=True)
+class ScenarioRun:
+    """One scenario's fixtures and the steps scenarios share (the ``scenario`` fixture of
+    `BackendScenarios`)."""
 
-    @staticmethod
-    def account(setup: BackendSetup, make_user: Callable[[], pwd.struct_passwd]) -> tuple[str, int]:
+    request: pytest.FixtureRequest
+    setup: BackendSetup
+    make_user: Callable[[], pwd.struct_passwd]
+    make_gateway: Callable[..., Any]
+    make_api_client: Callable[..., Any]
+    tmp_path: Path
+
+    def applies(self, scenario: str, *needs: str) -> None:
+        applies(self.request, self.setup, scenario, *needs)
+
+    def account(self) -> tuple[str, int]:
         """(user name, uid its processes run as): a throwaway account when clusters run as
         the user, else any name and the gateway's uid."""
-        if setup.runs_as_user:
-            user = make_user()
+        if self.setup.runs_as_user:
+            user = self.make_user()
             return user.pw_name, user.pw_uid
         return f"user{secrets.token_hex(3)}", os.getuid()
 
-    @staticmethod
-    def live(setup: BackendSetup, cluster: Cluster) -> Mapping[str, LiveJob]:
-        assert setup.live_jobs is not None
-        return setup.live_jobs(cluster)
+    def live(self, cluster: Cluster) -> Mapping[str, LiveJob]:
+        assert self.setup.live_jobs is not None
+        return self.setup.live_jobs(cluster)
 
-    @staticmethod
-    def files_left(setup: BackendSetup, cluster: Cluster) -> list[Path]:
-        return [p for p in setup.cluster_files(cluster) if p.exists()]
+    def files_left(self, cluster: Cluster) -> list[Path]:
+        return [p for p in self.setup.cluster_files(cluster) if p.exists()]
 
-    async def start_failure(self, gateway: Any, username: str) -> str:
-        """Ask for a cluster through the client as ``username``; the error it raises."""
+    async def start_failure(self, cluster: Mapping[str, Any]) -> tuple[Any, str]:
+        """A gateway with these ``[cluster]`` keys, and the error the client raises asking it
+        for a cluster."""
         from gateway_client import GatewayClusterError
+
+        username, _ = self.account()
+        gateway = await self.make_gateway(self.setup.config_with(cluster=cluster))
 
         def user_flow() -> str:
             with _client(gateway, username) as client:
@@ -289,9 +298,16 @@ class BackendScenarios:
                     client.new_cluster()
                 return str(info.value)
 
-        return await asyncio.to_thread(user_flow)
+        return gateway, await asyncio.to_thread(user_flow)
 
-    async def running_cluster(self, gateway: Any, api: Any, workers: int) -> Cluster:
+    async def running_cluster(
+        self, workers: int, backend: Mapping[str, Any] | None = None
+    ) -> tuple[Any, Cluster]:
+        """A gateway (with these ``[backend.<name>]`` keys) and a cluster of a user's running
+        with ``workers`` workers: (API client of the user, the stored cluster)."""
+        username, _ = self.account()
+        gateway = await self.make_gateway(self.setup.config_with(backend=backend))
+        api = self.make_api_client(gateway, username)
         name = (await api.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
         cluster: Cluster = gateway.backend.store.get(name)
         await eventually(
@@ -300,38 +316,65 @@ class BackendScenarios:
         scaled = await api.post(f"/api/v1/clusters/{name}/scale", json={"count": workers})
         assert scaled.status == 200, scaled.body
         await eventually(
-            lambda: len(self.running_workers(cluster)) == workers,
-            what=f"{workers} running worker(s)",
+            lambda: len(running_workers(cluster)) == workers, what=f"{workers} running worker(s)"
         )
-        return cluster
+        return api, cluster
 
-    @staticmethod
-    def running_workers(cluster: Cluster) -> list[Worker]:
-        return [w for w in cluster.workers.values() if w.status == WorkerStatus.RUNNING]
+    async def recorded_status_cluster(self, workers: int) -> tuple[Any, Cluster, Path, Path]:
+        """`running_cluster` with the status command wrapped (`_status_wrapper`): (API client,
+        cluster, the file of recorded calls, the flag file that makes the next call fail)."""
+        assert self.setup.status_command is not None
+        script, calls, flag = _status_wrapper(self.tmp_path, self.setup.status_command)
+        api, cluster = await self.running_cluster(workers, {"status_command": str(script)})
+        return api, cluster, calls, flag
 
-    # ---------------------------------------------------------------------------------------
-    # The scenarios
 
-    @pytest.mark.asyncio
-    async def test_life_cycle(
+def running_workers(cluster: Cluster) -> list[Worker]:
+    return [w for w in cluster.workers.values() if w.status == WorkerStatus.RUNNING]
+
+
+class BackendScenarios:
+    """The scenarios, one test each (`SCENARIOS`). Subclass it in a test module of your plugin
+    (``class TestScenarios(BackendScenarios): pass``) and provide the ``gateway_backend_setup``
+    fixture returning a `BackendSetup`; mark the module with its tier (``integration`` or
+    ``system``). Every test is marked for pytest-asyncio, so strict mode runs them too."""
+
+    @pytest.fixture
+    def scenario(
         self,
         request: pytest.FixtureRequest,
         gateway_backend_setup: BackendSetup,
         make_user: Callable[[], pwd.struct_passwd],
-        make_gateway: Any,
-    ) -> None:
+        make_gateway: Callable[..., Any],
+        make_api_client: Callable[..., Any],
+        tmp_path: Path,
+    ) -> ScenarioRun:
+        """The scenario's fixtures; ``make_user`` comes before ``make_gateway`` so gateways
+        stop before their users' accounts go."""
+        return ScenarioRun(
+            request=request,
+            setup=gateway_backend_setup,
+            make_user=make_user,
+            make_gateway=make_gateway,
+            make_api_client=make_api_client,
+            tmp_path=tmp_path,
+        )
+
+    @pytest.mark.asyncio
+    async def test_life_cycle(self, scenario: ScenarioRun) -> None:
         """A cluster starts (as the requesting user), scales to two workers, computes through
         the proxy; stopping it ends its jobs and removes its files. Once per variant."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "life_cycle", "live_jobs")
+        setup = scenario.setup
+        scenario.applies("life_cycle", "live_jobs")
         for variant, table in setup.variants.items():
-            username, uid = self.account(setup, make_user)
-            gateway = await make_gateway(merge(setup.config, table))
-            await self.one_life_cycle(setup, gateway, username, uid, variant)
+            username, uid = scenario.account()
+            gateway = await scenario.make_gateway(merge(setup.config, table))
+            await self.one_life_cycle(scenario, gateway, username, uid, variant)
 
     async def one_life_cycle(
-        self, setup: BackendSetup, gateway: Any, username: str, uid: int, variant: str
+        self, scenario: ScenarioRun, gateway: Any, username: str, uid: int, variant: str
     ) -> None:
+        setup = scenario.setup
         seen: dict[str, Any] = {}
 
         def user_flow() -> None:
@@ -348,8 +391,8 @@ class BackendScenarios:
                     seen["task_uid"] = client.submit(os.getuid, pure=False).result(timeout=60)
                     record = gateway.backend.store.get(cluster.name)
                     seen["record"] = record
-                    seen["jobs"] = jobs = self.live(setup, record)
-                    seen["files"] = self.files_left(setup, record)
+                    seen["jobs"] = jobs = scenario.live(record)
+                    seen["files"] = scenario.files_left(record)
                     if setup.inspect_running is not None:
                         setup.inspect_running(
                             RunningCluster(
@@ -388,76 +431,50 @@ class BackendScenarios:
         if setup.cluster_files is not _no_files:
             assert seen["files"], f"{where}: cluster_files gave nothing for a running cluster"
         await eventually(
-            lambda: not self.files_left(setup, cluster), timeout=30, what="its files removed"
+            lambda: not scenario.files_left(cluster), timeout=30, what="its files removed"
         )
         await eventually(
-            lambda: not self.live(setup, cluster),
+            lambda: not scenario.live(cluster),
             timeout=30,
             interval=0.5,
             what=f"its jobs ended ({where})",
         )
 
     @pytest.mark.asyncio
-    async def test_refused_option(
-        self,
-        request: pytest.FixtureRequest,
-        gateway_backend_setup: BackendSetup,
-        make_user: Callable[[], pwd.struct_passwd],
-        make_gateway: Any,
-    ) -> None:
+    async def test_refused_option(self, scenario: ScenarioRun) -> None:
         """An option the infrastructure refuses fails the cluster; the client shows why, and
         nothing is left behind."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "refused_option", "refused_option", "live_jobs")
+        setup = scenario.setup
+        scenario.applies("refused_option", "refused_option", "live_jobs")
         assert setup.refused_option is not None
-        username, _ = self.account(setup, make_user)
-        gateway = await make_gateway(setup.config_with(cluster=setup.refused_option))
-        message = await self.start_failure(gateway, username)
+        gateway, message = await scenario.start_failure(setup.refused_option)
         _matches(message, setup.refused_reason, "the client's error")
         [cluster] = await gateway.backend.list_clusters()
         assert cluster.status == ClusterStatus.FAILED
-        assert not self.files_left(setup, cluster)
-        assert not await asyncio.to_thread(self.live, setup, cluster)
+        assert not scenario.files_left(cluster)
+        assert not await asyncio.to_thread(scenario.live, cluster)
 
     @pytest.mark.asyncio
-    async def test_scheduler_dies(
-        self,
-        request: pytest.FixtureRequest,
-        gateway_backend_setup: BackendSetup,
-        make_user: Callable[[], pwd.struct_passwd],
-        make_gateway: Any,
-    ) -> None:
+    async def test_scheduler_dies(self, scenario: ScenarioRun) -> None:
         """A scheduler that dies at once fails the cluster with the end of its output."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "scheduler_dies", "dying_scheduler")
+        setup = scenario.setup
+        scenario.applies("scheduler_dies", "dying_scheduler")
         assert setup.dying_scheduler is not None
-        username, _ = self.account(setup, make_user)
-        gateway = await make_gateway(setup.config_with(cluster=setup.dying_scheduler(DYING_SCRIPT)))
-        message = await self.start_failure(gateway, username)
+        _, message = await scenario.start_failure(setup.dying_scheduler(DYING_SCRIPT))
         _matches(message, setup.dead_scheduler_reason, "the client's error")
         assert "\n".join(DYING_OUTPUT) in message, message
 
     @pytest.mark.asyncio
-    async def test_ended_behind_the_gateways_back(
-        self,
-        request: pytest.FixtureRequest,
-        gateway_backend_setup: BackendSetup,
-        make_user: Callable[[], pwd.struct_passwd],
-        make_gateway: Any,
-        make_api_client: Any,
-    ) -> None:
+    async def test_ended_behind_the_gateways_back(self, scenario: ScenarioRun) -> None:
         """A worker ended outside the gateway is noticed within a status period and replaced;
         the cluster keeps running. Its scheduler ended so fails the cluster, with the reason."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "ended_behind_the_gateways_back", "end_job", "live_jobs")
+        setup = scenario.setup
+        scenario.applies("ended_behind_the_gateways_back", "end_job", "live_jobs")
         assert setup.end_job is not None
-        username, _ = self.account(setup, make_user)
-        gateway = await make_gateway(setup.config)
-        api = make_api_client(gateway, username)
-        cluster = await self.running_cluster(gateway, api, workers=1)
+        api, cluster = await scenario.running_cluster(workers=1)
         within = setup.status_period + setup.detection_slack
 
-        [first] = self.running_workers(cluster)
+        [first] = running_workers(cluster)
         await asyncio.to_thread(setup.end_job, cluster, first)
         took = await eventually(
             lambda: first.status in (WorkerStatus.FAILED, WorkerStatus.STOPPED),
@@ -467,10 +484,7 @@ class BackendScenarios:
         # Well under the heartbeat timeout: the status check noticed, not the heartbeat.
         assert took < within, f"noticed after {took:.1f} s"
         await eventually(
-            lambda: (
-                len(self.running_workers(cluster)) == 1
-                and self.running_workers(cluster)[0] is not first
-            ),
+            lambda: len(running_workers(cluster)) == 1 and running_workers(cluster)[0] is not first,
             what="a replacement worker",
         )
         assert cluster.status == ClusterStatus.RUNNING
@@ -487,33 +501,19 @@ class BackendScenarios:
         shown = await api.get(f"/api/v2/clusters/{cluster.name}/reason")
         assert shown.body["reason"] == cluster.reason
         await eventually(
-            lambda: not self.live(setup, cluster),
+            lambda: not scenario.live(cluster),
             timeout=30,
             interval=0.5,
             what="every job of the cluster ended",
         )
 
     @pytest.mark.asyncio
-    async def test_status_command_fails_once(
-        self,
-        request: pytest.FixtureRequest,
-        gateway_backend_setup: BackendSetup,
-        make_user: Callable[[], pwd.struct_passwd],
-        make_gateway: Any,
-        make_api_client: Any,
-        tmp_path: Path,
-    ) -> None:
+    async def test_status_command_fails_once(self, scenario: ScenarioRun) -> None:
         """A status command that fails once (the controller is busy) fails no cluster and no
         worker: the check is retried."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "status_command_fails_once", "status_command")
-        assert setup.status_command is not None
-        username, _ = self.account(setup, make_user)
-        script, calls, flag = _status_wrapper(tmp_path, setup.status_command)
-        gateway = await make_gateway(setup.config_with(backend={"status_command": str(script)}))
-        api = make_api_client(gateway, username)
-        cluster = await self.running_cluster(gateway, api, workers=1)
-        [worker] = self.running_workers(cluster)
+        scenario.applies("status_command_fails_once", "status_command")
+        api, cluster, calls, flag = await scenario.recorded_status_cluster(workers=1)
+        [worker] = running_workers(cluster)
         flag.touch()
         await eventually(
             lambda: Path(f"{flag}.done").exists(), timeout=10, what="the injected failure"
@@ -528,34 +528,19 @@ class BackendScenarios:
         )
 
     @pytest.mark.asyncio
-    async def test_one_status_command_per_check(
-        self,
-        request: pytest.FixtureRequest,
-        gateway_backend_setup: BackendSetup,
-        make_user: Callable[[], pwd.struct_passwd],
-        make_gateway: Any,
-        make_api_client: Any,
-        tmp_path: Path,
-    ) -> None:
+    async def test_one_status_command_per_check(self, scenario: ScenarioRun) -> None:
         """Each check asks one status command about all its jobs: with 1 s periods, about one
         call per second for both workers and one for the scheduler (the two checks have their
         own timers; questions asked together share a call)."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "one_status_command_per_check", "status_command", "live_jobs")
-        assert setup.status_command is not None
-        username, _ = self.account(setup, make_user)
-        script, calls, _ = _status_wrapper(tmp_path, setup.status_command)
-        gateway = await make_gateway(setup.config_with(backend={"status_command": str(script)}))
-        api = make_api_client(gateway, username)
-        cluster = await self.running_cluster(gateway, api, workers=2)
-        jobs = await asyncio.to_thread(self.live, setup, cluster)
+        scenario.applies("one_status_command_per_check", "status_command", "live_jobs")
+        _, cluster, calls, _ = await scenario.recorded_status_cluster(workers=2)
+        jobs = await asyncio.to_thread(scenario.live, cluster)
         [scheduler_job] = [j for j, job in jobs.items() if job.worker is None]
         worker_jobs = [j for j, job in jobs.items() if job.worker is not None]
         assert len(worker_jobs) == 2, jobs
 
-        window = 5.5 * setup.status_period
         before = len(_calls(calls))
-        await asyncio.sleep(window)
+        await asyncio.sleep(5.5 * scenario.setup.status_period)
         during = _calls(calls)[before:]
         with_workers = [line for line in during if any(_names(line, j) for j in worker_jobs)]
         with_scheduler = [line for line in during if _names(line, scheduler_job)]
@@ -565,27 +550,21 @@ class BackendScenarios:
         assert len(during) <= 2 * 7, during
 
     @pytest.mark.asyncio
-    async def test_unknown_user(
-        self,
-        request: pytest.FixtureRequest,
-        gateway_backend_setup: BackendSetup,
-        make_gateway: Any,
-        make_api_client: Any,
-    ) -> None:
+    async def test_unknown_user(self, scenario: ScenarioRun) -> None:
         """A user without an account on the gateway's host fails with the reason, before
         anything is submitted or made."""
-        setup = gateway_backend_setup
-        self.applies(request, setup, "unknown_user", "runs_as_user", "live_jobs")
-        gateway = await make_gateway(setup.config)
+        setup = scenario.setup
+        scenario.applies("unknown_user", "runs_as_user", "live_jobs")
+        gateway = await scenario.make_gateway(setup.config)
         nobody = f"nosuchuser{secrets.token_hex(3)}"
-        api = make_api_client(gateway, nobody)
+        api = scenario.make_api_client(gateway, nobody)
         name = (await api.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
         cluster: Cluster = gateway.backend.store.get(name)
         await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
         assert cluster.reason and nobody in cluster.reason, cluster.reason
         _matches(cluster.reason, setup.unknown_user_reason, "the cluster's reason")
         assert cluster.state == {}
-        assert not await asyncio.to_thread(self.live, setup, cluster)
+        assert not await asyncio.to_thread(scenario.live, cluster)
 
 
 def not_applicable_report(stash: pytest.Stash) -> Iterator[str]:
@@ -602,5 +581,7 @@ __all__ = [
     "BackendSetup",
     "LiveJob",
     "RunningCluster",
+    "ScenarioRun",
+    "applies",
     "eventually",
 ]
