@@ -112,6 +112,7 @@ def gateway_backend_setup(pbs: SimulatedPBS, job_python: str) -> BackendSetup:
         python=job_python,
         states=PBSDriver.states,
         running_state="R",
+        stopped_states=("F",),
         find_jobs=find_jobs,
         end_jobs=lambda ids: qdel(pbs, ids),
         job_label=PBSDriver.job_label,

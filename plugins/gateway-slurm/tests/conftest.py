@@ -108,6 +108,7 @@ def gateway_backend_setup(slurm: None, job_python: str) -> BackendSetup:
         python=job_python,
         states=SlurmDriver.states,
         running_state="R",
+        stopped_states=("CA", "CD"),
         find_jobs=find_jobs,
         end_jobs=scancel,
         job_label=SlurmDriver.job_label,

@@ -236,6 +236,7 @@ def jobqueue_backend_setup(
     python: str,
     states: StateTable,
     running_state: str,
+    stopped_states: Collection[str],
     find_jobs: Callable[[Collection[str]], Mapping[str, QueuedJob]],
     end_jobs: Callable[[Sequence[str]], None],
     job_label: str,
@@ -258,7 +259,8 @@ def jobqueue_backend_setup(
     scenarios. The scheduler-specific parts:
 
     - ``states``: the driver's state table (which codes mean ended); ``running_state``: the
-      code of a running job.
+      code of a running job; ``stopped_states``: the codes a job the gateway stopped may end
+      with (cancelled, completed; not failed), if the scheduler still lists it.
     - ``find_jobs(names)``: job id → `QueuedJob` for the scheduler's jobs with those names,
       ended ones included or not.
     - ``end_jobs(ids)``: cancel jobs as an operator (root).
@@ -289,6 +291,10 @@ def jobqueue_backend_setup(
         if inspect_running is not None:
             inspect_running(running)
 
+    def check_stopped(cluster: Cluster) -> None:
+        ended = {job_id: job.state for job_id, job in find_jobs(list(job_names(cluster))).items()}
+        assert set(ended.values()) <= set(stopped_states), ended
+
     def staging(cluster: Cluster) -> list[Path]:
         directory = cluster.state.get("staging_dir")
         return [Path(directory)] if directory else []
@@ -304,6 +310,7 @@ def jobqueue_backend_setup(
         end_job=end_job,
         cluster_files=staging,
         inspect_running=inspect,
+        check_stopped=check_stopped,
         refused_option=refused_option,
         refused_reason=refused_reason,
         dying_scheduler=lambda script: {"scheduler_setup": script},

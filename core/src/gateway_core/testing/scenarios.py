@@ -4,8 +4,8 @@ gateway, its proxy and the user-facing client, the same scenarios for every back
 Owns `BackendSetup` (what a plugin tells the suite: its gateway config, the hooks that look at
 and act on its infrastructure, and the scenarios that do not apply to it), `LiveJob`,
 `RunningCluster`, `BackendScenarios` (the scenarios; a plugin's test module subclasses it)
-with `ScenarioRun` (the steps they share), `applies`, `SCENARIOS` and `eventually`. The guide
-is docs/testing-a-backend.md.
+with `ScenarioRun` (the steps they share), `applies`, `SCENARIOS`, `eventually` and
+`passes`. The guide is docs/testing-a-backend.md.
 """
 
 from __future__ import annotations
@@ -128,6 +128,10 @@ class BackendSetup:
     exist once it stopped or failed."""
     inspect_running: Callable[[RunningCluster], None] | None = None
     """Backend-specific checks of the life-cycle scenario's running cluster (assert in it)."""
+    check_stopped: Callable[[Cluster], None] | None = None
+    """Backend-specific checks of the life-cycle scenario's cluster once it stopped and its
+    jobs ended (assert in it; e.g. that they were cancelled, not failed); retried for up to
+    30 s while it fails."""
     refused_option: Mapping[str, Any] | None = None
     """``[cluster]`` keys the infrastructure refuses at submission (an unknown queue)."""
     refused_reason: Sequence[str] = ()
@@ -192,6 +196,22 @@ async def eventually(
         )
         await asyncio.sleep(interval)
     return time.monotonic() - began
+
+
+async def passes(
+    check: Callable[[Cluster], None], cluster: Cluster, *, timeout: float, interval: float = 0.5
+) -> None:
+    """Run ``check(cluster)`` (in a thread) until it raises no AssertionError; after
+    ``timeout`` seconds its last AssertionError is raised."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.to_thread(check, cluster)
+            return
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(interval)
 
 
 def _matches(text: str, patterns: Sequence[str], what: str) -> None:
@@ -439,6 +459,8 @@ class BackendScenarios:
             interval=0.5,
             what=f"its jobs ended ({where})",
         )
+        if setup.check_stopped is not None:
+            await passes(setup.check_stopped, cluster, timeout=30)
 
     @pytest.mark.asyncio
     async def test_refused_option(self, scenario: ScenarioRun) -> None:
@@ -584,4 +606,5 @@ __all__ = [
     "ScenarioRun",
     "applies",
     "eventually",
+    "passes",
 ]
