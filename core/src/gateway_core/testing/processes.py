@@ -2,8 +2,7 @@
 
 Owns `descendants` (live processes below this one, orphans included once `set_subreaper` is
 on), `start_times` and `kill_tree` (which never signals a pid the kernel gave to someone else
-since), `is_running`, and `check_no_process_left` behind the ``no_process_left_behind``
-fixture. Linux only.
+since), and `check_no_process_left` behind the ``no_process_left_behind`` fixture. Linux only.
 """
 
 from __future__ import annotations
@@ -107,9 +106,3 @@ def check_no_process_left(before: set[int], *, grace: float = 10.0) -> None:
         time.sleep(0.05)
         descendants(reap=True)  # reap what was just killed
         raise AssertionError(f"processes left behind: {left}")
-
-
-def is_running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (there, and not a zombie waiting to be reaped)."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] != b"Z"
