@@ -202,7 +202,9 @@ def failed(stderr: str, returncode: int = 1) -> CommandResult:
     return CommandResult(returncode=returncode, stdout="", stderr=stderr)
 
 
-def test_gone_messages_decide_whether_a_failed_status_or_cancel_means_the_job_is_gone() -> None:
+def test_gone_messages_decide_whether_a_failed_status_or_cancel_means_the_job_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     driver = make_driver(FakeQueue())
     # One "unknown job" message means every job asked about has ended (the default rule).
     assert driver.status_error_means_gone(failed("unknown job 7"), ["7", "8"])
@@ -211,20 +213,17 @@ def test_gone_messages_decide_whether_a_failed_status_or_cancel_means_the_job_is
     assert driver.cancel_succeeded(failed("toy-cancel: unknown job 7"))
     assert not driver.cancel_succeeded(failed("toy-cancel: permission denied"))
 
-    class Finishing(ToyDriver):
-        gone_messages = GoneJobMessages(
-            unknown_job=(r"no job (\S+)",), job_finished=("has ended",), status_names_each_job=True
-        )
-
-    context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    each = Finishing(config=JobQueueConfig(), context=context, runner=FakeQueue())  # type: ignore[arg-type]
+    named = GoneJobMessages(
+        unknown_job=(r"no job (\S+)",), job_finished=("has ended",), status_names_each_job=True
+    )
+    monkeypatch.setattr(ToyDriver, "gone_messages", named)
     # Named rule: gone only when every job asked about is named.
-    assert each.status_error_means_gone(failed("no job 7\nno job 8\n"), ["7", "8"])
-    assert not each.status_error_means_gone(failed("no job 7\n"), ["7", "8"])
-    assert not each.status_error_means_gone(failed("no job 7\n"), [])
-    assert each.cancel_succeeded(failed("toy-cancel: 9 has ended"))
-    assert each.cancel_succeeded(failed("no job 9"))
-    assert not each.cancel_succeeded(failed("toy-cancel: busy"))
+    assert driver.status_error_means_gone(failed("no job 7\nno job 8\n"), ["7", "8"])
+    assert not driver.status_error_means_gone(failed("no job 7\n"), ["7", "8"])
+    assert not driver.status_error_means_gone(failed("no job 7\n"), [])
+    assert driver.cancel_succeeded(failed("toy-cancel: 9 has ended"))
+    assert driver.cancel_succeeded(failed("no job 9"))
+    assert not driver.cancel_succeeded(failed("toy-cancel: busy"))
 
 
 def test_gone_messages_are_checked_when_declared() -> None:
