@@ -21,7 +21,13 @@ PACKAGES: dict[str, list[str]] = {
     "core": ["./proxy", "./client", "./core[local,testing,postgres]"],
     "proxy": ["./core[testing]", "./proxy[testing]"],
     "client": ["./client[testing]"],
-    "example": ["./proxy", "./core[testing]", "./examples/gateway-plugin-example"],
+    # The scenario suite runs real Dask through the client: local (Dask) and the client.
+    "example": [
+        "./proxy",
+        "./client",
+        "./core[local,testing]",
+        "./examples/gateway-plugin-example",
+    ],
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],

@@ -26,11 +26,13 @@ import pytest
 from gateway_core.backends import jobqueue
 from gateway_core.backends.jobqueue import (
     CommandResult,
+    GoneJobMessages,
     JobQueueClusterConfig,
     JobQueueConfig,
     JobQueueDriver,
     JobState,
     LauncherError,
+    StateTable,
     Submission,
 )
 from gateway_core.backends.kit import RunAs
@@ -114,6 +116,12 @@ class ToyDriver(JobQueueDriver):
     default_submit_command: ClassVar[str] = "toy-submit"
     default_cancel_command: ClassVar[str] = "toy-cancel"
     default_status_command: ClassVar[str] = "toy-status"
+    states: ClassVar[StateTable] = {
+        "Q": (JobState.PENDING, "queued"),
+        "R": (JobState.RUNNING, "running"),
+        "X": (JobState.FINISHED, "cancelled"),
+    }
+    gone_messages: ClassVar[GoneJobMessages] = GoneJobMessages(unknown_job=("unknown job",))
 
     def submission(
         self,
@@ -127,9 +135,6 @@ class ToyDriver(JobQueueDriver):
         name = worker.name if worker is not None else cluster.name
         return Submission(argv=[self.submit_program, f"--name={name}"], stdin=script)
 
-    def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
-        return [self.cancel_program, *job_ids]
-
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
         return [self.status_program, ",".join(job_ids)]
 
@@ -140,15 +145,6 @@ class ToyDriver(JobQueueDriver):
 
     def parse_job_states(self, stdout: str) -> dict[str, str]:
         return dict(line.split() for line in stdout.splitlines() if line.strip())
-
-    def job_state(self, code: str) -> JobState:
-        return {"Q": JobState.PENDING, "R": JobState.RUNNING}.get(code, JobState.FINISHED)
-
-    def describe_state(self, code: str) -> str:
-        return {"X": "X: cancelled"}.get(code, code)
-
-    def status_error_means_gone(self, result: CommandResult, job_ids: Sequence[str]) -> bool:
-        return "unknown job" in result.stderr
 
 
 @pytest.fixture(autouse=True)
@@ -174,20 +170,72 @@ def make_driver(queue: FakeQueue, **settings: Any) -> ToyDriver:
 
 
 def test_a_driver_missing_a_scheduler_method_fails_when_made() -> None:
-    """The six scheduler-specific methods are abstract: a plugin that forgets one learns it
+    """The four scheduler-specific methods are abstract: a plugin that forgets one learns it
     when the driver is made, not on the first status check."""
 
     class Forgetful(JobQueueDriver):  # everything but parse_job_states
         name = "forgetful"
         submission = ToyDriver.submission
-        cancel_command_line = ToyDriver.cancel_command_line
         status_command_line = ToyDriver.status_command_line
         parse_job_id = ToyDriver.parse_job_id
-        job_state = ToyDriver.job_state
 
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     with pytest.raises(TypeError, match="parse_job_states"):
         Forgetful(config=JobQueueConfig(), context=context, runner=FakeQueue())  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------------------
+# What the base reads from a driver's tables
+
+
+def test_the_state_table_says_what_a_code_means_and_an_unknown_code_is_alive() -> None:
+    driver = make_driver(FakeQueue())
+    assert driver.job_state("Q") is JobState.PENDING
+    assert driver.job_state("R") is JobState.RUNNING
+    assert driver.job_state("X") is JobState.FINISHED
+    assert driver.job_state("ZZ") is JobState.RUNNING  # left to the heartbeat timeout
+    assert driver.describe_state("X") == "X: cancelled"
+    assert driver.describe_state("ZZ") == "ZZ"
+
+
+def test_the_cancel_command_is_the_cancel_program_and_the_ids_by_default() -> None:
+    driver = make_driver(FakeQueue(), cancel_command="/opt/bin/toy-cancel")
+    assert driver.cancel_command_line(["7", "8"]) == ["/opt/bin/toy-cancel", "7", "8"]
+
+
+def failed(stderr: str, returncode: int = 1) -> CommandResult:
+    return CommandResult(returncode=returncode, stdout="", stderr=stderr)
+
+
+def test_gone_messages_decide_whether_a_failed_status_or_cancel_means_the_job_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver = make_driver(FakeQueue())
+    # One "unknown job" message means every job asked about has ended (the default rule).
+    assert driver.status_error_means_gone(failed("unknown job 7"), ["7", "8"])
+    assert not driver.status_error_means_gone(failed("cannot reach the controller"), ["7"])
+    assert driver.cancel_succeeded(failed("", returncode=0))
+    assert driver.cancel_succeeded(failed("toy-cancel: unknown job 7"))
+    assert not driver.cancel_succeeded(failed("toy-cancel: permission denied"))
+
+    named = GoneJobMessages(
+        unknown_job=(r"no job (\S+)",), job_finished=("has ended",), status_names_each_job=True
+    )
+    monkeypatch.setattr(ToyDriver, "gone_messages", named)
+    # Named rule: gone only when every job asked about is named.
+    assert driver.status_error_means_gone(failed("no job 7\nno job 8\n"), ["7", "8"])
+    assert not driver.status_error_means_gone(failed("no job 7\n"), ["7", "8"])
+    assert not driver.status_error_means_gone(failed("no job 7\n"), [])
+    assert driver.cancel_succeeded(failed("toy-cancel: 9 has ended"))
+    assert driver.cancel_succeeded(failed("no job 9"))
+    assert not driver.cancel_succeeded(failed("toy-cancel: busy"))
+
+
+def test_gone_messages_are_checked_when_declared() -> None:
+    with pytest.raises(ValueError, match="not a regular expression"):
+        GoneJobMessages(unknown_job=("unknown (job",))
+    with pytest.raises(ValueError, match="one group capturing the job id"):
+        GoneJobMessages(unknown_job=("Unknown Job Id",), status_names_each_job=True)
 
 
 def make_cluster(name: str = "c0ffee", username: str = "alice", **config: Any) -> Cluster:

@@ -1,5 +1,6 @@
 """Fixtures of the Slurm tests: a real Slurm (started by ci/start-slurm.sh when it does not
-answer), throwaway user accounts, and a gateway config for the ``slurm`` backend.
+answer), and the Slurm backend for `gateway_core.testing`'s fixtures and scenario suite
+(`gateway_backend_setup`, `end_user_jobs`, `job_python_packages`).
 
 A system test that cannot get what it needs fails with the reason; nothing is skipped.
 """
@@ -7,36 +8,28 @@ A system test that cannot get what it needs fails with the reason; nothing is sk
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gateway_core.testing.jobqueue import (
-    JobTestSetupError,
-    add_user,
-    delete_user,
-    jobqueue_test_config,
-    shared_tempdir,
+    QueuedJob,
+    end_jobs_of_user,
+    jobqueue_backend_setup,
+    monorepo_packages,
 )
-from gateway_core.testing.jobqueue import job_python as find_job_python
+from gateway_core.testing.scenarios import BackendSetup, RunningCluster
+from gateway_slurm.backend import SlurmDriver
 
 START_SLURM = Path(__file__).resolve().parent.parent / "ci" / "start-slurm.sh"
-REPO = Path(__file__).resolve().parents[3]
-JOB_PACKAGES = ["./proxy", "./client", "./core[local]", "./plugins/gateway-slurm"]
-_job_python = {"path": sys.executable}
-"""The Python jobs and the launcher run as the requesting user; set by the `job_python`
-fixture (this interpreter when users can run it, else a venv built for them)."""
+PLUGIN = Path(__file__).resolve().parents[1]
 
 
-def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, **kw)
+def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
 
 
 def _slurm_answers() -> bool:
@@ -66,61 +59,72 @@ def slurm() -> None:
         )
 
 
-@pytest.fixture(scope="session")
-def homes() -> Iterator[Path]:
-    """A base directory for the throwaway users' homes, readable by them, removed at the end."""
-    base = shared_tempdir("gw-slurm-homes-")
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+def find_jobs(names: Collection[str]) -> dict[str, QueuedJob]:
+    """Slurm's jobs with these names, ended ones included while Slurm remembers them."""
+    out = _run(["squeue", "-h", "--states=all", f"--name={','.join(names)}", "-o", "%i|%j|%u|%t"])
+    jobs = {}
+    for line in out.stdout.splitlines():
+        if line.strip():
+            job_id, name, owner, state = line.split("|")
+            jobs[job_id] = QueuedJob(name=name, owner=owner, state=state)
+    return jobs
 
 
-def _user_jobs(name: str) -> list[str]:
-    out = _run(["squeue", "-h", "-u", name, "-o", "%i"], timeout=30)
+def scancel(job_ids: Sequence[str], *, check: bool = True) -> None:
+    """Cancel jobs behind the gateway's back (as root, like an operator); ``check``: fail when
+    scancel does (a cleanup does not care about jobs that have just ended)."""
+    subprocess.run(["scancel", *job_ids], check=check, capture_output=True)
+
+
+def user_jobs(username: str) -> list[str]:
+    out = _run(["squeue", "-h", "-u", username, "-o", "%i"])
     return out.stdout.split() if out.returncode == 0 else []
 
 
-@pytest.fixture
-def make_user(slurm: None, homes: Path) -> Iterator[Callable[[], pwd.struct_passwd]]:
-    """``make_user()``: a new account (home under a temporary base) for one test; its jobs are
-    cancelled and the account removed at teardown."""
-    made: list[str] = []
-
-    def factory() -> pwd.struct_passwd:
-        try:
-            user = add_user("gws", homes)
-        except JobTestSetupError as exc:
-            pytest.fail(str(exc))
-        made.append(user.pw_name)
-        return user
-
-    yield factory
-    for name in made:
-        jobs = _user_jobs(name)
-        if jobs:
-            _run(["scancel", *jobs])
-            deadline = time.monotonic() + 30
-            while _user_jobs(name) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        delete_user(name)
-
-
 @pytest.fixture(scope="session")
-def job_python(slurm: None, homes: Path) -> Iterator[str]:
-    """A Python the requesting users can run with Dask and our packages (see
-    `gateway_core.testing.jobqueue.job_python`)."""
-    try:
-        python = find_job_python(packages=JOB_PACKAGES, base=homes, source=REPO)
-    except JobTestSetupError as exc:
-        pytest.fail(str(exc))
-    _job_python["path"] = python
-    yield python
-    _job_python["path"] = sys.executable
+def job_python_packages() -> list[str]:
+    return monorepo_packages(PLUGIN)
 
 
-def slurm_config(
-    *, backend: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """A gateway config for the slurm backend with short periods and small jobs."""
-    return jobqueue_test_config(
-        "slurm", python=_job_python["path"], backend=backend, cluster=cluster
+@pytest.fixture
+def end_user_jobs(slurm: None) -> Callable[[str], None]:
+    return lambda username: end_jobs_of_user(
+        username, user_jobs=user_jobs, end_jobs=lambda ids: scancel(ids, check=False)
+    )
+
+
+def inspect_running(running: RunningCluster) -> None:
+    # Slurm jobs run in the staging directory, and write their output there as they go.
+    staging = Path(running.cluster.state["staging_dir"])
+    assert running.client.run_on_scheduler(os.getcwd) == str(staging)
+    assert (staging / f"dask-scheduler-{running.cluster.name}.log").exists()
+
+
+@pytest.fixture
+def gateway_backend_setup(slurm: None, job_python: str) -> BackendSetup:
+    """The Slurm backend for the scenario suite, on the real one-node Slurm."""
+    return jobqueue_backend_setup(
+        "slurm",
+        python=job_python,
+        states=SlurmDriver.states,
+        running_state="R",
+        stopped_states=("CA", "CD"),
+        find_jobs=find_jobs,
+        end_jobs=scancel,
+        job_label=SlurmDriver.job_label,
+        status_command="squeue",
+        refused_option={"partition": "no-such-partition"},
+        refused_reason=[
+            r"sbatch failed \(exit 1\)",
+            "invalid partition specified: no-such-partition",
+        ],
+        dead_state=r"\(state F: failed\)",
+        ended_state="CA: cancelled",
+        variants={
+            "setuid": {"backend": {"slurm": {"switch_user": "setuid"}}},
+            "sudo": {"backend": {"slurm": {"switch_user": "sudo"}}},
+        },
+        inspect_running=inspect_running,
+        # Slurm's own cancellation takes seconds on a busy 2-core machine (6 s seen under load).
+        detection_slack=12.0,
     )

@@ -55,14 +55,28 @@ period rather than marking anything dead. A job missing from the answer is finis
 Writing a driver for another scheduler
 --------------------------------------
 Subclass ``JobQueueDriver[YourConfig, YourClusterConfig]`` (the classes your `BackendSpec`
-names), set ``job_label`` and the three ``default_*_command`` names, and implement
-`JobQueueDriver.submission` (the submit command line and what goes to its stdin),
-`JobQueueDriver.cancel_command_line`,
-`JobQueueDriver.status_command_line`, `JobQueueDriver.parse_job_id`,
-`JobQueueDriver.parse_job_states` and `JobQueueDriver.job_state`. Override
+names), set ``job_label`` and the three ``default_*_command`` names, and declare what the
+scheduler says:
+
+- ``states``: its job state codes, each mapped to what it means (`JobState`) and to words for
+  failure reasons (``{"R": (JobState.RUNNING, "running"), ...}``). `JobQueueDriver.job_state`
+  and `JobQueueDriver.describe_state` read it; a code not listed counts as alive (the
+  heartbeat timeout still catches a dead scheduler).
+- ``gone_messages``: a `GoneJobMessages` of regular expressions for what the status and cancel
+  commands print, failing, about jobs the scheduler no longer knows or that have already
+  ended. A cancel that exits 0 or prints one of them succeeded
+  (`JobQueueDriver.cancel_succeeded`); a failed status command printing an "unknown job" one
+  means every job asked about has ended (`JobQueueDriver.status_error_means_gone`), or, with
+  ``status_names_each_job`` (PBS's ``qstat``), only when the messages name every job asked
+  about.
+
+Then implement `JobQueueDriver.submission` (the submit command line and what goes to its
+stdin), `JobQueueDriver.status_command_line`, `JobQueueDriver.parse_job_id` and
+`JobQueueDriver.parse_job_states`. The cancel command is ``[cancel_program, *job_ids]``
+unless `JobQueueDriver.cancel_command_line` is overridden. Override
 `JobQueueDriver.tls_paths` when jobs see the staging directory elsewhere (PBS's stage-in),
-`JobQueueDriver.output_file` for where a job's output goes, and `status_error_means_gone` /
-`cancel_succeeded` for schedulers that answer "no such job" with an error.
+`JobQueueDriver.output_file` for where a job's output goes, and the three methods above when
+a table and patterns cannot say it.
 """
 
 from __future__ import annotations
@@ -232,6 +246,58 @@ class JobState(enum.Enum):
         return self is not JobState.FINISHED
 
 
+StateTable = Mapping[str, tuple[JobState, str]]
+"""A scheduler's job state codes: code → (what it means, the code in words)."""
+
+
+@define(kw_only=True, frozen=True)
+class GoneJobMessages:
+    """What a scheduler's commands print (on stderr), failing, about jobs that are gone:
+    regular expressions, searched for anywhere in the output."""
+
+    unknown_job: tuple[str, ...] = ()
+    """The status and cancel commands' messages for a job the scheduler does not know (any
+    more): ``"Invalid job id specified"``. With ``status_names_each_job``, each has one group
+    capturing the job id: ``r"Unknown Job Id (\\S+)"``."""
+    job_finished: tuple[str, ...] = ()
+    """The cancel command's messages for a job that has already ended (the cancel counts as
+    done): ``"Job has finished"``."""
+    status_names_each_job: bool = False
+    """How a failed status command printing an ``unknown_job`` message is read. False: every
+    job asked about has ended (a scheduler that fails the whole command on one forgotten id).
+    True: only when the messages name every job asked about (a scheduler that lists the jobs
+    it knows and names each it does not); otherwise the check failed."""
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        for what in ("unknown_job", "job_finished"):
+            for pattern in getattr(self, what):
+                try:
+                    compiled = re.compile(pattern)
+                except re.error as exc:
+                    problems.append(f"{what}: {pattern!r} is not a regular expression: {exc}")
+                    continue
+                if what == "unknown_job" and self.status_names_each_job and compiled.groups != 1:
+                    problems.append(
+                        f"unknown_job: {pattern!r} needs exactly one group capturing the job "
+                        "id, as status_names_each_job is set"
+                    )
+        if problems:
+            raise ValueError("GoneJobMessages: " + "; ".join(problems))
+
+    def unknown(self, text: str) -> bool:
+        """Whether ``text`` says some job is unknown."""
+        return any(re.search(p, text) for p in self.unknown_job)
+
+    def finished(self, text: str) -> bool:
+        """Whether ``text`` says some job has already ended."""
+        return any(re.search(p, text) for p in self.job_finished)
+
+    def unknown_ids(self, text: str) -> set[str]:
+        """The job ids ``text`` names as unknown (needs ``status_names_each_job``)."""
+        return {m.group(1) for p in self.unknown_job for m in re.finditer(p, text)}
+
+
 @define(kw_only=True, frozen=True)
 class Submission:
     """How to submit one job: the command line (run in the staging directory, as the user)
@@ -398,6 +464,11 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     default_status_command: ClassVar[str] = ""
     status_batch_window: ClassVar[float] = 0.05
     """Seconds status questions are collected before one status command answers them all."""
+    states: ClassVar[StateTable] = {}
+    """The scheduler's job state codes: what each means and in words (see the module's
+    docstring); a code not listed counts as alive."""
+    gone_messages: ClassVar[GoneJobMessages] = GoneJobMessages()
+    """What the status and cancel commands print about jobs that are gone."""
 
     def __init__(
         self,
@@ -438,10 +509,10 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         whose job script is ``script``; it runs as the user, in ``staging_dir``."""
         raise NotImplementedError
 
-    @abc.abstractmethod
     def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
-        """The command cancelling ``job_ids`` (run as the user)."""
-        raise NotImplementedError
+        """The command cancelling ``job_ids`` (run as the user); default
+        ``[cancel_program, *job_ids]``."""
+        return [self.cancel_program, *job_ids]
 
     @abc.abstractmethod
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
@@ -459,23 +530,35 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         ValueError on output that cannot be understood (the check then counts as failed)."""
         raise NotImplementedError
 
-    @abc.abstractmethod
     def job_state(self, code: str) -> JobState:
-        """What the scheduler's state ``code`` means."""
-        raise NotImplementedError
+        """What the scheduler's state ``code`` means: its entry in ``states``; a code not
+        listed counts as alive (RUNNING)."""
+        known = self.states.get(code)
+        return known[0] if known is not None else JobState.RUNNING
 
     def describe_state(self, code: str) -> str:
-        """``code`` in words, for failure reasons; default the code itself."""
-        return code
+        """``code`` in words, for failure reasons (``"CA: cancelled"``); the code itself when
+        ``states`` does not list it."""
+        known = self.states.get(code)
+        return f"{code}: {known[1]}" if known is not None else code
 
     def status_error_means_gone(self, result: CommandResult, job_ids: Sequence[str]) -> bool:
-        """Whether a failed status command means every job asked about is unknown (some
-        schedulers fail on ids they have forgotten); default False: a failure is a failure."""
-        return False
+        """Whether a failed status command means every job in ``job_ids`` has ended, read
+        from ``gone_messages`` (see `GoneJobMessages.status_names_each_job`); otherwise the
+        failure is a failure and the check is retried."""
+        messages = self.gone_messages
+        if messages.status_names_each_job:
+            return bool(job_ids) and set(job_ids) <= messages.unknown_ids(result.stderr)
+        return messages.unknown(result.stderr)
 
     def cancel_succeeded(self, result: CommandResult) -> bool:
-        """Whether the cancel command did its job (also when the job had already ended)."""
-        return result.returncode == 0
+        """Whether the cancel command did its job: it exited 0, or it says the job is unknown
+        or has already ended (``gone_messages``)."""
+        if result.returncode == 0:
+            return True
+        return self.gone_messages.unknown(result.stderr) or self.gone_messages.finished(
+            result.stderr
+        )
 
     def output_file(self, staging_dir: str, role: str, name: str) -> str:
         """Where the job of ``role`` ("scheduler"/"worker") called ``name`` writes its output."""
@@ -900,11 +983,13 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
 
 __all__ = [
     "CommandResult",
+    "GoneJobMessages",
     "JobQueueClusterConfig",
     "JobQueueConfig",
     "JobQueueDriver",
     "JobRunner",
     "JobState",
     "LauncherError",
+    "StateTable",
     "Submission",
 ]

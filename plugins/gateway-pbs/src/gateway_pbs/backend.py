@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 from attrs import define, field
 
 from gateway_core.backends.jobqueue import (
-    CommandResult,
+    GoneJobMessages,
     JobQueueClusterConfig,
     JobQueueConfig,
     JobQueueDriver,
@@ -52,11 +52,16 @@ reconciler, and in words. ``E`` counts as ended, as in the original gateway: the
 processes are gone, PBS is only copying its output back. A letter not listed counts as alive
 (the heartbeat timeout still catches a dead scheduler)."""
 
-UNKNOWN_JOB = re.compile(r"Unknown Job Id (\S+)")
-"""``qstat``/``qdel``'s message (exit 153, PBSE_UNKJOBID) for a job PBS does not know, or no
-longer keeps in its history."""
-JOB_FINISHED = "Job has finished"
-"""``qdel``'s message (exit 35, PBSE_HISTJOBID) for a job that has already finished."""
+GONE_MESSAGES = GoneJobMessages(
+    unknown_job=(r"Unknown Job Id (\S+)",),
+    job_finished=("Job has finished",),
+    status_names_each_job=True,
+)
+"""What ``qstat``/``qdel`` say, failing, about jobs PBS does not know or no longer keeps in its
+history (``Unknown Job Id <id>``, exit 153, PBSE_UNKJOBID), and what ``qdel`` says about a job
+that has already finished (exit 35, PBSE_HISTJOBID). ``qstat`` lists the jobs it knows and
+names each it does not: only when it names every job asked about is the answer "all
+finished"; otherwise the check fails."""
 _JOB_ID = re.compile(r"\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?")
 _RESOURCE_FIELDS = ("cores", "memory")
 
@@ -163,6 +168,8 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
     default_submit_command: ClassVar[str] = "qsub"
     default_cancel_command: ClassVar[str] = "qdel"
     default_status_command: ClassVar[str] = "qstat"
+    states = STATES
+    gone_messages = GONE_MESSAGES
 
     def tls_paths(self, cluster: Cluster, staging_dir: str) -> tuple[str, str]:
         if self.cluster_config(cluster).use_stagein:
@@ -207,9 +214,6 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
             argv += ["-W", "sandbox=PRIVATE", "-W", f"stagein=.@{host}:{staging_dir}/*"]
         return Submission(argv=argv, stdin=script)
 
-    def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
-        return [self.cancel_program, *job_ids]
-
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
         return [self.status_program, "-x", *job_ids]
 
@@ -239,27 +243,9 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
             states[parts[0]] = parts[4]
         return states
 
-    def job_state(self, code: str) -> JobState:
-        known = STATES.get(code)
-        return known[0] if known is not None else JobState.RUNNING
-
-    def describe_state(self, code: str) -> str:
-        known = STATES.get(code)
-        return f"{code}: {known[1]}" if known is not None else code
-
-    def status_error_means_gone(self, result: CommandResult, job_ids: Sequence[str]) -> bool:
-        # qstat lists the jobs it knows and fails (153) naming each it does not: only when it
-        # names every job asked about is the answer "all finished"; otherwise the check fails.
-        unknown = set(UNKNOWN_JOB.findall(result.stderr))
-        return bool(job_ids) and set(job_ids) <= unknown
-
-    def cancel_succeeded(self, result: CommandResult) -> bool:
-        if result.returncode == 0:
-            return True
-        return bool(UNKNOWN_JOB.search(result.stderr)) or JOB_FINISHED in result.stderr
-
 
 __all__ = [
+    "GONE_MESSAGES",
     "STATES",
     "PBSClusterConfig",
     "PBSConfig",

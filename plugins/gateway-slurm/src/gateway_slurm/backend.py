@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from attrs import define
 
 from gateway_core.backends.jobqueue import (
-    CommandResult,
+    GoneJobMessages,
     JobQueueClusterConfig,
     JobQueueConfig,
     JobQueueDriver,
@@ -56,9 +56,14 @@ STATES: dict[str, tuple[JobState, str]] = {
 in words. A code not listed counts as alive (the heartbeat timeout still catches a dead
 scheduler)."""
 
-GONE_ERRORS = ("Invalid job id specified",)
-"""What ``squeue``/``scancel`` say, failing, about jobs Slurm has already forgotten."""
-CANCEL_DONE = ("already completing or completed", "Job has finished")
+GONE_MESSAGES = GoneJobMessages(
+    unknown_job=("Invalid job id specified",),
+    job_finished=("already completing or completed", "Job has finished"),
+)
+"""What ``squeue``/``scancel`` say, failing, about jobs Slurm has already forgotten, and what
+``scancel`` says about jobs that have already ended. One id Slurm has forgotten fails the whole
+``squeue`` (several are listed or left out), so its message means every job asked about has
+ended."""
 
 
 def slurm_memory(n: int) -> str:
@@ -100,6 +105,8 @@ class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
     default_submit_command: ClassVar[str] = "sbatch"
     default_cancel_command: ClassVar[str] = "scancel"
     default_status_command: ClassVar[str] = "squeue"
+    states = STATES
+    gone_messages = GONE_MESSAGES
 
     def submission(
         self,
@@ -132,9 +139,6 @@ class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
         ]
         return Submission(argv=argv, stdin=script)
 
-    def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
-        return [self.cancel_program, *job_ids]
-
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
         return [
             self.status_program,
@@ -164,22 +168,12 @@ class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
             states[parts[0]] = parts[1]
         return states
 
-    def job_state(self, code: str) -> JobState:
-        known = STATES.get(code)
-        return known[0] if known is not None else JobState.RUNNING
 
-    def describe_state(self, code: str) -> str:
-        known = STATES.get(code)
-        return f"{code}: {known[1]}" if known is not None else code
-
-    def status_error_means_gone(self, result: CommandResult, job_ids: Sequence[str]) -> bool:
-        # One id Slurm has forgotten fails the whole squeue; several are listed or left out.
-        return any(text in result.stderr for text in GONE_ERRORS)
-
-    def cancel_succeeded(self, result: CommandResult) -> bool:
-        if result.returncode == 0:
-            return True
-        return any(text in result.stderr for text in (*GONE_ERRORS, *CANCEL_DONE))
-
-
-__all__ = ["SlurmClusterConfig", "SlurmConfig", "SlurmDriver", "slurm_memory"]
+__all__ = [
+    "GONE_MESSAGES",
+    "STATES",
+    "SlurmClusterConfig",
+    "SlurmConfig",
+    "SlurmDriver",
+    "slurm_memory",
+]
