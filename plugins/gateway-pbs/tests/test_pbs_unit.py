@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from gateway_core.backends.jobqueue import CommandResult, JobState
-from gateway_core.config import ConfigError, load_config, structure, unstructure
-from gateway_core.context import GatewayContext
+from gateway_core.config import ConfigError
 from gateway_core.models import Cluster, Worker
+from gateway_core.testing.units import unit_cluster, unit_driver
 from gateway_pbs.backend import (
     STATES,
     PBSClusterConfig,
@@ -19,6 +19,7 @@ from gateway_pbs.backend import (
     pbs_memory,
     resource_list,
 )
+from gateway_pbs.hooks import gateway_register_backends
 
 pytestmark = pytest.mark.unit
 
@@ -31,29 +32,23 @@ Job id            Name             User              Time Use S Queue
 """
 
 
+SPEC = gateway_register_backends()[0]
+
+
 def driver(**settings: Any) -> PBSDriver:
-    context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    context.api_url = "http://127.0.0.1:8000/api"
     defaults = {
         "submit_command": "/opt/pbs/bin/qsub",
         "cancel_command": "/opt/pbs/bin/qdel",
         "status_command": "/opt/pbs/bin/qstat",
         "gateway_hostname": "gw01",
     }
-    config = PBSConfig(**{**defaults, **settings})
-    return PBSDriver(config=config, context=context, cluster_config_class=PBSClusterConfig)
+    built = unit_driver(SPEC, **{**defaults, **settings})
+    assert isinstance(built, PBSDriver)
+    return built
 
 
 def cluster(**config: Any) -> Cluster:
-    return Cluster(
-        name="abc123",
-        username="alice",
-        token="tok",
-        config=unstructure(structure(config, PBSClusterConfig)),
-        tls_cert=b"C",
-        tls_key=b"K",
-        scheduler_address="tls://10.1.1.1:4000",
-    )
+    return unit_cluster(SPEC, **config)
 
 
 def test_the_scheduler_job_stages_in_the_staging_directory_and_asks_for_its_resources() -> None:

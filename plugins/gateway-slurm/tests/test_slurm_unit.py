@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from gateway_core.backends.jobqueue import CommandResult, JobState
-from gateway_core.config import ConfigError, load_config, structure, unstructure
-from gateway_core.context import GatewayContext
+from gateway_core.config import ConfigError, structure
 from gateway_core.models import Cluster, Worker
+from gateway_core.testing.units import unit_cluster, unit_driver
 from gateway_slurm.backend import (
     STATES,
     SlurmClusterConfig,
@@ -18,28 +18,23 @@ from gateway_slurm.backend import (
     SlurmDriver,
     slurm_memory,
 )
+from gateway_slurm.hooks import gateway_register_backends
 
 pytestmark = pytest.mark.unit
 
 
+SPEC = gateway_register_backends()[0]
+
+
 def driver(**settings: Any) -> SlurmDriver:
-    context = GatewayContext(config=load_config({}, environ={}), hook=None)
-    context.api_url = "http://127.0.0.1:8000/api"
     defaults = {"submit_command": "/usr/bin/sbatch", "cancel_command": "/usr/bin/scancel"}
-    config = SlurmConfig(**{**defaults, **settings})
-    return SlurmDriver(config=config, context=context, cluster_config_class=SlurmClusterConfig)
+    built = unit_driver(SPEC, **{**defaults, **settings})
+    assert isinstance(built, SlurmDriver)
+    return built
 
 
 def cluster(**config: Any) -> Cluster:
-    return Cluster(
-        name="abc123",
-        username="alice",
-        token="tok",
-        config=unstructure(structure(config, SlurmClusterConfig)),
-        tls_cert=b"C",
-        tls_key=b"K",
-        scheduler_address="tls://10.1.1.1:4000",
-    )
+    return unit_cluster(SPEC, **config)
 
 
 def test_the_scheduler_job_asks_for_its_cores_and_memory_in_its_partition() -> None:
