@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 import pytest
 
 from gateway_core.backends import jobqueue
@@ -715,3 +716,25 @@ async def test_a_launcher_that_cannot_run_is_a_clear_error(tmp_path: Path) -> No
         pytest.fail("run as root: the setuid mode needs it (CI runs as root)")
     with pytest.raises(LauncherError, match=r"cannot run the launcher as .*/no/such/launcher"):
         await runner.run_as(me, {"action": "tail", "path": "/etc/hostname"})
+
+
+def test_every_config_class_checks_its_own_settings_and_all_problems_come_at_once() -> None:
+    from gateway_core.config import CheckedConfig
+
+    # Three levels, each with a bad value: ClusterConfig (worker_cores),
+    # JobQueueClusterConfig (staging_directory) and a subclass declaring its own check.
+    @attrs.define(kw_only=True, frozen=True)
+    class SiteClusterConfig(JobQueueClusterConfig):
+        partition: str = "main"
+
+        def check(self) -> list[str]:
+            return [] if self.partition else ["partition: must not be empty"]
+
+    assert issubclass(SiteClusterConfig, CheckedConfig)
+    with pytest.raises(ConfigError) as caught:
+        SiteClusterConfig(worker_cores=0, staging_directory="{nowhere}", partition="")
+    problems = caught.value.problems
+    assert problems[0].startswith("worker_cores: must be at least 1")  # the base's first
+    assert any(p.startswith("staging_directory: unknown placeholder {nowhere}") for p in problems)
+    assert problems[-1] == "partition: must not be empty"
+    assert SiteClusterConfig().partition == "main"  # nothing to report: no error

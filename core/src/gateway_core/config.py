@@ -112,8 +112,30 @@ class ProxyConfig:
     """Route changes kept for feed readers; a reader further behind reloads the full table."""
 
 
+class CheckedConfig:
+    """Base of the config sections plugins subclass (`ClusterConfig`, `BackendConfig`,
+    `AuthConfig`): values are checked once, when the section is structured.
+
+    Each class of a section's hierarchy may define ``check(self) -> list[str]``, returning the
+    problems with the settings it declares (``"name: why"``). Every class's own ``check`` runs,
+    the base's first, and all problems are raised together as one `ConfigError`, so a subclass
+    neither calls ``super()`` nor can forget to.
+    """
+
+    __slots__ = ()
+
+    def __attrs_post_init__(self) -> None:
+        problems: list[str] = []
+        for klass in reversed(type(self).__mro__):
+            check = vars(klass).get("check")
+            if check is not None:
+                problems.extend(check(self))
+        if problems:
+            raise ConfigError(problems)
+
+
 @define(kw_only=True, frozen=True)
-class ClusterConfig:
+class ClusterConfig(CheckedConfig):
     """`[cluster]`: what every cluster gets unless an option handler overrides it.
 
     Backends with more per-cluster settings (a Slurm partition) subclass this.
@@ -151,8 +173,9 @@ class ClusterConfig:
     cluster_max_workers: int | None = None
     """Workers one cluster may have; combined with the core and memory limits."""
 
-    def __attrs_post_init__(self) -> None:
-        problems = []
+    def check(self) -> list[str]:
+        """Problems with the settings this class declares (see `CheckedConfig`)."""
+        problems: list[str] = []
         for name in ("scheduler_cores", "worker_cores"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -164,8 +187,7 @@ class ClusterConfig:
             problems.append("scheduler_memory: larger than cluster_max_memory")
         if self.cluster_max_cores is not None and self.scheduler_cores > self.cluster_max_cores:
             problems.append("scheduler_cores: larger than cluster_max_cores")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
     @property
     def threads(self) -> int:
@@ -189,7 +211,7 @@ class ClusterConfig:
 
 
 @define(kw_only=True, frozen=True)
-class BackendConfig:
+class BackendConfig(CheckedConfig):
     """Base of every `[backend.<name>]` section."""
 
 
@@ -235,7 +257,7 @@ class ProcessBackendConfig(BackendConfig):
 
 
 @define(kw_only=True, frozen=True)
-class AuthConfig:
+class AuthConfig(CheckedConfig):
     """Base of every `[auth.<name>]` section."""
 
     cache_max_age: int = 300

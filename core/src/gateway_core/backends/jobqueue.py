@@ -97,7 +97,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from attrs import define, field
 
-from ..config import ClusterConfig, Command, ConfigError, ProcessBackendConfig
+from ..config import ClusterConfig, Command, ProcessBackendConfig
 from .base import ClusterDriver, StateUpdates
 from .kit import (
     CERT_FILE,
@@ -157,17 +157,13 @@ class JobQueueClusterConfig(ClusterConfig):
     holding its TLS files and job output, removed when the cluster stops). A template of
     ``{home}`` (the user's home directory) and ``{username}``; must give an absolute path."""
 
-    def __attrs_post_init__(self) -> None:
+    def check(self) -> list[str]:
+        """Problems with the settings this class adds (see `CheckedConfig`)."""
         problems: list[str] = []
-        try:
-            super().__attrs_post_init__()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
         bad = _check_template(self.staging_directory, "staging_directory")
         if bad:
             problems.append(bad)
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
 
 @define(kw_only=True, frozen=True)
@@ -206,8 +202,9 @@ class JobQueueConfig(ProcessBackendConfig):
     """Retries of a failed status command within one check, after backoff_base_delay, then
     twice that, ...; then the check is skipped until the next period."""
 
-    def __attrs_post_init__(self) -> None:
-        problems = []
+    def check(self) -> list[str]:
+        """Problems with the settings this class adds (see `CheckedConfig`)."""
+        problems: list[str] = []
         if self.switch_user not in SWITCH_USER_MODES:
             problems.append(
                 f"switch_user: expected one of {', '.join(SWITCH_USER_MODES)}, "
@@ -222,8 +219,7 @@ class JobQueueConfig(ProcessBackendConfig):
         for i, name in enumerate(self.inherited_environment):
             if not _ENV_NAME.fullmatch(name):
                 problems.append(f"inherited_environment[{i}]: not a variable name: {name!r}")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field
 
-from ..config import ClusterConfig, ConfigError, ProcessBackendConfig
+from ..config import ClusterConfig, ProcessBackendConfig
 from .base import ClusterDriver, StateUpdates
 from .forkserver import ForkServer, ForkServerError, LaunchRefused
 from .kit import (
@@ -102,8 +102,9 @@ class LocalBackendConfig(ProcessBackendConfig):
     """Seconds after a launch during which a process that exits fails its start at once, with
     the end of its log as the reason; 0 leaves it to the periodic checks."""
 
-    def __attrs_post_init__(self) -> None:
-        problems = []
+    def check(self) -> list[str]:
+        """Problems with the settings this class adds (see `CheckedConfig`)."""
+        problems: list[str] = []
         if self.start_method not in ("fork", "spawn"):
             problems.append(f"start_method: expected fork or spawn, got {self.start_method!r}")
         for name in ("sigint_timeout", "sigterm_timeout", "sigkill_timeout", "early_exit_window"):
@@ -113,8 +114,7 @@ class LocalBackendConfig(ProcessBackendConfig):
             problems.append(
                 f"clusters_directory: must be an absolute path, got {self.clusters_directory!r}"
             )
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
 
 # --------------------------------------------------------------------------------------------

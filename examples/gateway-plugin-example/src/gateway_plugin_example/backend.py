@@ -39,7 +39,6 @@ from gateway_core.backends.kit import (
 from gateway_core.config import (
     ClusterConfig,
     Command,
-    ConfigError,
     ProcessBackendConfig,
     structure,
 )
@@ -129,8 +128,9 @@ class CommandTemplateConfig(ProcessBackendConfig):
     """Where each cluster gets a working directory (TLS files, logs); empty means a folder
     in the system's temporary directory."""
 
-    def __attrs_post_init__(self) -> None:
-        problems = []
+    def check(self) -> list[str]:
+        """Problems with the settings this class adds (see `CheckedConfig`)."""
+        problems: list[str] = []
         if (
             not self.stop_signal.startswith("SIG")
             or self.stop_signal not in signal.Signals.__members__
@@ -149,8 +149,7 @@ class CommandTemplateConfig(ProcessBackendConfig):
             if not template:
                 problems.append(f"{name}: must not be empty")
             problems.extend(f"{name}{p}" for p in template_problems(template, allowed))
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
     @property
     def signal(self) -> signal.Signals:

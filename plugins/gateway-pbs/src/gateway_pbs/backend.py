@@ -28,7 +28,6 @@ from gateway_core.backends.jobqueue import (
     Submission,
 )
 from gateway_core.backends.kit import CERT_FILE, KEY_FILE
-from gateway_core.config import ConfigError
 
 if TYPE_CHECKING:
     from gateway_core.models import Cluster, Worker
@@ -116,18 +115,14 @@ class PBSClusterConfig(JobQueueClusterConfig):
     ``-W sandbox=PRIVATE``), for compute nodes that do not share the gateway's file system.
     False: the jobs read the staging directory where it is (a shared file system)."""
 
-    def __attrs_post_init__(self) -> None:
+    def check(self) -> list[str]:
+        """Problems with the settings this class adds (see `CheckedConfig`)."""
         problems: list[str] = []
-        try:
-            super().__attrs_post_init__()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
         for what in ("worker_resource_list", "scheduler_resource_list"):
             bad = _check_resource_template(getattr(self, what), what)
             if bad:
                 problems.append(bad)
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
 
 @define(kw_only=True, frozen=True)
@@ -141,16 +136,12 @@ class PBSConfig(JobQueueConfig):
     staging directory from, and where jobs' output is copied back to. Default: this host's
     name."""
 
-    def __attrs_post_init__(self) -> None:
+    def check(self) -> list[str]:
+        """Problems with the settings this class adds (see `CheckedConfig`)."""
         problems: list[str] = []
-        try:
-            super().__attrs_post_init__()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.gateway_hostname):
             problems.append(f"gateway_hostname: not a host name: {self.gateway_hostname!r}")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
 
 class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
