@@ -167,13 +167,13 @@ def test_a_scenario_declared_not_applicable_is_skipped_with_the_reason_and_recor
 
 
 def test_unit_builders_make_a_typed_driver_and_cluster_and_name_a_bad_setting() -> None:
-    from gateway_core.backends.local import LocalBackendConfig
+    from gateway_core.backends.local import LocalBackendConfig, LocalDriver
     from gateway_core.builtin import gateway_register_backends
     from gateway_core.config import ClusterConfig, ConfigError
     from gateway_core.testing.units import UNIT_API_URL, unit_cluster, unit_driver
 
     spec = next(s for s in gateway_register_backends() if s.name == "unsafe-local")
-    driver = unit_driver(spec, sigint_timeout=3.0)
+    driver = unit_driver(spec, LocalDriver, sigint_timeout=3.0)
     assert isinstance(driver.config, LocalBackendConfig) and driver.config.sigint_timeout == 3.0
     assert driver.context.api_url == UNIT_API_URL
     cluster = unit_cluster(spec, worker_cores=3, environment={"A": "1"})
@@ -181,6 +181,8 @@ def test_unit_builders_make_a_typed_driver_and_cluster_and_name_a_bad_setting() 
     assert isinstance(typed, ClusterConfig) and typed is cluster.typed_config
     assert (typed.worker_cores, cluster.config["environment"]) == (3, {"A": "1"})
     with pytest.raises(ConfigError, match=r"backend\.unsafe-local\.sigint_timeout"):
-        unit_driver(spec, sigint_timeout="soon")
+        unit_driver(spec, LocalDriver, sigint_timeout="soon")
+    with pytest.raises(TypeError, match="not a <class 'str'>"):
+        unit_driver(spec, str)  # type: ignore[type-var]
     with pytest.raises(ConfigError, match=r"cluster\.worker_cores"):
         unit_cluster(spec, worker_cores="many")

@@ -3,13 +3,14 @@ output, the state mapping, qstat/qdel errors, the config sections. No PBS, no pr
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 
 from gateway_core.backends.jobqueue import CommandResult, JobState
 from gateway_core.config import ConfigError
-from gateway_core.models import Cluster, Worker
+from gateway_core.models import Worker
 from gateway_core.testing.units import unit_cluster, unit_driver
 from gateway_pbs.backend import (
     STATES,
@@ -35,20 +36,19 @@ Job id            Name             User              Time Use S Queue
 SPEC = gateway_register_backends()[0]
 
 
+DEFAULTS = {
+    "submit_command": "/opt/pbs/bin/qsub",
+    "cancel_command": "/opt/pbs/bin/qdel",
+    "status_command": "/opt/pbs/bin/qstat",
+    "gateway_hostname": "gw01",
+}
+
+
 def driver(**settings: Any) -> PBSDriver:
-    defaults = {
-        "submit_command": "/opt/pbs/bin/qsub",
-        "cancel_command": "/opt/pbs/bin/qdel",
-        "status_command": "/opt/pbs/bin/qstat",
-        "gateway_hostname": "gw01",
-    }
-    built = unit_driver(SPEC, **{**defaults, **settings})
-    assert isinstance(built, PBSDriver)
-    return built
+    return unit_driver(SPEC, PBSDriver, **{**DEFAULTS, **settings})
 
 
-def cluster(**config: Any) -> Cluster:
-    return unit_cluster(SPEC, **config)
+cluster = functools.partial(unit_cluster, SPEC)
 
 
 def test_the_scheduler_job_stages_in_the_staging_directory_and_asks_for_its_resources() -> None:

@@ -3,13 +3,14 @@ the config sections. No Slurm, no processes."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 
 from gateway_core.backends.jobqueue import CommandResult, JobState
 from gateway_core.config import ConfigError, structure
-from gateway_core.models import Cluster, Worker
+from gateway_core.models import Worker
 from gateway_core.testing.units import unit_cluster, unit_driver
 from gateway_slurm.backend import (
     STATES,
@@ -26,15 +27,14 @@ pytestmark = pytest.mark.unit
 SPEC = gateway_register_backends()[0]
 
 
+DEFAULTS = {"submit_command": "/usr/bin/sbatch", "cancel_command": "/usr/bin/scancel"}
+
+
 def driver(**settings: Any) -> SlurmDriver:
-    defaults = {"submit_command": "/usr/bin/sbatch", "cancel_command": "/usr/bin/scancel"}
-    built = unit_driver(SPEC, **{**defaults, **settings})
-    assert isinstance(built, SlurmDriver)
-    return built
+    return unit_driver(SPEC, SlurmDriver, **{**DEFAULTS, **settings})
 
 
-def cluster(**config: Any) -> Cluster:
-    return unit_cluster(SPEC, **config)
+cluster = functools.partial(unit_cluster, SPEC)
 
 
 def test_the_scheduler_job_asks_for_its_cores_and_memory_in_its_partition() -> None:

@@ -6,7 +6,7 @@ a `Cluster` record whose config is structured the way `ProcessBackend` would han
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from ..backends.base import ClusterDriver
 from ..config import load_config, structure, unstructure
@@ -14,24 +14,32 @@ from ..context import GatewayContext
 from ..models import Cluster
 from ..specs import BackendSpec
 
+D = TypeVar("D", bound=ClusterDriver[Any, Any])
+
 UNIT_API_URL = "http://127.0.0.1:8000/api"
 """The gateway API URL `unit_driver`'s context advertises to clusters."""
 
 
-def unit_driver(spec: BackendSpec, **config: Any) -> ClusterDriver[Any, Any]:
+def unit_driver(spec: BackendSpec, driver_type: type[D], /, **config: Any) -> D:
     """The driver of ``spec`` built as a gateway would (`BackendSpec.make_driver`), with
     ``config`` structured as its ``[backend.<name>]`` table and a context that has no plugins
-    and advertises `UNIT_API_URL`. Bad settings raise `ConfigError` naming the key.
+    and advertises `UNIT_API_URL`. Bad settings raise `ConfigError` naming the key; a driver
+    that is not a ``driver_type`` raises TypeError.
 
     Example::
 
-        driver = unit_driver(SLURM_SPEC, submit_command="/usr/bin/sbatch")
+        driver = unit_driver(SLURM_SPEC, SlurmDriver, submit_command="/usr/bin/sbatch")
         sub = driver.submission(cluster, driver.cluster_config(cluster), ...)
     """
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     context.api_url = UNIT_API_URL
     settings = structure(config, spec.config, path=f"backend.{spec.name}")
-    return spec.make_driver(config=settings, context=context)
+    driver = spec.make_driver(config=settings, context=context)
+    if not isinstance(driver, driver_type):
+        raise TypeError(
+            f"backend {spec.name!r} made a {type(driver).__name__}, not a {driver_type}"
+        )
+    return driver
 
 
 def unit_cluster(

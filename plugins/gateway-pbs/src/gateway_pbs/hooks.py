@@ -1,7 +1,7 @@
-"""The plugin's entry point: registers the ``pbs`` backend.
+"""Registers the ``pbs`` backend with the gateway; named by gateway-pbs's ``gateway`` entry point.
 
-Kept light on purpose: every gateway process imports it, so the driver is imported inside the
-hook, only when asked for.
+Owns only the registration. The PBS driver module is imported inside the hook, on demand,
+which keeps ``gateway plugins`` and a gateway that uses another backend from loading it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The plugin's entry point: registers the ``slurm`` backend.
+"""Entry point of gateway-slurm (``[project.entry-points.gateway] slurm``): the ``slurm`` backend.
 
-Kept light on purpose: every gateway process imports it, so the driver is imported inside the
-hook, only when asked for.
+Every ``gateway`` command loads this module, so it imports only core's hook marker and spec;
+`gateway_slurm.backend` (the driver and its config classes) is imported when the registry asks.
 """
 
 from __future__ import annotations
