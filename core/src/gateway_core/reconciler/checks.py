@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from ..models import ClusterStatus, WorkerStatus, now_ms
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from .workers import WorkerMachine
 
 log = logging.getLogger("gateway.reconciler")
+
+T = TypeVar("T")
 
 
 class Checks:
@@ -88,19 +91,7 @@ class Checks:
                 and runtime.start is None
             ):
                 batch.append(c)
-        if not batch:
-            return
-        try:
-            alive = await shared.driver.check_clusters(batch)
-        except Exception:
-            log.warning(
-                "Checking %d cluster(s) failed; trying next period", len(batch), exc_info=True
-            )
-            return
-        if len(alive) != len(batch):
-            log.error("check_clusters answered %d results for %d clusters", len(alive), len(batch))
-            return
-        for cluster, ok in zip(batch, alive, strict=True):
+        for cluster, ok in await _ask(shared.driver.check_clusters, batch, "cluster"):
             if ok or cluster.target != ClusterStatus.RUNNING or not cluster.status.is_active:
                 continue
             reason: str | None = None
@@ -130,19 +121,7 @@ class Checks:
                     and runtime.start is None
                 ):
                     batch.append((c, w))
-        if not batch:
-            return
-        try:
-            alive = await shared.driver.check_workers(batch)
-        except Exception:
-            log.warning(
-                "Checking %d worker(s) failed; trying next period", len(batch), exc_info=True
-            )
-            return
-        if len(alive) != len(batch):
-            log.error("check_workers answered %d results for %d workers", len(alive), len(batch))
-            return
-        for (cluster, worker), ok in zip(batch, alive, strict=True):
+        for (cluster, worker), ok in await _ask(shared.driver.check_workers, batch, "worker"):
             if ok or worker.target != WorkerStatus.RUNNING or not worker.status.is_active:
                 continue
             if cluster.target != ClusterStatus.RUNNING:
@@ -162,3 +141,22 @@ class Checks:
         deleted = shared.store.purge(shared.context.config.gateway.db_cluster_max_age)
         if deleted:
             log.info("Purged %d finished cluster record(s)", deleted)
+
+
+async def _ask(
+    check: Callable[[Sequence[T]], Awaitable[list[bool]]], batch: Sequence[T], what: str
+) -> list[tuple[T, bool]]:
+    """Each item of ``batch`` with the driver's answer (alive or not), from one batched call;
+    empty when there is nothing to ask, or when the driver cannot answer (logged: the check
+    waits a period, and nothing is failed for it)."""
+    if not batch:
+        return []
+    try:
+        alive = await check(batch)
+    except Exception:
+        log.warning("Checking %d %s(s) failed; trying next period", len(batch), what, exc_info=True)
+        return []
+    if len(alive) != len(batch):
+        log.error("check_%ss answered %d results for %d %ss", what, len(alive), len(batch), what)
+        return []
+    return list(zip(batch, alive, strict=True))

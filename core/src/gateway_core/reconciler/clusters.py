@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..models import ClusterStatus, Worker, WorkerStatus, now_ms
 from .credentials import issue_credentials
+from .runtime import cancel_start
 from .shared import describe, run_start_operation
 
 if TYPE_CHECKING:
@@ -161,13 +162,7 @@ class ClusterMachine:
             shared.store.update_cluster(cluster, status=ClusterStatus.STOPPING)
             shared.events.notify(name)
         shared.routes.delete(cluster)
-        runtime = shared.runtimes.find(name)
-        start = None if runtime is None else runtime.start
-        if runtime is not None:
-            runtime.start = None
-        if start is not None:
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
+        await cancel_start(shared.runtimes.find(name))
 
         async def stop_one(worker: Worker) -> None:
             async with self.workers.lock(cluster, worker):

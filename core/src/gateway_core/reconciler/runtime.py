@@ -11,6 +11,16 @@ import asyncio
 from attrs import define, field
 
 
+async def cancel_start(runtime: WorkerRuntime | ClusterRuntime | None) -> None:
+    """Cancel the start operation ``runtime`` holds, if any, and wait until it has ended."""
+    start = None if runtime is None else runtime.start
+    if runtime is not None:
+        runtime.start = None
+    if start is not None:
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+
+
 @define(kw_only=True, eq=False)
 class WorkerRuntime:
     """One worker as this gateway process knows it."""
@@ -18,7 +28,7 @@ class WorkerRuntime:
     started: bool = False
     """The driver's start_worker ran (or the worker was resumed from the store)."""
     start: asyncio.Task[None] | None = None
-    """The start operation while it runs; a stop cancels it."""
+    """The start operation while it runs; a stop cancels it (`cancel_start`)."""
     lock: asyncio.Lock = field(factory=asyncio.Lock)
     """Held while the worker is reconciled or stopped."""
 
@@ -30,7 +40,7 @@ class ClusterRuntime:
     started: bool = False
     """The driver's start_scheduler ran (or the cluster was resumed with its credentials)."""
     start: asyncio.Task[None] | None = None
-    """The start operation while it runs; a stop cancels it."""
+    """The start operation while it runs; a stop cancels it (`cancel_start`)."""
     worker_hold: float = 0.0
     """Loop time before which no new worker is made (backoff after failed worker starts)."""
     status_changed: asyncio.Event | None = None

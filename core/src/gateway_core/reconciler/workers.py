@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..models import ClusterStatus, WorkerStatus, now_ms
+from .runtime import cancel_start
 from .shared import describe, run_start_operation
 from .workqueue import backoff_delay
 
@@ -119,13 +120,7 @@ class WorkerMachine:
     async def stop(self, cluster: Cluster, worker: Worker) -> None:
         """Stop one worker whose target is STOPPED or FAILED; the caller holds its lock."""
         shared = self.shared
-        runtime = shared.runtimes.find_worker(cluster.name, worker.name)
-        start = None if runtime is None else runtime.start
-        if runtime is not None:
-            runtime.start = None
-        if start is not None:
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
+        await cancel_start(shared.runtimes.find_worker(cluster.name, worker.name))
         await shared.driver.stop_worker(cluster, worker)
         failed = worker.target == WorkerStatus.FAILED
         final = WorkerStatus.FAILED if failed else WorkerStatus.STOPPED
