@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -451,6 +451,28 @@ async def test_a_failing_check_fails_nobody(make: Callable[..., Awaitable[Gatewa
     await until(lambda: gw.driver.calls["check_clusters"] >= calls + 3)
     assert gw.driver.check_clusters_errors == 0
     assert cluster.status == ClusterStatus.RUNNING
+
+
+async def test_an_answer_of_the_wrong_length_fails_nobody(
+    make: Callable[..., Awaitable[Gateway]], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await make()
+    cluster = await gw.running()
+    await gw.scale(cluster, 1)
+    await until(lambda: len(gw.running_workers(cluster)) == 1)
+    asked: list[str] = []
+
+    async def too_few(batch: Sequence[Any]) -> list[bool]:
+        asked.append(type(batch[0]).__name__)
+        return []  # a driver bug: no answer for the item it was asked about
+
+    gw.driver.check_clusters = too_few  # type: ignore[method-assign]
+    gw.driver.check_workers = too_few  # type: ignore[method-assign]
+    await until(lambda: {"Cluster", "tuple"} <= set(asked))
+    assert cluster.status == ClusterStatus.RUNNING
+    assert len(gw.running_workers(cluster)) == 1
+    assert "check_clusters answered 0 results for 1 clusters" in caplog.text
+    assert "check_workers answered 0 results for 1 workers" in caplog.text
 
 
 async def test_one_batched_check_per_period(make: Callable[..., Awaitable[Gateway]]) -> None:
