@@ -57,8 +57,7 @@ def _negotiate_tokens(resp: aiohttp.ClientResponse) -> tuple[bool, bytes | None]
                 return True, base64.b64decode(rest.strip(), validate=True)
             except (binascii.Error, ValueError):
                 raise GatewayAuthError(
-                    f"the gateway at {resp.url.origin()} sent a Negotiate token that is not "
-                    "base64"
+                    f"the gateway at {resp.url.origin()} sent a Negotiate token that is not base64"
                 ) from None
     return offered, None
 
@@ -150,8 +149,7 @@ class KerberosAuth(GatewayAuth):
             context.step(token)
         except gssapi.exceptions.GSSError as exc:
             raise GatewayAuthError(
-                f"the gateway at {resp.url.origin()} failed mutual authentication: "
-                f"{_reason(exc)}"
+                f"the gateway at {resp.url.origin()} failed mutual authentication: {_reason(exc)}"
             ) from None
         if not context.complete:
             raise GatewayAuthError(

@@ -195,7 +195,9 @@ class KerberosAuthenticator(Authenticator):
     def __init__(self, *, config: AuthConfig, context: GatewayContext, **kwargs: Any) -> None:
         super().__init__(config=config, context=context, **kwargs)
         if not isinstance(config, KerberosAuthConfig):
-            raise TypeError(f"the kerberos authenticator needs a KerberosAuthConfig, got {config!r}")
+            raise TypeError(
+                f"the kerberos authenticator needs a KerberosAuthConfig, got {config!r}"
+            )
         self.settings = config
         self.keytab = str(Path(config.keytab).expanduser().resolve())
         self._credentials: gssapi.Credentials | None = None

@@ -19,6 +19,6 @@ def gateway_register_authenticators() -> list[AuthenticatorSpec]:
             name="kerberos",
             authenticator=KerberosAuthenticator,
             config=KerberosAuthConfig,
-            description="Kerberos tickets over SPNEGO (Authorization: Negotiate), keys from a keytab",
+            description="Kerberos tickets over SPNEGO (Authorization: Negotiate), keytab keys",
         )
     ]
