@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,5 +145,35 @@ def kerberos_config(realm: Realm) -> Callable[..., dict[str, Any]]:
     def make(**settings: Any) -> dict[str, Any]:
         auth = {"keytab": str(realm.http_keytab), **settings}
         return {"gateway": {"authenticator": "kerberos"}, "auth": {"kerberos": auth}}
+
+    return make
+
+
+@pytest.fixture
+def local_backend_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``local_backend_config(config)``: ``config`` plus the ``unsafe-local`` backend (real
+    Dask processes as this user, from this environment's ``dask``), tuned for tests."""
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def make(config: dict[str, Any]) -> dict[str, Any]:
+        backend = {
+            "cluster_start_timeout": 60.0,
+            "worker_start_timeout": 60.0,
+            "cluster_heartbeat_period": 1,
+            "cluster_status_period": 0.5,
+            "worker_status_period": 0.5,
+            "clusters_directory": str(tmp_path / "clusters"),
+        }
+        cluster = {"scheduler_memory": "512 MiB", "worker_memory": "512 MiB"}
+        gateway = {**config.get("gateway", {}), "backend": "unsafe-local"}
+        return {
+            **config,
+            "gateway": gateway,
+            "backend": {"unsafe-local": backend},
+            "cluster": cluster,
+        }
 
     return make

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.system
 SPNEGO = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
 KRB5 = gssapi.OID.from_int_seq("1.2.840.113554.1.2.2")
 LOGGER = "gateway_auth_kerberos"
+CHALLENGE = {"WWW-Authenticate": "Negotiate"}
 
 
 def negotiate_token(host: str, *, mech: gssapi.OID = SPNEGO, service: str = "HTTP") -> str:
@@ -81,6 +82,50 @@ async def test_client_logs_in_and_creates_a_cluster_as_the_principal(
         await gateway.stop_cluster(name)
     cluster = await server.backend.get_cluster(name)
     assert cluster is not None and cluster.username == "alice"
+
+
+def our_client_flow(address: str) -> tuple[str, int]:
+    """Log in with our KerberosAuth and compute on a new cluster: its name and the result."""
+    with Gateway(address, auth="kerberos") as gateway:
+        cluster = gateway.new_cluster()
+        try:
+            cluster.scale(1)
+            client = cluster.get_client(set_as_default=False)
+            try:
+                client.wait_for_workers(1, timeout=60)
+                return cluster.name, int(client.submit(sum, range(10)).result(timeout=60))
+            finally:
+                client.close()
+        finally:
+            cluster.shutdown()
+
+
+@pytest.mark.usefixtures("no_process_left_behind")
+async def test_a_kerberos_user_computes_on_a_real_cluster(
+    realm: Any,
+    ccache: Path,
+    make_gateway: Callable[..., Any],
+    kerberos_config: Any,
+    local_backend_config: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole flow as a Kerberos user, with real Dask processes (unsafe-local), the auth
+    type chosen the way users choose it: DASK_GATEWAY__AUTH__TYPE=kerberos."""
+    import dask
+
+    realm.kinit("bob", password="bob-password")
+    server = await make_gateway(local_backend_config(kerberos_config()))
+    monkeypatch.setenv("DASK_GATEWAY__AUTH__TYPE", "kerberos")
+    dask.config.refresh()
+    try:
+        # Our client's sync API runs its own loop: keep it off this one, which serves the gateway.
+        name, result = await asyncio.to_thread(our_client_flow, f"http://{server.public_address}")
+    finally:
+        monkeypatch.undo()
+        dask.config.refresh()
+    assert result == 45
+    cluster = await server.backend.get_cluster(name)
+    assert cluster is not None and cluster.username == "bob"
 
 
 async def test_a_bare_kerberos_token_is_accepted_too(
@@ -242,13 +287,16 @@ async def test_an_expired_ticket_is_refused(
     authenticator's time first, that the clock skew is too great. The client itself refuses
     to use the expired ticket."""
     server = await make_gateway(kerberos_config())
-    realm.kinit(lifetime="2s")
-    status, _, body = await get(server, Authorization=negotiate_token("localhost"))
+    realm.kinit(lifetime="3s")
+    got_ticket = time.monotonic()
+    fresh = negotiate_token("localhost")
+    late = negotiate_token("localhost")  # made now, sent once the ticket has ended
+    status, _, body = await get(server, Authorization=fresh)
     assert status == 200, body
-    header = negotiate_token("localhost")  # made now, sent once the ticket has ended
-    await asyncio.sleep(5.5)  # lifetime 2 s + clockskew 2 s + margin
+    # Past the ticket's 3 s, the realm's 2 s clock skew, and a margin.
+    await asyncio.sleep(max(0.0, got_ticket + 6.5 - time.monotonic()))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        status, answer, body = await get(server, Authorization=header)
+        status, answer, body = await get(server, Authorization=late)
     assert status == 401, body
     assert answer["WWW-Authenticate"] == "Negotiate"
     reasons = ("Ticket expired", "Clock skew too great")
@@ -332,7 +380,7 @@ async def test_the_login_cookie_skips_kerberos_until_cache_max_age(
     realm: Any, ccache: Path, make_gateway: Callable[..., Any], kerberos_config: Any
 ) -> None:
     realm.kinit()
-    server = await make_gateway(kerberos_config(cache_max_age=2, cookie_name="krb-login"))
+    server = await make_gateway(kerberos_config(cache_max_age=3, cookie_name="krb-login"))
     auth = CountingAuth()
     async with Gateway(f"http://{server.public_address}", auth=auth, asynchronous=True) as gw:
         for _ in range(3):
@@ -347,8 +395,8 @@ async def test_the_login_cookie_skips_kerberos_until_cache_max_age(
     try:
         status, _, body = await get(server, Cookie=f"krb-login={cookie}")
         assert status == 200, body
-        assert time.monotonic() - started < 2, "the machine was too slow to test the cookie"
-        await asyncio.sleep(2.2)
+        assert time.monotonic() - started < 3, "the machine was too slow to test the cookie"
+        await asyncio.sleep(max(0.0, started + 3.3 - time.monotonic()))
         status, headers, body = await get(server, Cookie=f"krb-login={cookie}")
         assert status == 401, body
         assert headers["WWW-Authenticate"] == "Negotiate"
@@ -425,3 +473,52 @@ def test_config_check_accepts_a_good_keytab(realm: Any, tmp_path: Path) -> None:
     out = gateway_cli("config", "check", "--config", str(config), cwd=tmp_path)
     assert out.returncode == 0, (out.stdout, out.stderr)
     assert out.stdout.startswith("config OK"), out.stdout
+
+
+# -------------------------------------------------------------------------------------------
+# Our client's checks of the gateway's answer (mutual authentication)
+
+
+@pytest.mark.parametrize(
+    ("final", "error"),
+    [
+        (None, "did not prove its identity"),
+        ("Negotiate " + base64.b64encode(b"forged").decode(), "failed mutual authentication"),
+        ("Negotiate %%%", "sent a Negotiate token that is not base64"),
+    ],
+)
+async def test_the_client_refuses_a_gateway_that_does_not_prove_itself(
+    realm: Any, ccache: Path, final: str | None, error: str
+) -> None:
+    """A server that accepts any token (an impostor without the gateway's key) answers 200
+    without a valid final token: our client refuses the answer."""
+    from aiohttp import web
+
+    async def clusters(request: web.Request) -> web.Response:
+        if not request.headers.get("Authorization", "").startswith("Negotiate "):
+            return web.json_response({"error": "log in"}, status=401, headers=CHALLENGE)
+        return web.json_response([], headers={"WWW-Authenticate": final} if final else {})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/clusters/", clusters)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    realm.kinit()
+    try:
+        async with Gateway(
+            f"http://localhost:{port}", auth=KerberosAuth(), asynchronous=True
+        ) as gateway:
+            with pytest.raises(GatewayAuthError, match=error):
+                await gateway.list_clusters()
+        if final is None:  # mutual_auth=False accepts a silent server
+            async with Gateway(
+                f"http://localhost:{port}",
+                auth=KerberosAuth(mutual_auth=False),
+                asynchronous=True,
+            ) as gateway:
+                assert await gateway.list_clusters() == []
+    finally:
+        await runner.cleanup()

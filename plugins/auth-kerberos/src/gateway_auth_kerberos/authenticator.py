@@ -42,6 +42,8 @@ _KEYTAB_VERSIONS = (b"\x05\x01", b"\x05\x02")
 
 _GROUP_REFERENCE = re.compile(r"\\(\d+)|\\g<([^>]*)>")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DISPLAY_FAILED = "gss_display_status call returned failure"
+"""What python-gssapi says when a status code cannot be turned into words."""
 
 
 def _clean(text: str) -> str:
@@ -122,16 +124,20 @@ def map_principal(principal: str, rules: list[PrincipalRule]) -> str | None:
 
 
 def gss_reason(exc: BaseException) -> str:
-    """What a GSSAPI error says, most specific part first: the mechanism's (minor) message, or
-    the generic (major) one when the mechanism said nothing."""
+    """What a GSSAPI error says, as one clean line: the mechanism's (minor) message, which
+    names the real cause, or the generic (major) one with the minor code when the mechanism's
+    message cannot be had."""
     major = getattr(exc, "maj_code", None)
     minor = getattr(exc, "min_code", 0)
+    get_all = getattr(exc, "get_all_statuses", None)
     statuses: list[str] = []
     try:
-        if minor:
-            statuses = [s for s in exc.get_all_statuses(minor, False) if s]  # type: ignore[attr-defined]
-        if not statuses and major is not None:
-            statuses = [s for s in exc.get_all_statuses(major, True) if s]  # type: ignore[attr-defined]
+        if minor and get_all is not None:
+            statuses = [s for s in get_all(minor, False) if s and _DISPLAY_FAILED not in s]
+        if not statuses and major is not None and get_all is not None:
+            statuses = [s for s in get_all(major, True) if s and _DISPLAY_FAILED not in s]
+            if statuses and minor:
+                statuses[-1] = f"{statuses[-1].strip().rstrip('.')} (minor code {minor})"
     except Exception:  # noqa: BLE001 - a message, whatever the binding can give
         statuses = []
     text = "; ".join(str(s).strip().rstrip(".") for s in statuses) or str(exc)
