@@ -196,3 +196,37 @@ def test_the_client_auth_says_how_to_install_gssapi(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "gssapi", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'gateway-client\[kerberos\]'"):
         KerberosAuth()
+
+
+def test_gateway_plugins_lists_the_authenticator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed, the distribution's entry point registers ``kerberos`` without importing
+    gssapi until a gateway selects it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gateway_core.cli import make_cli
+
+    monkeypatch.chdir(tmp_path)  # no gateway.toml here
+    result = CliRunner().invoke(make_cli(), ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = [p for p in json.loads(result.output) if p["name"] == "auth-kerberos"]
+    assert entry["kinds"] == ["authenticator:kerberos"]
+    assert entry["distribution"] == "gateway-auth-kerberos"
+    assert entry["status"] == "ok"
+
+
+def test_the_hook_module_does_not_import_gssapi() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gateway_auth_kerberos.hooks as h; h.gateway_register_authenticators(); "
+        "print('gssapi' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"
