@@ -112,6 +112,12 @@ def test_rules_map_in_order_and_refuse_the_unmatched() -> None:
     assert map_principal("alice@EXAMPLE.ORG.EVIL", rules) is None  # whole-principal match
 
 
+def test_a_template_python_cannot_fill_is_a_clear_error() -> None:
+    rule = PrincipalRule(pattern=r"(\w+)@R", user="x\\")
+    with pytest.raises(ValueError, match=r"principal_map rule .* cannot make a user name from"):
+        map_principal("alice@R", [rule])
+
+
 def test_gss_reason_without_the_mechanisms_words_gives_the_generic_ones() -> None:
     """A minor code the library cannot put in words (the real ones are tested against the KDC)
     leaves the major message and the code, on one line."""
@@ -230,3 +236,43 @@ def test_the_hook_module_does_not_import_gssapi() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("principal", "rules", "outcome"),
+    [
+        ("alice@R", [], "alice"),
+        ("alice@R", [{"pattern": r"(\w+)@R", "user": r"k-\1"}], "k-alice"),
+        ("eve@X", [{"pattern": r"(\w+)@R"}], "matches no rule of principal_map"),
+        ("@R", [], "maps to an unusable user name: the user name is empty"),
+        ("alice@R", [{"pattern": r"(\w+)@R", "user": "x\\"}], "cannot make a user name"),
+    ],
+)
+async def test_the_accepted_principal_becomes_the_user_or_a_401(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    principal: str,
+    rules: list[dict[str, str]],
+    outcome: str,
+) -> None:
+    """After the ticket is accepted (stubbed here; the KDC tests run it for real)."""
+    from gateway_auth_kerberos.authenticator import REQUEST_TOKEN_KEY
+
+    monkeypatch.setattr(
+        "gateway_auth_kerberos.authenticator.keytab_problem", lambda keytab, service: None
+    )
+    config = structure({"keytab": str(tmp_path / "k"), "principal_map": rules}, KerberosAuthConfig)
+    auth = KerberosAuthenticator(config=config, context=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(auth, "_accept", lambda token: (principal, b"final"))
+    request = make_mocked_request(
+        "GET", "/api/v1/clusters/", headers={"Authorization": "Negotiate dG9rZW4="}
+    )
+    if " " not in outcome:
+        user = await auth.authenticate(request)
+        assert user.name == outcome
+        assert request[REQUEST_TOKEN_KEY] == b"final"
+    else:
+        with pytest.raises(Unauthorized, match=outcome) as info:
+            await auth.authenticate(request)
+        assert info.value.headers == {"WWW-Authenticate": "Negotiate"}
+        assert REQUEST_TOKEN_KEY not in request

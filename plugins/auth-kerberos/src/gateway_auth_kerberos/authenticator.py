@@ -78,9 +78,20 @@ class PrincipalRule:
                 )
 
     def apply(self, principal: str) -> str | None:
-        """The user name for ``principal``, or None when the pattern does not match it."""
+        """The user name for ``principal``, or None when the pattern does not match it.
+
+        Raises ValueError when ``user`` is a template Python cannot fill (a stray backslash).
+        """
         match = re.fullmatch(self.pattern, principal)
-        return None if match is None else match.expand(self.user)
+        if match is None:
+            return None
+        try:
+            return match.expand(self.user)
+        except (re.error, IndexError) as exc:
+            raise ValueError(
+                f"principal_map rule {self.pattern!r} cannot make a user name from "
+                f"{self.user!r}: {exc}"
+            ) from None
 
 
 @define(kw_only=True, frozen=True)
@@ -113,9 +124,10 @@ class KerberosAuthConfig(AuthConfig):
 
 def map_principal(principal: str, rules: list[PrincipalRule]) -> str | None:
     """The user name of ``principal`` under ``rules`` (see `KerberosAuthConfig.principal_map`);
-    None when rules are given and none matches."""
+    None when rules are given and none matches. Raises ValueError from `PrincipalRule.apply`."""
     if not rules:
-        return principal.rpartition("@")[0] or principal
+        name, at, _realm = principal.rpartition("@")
+        return name if at else principal
     for rule in rules:
         user = rule.apply(principal)
         if user is not None:
@@ -249,7 +261,11 @@ class KerberosAuthenticator(Authenticator):
             raise Unauthorized(
                 f"Kerberos authentication failed: {exc.reason}", headers=CHALLENGE
             ) from None
-        username = map_principal(principal, self.settings.principal_map)
+        try:
+            username = map_principal(principal, self.settings.principal_map)
+        except ValueError as exc:
+            self._log_refusal(request, str(exc))
+            raise Unauthorized(str(exc), headers=CHALLENGE) from None
         if username is None:
             reason = f"the principal {principal!r} matches no rule of principal_map"
             self._log_refusal(request, reason)
