@@ -5,10 +5,10 @@
 #   plugins/auth-kerberos/ci/start-kdc.sh DIR         # create the realm in DIR and start its KDC
 #   plugins/auth-kerberos/ci/start-kdc.sh --stop DIR  # stop the KDC started in DIR
 #
-# Packages (krb5-kdc, krb5-admin-server, krb5-user, libkrb5-dev; the last one is what the
-# `gssapi` Python package builds against) are installed when a command is missing and we are
-# root, waiting for the dpkg lock; otherwise the script says what to install. The realm itself
-# needs neither root nor systemd.
+# Packages (krb5-kdc, krb5-admin-server, krb5-user, libkrb5-dev and gcc; the last two are what
+# the `gssapi` and `pykerberos` Python packages build with) are installed when a command or the
+# GSSAPI headers are missing and we are root, waiting for the dpkg lock; otherwise the script
+# says what to install. The realm itself needs neither root nor systemd.
 #
 # In DIR it writes: krb5.conf and kdc.conf (rdns and hostname canonicalization off, the KDC on
 # a free loopback port, TCP and UDP), the database, and
@@ -31,10 +31,10 @@ log() { echo "start-kdc: $*" >&2; }
 install_packages() {
     local need=()
     for pair in krb5kdc:krb5-kdc kadmin.local:krb5-admin-server kinit:krb5-user \
-        krb5-config:libkrb5-dev; do
+        krb5-config:libkrb5-dev cc:gcc; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
     done
-    # krb5-config also exists without the headers (in libkrb5-dev only on Debian 12, but check).
+    # The headers gssapi and pykerberos compile against.
     [ -e /usr/include/gssapi/gssapi.h ] || [ -e /usr/include/mit-krb5/gssapi/gssapi.h ] ||
         need+=(libkrb5-dev)
     [ "${#need[@]}" -eq 0 ] && return 0
@@ -88,7 +88,7 @@ case "${1:-}" in
     exit 0
     ;;
 "" | -*)
-    sed -n '2,24p' "$0" >&2
+    sed -n '2,23p' "$0" >&2
     exit 2
     ;;
 esac
