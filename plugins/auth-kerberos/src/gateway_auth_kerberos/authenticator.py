@@ -303,7 +303,7 @@ class KerberosAuthenticator(Authenticator):
             self._credentials = credentials
         context = gssapi.SecurityContext(creds=credentials, usage="accept")
         # Raise errors at once instead of returning SPNEGO's reject token and raising later.
-        context.__DEFER_STEP_ERRORS__ = False
+        setattr(context, "__DEFER_STEP_ERRORS__", False)  # noqa: B010 - not in the stubs
         try:
             reply = context.step(token)
         except gssapi.exceptions.GSSError as exc:
