@@ -121,17 +121,29 @@ def test_get_auth_variants(monkeypatch: pytest.MonkeyPatch) -> None:
         custom = get_auth()
     assert isinstance(custom, TokenAuth) and custom.token == "x"
     assert isinstance(get_auth(TokenAuth), TokenAuth)
+    # kerberos comes from this distribution's own gateway_client.auth entry point.
     with pytest.raises(
         ValueError,
-        match=r"unknown auth type 'kerberos'; available: basic, jupyterhub.*gateway_client.auth",
+        match=r"unknown auth type 'radius'; available: basic, jupyterhub, kerberos.*"
+        r"gateway_client.auth",
     ):
-        get_auth("kerberos")
+        get_auth("radius")
     with pytest.raises(ImportError, match=r"cannot import auth class 'no\.such\.Thing'"):
         get_auth("no.such.Thing")
     with pytest.raises(TypeError, match="must build a GatewayAuth"):
         get_auth(dict)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be a GatewayAuth"):
         get_auth(42)  # type: ignore[arg-type]
+
+
+def test_kerberos_auth_without_its_extra_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gssapi", None)  # as without gateway-client[kerberos]
+    with pytest.raises(ImportError, match=r"pip install 'gateway-client\[kerberos\]'"):
+        get_auth("kerberos")
 
 
 def test_auth_entry_points_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
