@@ -112,14 +112,12 @@ class KerberosAuthConfig(AuthConfig):
     matches the whole principal wins, and a principal no rule matches is refused. Empty (the
     default): the principal without its realm (``alice@EXAMPLE.ORG`` -> ``alice``)."""
 
-    def __attrs_post_init__(self) -> None:
+    def check(self) -> list[str]:
+        """Problems with the service name and the keytab (see `CheckedConfig`)."""
         if not self.service_name or any(c in self.service_name for c in "/@ "):
-            raise ConfigError(
-                [f"service_name: {self.service_name!r} is not a service name (e.g. HTTP)"]
-            )
+            return [f"service_name: {self.service_name!r} is not a service name (e.g. HTTP)"]
         problem = keytab_problem(self.keytab, self.service_name)
-        if problem is not None:
-            raise ConfigError([f"keytab: {problem}"])
+        return [] if problem is None else [f"keytab: {problem}"]
 
 
 def map_principal(principal: str, rules: list[PrincipalRule]) -> str | None:
