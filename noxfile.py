@@ -25,6 +25,16 @@ PACKAGES: dict[str, list[str]] = {
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
+    # A real JupyterHub (PyPI) for the system tests, and the original client logging in to it.
+    "auth-jupyterhub": [
+        "./proxy",
+        "./client",
+        "./core[local,testing]",
+        "./plugins/auth-jupyterhub",
+        "jupyterhub",
+        "dask-gateway",
+        "trustme",
+    ],
 }
 FOLDERS = {
     "core": "core",
@@ -34,6 +44,7 @@ FOLDERS = {
     "slurm": "plugins/gateway-slurm",
     "pbs": "plugins/gateway-pbs",
     "site-options": "examples/site-options",
+    "auth-jupyterhub": "plugins/auth-jupyterhub",
 }
 PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
 
