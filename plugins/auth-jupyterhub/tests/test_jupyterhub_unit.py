@@ -172,3 +172,36 @@ def test_config_check_and_serve_say_what_is_missing(tmp_path: Path) -> None:
     ]
     env = {"JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api", "JUPYTERHUB_API_TOKEN": "t"}
     assert gateway_cli("config", "check", "--config", str(path), env=env).returncode == 0
+
+
+def test_an_oauth_client_id_needs_the_redirect_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUPYTERHUB_OAUTH_CALLBACK_URL", raising=False)
+    with pytest.raises(ConfigError) as info:
+        structure({**GOOD, "oauth_client_id": "service-dask-gateway"}, JupyterHubAuthConfig)
+    assert info.value.problems == [
+        "oauth_redirect_uri: required with oauth_client_id (or $JUPYTERHUB_OAUTH_CALLBACK_URL): "
+        "the gateway's public .../api/v2/oauth/callback URL registered at the hub"
+    ]
+    monkeypatch.setenv("JUPYTERHUB_CLIENT_ID", "service-gw")
+    monkeypatch.setenv("JUPYTERHUB_OAUTH_CALLBACK_URL", "https://gw/api/v2/oauth/callback")
+    config = structure(GOOD, JupyterHubAuthConfig)
+    assert config.oauth_client_id == "service-gw"
+    assert config.oauth_redirect_uri == "https://gw/api/v2/oauth/callback"
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("/api/v1/clusters/", "/api/v1/clusters/"),
+        ("/", "/"),
+        (None, "/"),
+        ("", "/"),
+        ("https://evil.example.org/", "/"),
+        ("//evil.example.org/", "/"),
+        ("/\\evil.example.org/", "/"),
+    ],
+)
+def test_after_an_oauth_login_only_local_paths_are_followed(given: str | None, kept: str) -> None:
+    from gateway_auth_jupyterhub.oauth import safe_next
+
+    assert safe_next(given) == kept

@@ -2,7 +2,8 @@
 
 Owns `JupyterHubAuthConfig` (``[auth.jupyterhub]``), `JupyterHubAuthenticator`, and how the
 hub's answers become the gateway's: a token the hub refuses is a 401, a hub that cannot answer is
-a 503 naming its URL, a token without the service's ``access:services`` scope is a 403.
+a 503 naming its URL, a token without the service's ``access:services`` scope is a 403. The
+browser login through the hub's OAuth lives in `gateway_auth_jupyterhub.oauth`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,11 @@ ENV_API_URL = "JUPYTERHUB_API_URL"
 """Where ``jupyterhub_api_url`` comes from when unset (JupyterHub sets it for its services)."""
 ENV_API_TOKEN = "JUPYTERHUB_API_TOKEN"
 """Where ``jupyterhub_api_token`` comes from when unset (JupyterHub sets it for its services)."""
+
+ENV_CLIENT_ID = "JUPYTERHUB_CLIENT_ID"
+"""Where ``oauth_client_id`` comes from when unset (JupyterHub sets it for its services)."""
+ENV_CALLBACK_URL = "JUPYTERHUB_OAUTH_CALLBACK_URL"
+"""Where ``oauth_redirect_uri`` comes from when unset."""
 
 SCHEMES = frozenset({"jupyterhub", "token", "bearer"})
 """``Authorization`` schemes that carry a hub token (``jupyterhub`` is what clients send)."""
@@ -67,6 +73,16 @@ class JupyterHubAuthConfig(AuthConfig):
     ``access:services``), as JupyterHub's own services require; empty: any valid token."""
     request_timeout: float = 10.0
     """Seconds one request to the hub may take before the hub counts as unreachable (503)."""
+    oauth_client_id: str = field(factory=_from_env(ENV_CLIENT_ID))
+    """The hub's OAuth client id of the gateway's service (``service-<name>`` unless the
+    service sets ``oauth_client_id``); default $JUPYTERHUB_CLIENT_ID. Set, the gateway serves
+    the browser login ``/api/v2/oauth/login``; empty, it does not."""
+    oauth_redirect_uri: str = field(factory=_from_env(ENV_CALLBACK_URL))
+    """The gateway's public ``.../api/v2/oauth/callback`` URL, exactly as registered as the
+    service's ``oauth_redirect_uri`` at the hub; default $JUPYTERHUB_OAUTH_CALLBACK_URL."""
+    oauth_authorize_url: str = ""
+    """The hub's authorize URL as browsers reach it, e.g.
+    ``https://hub.example.org/hub/api/oauth2/authorize``; empty: under ``jupyterhub_api_url``."""
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -90,6 +106,11 @@ class JupyterHubAuthConfig(AuthConfig):
             if path and not os.access(path, os.R_OK):
                 what = "no such file" if not Path(path).exists() else "not readable"
                 problems.append(f"{key}: {path}: {what}")
+        if self.oauth_client_id and not self.oauth_redirect_uri:
+            problems.append(
+                f"oauth_redirect_uri: required with oauth_client_id (or ${ENV_CALLBACK_URL}): "
+                "the gateway's public .../api/v2/oauth/callback URL registered at the hub"
+            )
         if self.request_timeout <= 0:
             problems.append("request_timeout: must be positive")
         if problems:
@@ -153,8 +174,29 @@ class JupyterHubAuthenticator(Authenticator):
 
     async def authenticate(self, request: web.Request) -> User:
         token = token_of(request.headers.get("Authorization", ""))
-        model = await self.whoami(token)
-        return self.user_of(model)
+        return await self.user_for_token(token)
+
+    async def user_for_token(self, token: str) -> User:
+        """The `User` a hub token belongs to, with every check of a token login."""
+        return self.user_of(await self.whoami(token))
+
+    def web_routes(self) -> Sequence[web.RouteDef]:
+        """The browser login through the hub's OAuth (`gateway_auth_jupyterhub.oauth`), when
+        ``oauth_client_id`` is set."""
+        if not self.hub.oauth_client_id:
+            return ()
+        from gateway_core.api.app import log_in
+
+        from .oauth import HubOAuth
+
+        oauth = HubOAuth(
+            config=self.hub,
+            lookup=self.user_for_token,
+            session=lambda: self.session,
+            ssl=lambda: self.ssl,
+            log_in=log_in,
+        )
+        return oauth.routes()
 
     async def whoami(self, token: str) -> Mapping[str, Any]:
         """The hub's model of the owner of ``token`` (``GET /user`` with that token)."""
@@ -180,7 +222,7 @@ class JupyterHubAuthenticator(Authenticator):
                 model = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BackendUnavailable(
-                f"JupyterHub at {self.hub.api_url} is unreachable: {_reason(exc)}"
+                f"JupyterHub at {self.hub.api_url} is unreachable: {unreachable_reason(exc)}"
             ) from None
         except ValueError:
             raise BackendUnavailable(
@@ -242,7 +284,8 @@ def token_of(header: str) -> str:
     return token
 
 
-def _reason(exc: BaseException) -> str:
+def unreachable_reason(exc: BaseException) -> str:
+    """Why a request to the hub got no answer, in a few words."""
     if isinstance(exc, TimeoutError):
         return "no answer within request_timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
