@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -60,7 +61,7 @@ class NullProxy(Proxy):
 c = get_config()  # noqa: F821 - given by JupyterHub
 c.JupyterHub.proxy_class = NullProxy
 c.JupyterHub.bind_url = "http://127.0.0.1:{public_port}"
-c.JupyterHub.hub_bind_url = "http://127.0.0.1:{hub_port}"
+c.JupyterHub.hub_bind_url = "{scheme}://127.0.0.1:{hub_port}"
 c.JupyterHub.db_url = "sqlite:///{directory}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "{directory}/jupyterhub_cookie_secret"
 c.JupyterHub.pid_file = "{directory}/jupyterhub.pid"
@@ -100,6 +101,16 @@ class Hub:
     """Every user's password with the hub's DummyAuthenticator (browser logins)."""
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default=Path())
+    tls: dict[str, str] = field(factory=dict)
+    """With ``start_hub(tls=True)``: ``tls_ca`` (the hub's CA), ``tls_cert`` and ``tls_key`` (a
+    client certificate the hub trusts), as the gateway's settings name them."""
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.tls["tls_ca"])
+        context.load_cert_chain(self.tls["tls_cert"], self.tls["tls_key"])
+        return context
 
     @property
     def api_url(self) -> str:
@@ -121,7 +132,7 @@ class Hub:
             headers={"Authorization": f"token {token or self.service_token}"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as resp:
+            with urllib.request.urlopen(request, timeout=30, context=self.ssl_context()) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as exc:
             raise HubError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
@@ -165,6 +176,7 @@ class Hub:
                 "jupyterhub": {
                     "jupyterhub_api_url": self.api_url,
                     "jupyterhub_api_token": self.service_token,
+                    **self.tls,
                     **extra,
                 }
             },
@@ -183,11 +195,46 @@ class Hub:
             proc.wait(timeout=20)
 
 
-def start_hub(directory: Path, *, services_extra: str = "", extra: str = "") -> Hub:
+TLS_CONFIG = """
+# The hub's API over TLS with client certificates (its internal_ssl), trusting the tests' CA
+# for the gateway's client certificate.
+c.JupyterHub.internal_ssl = True
+c.JupyterHub.internal_certs_location = "{directory}/internal-ssl"
+c.JupyterHub.external_ssl_authorities = {{
+    "gateway-tests-ca": {{"cert": "{directory}/tests-ca.crt", "key": "{directory}/tests-ca.key"}}
+}}
+"""
+
+
+def _tls_files(directory: Path) -> dict[str, str]:
+    """A CA (trustme) the hub is told to trust, and a client certificate it signed."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "tests-ca.crt"))
+    ca.private_key_pem.write_to_path(str(directory / "tests-ca.key"))
+    leaf = ca.issue_cert("gateway")
+    leaf.cert_chain_pems[0].write_to_path(str(directory / "gateway.crt"))
+    leaf.private_key_pem.write_to_path(str(directory / "gateway.key"))
+    return {
+        # written by the hub at start-up: the CA of its own certificate
+        "tls_ca": str(directory / "internal-ssl" / "hub-ca" / "hub-ca.crt"),
+        "tls_cert": str(directory / "gateway.crt"),
+        "tls_key": str(directory / "gateway.key"),
+    }
+
+
+def start_hub(
+    directory: Path, *, services_extra: str = "", extra: str = "", tls: bool = False
+) -> Hub:
     """Start ``jupyterhub`` in ``directory``; return once its API answers. ``services_extra``
     is added to the gateway's service dict (``"oauth_redirect_uri": ...``), ``extra`` to the
-    config file."""
+    config file; ``tls`` serves the hub's API over https with client certificates."""
     directory.mkdir(parents=True, exist_ok=True)
+    tls_files: dict[str, str] = {}
+    if tls:
+        tls_files = _tls_files(directory)
+        extra = TLS_CONFIG.format(directory=directory) + extra
     hub_port, public_port = free_port(), free_port()
     token = secrets.token_hex(32)
     password = secrets.token_hex(8)
@@ -198,6 +245,7 @@ def start_hub(directory: Path, *, services_extra: str = "", extra: str = "") -> 
             HUB_CONFIG.format(
                 public_port=public_port,
                 hub_port=hub_port,
+                scheme="https" if tls else "http",
                 directory=directory,
                 password=password,
                 services=services,
@@ -209,10 +257,11 @@ def start_hub(directory: Path, *, services_extra: str = "", extra: str = "") -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "JPY_"))}
     hub = Hub(
         directory=directory,
-        hub_url=f"http://127.0.0.1:{hub_port}",
+        hub_url=f"{'https' if tls else 'http'}://127.0.0.1:{hub_port}",
         service_token=token,
         password=password,
         log_path=directory / "jupyterhub.log",
+        tls=tls_files,
     )
     with hub.log_path.open("wb") as log:
         hub.process = subprocess.Popen(
@@ -226,9 +275,11 @@ def start_hub(directory: Path, *, services_extra: str = "", extra: str = "") -> 
     deadline = time.monotonic() + HUB_START_TIMEOUT
     while True:
         try:
-            with urllib.request.urlopen(f"{hub.api_url}/", timeout=5) as resp:
-                if resp.status == 200:
-                    return hub
+            if not tls or Path(tls_files["tls_ca"]).exists():
+                context = hub.ssl_context()
+                with urllib.request.urlopen(f"{hub.api_url}/", timeout=5, context=context) as r:
+                    if r.status == 200:
+                        return hub
         except OSError:
             pass
         if hub.process.poll() is not None:

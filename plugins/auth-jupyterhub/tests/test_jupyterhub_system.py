@@ -223,3 +223,27 @@ async def test_a_wrong_api_url_is_a_503_naming_it(hub: Hub, make_gateway: Any, c
     status, body, _ = await call(gw, token=token)
     assert status == 503
     assert f"JupyterHub at {wrong} answered HTTP 404" in body["error"]
+
+
+async def test_tls_options_reach_a_hub_that_wants_a_client_certificate(
+    make_hub: Callable[..., Hub], make_gateway: Any, call: Any
+) -> None:
+    own = make_hub(tls=True)
+    assert own.api_url.startswith("https://")
+    name = own.create_user()
+    token, _ = own.token(name)
+    gw = await make_gateway(own.gateway_auth())  # tls_ca, tls_cert, tls_key
+    status, body, _ = await call(gw, token=token)
+    assert status == 200, body
+    # Without the client certificate the hub ends the handshake: unreachable, named.
+    without_cert = await make_gateway(own.gateway_auth(tls_cert="", tls_key=""))
+    status, body, _ = await call(without_cert, token=token)
+    assert status == 503
+    assert f"JupyterHub at {own.api_url} is unreachable" in body["error"]
+    assert "certificate required" in body["error"].lower()
+    # Without the hub's CA its certificate is not trusted.
+    without_ca = await make_gateway(own.gateway_auth(tls_ca=""))
+    status, body, _ = await call(without_ca, token=token)
+    assert status == 503
+    assert f"JupyterHub at {own.api_url} is unreachable" in body["error"]
+    assert "certificate verify failed" in body["error"].lower()
