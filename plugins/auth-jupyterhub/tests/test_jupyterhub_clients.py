@@ -89,17 +89,24 @@ def run_flow(gateway: Any, gw: Any, loop: asyncio.AbstractEventLoop) -> tuple[st
 async def test_our_client_logs_in_with_a_hub_token_and_runs_a_cluster(
     hub: Hub, make_gateway: Any, tmp_path: Path, dask_on_path: None, monkeypatch: Any
 ) -> None:
-    from gateway_client import Gateway, JupyterHubAuth
+    import dask
+
+    from gateway_client import Gateway
 
     gw = await make_gateway(local_config(hub, tmp_path))
     name = hub.create_user()
     token, _ = hub.token(name)
-    # As in a single-user server: the client finds the token in the environment.
+    # As in a single-user server: the client finds the token in the environment, and the
+    # auth type in the dask config (DASK_GATEWAY__AUTH__TYPE=jupyterhub).
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", token)
     loop = asyncio.get_running_loop()
 
     def flow() -> tuple[str, str, int]:
-        with Gateway(f"http://{gw.public_address}", auth=JupyterHubAuth()) as gateway:
+        with (
+            dask.config.set({"gateway.auth.type": "jupyterhub"}),
+            Gateway(f"http://{gw.public_address}") as gateway,
+        ):
+            assert type(gateway.auth).__name__ == "JupyterHubAuth"
             return run_flow(gateway, gw, loop)
 
     async with asyncio.timeout(WHOLE_TEST):
