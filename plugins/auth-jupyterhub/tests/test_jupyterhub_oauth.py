@@ -143,3 +143,25 @@ async def test_next_is_kept_to_local_paths(
     url = f"http://{gw.public_address}/api/v2/oauth/login?next=//evil.example.org/x"
     async with browser.get(url) as resp:
         assert resp.history[-1].headers["Location"] == "/"
+
+
+async def test_a_refused_authorization_and_a_hub_down_at_the_callback(
+    make_hub: Callable[..., Hub], make_gateway: Any, browser: aiohttp.ClientSession
+) -> None:
+    hub, gw = await oauth_gateway(make_hub, make_gateway)
+    gateway = f"http://{gw.public_address}"
+    # The hub sends the browser back with an error (e.g. the user denied access): a 401.
+    url = f"{gateway}/api/v2/oauth/callback?error=access_denied&error_description=denied"
+    async with browser.get(url) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"] == "JupyterHub refused the login: access_denied denied"
+    # The hub goes down between authorize and callback: the code cannot be traded, a 503.
+    await hub_login(browser, hub, "oauth-dave")
+    async with browser.get(f"{gateway}/api/v2/oauth/login", allow_redirects=False) as resp:
+        authorize = resp.headers["Location"]
+    async with browser.get(authorize, allow_redirects=False) as resp:
+        callback = resp.headers["Location"]
+    hub.stop()
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 503
+        assert f"JupyterHub at {hub.api_url} is unreachable" in (await resp.json())["error"]
