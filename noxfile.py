@@ -39,6 +39,16 @@ PACKAGES: dict[str, list[str]] = {
         "./core[local,testing]",
         "./plugins/auth-kerberos",
     ],
+    # A real JupyterHub (PyPI) for the system tests, and the original client logging in to it.
+    "auth-jupyterhub": [
+        "./proxy",
+        "./client",
+        "./core[local,testing]",
+        "./plugins/auth-jupyterhub",
+        "jupyterhub",
+        "dask-gateway",
+        "trustme",
+    ],
 }
 FOLDERS = {
     "core": "core",
@@ -49,6 +59,7 @@ FOLDERS = {
     "pbs": "plugins/gateway-pbs",
     "site-options": "examples/site-options",
     "auth-kerberos": "plugins/auth-kerberos",
+    "auth-jupyterhub": "plugins/auth-jupyterhub",
 }
 PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
 

@@ -23,7 +23,7 @@ from yarl import URL
 
 import gateway_core
 import gateway_core.hookspecs
-from gateway_core.api.app import make_api_app
+from gateway_core.api.app import log_in, make_api_app
 from gateway_core.api.routes import AUTHN
 from gateway_core.auth.simple import SimpleAuthConfig, SimpleAuthenticator
 from gateway_core.backends.base import Backend, ClusterConflict
@@ -292,6 +292,7 @@ async def make_api() -> AsyncIterator[ApiFactory]:
         max_events: int = 100,
         prefix: str = "",
         auth_config: SimpleAuthConfig | None = None,
+        auth_class: type[CountingAuth] | None = None,
     ) -> Api:
         pm = pluggy.PluginManager("gateway")
         pm.add_hookspecs(gateway_core.hookspecs)
@@ -308,7 +309,9 @@ async def make_api() -> AsyncIterator[ApiFactory]:
             prefix=prefix,
         )
         backend = FakeBackend(context=context)
-        auth = CountingAuth(config=auth_config or SimpleAuthConfig(), context=context)
+        auth = (auth_class or CountingAuth)(
+            config=auth_config or SimpleAuthConfig(), context=context
+        )
         manager = ClusterManager(
             backend=backend,
             context=context,
@@ -1464,3 +1467,46 @@ def test_bad_cluster_defaults_are_refused_at_construction() -> None:
             cluster_defaults={"worker_cores": "two"},
         )
     assert exc.value.problems == ["cluster.worker_cores: expected int, got str"]
+
+
+class RoutedAuth(CountingAuth):
+    """Serves its own login route (as an OAuth callback would): ``?as=<name>`` logs in."""
+
+    def web_routes(self) -> list[web.RouteDef]:
+        async def login(request: web.Request) -> web.StreamResponse:
+            user = User(name=request.query["as"])
+            response = web.json_response({"logged_in": user.name})
+            log_in(request, response, user)
+            return response
+
+        return [web.get("/api/v2/test/login", login)]
+
+
+@pytest.mark.parametrize("prefix", ["", "/gw"])
+async def test_an_authenticators_own_routes_are_public_and_can_log_a_user_in(
+    make_api: ApiFactory, prefix: str
+) -> None:
+    api = await make_api(cookies=True, auth_class=RoutedAuth, prefix=prefix)
+    resp = await api.call("GET", f"{prefix}/api/v2/test/login?as=bob", user=None)
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"logged_in": "bob"}
+    assert resp.headers["X-Login"] == "fresh"  # pre_response, as for any full login
+    name = await api.create("bob")  # through the authenticator: bob's cluster
+    api.auth.calls = 0
+    # The route's cookie alone logs bob in: the authenticator is not asked.
+    listed = await api.call("GET", "/api/v1/clusters/", user=None)
+    assert listed.status == 200, await listed.text()
+    assert list(await listed.json()) == [name]
+    assert api.auth.calls == 0
+
+
+async def test_an_authenticator_route_outside_the_api_is_refused(make_api: ApiFactory) -> None:
+    class Stray(CountingAuth):
+        def web_routes(self) -> list[web.RouteDef]:
+            async def page(request: web.Request) -> web.StreamResponse:
+                return web.Response(text="hi")
+
+            return [web.get("/login", page)]
+
+    with pytest.raises(ValueError, match="route '/login' must start with /api/"):
+        await make_api(auth_class=Stray)

@@ -535,3 +535,26 @@ def test_serve_debug_shows_the_traceback(
     assert "Traceback (most recent call last):" in result.stderr
     # The traceback ends with the exception carrying the same message.
     assert expected.removeprefix("error: ") in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.unit
+def test_redact_hides_plugin_keys_named_like_secrets() -> None:
+    from gateway_core.cli import redact
+
+    shown = redact(
+        {
+            "auth": {
+                "jupyterhub": {
+                    "jupyterhub_api_token": "t0ken",
+                    "oauth_client_secret": "s3cret",
+                    "jupyterhub_api_url": "http://hub/hub/api",
+                    "service_token_file": "/etc/token",
+                }
+            }
+        }
+    )
+    section = shown["auth"]["jupyterhub"]
+    assert section["jupyterhub_api_token"] == "<redacted>"
+    assert section["oauth_client_secret"] == "<redacted>"
+    assert section["jupyterhub_api_url"] == "http://hub/hub/api"
+    assert section["service_token_file"] == "/etc/token"

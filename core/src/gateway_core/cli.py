@@ -28,6 +28,8 @@ PluginManagerFactory = Callable[..., pluggy.PluginManager]
 
 SECRET_KEYS = frozenset({"api_token", "password", "db_encrypt_keys"})
 """Config keys whose values `gateway config show` never prints."""
+SECRET_SUFFIXES = ("_token", "_secret", "_password")
+"""So are plugins' keys ending so (``jupyterhub_api_token``, ``oauth_client_secret``)."""
 REDACTED = "<redacted>"
 
 CONFIG_OPTION = click.option(
@@ -191,7 +193,7 @@ def redact(data: Any) -> Any:
     if isinstance(data, Mapping):
         out = {}
         for key, value in data.items():
-            if key in SECRET_KEYS and value:
+            if (key in SECRET_KEYS or str(key).endswith(SECRET_SUFFIXES)) and value:
                 out[key] = [REDACTED] * len(value) if isinstance(value, list) else REDACTED
             else:
                 out[key] = redact(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
@@ -70,12 +71,17 @@ def new_name() -> str:
     return secrets.token_hex(16)
 
 
+def _frozen_groups(groups: Iterable[str]) -> frozenset[str]:
+    """`User.groups` from any iterable of names (typed, so callers passing sets type-check)."""
+    return frozenset(groups)
+
+
 @define(kw_only=True, frozen=True)
 class User:
     """An authenticated person (or service) acting on the API."""
 
     name: str
-    groups: frozenset[str] = field(default=frozenset(), converter=frozenset)
+    groups: frozenset[str] = field(default=frozenset(), converter=_frozen_groups)
     admin: bool = False
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from ..auth.base import Authenticator
 from ..context import GatewayContext
 from ..manager import ClusterManager, ClusterToken
+from ..models import User
 from .authn import Authn, token_from_header
 from .errors import error_response
 from .routes import (
@@ -28,7 +29,7 @@ from .routes import (
     Handler,
 )
 
-__all__ = ["make_api_app"]
+__all__ = ["log_in", "make_api_app"]
 
 
 @web.middleware
@@ -79,6 +80,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+def log_in(request: web.Request, response: web.StreamResponse, user: User) -> None:
+    """Log ``user`` in from an authenticator's own route (`Authenticator.web_routes`), e.g. an
+    OAuth callback: set the login cookie on ``response`` (and the authenticator's
+    ``pre_response`` headers), as a successful ``authenticate`` does. Without a cookie
+    (``cache_max_age = 0``) the login lasts only this response."""
+    request.app[AUTHN].finish_login(request, response, user)
+
+
 async def _close_streams(app: web.Application) -> None:
     """At shutdown, end open routes-feed streams instead of waiting for their readers."""
     app[CLOSING].set()
@@ -94,8 +103,9 @@ def make_api_app(
     """The REST API as an aiohttp application.
 
     Routes are served at ``/api/...`` and, when the context has a proxy prefix, also at
-    ``{prefix}/api/...`` (so it works whether or not the proxy strips the prefix). Request
-    bodies are limited to ``[gateway] max_body_size`` (413 beyond it).
+    ``{prefix}/api/...`` (so it works whether or not the proxy strips the prefix); so are the
+    authenticator's own routes (`Authenticator.web_routes`). Request bodies are limited to
+    ``[gateway] max_body_size`` (413 beyond it).
     """
     max_body = int(context.config.gateway.max_body_size)
     app = web.Application(client_max_size=max_body, middlewares=[error_middleware, auth_middleware])
@@ -109,10 +119,25 @@ def make_api_app(
     prefix = context.prefix.rstrip("/")
     if prefix:
         prefixes.append(prefix if prefix.startswith("/") else "/" + prefix)
+    extra = list(authenticator.web_routes())
+    for route_def in extra:
+        if not route_def.path.startswith("/api/"):
+            raise ValueError(
+                f"authenticator {authenticator.name!r}: route {route_def.path!r} must start "
+                "with /api/"
+            )
     for base in prefixes:
         for route in ROUTES:
             registered = app.router.add_route(route.method, base + route.path, route.handler)
             access[registered] = route.access
+        for route_def in extra:  # public: the authenticator's handler decides
+            before = set(app.router.routes())
+            prefixed = web.RouteDef(
+                route_def.method, base + route_def.path, route_def.handler, route_def.kwargs
+            )
+            prefixed.register(app.router)
+            for added in set(app.router.routes()) - before:  # GET brings its HEAD
+                access[added] = Access.PUBLIC
     app[ROUTE_ACCESS] = access
     app.on_shutdown.append(_close_streams)
     return app

@@ -7,7 +7,7 @@ seconds is handled by core around these methods, so authenticators only talk to 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,3 +54,15 @@ class Authenticator(abc.ABC):
 
     def pre_response(self, request: web.Request, response: web.StreamResponse) -> None:  # noqa: B027
         """Add headers to a successful response (e.g. the final SPNEGO token). Optional."""
+
+    def web_routes(self) -> Sequence[web.RouteDef]:
+        """Routes this authenticator serves itself, such as an OAuth login and its callback
+        (``aiohttp.web.get(path, handler)``). Optional; none by default.
+
+        Core adds them to the API app beside its own routes (also under the proxy prefix) as
+        public routes: the handler decides who may call it. Paths must start with ``/api/``
+        (``/api/v2/<something>`` for new ones). A handler that has found out who the user is
+        calls `gateway_core.api.app.log_in` to set the login cookie on its response. Called
+        once, when the app is built, before ``setup``.
+        """
+        return ()
