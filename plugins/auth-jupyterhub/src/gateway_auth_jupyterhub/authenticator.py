@@ -19,7 +19,7 @@ import aiohttp
 from attrs import define, field
 
 from gateway_core.auth.base import Authenticator, Unauthorized
-from gateway_core.config import AuthConfig, ConfigError
+from gateway_core.config import AuthConfig
 from gateway_core.errors import AccessDenied, BackendUnavailable
 from gateway_core.models import User
 
@@ -84,8 +84,10 @@ class JupyterHubAuthConfig(AuthConfig):
     """The hub's authorize URL as browsers reach it, e.g.
     ``https://hub.example.org/hub/api/oauth2/authorize``; empty: under ``jupyterhub_api_url``."""
 
-    def __attrs_post_init__(self) -> None:
-        problems = []
+    def check(self) -> list[str]:
+        """Problems with the hub's address, the tokens, the TLS files and OAuth (see
+        `CheckedConfig`)."""
+        problems: list[str] = []
         url = self.jupyterhub_api_url
         if not url:
             problems.append(
@@ -113,8 +115,7 @@ class JupyterHubAuthConfig(AuthConfig):
             )
         if self.request_timeout <= 0:
             problems.append("request_timeout: must be positive")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
     @property
     def api_url(self) -> str:
