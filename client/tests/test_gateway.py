@@ -362,3 +362,27 @@ def test_an_expired_session_cookie_is_replaced_by_logging_in_again(
         (False, True),  # stale cookie: 401
         (True, True),  # re-authenticated once
     ]
+
+
+def test_a_gateway_collected_in_another_thread_never_blocks_that_thread(
+    fake: FakeGateway,
+) -> None:
+    """The garbage collector may finalize a Gateway in a thread that is still starting, while
+    the thread starting it holds distributed's loop lock and waits for it: closing there must
+    not wait for that lock (it deadlocked the suite), it closes from a thread of its own."""
+    import threading
+
+    from distributed.utils import LoopRunner
+
+    gw = Gateway(fake.address, proxy_address=8786, auth=ALICE)
+    finalizer = threading.Thread(target=gw.__del__)
+    with LoopRunner._lock:  # what a Gateway starting in this thread holds
+        finalizer.start()
+        finalizer.join(timeout=5)
+        assert not finalizer.is_alive(), "the finalizer blocked on the loop lock"
+        assert not gw._closed  # it could not close yet: the lock is still held here
+    for _ in range(100):  # once the lock is free, its own thread closes it
+        if gw._closed:
+            break
+        threading.Event().wait(0.05)
+    assert gw._closed

@@ -27,7 +27,7 @@ from distributed.security import Security
 from tornado.ioloop import IOLoop
 
 from .auth import GatewayAuth
-from .gateway import Gateway
+from .gateway import Gateway, close_when_collected
 
 __all__ = ["ClusterState", "GatewayCluster"]
 
@@ -325,8 +325,7 @@ class GatewayCluster:
             return
         if self.gateway._closed or self.gateway._on_loop_thread():
             return
-        with contextlib.suppress(Exception):
-            self.close()
+        close_when_collected(self.close, "cluster")
 
     # -- scaling and clients ---------------------------------------------------------------------
 

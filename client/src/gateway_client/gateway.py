@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -37,6 +38,25 @@ T = TypeVar("T")
 # While a cluster is PENDING and the server answers ``?wait`` at once (a server that does not
 # hold the request), wait this long between polls.
 POLL_INTERVAL = 0.5
+
+
+def close_when_collected(close: Callable[[], Any], what: str) -> None:
+    """Run ``close`` for a ``__del__``: at once in the main thread, else in a thread of its own.
+
+    The garbage collector runs finalizers in whichever thread happens to allocate, even one that
+    is still starting. Closing blocks on distributed's loop lock, which the thread starting that
+    thread may hold while it waits for it: closing there deadlocks both (seen in the test suite).
+    """
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(Exception):
+            close()
+        return
+
+    def quietly() -> None:
+        with contextlib.suppress(Exception):
+            close()
+
+    threading.Thread(target=quietly, name=f"close-collected-{what}", daemon=True).start()
 
 
 def resolve_proxy_address(address: str, proxy_address: str | int | None) -> str:
@@ -193,8 +213,7 @@ class Gateway:
             return
         if getattr(self, "_closed", True) or self._on_loop_thread():
             return
-        with contextlib.suppress(Exception):
-            self.close()
+        close_when_collected(self.close, "gateway")
 
     def __repr__(self) -> str:
         return f"Gateway<{self.address}>"
