@@ -464,6 +464,41 @@ async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_t
     assert _gone(state["workdir"])
 
 
+async def test_an_adopted_scheduler_that_died_fails_its_cluster_saying_its_status_is_unknown(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    from cryptography.fernet import Fernet
+
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        cluster={"scheduler_cmd": [PYTHON, script(tmp_path, "fake.py", FAKE_SCHEDULER)]},
+    )
+    config["gateway"].update(
+        db_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        db_encrypt_keys=[Fernet.generate_key().decode()],
+        stop_clusters_on_shutdown=False,
+    )
+    first = await make_gateway(config, plugins=PLUGINS)
+    name = (await make_api_client(first, "alice").post("/api/v1/clusters/", {})).body["name"]
+    alice = make_api_client(first, "alice")
+    assert (await alice.get(f"/api/v1/clusters/{name}?wait")).body["status"] == "RUNNING"
+    state = dict(first.backend.store.get(name).state)
+    await first.stop()
+    os.kill(state["pid"], signal.SIGKILL)  # dies while no gateway watches it
+    await eventually(lambda: not _pid_alive(state["pid"]), what="the scheduler died")
+
+    second = await make_gateway(config, plugins=PLUGINS)
+    cluster = second.backend.store.get(name)
+    await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
+    reason = (await make_api_client(second, "alice").get(f"/api/v2/clusters/{name}/reason")).body[
+        "reason"
+    ]
+    assert "The scheduler exited (exit status unknown: it is not this gateway process's" in reason
+    await eventually(lambda: _gone(state["workdir"]), what="its working directory was removed")
+
+
 async def test_dask_is_found_beside_the_gateways_python_when_path_lacks_it(
     make_gateway: Any, make_api_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
