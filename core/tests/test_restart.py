@@ -3,7 +3,8 @@
 Real `gateway serve` processes, real Dask clusters (unsafe-local, forked by the fork server),
 our client: one cluster running with a worker and one still starting when the gateway dies;
 a cluster running with two workers whose processes outlive the gateway and its fork server and
-are adopted, not replaced, by the restarted gateway.
+are adopted, not replaced, by the restarted gateway; and a normal shutdown, which stops the
+clusters only when `stop_clusters_on_shutdown` says so.
 """
 
 from __future__ import annotations
@@ -323,3 +324,41 @@ def test_sigkill_mid_start_scale_and_stop_each_cluster_ends_where_it_was_headed(
     assert server.stop() == 0
     leftovers = list((server.folder / "clusters").glob("*"))
     assert leftovers == [], f"cluster directories left behind: {leftovers}"
+
+
+@pytest.mark.usefixtures("no_process_left_behind")
+@pytest.mark.parametrize("stop_clusters", [True, False])
+def test_a_normal_shutdown_stops_the_clusters_only_when_configured(
+    server: Server, stop_clusters: bool
+) -> None:
+    text = server.config.read_text()
+    server.config.write_text(
+        text.replace(
+            "stop_clusters_on_shutdown = false",
+            f"stop_clusters_on_shutdown = {str(stop_clusters).lower()}",
+        )
+    )
+    server.start()
+    name = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    wait_status(server, name, {"RUNNING"})
+    server.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    assert compute(server, name, 1) == 45
+    wait_for(
+        "the store has the scheduler and the worker",
+        lambda: len(active_processes(server, name)) == 2,
+    )
+    before = active_processes(server, name)
+
+    assert server.stop() == 0  # SIGTERM: a normal shutdown
+    if stop_clusters:
+        assert not any(ref.running() for ref in before.values())
+        assert list((server.folder / "clusters").glob("*")) == []
+        return
+    time.sleep(1)
+    assert all(ref.running() for ref in before.values())
+    server.start()
+    assert compute(server, name, 1) == 45
+    server.call("DELETE", f"/v1/clusters/{name}")
+    assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
+    assert server.stop() == 0
+    assert not any(ref.running() for ref in before.values())
