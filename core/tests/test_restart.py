@@ -29,7 +29,7 @@ from attrs import define
 from gateway_core.backends.kit import ProcessRef
 from gateway_core.models import WorkerStatus
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
 
 def free_port() -> int:
@@ -227,7 +227,6 @@ def scheduler_workers(server: Server, name: str) -> int:
             cluster.close()
 
 
-@pytest.mark.usefixtures("no_process_left_behind")
 def test_sigkill_leaves_a_running_cluster_running_and_the_next_gateway_adopts_it(
     server: Server,
 ) -> None:
@@ -276,7 +275,6 @@ def test_sigkill_leaves_a_running_cluster_running_and_the_next_gateway_adopts_it
     assert leftovers == [], f"cluster directories left behind: {leftovers}"
 
 
-@pytest.mark.usefixtures("no_process_left_behind")
 def test_sigkill_mid_start_scale_and_stop_each_cluster_ends_where_it_was_headed(
     server: Server,
 ) -> None:
@@ -326,7 +324,6 @@ def test_sigkill_mid_start_scale_and_stop_each_cluster_ends_where_it_was_headed(
     assert leftovers == [], f"cluster directories left behind: {leftovers}"
 
 
-@pytest.mark.usefixtures("no_process_left_behind")
 @pytest.mark.parametrize("stop_clusters", [True, False])
 def test_a_normal_shutdown_stops_the_clusters_only_when_configured(
     server: Server, stop_clusters: bool
