@@ -162,6 +162,19 @@ async def test_an_exit_is_seen_with_its_status(groups: ProcessGroups, tmp_path: 
     assert not groups.group_alive(ref)
 
 
+async def test_a_process_started_by_another_gateway_is_watched_and_stopped_as_adopted(
+    groups: ProcessGroups, tmp_path: Path
+) -> None:
+    ref = start(groups, tmp_path, "import time; time.sleep(60)")
+    adopter = ProcessGroups()  # as made by a restarted gateway: it never started the process
+    assert groups.started_here(ref) and not adopter.started_here(ref)
+    assert adopter.alive(ref) and adopter.group_alive(ref)
+    assert await adopter.terminate(ref, [(signal.SIGTERM, 5.0)], what="adopted")
+    assert not adopter.alive(ref)
+    assert adopter.exit_status(ref) is None  # not its child: the status is not its to know
+    assert groups.exit_status(ref) == -signal.SIGTERM
+
+
 def test_a_missing_program_fails_with_its_name(groups: ProcessGroups, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="cannot run 'gw-no-such-program'"):
         groups.start(["gw-no-such-program"], env={"PATH": "/usr/bin"}, cwd=tmp_path, stdout=1)

@@ -464,6 +464,41 @@ async def test_clusters_outlive_a_gateway_that_leaves_them_and_a_new_one_stops_t
     assert _gone(state["workdir"])
 
 
+async def test_an_adopted_scheduler_that_died_fails_its_cluster_saying_its_status_is_unknown(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path
+) -> None:
+    from cryptography.fernet import Fernet
+
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        start_method="spawn",
+        cluster={"scheduler_cmd": [PYTHON, script(tmp_path, "fake.py", FAKE_SCHEDULER)]},
+    )
+    config["gateway"].update(
+        db_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        db_encrypt_keys=[Fernet.generate_key().decode()],
+        stop_clusters_on_shutdown=False,
+    )
+    first = await make_gateway(config, plugins=PLUGINS)
+    name = (await make_api_client(first, "alice").post("/api/v1/clusters/", {})).body["name"]
+    alice = make_api_client(first, "alice")
+    assert (await alice.get(f"/api/v1/clusters/{name}?wait")).body["status"] == "RUNNING"
+    state = dict(first.backend.store.get(name).state)
+    await first.stop()
+    os.kill(state["pid"], signal.SIGKILL)  # dies while no gateway watches it
+    await eventually(lambda: not _pid_alive(state["pid"]), what="the scheduler died")
+
+    second = await make_gateway(config, plugins=PLUGINS)
+    cluster = second.backend.store.get(name)
+    await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
+    reason = (await make_api_client(second, "alice").get(f"/api/v2/clusters/{name}/reason")).body[
+        "reason"
+    ]
+    assert "The scheduler exited (exit status unknown: it is not this gateway process's" in reason
+    await eventually(lambda: _gone(state["workdir"]), what="its working directory was removed")
+
+
 async def test_dask_is_found_beside_the_gateways_python_when_path_lacks_it(
     make_gateway: Any, make_api_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -569,6 +604,60 @@ async def test_the_fork_server_refuses_to_start_with_threads(tmp_path: Path) -> 
     with pytest.raises(ForkServerError, match="2 threads are running after the imports"):
         await server.start()
     assert not server.alive
+
+
+async def test_what_the_fork_server_forked_outlives_its_end_and_its_exit_handlers(
+    tmp_path: Path,
+) -> None:
+    """The template ends on the end of its control socket, as when the gateway is killed; its
+    children live on, in their own sessions, and no exit handler of a preloaded module runs in
+    the template (this one would kill every child it has, and leaves a mark if it runs)."""
+    mark = tmp_path / "exit-handler-ran"
+    script(
+        tmp_path,
+        "gw_reaper.py",
+        f"""
+        import atexit, os, signal
+
+        def end_my_children():
+            open({str(mark)!r}, "w").close()
+            me = str(os.getpid())
+            for entry in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{{entry}}/stat") as f:
+                        ppid = f.read().rpartition(")")[2].split()[1]
+                except (OSError, IndexError):
+                    continue
+                if ppid == me:
+                    os.kill(int(entry), signal.SIGKILL)
+
+        atexit.register(end_my_children)
+        """,
+    )
+    sleeper = script(tmp_path, "sleeper.py", "import time; time.sleep(60)")
+    server = ForkServer(env={"PYTHONPATH": str(tmp_path)}, preload=["gw_reaper"])
+    await server.start()
+    template = server.pid
+    assert template is not None
+    fd = os.open(tmp_path / "sleeper.log", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        pid, ticks = await server.spawn(
+            argv=["sleeper"], path=sleeper, env={}, cwd=str(tmp_path), log_fd=fd
+        )
+    finally:
+        os.close(fd)
+    ref = ProcessRef(pid=pid, start_ticks=ticks, boot_id=boot_id())
+    st = read_stat(pid)
+    assert st is not None and st.ppid == template and st.pgrp == pid
+    await server.close()  # end of file on the control socket: the template exits
+    await eventually(lambda: not _pid_alive(template), what="the template exited")
+    await asyncio.sleep(0.5)
+    assert ref.running(), "the forked process died with the fork server"
+    assert not mark.exists(), "an exit handler of a preloaded module ran in the template"
+    st = read_stat(pid)
+    assert st is not None and st.ppid != template  # re-parented (to us: the subreaper)
+    os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: not ref.running(), what="the forked process was killed")
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """A gateway killed with SIGKILL and restarted on its persistent store finds its clusters.
 
-Real `gateway serve` processes, real Dask clusters (unsafe-local), our client: one cluster
-running with a worker and one still starting when the gateway dies.
+Real `gateway serve` processes, real Dask clusters (unsafe-local, forked by the fork server),
+our client: one cluster running with a worker and one still starting when the gateway dies;
+a cluster running with two workers whose processes outlive the gateway and its fork server and
+are adopted, not replaced, by the restarted gateway; and a normal shutdown, which stops the
+clusters only when `stop_clusters_on_shutdown` says so.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +26,10 @@ from typing import Any
 import pytest
 from attrs import define
 
-pytestmark = pytest.mark.integration
+from gateway_core.backends.kit import ProcessRef
+from gateway_core.models import WorkerStatus
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
 
 
 def free_port() -> int:
@@ -177,3 +184,178 @@ def test_sigkill_and_restart_keeps_clusters(server: Server) -> None:
     assert server.stop() == 0
     leftovers = list((server.folder / "clusters").glob("*"))
     assert leftovers == [], f"cluster directories left behind: {leftovers}"
+
+
+def active_processes(server: Server, name: str) -> dict[str, ProcessRef]:
+    """What the store holds of ``name``'s live records: ``"scheduler"`` and each active
+    worker's name -> the process it runs as (read from the gateway's SQLite file)."""
+    db = sqlite3.connect(server.folder / "gateway.sqlite")
+    try:
+        found: dict[str, ProcessRef] = {}
+        for (state,) in db.execute("SELECT state FROM clusters WHERE name = ?", (name,)):
+            ref = ProcessRef.from_state(json.loads(state))
+            if ref is not None:
+                found["scheduler"] = ref
+        rows = db.execute("SELECT name, status, state FROM workers WHERE cluster_name = ?", (name,))
+        for worker, status, state in rows:
+            ref = ProcessRef.from_state(json.loads(state))
+            if WorkerStatus(status).is_active and ref is not None:
+                found[worker] = ref
+        return found
+    finally:
+        db.close()
+
+
+def wait_for(what: str, check: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
+def scheduler_workers(server: Server, name: str) -> int:
+    """How many workers the cluster's scheduler has, as our client sees it."""
+    from gateway_client import BasicAuth, Gateway
+
+    with Gateway(server.address, auth=BasicAuth("alice")) as gateway:
+        cluster = gateway.connect(name)
+        client = cluster.get_client(set_as_default=False)
+        try:
+            return len(client.scheduler_info()["workers"])
+        finally:
+            client.close()
+            cluster.close()
+
+
+def test_sigkill_leaves_a_running_cluster_running_and_the_next_gateway_adopts_it(
+    server: Server,
+) -> None:
+    server.start()
+    name = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    wait_status(server, name, {"RUNNING"})
+    server.call("POST", f"/v1/clusters/{name}/scale", {"count": 2})
+    assert compute(server, name, 2) == 45
+    wait_for(
+        "the store has the scheduler and both workers",
+        lambda: len(active_processes(server, name)) == 3,
+    )
+    before = active_processes(server, name)
+    assert all(ref.running() for ref in before.values()), before
+
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    # The fork server sees the end of its control socket and exits; what it forked does not
+    # go with it. Give any late death (SIGHUP, parent-death signal, teardown) time to happen.
+    time.sleep(3)
+    dead = [what for what, ref in before.items() if not ref.running()]
+    assert dead == [], f"died with the gateway: {dead}"
+
+    server.start()
+    time.sleep(3 * 2 + 1)  # three cluster and worker status periods (2 s each)
+    assert wait_status(server, name, {"RUNNING"})["status"] == "RUNNING"
+    # Adopted, not replaced: the same two workers, the same processes, nothing new started.
+    assert active_processes(server, name) == before
+    assert all(ref.running() for ref in before.values())
+    assert scheduler_workers(server, name) == 2
+    assert compute(server, name, 2) == 45
+
+    server.call("POST", f"/v1/clusters/{name}/scale", {"count": 3})
+    assert compute(server, name, 3) == 45
+    server.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    wait_for("one worker is left", lambda: len(active_processes(server, name)) == 2)
+    wait_for("the scheduler has one worker", lambda: scheduler_workers(server, name) == 1)
+    assert compute(server, name, 1) == 45
+
+    server.call("DELETE", f"/v1/clusters/{name}")
+    assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
+    wait_for(
+        "every adopted process is gone", lambda: not any(ref.running() for ref in before.values())
+    )
+    assert server.stop() == 0
+    leftovers = list((server.folder / "clusters").glob("*"))
+    assert leftovers == [], f"cluster directories left behind: {leftovers}"
+
+
+def test_sigkill_mid_start_scale_and_stop_each_cluster_ends_where_it_was_headed(
+    server: Server,
+) -> None:
+    server.start()
+    scaling = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    stopping = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    for name in (scaling, stopping):
+        wait_status(server, name, {"RUNNING"})
+        server.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+        assert compute(server, name, 1) == 45
+    wait_for(
+        "the store has both schedulers and workers",
+        lambda: all(len(active_processes(server, n)) == 2 for n in (scaling, stopping)),
+    )
+    stopped = active_processes(server, stopping)
+
+    # All at once, then the kill: a stop, a scale-up and a new cluster, each under way.
+    server.call("DELETE", f"/v1/clusters/{stopping}")
+    server.call("POST", f"/v1/clusters/{scaling}/scale", {"count": 2})
+    starting = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    server.start()
+    # Where each was headed: the stopped one is gone, processes and all...
+    assert wait_status(server, stopping, {"STOPPED"})["status"] == "STOPPED"
+    wait_for(
+        "the stopped cluster's processes are gone",
+        lambda: not any(ref.running() for ref in stopped.values()),
+    )
+    # ... the new one runs and computes...
+    assert wait_status(server, starting, {"RUNNING"})["status"] == "RUNNING"
+    server.call("POST", f"/v1/clusters/{starting}/scale", {"count": 1})
+    assert compute(server, starting, 1) == 45
+    # ... and the scaled one has its two workers, no more, after a few status periods.
+    assert compute(server, scaling, 2) == 45
+    time.sleep(3 * 2 + 1)
+    assert scheduler_workers(server, scaling) == 2
+    assert len(active_processes(server, scaling)) == 3
+    assert all(ref.running() for ref in active_processes(server, scaling).values())
+
+    for name in (scaling, starting):
+        server.call("DELETE", f"/v1/clusters/{name}")
+    for name in (scaling, starting):
+        assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
+    assert server.stop() == 0
+    leftovers = list((server.folder / "clusters").glob("*"))
+    assert leftovers == [], f"cluster directories left behind: {leftovers}"
+
+
+@pytest.mark.parametrize("stop_clusters", [True, False])
+def test_a_normal_shutdown_stops_the_clusters_only_when_configured(
+    server: Server, stop_clusters: bool
+) -> None:
+    text = server.config.read_text()
+    server.config.write_text(
+        text.replace(
+            "stop_clusters_on_shutdown = false",
+            f"stop_clusters_on_shutdown = {str(stop_clusters).lower()}",
+        )
+    )
+    server.start()
+    name = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    wait_status(server, name, {"RUNNING"})
+    server.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    assert compute(server, name, 1) == 45
+    wait_for(
+        "the store has the scheduler and the worker",
+        lambda: len(active_processes(server, name)) == 2,
+    )
+    before = active_processes(server, name)
+
+    assert server.stop() == 0  # SIGTERM: a normal shutdown
+    if stop_clusters:
+        assert not any(ref.running() for ref in before.values())
+        assert list((server.folder / "clusters").glob("*")) == []
+        return
+    time.sleep(1)
+    assert all(ref.running() for ref in before.values())
+    server.start()
+    assert compute(server, name, 1) == 45
+    server.call("DELETE", f"/v1/clusters/{name}")
+    assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
+    assert server.stop() == 0
+    assert not any(ref.running() for ref in before.values())

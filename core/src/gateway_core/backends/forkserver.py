@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .kit.processes import read_stat
 
@@ -338,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(ctl: socket.socket) -> int:
-    """Fork one child per launch socket received on ``ctl``; return when the gateway is gone.
+    """Fork one child per launch socket received on ``ctl``; when the gateway is gone (end of
+    file on ``ctl``, as after the gateway was killed), exit at once (`_leave`).
 
     In a child this never returns: the target runs, then SystemExit unwinds to the interpreter
     (so atexit handlers and thread joins happen as in a normal process)."""
@@ -346,9 +347,9 @@ def _serve(ctl: socket.socket) -> int:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 1)
         except OSError:
-            return 0
+            _leave()
         if not msg:
-            return 0
+            _leave()
         if not fds:
             continue
         conn_fd = fds[0]
@@ -367,6 +368,21 @@ def _serve(ctl: socket.socket) -> int:
             ctl.close()
             _child(conn_fd)  # raises SystemExit, never returns
         os.close(conn_fd)
+
+
+def _leave() -> NoReturn:
+    """End the template without the interpreter's teardown: the exit handlers its preloaded
+    modules registered (multiprocessing's, distributed's, logging's) belong to the processes
+    forked from it, not to it, and must not run with those processes in its process table.
+
+    The children live on: each started a session of its own (no SIGHUP when the template goes,
+    no shared process group to signal), none asked for a parent-death signal (a fork never
+    inherits one), and their output goes to their own logs, never to a pipe of the template's.
+    They are re-parented to init (or the nearest subreaper), which reaps them."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
 
 
 def _answer_error(conn_fd: int, message: str) -> None:

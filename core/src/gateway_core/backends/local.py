@@ -66,6 +66,12 @@ HOST = "127.0.0.1"
 
 SCHEDULER_LOG = "scheduler.log"
 
+UNKNOWN_EXIT = (
+    "exit status unknown: it is not this gateway process's child (forked by the fork server, "
+    "or started before a gateway restart)"
+)
+"""Said in a failure reason for a process whose exit status the gateway cannot learn."""
+
 WARM_COMMANDS: dict[tuple[str, str], str] = {
     ("dask", "scheduler"): "distributed.cli.dask_scheduler",
     ("dask", "worker"): "distributed.cli.dask_worker",
@@ -522,7 +528,11 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
     def _exit_message(
         self, ref: ProcessRef, workdir: str, log_name: str, what: str, run_as: RunAs | None
     ) -> str:
-        how = describe_exit(self.processes.exit_status(ref))
+        code = self.processes.exit_status(ref)
+        if code is None and not self.processes.started_here(ref):
+            how = f"exited ({UNKNOWN_EXIT})"
+        else:
+            how = describe_exit(code)
         lines = tail_log(workdir, log_name, run_as=run_as)
         where = os.path.join(workdir, log_name)
         if lines is None:

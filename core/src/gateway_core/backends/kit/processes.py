@@ -176,10 +176,12 @@ class ProcessGroups:
     """Starts, watches and stops process groups on the gateway's host for one driver.
 
     Every process starts in a session of its own, so its pid is also its process-group id and
-    stopping it reaches whatever it started. Everything works from a `ProcessRef` alone, so a
-    driver made after a gateway restart stops the processes its predecessor started; the
-    processes this object started itself are also reaped as they exit (no zombies), and their
-    exit status is known (`exit_status`).
+    stopping it reaches whatever it started; nothing ties it to the gateway (no parent-death
+    signal, no controlling terminal, no shared process group), so it outlives a gateway that
+    dies. Everything works from a `ProcessRef` alone, so a driver made after a gateway restart
+    watches and stops the processes its predecessor started (adopted: not its children, reaped
+    by init or a subreaper, exit status unknown); the processes this object started itself are
+    also reaped as they exit (no zombies), and their exit status is known (`exit_status`).
     """
 
     def __init__(self) -> None:
@@ -242,6 +244,14 @@ class ProcessGroups:
         except PermissionError:
             return True
         return bool(group_members(ref.pid))
+
+    def started_here(self, ref: ProcessRef) -> bool:
+        """Did this object start ``ref``'s process (it is then the gateway's child, reaped here,
+        with a known exit status)? False for a process adopted from an earlier gateway process
+        or forked by the fork server: those are watched and stopped through ``/proc`` and
+        signals alone, and someone else reaps them."""
+        popen = self._children.get(ref.pid)
+        return popen is not None and ref.boot_id == boot_id()
 
     def exit_status(self, ref: ProcessRef) -> int | None:
         """The return code of a process this object started and that has exited (negative:
