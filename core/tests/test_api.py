@@ -38,8 +38,7 @@ from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
 from gateway_core.hookcaller import GatewayHooks
 from gateway_core.hookspecs import hookimpl
-from gateway_core.manager import ClusterManager
-from gateway_core.manager import LOG_COMPONENT_BYTES, LOG_TAIL_DEFAULT, NO_LOG
+from gateway_core.manager import LOG_COMPONENT_BYTES, LOG_TAIL_DEFAULT, NO_LOG, ClusterManager
 from gateway_core.models import (
     Cluster,
     ClusterStatus,
