@@ -38,7 +38,13 @@ from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
 from gateway_core.hookcaller import GatewayHooks
 from gateway_core.hookspecs import hookimpl
-from gateway_core.manager import LOG_COMPONENT_BYTES, LOG_TAIL_DEFAULT, NO_LOG, ClusterManager
+from gateway_core.manager import (
+    LOG_COMPONENT_BYTES,
+    LOG_MAX_WORKERS,
+    LOG_TAIL_DEFAULT,
+    NO_LOG,
+    ClusterManager,
+)
 from gateway_core.models import (
     Cluster,
     ClusterStatus,
@@ -741,6 +747,24 @@ async def test_v2_logs_route_bounds_what_it_answers(api: Api) -> None:
     assert len(text.encode()) <= max_bytes <= LOG_COMPONENT_BYTES
     assert text.endswith("line 0199999\n")
     assert text.startswith("line ")  # cut at a line's start
+
+
+async def test_v2_logs_route_answers_at_most_so_many_workers(api: Api) -> None:
+    name = await api.running()
+    workers = api.backend.clusters[name].workers
+    old = add_workers(api, name, *[WorkerStatus.STOPPED] * 3)
+    for worker in old:
+        workers[worker].start_time -= 60_000  # long before the running ones
+    running = add_workers(api, name, *[WorkerStatus.RUNNING] * LOG_MAX_WORKERS)
+    path = f"/api/v2/clusters/{name}/logs"
+    resp = await api.call("GET", path)
+    assert list(await resp.json()) == ["scheduler", *running]
+    # Room for two more: the newest finished workers come after the running ones.
+    del workers[running[-1]], workers[running[-2]]
+    resp = await api.call("GET", f"{path}?component=workers")
+    assert list(await resp.json()) == [old[1], old[2], *running[:-2]]
+    everyone = ",".join([*old, *running[:-2]])
+    await api.refused("GET", f"{path}?component={everyone}", 422, "at most 200 worker logs")
 
 
 async def test_v2_logs_route_refuses_bad_requests(api: Api) -> None:
