@@ -134,6 +134,8 @@ class FakeCluster:
     start_time: int = field(default_factory=lambda: int(time.time() * 1000))
     stop_time: int | None = None
     max_workers: int = 10
+    logs: dict[str, str] = field(default_factory=dict)
+    """Component ("scheduler" or a worker name) → its log, for the v2 logs route."""
 
     def to_json(self) -> dict[str, Any]:
         running = self.status == "RUNNING"
@@ -168,7 +170,8 @@ class FakeGateway:
 
     Users: ``alice``/``secret`` (Basic) and JupyterHub token ``hub-token``. A valid login sets a
     ``gateway-session`` cookie that later requests may use instead. Knobs: ``reason_route``
-    (serve ``/api/v2/clusters/{name}/reason``), ``reason_in_json`` (put ``reason`` in the JSON),
+    (serve ``/api/v2/clusters/{name}/reason``), ``reason_in_json`` (put ``reason`` in the JSON;
+    ``/api/v2/clusters/{name}/logs`` answers each cluster's ``logs``),
     ``new_cluster`` (defaults for created clusters), ``on_create`` (called with each new cluster).
     """
 
@@ -199,6 +202,7 @@ class FakeGateway:
         r.add_post("/api/v1/clusters/{name}/scale", self.scale)
         r.add_post("/api/v1/clusters/{name}/adapt", self.adapt)
         r.add_get("/api/v2/clusters/{name}/reason", self.reason)
+        r.add_get("/api/v2/clusters/{name}/logs", self.logs)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -375,6 +379,23 @@ class FakeGateway:
             raise web.HTTPNotFound(text='{"error": "Not Found"}', content_type="application/json")
         cluster = self._cluster(request)
         return web.json_response({"reason": cluster.reason})
+
+    async def logs(self, request: web.Request) -> web.Response:
+        cluster = self._cluster(request)
+        wanted: list[str] = []
+        for part in request.query.get("component", "all").split(","):
+            if part in ("all", "scheduler"):
+                wanted.append("scheduler")
+            if part in ("all", "workers"):
+                wanted.extend(c for c in cluster.logs if c != "scheduler")
+            elif part != "scheduler":
+                if part not in cluster.logs:
+                    return web.json_response({"error": f"no log component {part!r}"}, status=404)
+                wanted.append(part)
+        tail = int(request.query.get("tail", "1000"))
+        return web.json_response(
+            {c: "\n".join(cluster.logs.get(c, "").splitlines()[-tail:]) for c in wanted}
+        )
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

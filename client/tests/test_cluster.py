@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from distributed.core import Status
+from distributed.utils import Log, Logs
 from fakes import FakeCluster, FakeGateway, make_cert
 
 from gateway_client import BasicAuth, ClusterState, Gateway, GatewayCluster, GatewayClusterError
@@ -114,6 +115,38 @@ def test_connect_attaches_without_stopping_on_close(fake: FakeGateway, gateway: 
     again = gateway.connect("c1", shutdown_on_close=True)
     again.close()
     assert fake.clusters["c1"].status == "STOPPED"
+
+
+def test_get_logs_is_shaped_like_distributeds(fake: FakeGateway, gateway: Gateway) -> None:
+    cert, key = make_cert("c1")
+    fake.clusters["c1"] = FakeCluster(
+        name="c1",
+        options={},
+        status="RUNNING",
+        cert=cert,
+        key=key,
+        logs={"scheduler": "s1\ns2\ns3", "w1": "one", "w2": "two"},
+    )
+    cluster = gateway.connect("c1")
+    logs = cluster.get_logs()
+    # distributed's Logs of Log texts (their notebook display), keyed as distributed keys them.
+    assert isinstance(logs, Logs) and all(isinstance(text, Log) for text in logs.values())
+    assert logs == {"Scheduler": "s1\ns2\ns3", "w1": "one", "w2": "two"}
+    assert "Cluster" not in logs  # the gateway has no failure reason for a running cluster
+    (seen,) = fake.requests_to("GET", "/api/v2/clusters/c1/logs")
+    assert seen.query == "component=scheduler,workers"
+
+    assert cluster.get_logs(scheduler=False, workers=["w2"]) == {"w2": "two"}
+    assert cluster.get_logs(workers=False, tail=2) == {"Scheduler": "s2\ns3"}
+    assert fake.requests_to("GET", "/api/v2/clusters/c1/logs")[-1].query == (
+        "component=scheduler&tail=2"
+    )
+    assert cluster.get_logs(scheduler=False, workers=False, cluster=False) == {}
+    with pytest.raises(ValueError, match="no log component 'ghost'"):
+        cluster.get_logs(workers=["ghost"])
+    with pytest.raises(TypeError, match="iterable of worker names"):
+        cluster.get_logs(workers="w1")
+    cluster.close()
 
 
 def test_connect_to_an_unknown_cluster_is_a_value_error(gateway: Gateway) -> None:

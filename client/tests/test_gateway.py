@@ -287,6 +287,21 @@ def test_failed_start_raises_with_the_server_reason(
     assert name in str(info.value)
 
 
+def test_get_logs_by_name_with_the_failure_reason_as_the_cluster_log(
+    fake: FakeGateway, gateway: Gateway
+) -> None:
+    running(fake, "a", reason="scheduler exited: out of memory", logs={"scheduler": "bye"})
+    assert gateway.get_logs("a") == {
+        "Cluster": "scheduler exited: out of memory",
+        "Scheduler": "bye",
+    }
+    assert gateway.get_logs("a", cluster=False, workers=False) == {"Scheduler": "bye"}
+    with pytest.raises(ValueError, match="Cluster ghost not found"):
+        gateway.get_logs("ghost", cluster=False)
+    with pytest.raises(PermissionError, match="not your cluster"):
+        gateway.get_logs("not-yours", cluster=False)
+
+
 def test_waiting_on_a_stopped_cluster_says_so(fake: FakeGateway, gateway: Gateway) -> None:
     fake.new_cluster = {"polls_until_done": 0, "outcome": "STOPPED", "reason": "idle timeout"}
     name = gateway.submit()

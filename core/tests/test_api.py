@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -38,8 +38,23 @@ from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
 from gateway_core.hookcaller import GatewayHooks
 from gateway_core.hookspecs import hookimpl
-from gateway_core.manager import ClusterManager
-from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token, now_ms
+from gateway_core.manager import (
+    LOG_COMPONENT_BYTES,
+    LOG_MAX_WORKERS,
+    LOG_TAIL_DEFAULT,
+    NO_LOG,
+    ClusterManager,
+)
+from gateway_core.models import (
+    Cluster,
+    ClusterStatus,
+    User,
+    Worker,
+    WorkerStatus,
+    new_name,
+    new_token,
+    now_ms,
+)
 from gateway_core.options import Integer, Options, OptionsError
 from gateway_core.options import Mapping as OptionsMapping
 from gateway_core.routes import EventsGone, Route, RouteTable
@@ -95,6 +110,9 @@ class FakeBackend(Backend):
         self.fail_listing = False
         self.slow_stop = False
         """When set, a stop leaves the cluster STOPPING (target STOPPED), as a real one is."""
+        self.logs: dict[str, dict[str, str]] = {}
+        """Cluster name → component → the text `cluster_logs` answers (others: left out)."""
+        self.log_calls: list[tuple[str, list[str], int, int]] = []
         self._changed: dict[str, asyncio.Event] = {}
 
     def snapshot(self) -> dict[str, Any]:
@@ -181,6 +199,13 @@ class FakeBackend(Backend):
         if self.refuse_forward:
             raise ClusterConflict(self.refuse_forward)
         self.forwarded.append((cluster.name, msg))
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        self.log_calls.append((cluster.name, list(components), tail, max_bytes))
+        texts = self.logs.get(cluster.name, {})
+        return {c: texts[c] for c in components if c in texts}
 
 
 class FileOptions:
@@ -664,6 +689,99 @@ async def test_v2_reason_route_tells_why_a_cluster_failed(api: Api) -> None:
     assert (await resp.json())["reason"].startswith("scheduler exited: ImportError")
     await api.refused("GET", f"/api/v2/clusters/{name}/reason", 403, "may not view", user="bob")
     await api.refused("GET", "/api/v2/clusters/nope/reason", 404, "'nope' not found")
+
+
+def add_workers(api: Api, name: str, *states: WorkerStatus) -> list[str]:
+    """Worker records on cluster ``name``, started one after the other; their names."""
+    cluster = api.backend.clusters[name]
+    names = []
+    for i, status in enumerate(states):
+        worker = Worker(
+            name=new_name(), cluster_name=name, status=status, start_time=now_ms() - 1000 + i
+        )
+        cluster.workers[worker.name] = worker
+        names.append(worker.name)
+    return names
+
+
+async def test_v2_logs_route_answers_each_component(api: Api) -> None:
+    name = await api.running()
+    w1, w2 = add_workers(api, name, WorkerStatus.RUNNING, WorkerStatus.STOPPED)
+    api.backend.logs[name] = {"scheduler": "s1\ns2", w1: "worker one"}
+    path = f"/api/v2/clusters/{name}/logs"
+
+    resp = await api.call("GET", path)
+    assert resp.status == 200
+    logs = await resp.json()
+    # Scheduler first, then workers in start order; what the backend left out says so.
+    assert list(logs) == ["scheduler", w1, w2]
+    assert logs == {"scheduler": "s1\ns2", w1: "worker one", w2: NO_LOG}
+    assert api.backend.log_calls[-1][1:3] == (["scheduler", w1, w2], LOG_TAIL_DEFAULT)
+
+    for query, expected in (
+        ("component=scheduler", ["scheduler"]),
+        (f"component={w2}", [w2]),
+        ("component=workers", [w1, w2]),
+        (f"component={w2},scheduler", ["scheduler", w2]),
+        (f"component={w2}&component=scheduler", ["scheduler", w2]),
+        ("component=all&tail=5", ["scheduler", w1, w2]),
+    ):
+        resp = await api.call("GET", f"{path}?{query}")
+        assert resp.status == 200, await resp.text()
+        assert list(await resp.json()) == expected, query
+    assert api.backend.log_calls[-1][2] == 5
+    assert all(0 < max_bytes <= LOG_COMPONENT_BYTES for *_, max_bytes in api.backend.log_calls)
+
+    # Admins read anyone's logs.
+    resp = await api.call("GET", f"{path}?component=scheduler", user="admin")
+    assert (resp.status, await resp.json()) == (200, {"scheduler": "s1\ns2"})
+
+
+async def test_v2_logs_route_bounds_what_it_answers(api: Api) -> None:
+    name = await api.running()
+    big = "".join(f"line {i:07d}\n" for i in range(200_000))  # 2.6 MB
+    api.backend.logs[name] = {"scheduler": big}
+    resp = await api.call("GET", f"/api/v2/clusters/{name}/logs?component=scheduler")
+    text = (await resp.json())["scheduler"]
+    max_bytes = api.backend.log_calls[-1][3]
+    assert len(text.encode()) <= max_bytes <= LOG_COMPONENT_BYTES
+    assert text.endswith("line 0199999\n")
+    assert text.startswith("line ")  # cut at a line's start
+
+
+async def test_v2_logs_route_answers_at_most_so_many_workers(api: Api) -> None:
+    name = await api.running()
+    workers = api.backend.clusters[name].workers
+    old = add_workers(api, name, *[WorkerStatus.STOPPED] * 3)
+    for worker in old:
+        workers[worker].start_time -= 60_000  # long before the running ones
+    running = add_workers(api, name, *[WorkerStatus.RUNNING] * LOG_MAX_WORKERS)
+    path = f"/api/v2/clusters/{name}/logs"
+    resp = await api.call("GET", path)
+    assert list(await resp.json()) == ["scheduler", *running]
+    # Room for two more: the newest finished workers come after the running ones.
+    del workers[running[-1]], workers[running[-2]]
+    resp = await api.call("GET", f"{path}?component=workers")
+    assert list(await resp.json()) == [old[1], old[2], *running[:-2]]
+    everyone = ",".join([*old, *running[:-2]])
+    await api.refused("GET", f"{path}?component={everyone}", 422, "at most 200 worker logs")
+
+
+async def test_v2_logs_route_refuses_bad_requests(api: Api) -> None:
+    name = await api.running()
+    (worker,) = add_workers(api, name, WorkerStatus.RUNNING)
+    path = f"/api/v2/clusters/{name}/logs"
+    await api.refused("GET", f"{path}?component=nosuch", 404, "no log component 'nosuch'")
+    await api.refused("GET", f"{path}?component={worker},ghost", 404, "'ghost'")
+    await api.refused("GET", f"{path}?component=", 422, "component: empty name")
+    await api.refused("GET", f"{path}?tail=abc", 422, "tail: expected an integer", "'abc'")
+    await api.refused("GET", f"{path}?tail=-1", 422, "tail: expected an integer", "-1")
+    await api.refused("GET", f"{path}?tail=10001", 422, "from 0 to 10000", "10001")
+    await api.refused("GET", f"{path}?tail=1.5", 422, "tail", "'1.5'")
+    await api.refused("GET", path, 403, "'bob' may not read the logs of cluster", user="bob")
+    await api.refused("GET", f"{path}?component=scheduler", 401, user=None)
+    await api.refused("GET", "/api/v2/clusters/nope/logs", 404, "'nope' not found")
+    assert api.backend.log_calls == []
 
 
 async def test_get_unknown_cluster_is_404(api: Api) -> None:

@@ -61,6 +61,8 @@ class FakeQueue:
         self.submit_stderr = ""
         self.submit_delay = 0.0
         self.tail_text = ""
+        self.files: dict[str, str] | None = None
+        """Path → text the launcher's ``tail`` reads; None: `tail_text` for any path."""
 
     def mode(self) -> str:
         return "fake"
@@ -102,7 +104,13 @@ class FakeQueue:
                     self.jobs[job_id] = "X"
             return {"ok": True, "returncode": 0, "stdout": "", "stderr": ""}
         if action == "tail":
-            return {"ok": True, "text": self.tail_text}
+            if self.files is None:
+                return {"ok": True, "text": self.tail_text}
+            path = request["path"]
+            if path not in self.files:
+                raise LauncherError(f"cannot read {path}: No such file or directory")
+            text = self.files[path]
+            return {"ok": True, "text": text[-int(request.get("max_bytes") or len(text)) :]}
         raise AssertionError(action)
 
     def of(self, action: str) -> list[dict[str, Any]]:
@@ -529,6 +537,59 @@ async def test_unreadable_status_output_raises() -> None:
     queue.run = garbage  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="cannot understand the output of toy-status"):
         await driver.check_clusters(clusters_with_jobs(FakeQueue(), 2))
+
+
+async def test_logs_are_the_jobs_output_files_read_as_the_user() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    [cluster] = clusters_with_jobs(queue, 1)
+    staging = "/home/alice/.dask-gateway/c0"
+    cluster.state["staging_dir"] = staging
+    queue.files = {
+        f"{staging}/dask-scheduler-c0.log": "".join(f"s{i}\n" for i in range(50)),
+        f"{staging}/dask-worker-w1.log": "w one\n\nw two\n",
+    }
+    logs = await driver.cluster_logs(
+        cluster, components=["scheduler", "w1", "w2"], tail=3, max_bytes=4096
+    )
+    assert logs["scheduler"] == "s47\ns48\ns49"
+    assert logs["w1"] == "w one\n\nw two"  # blank lines kept, unlike failure reasons
+    assert logs["w2"].startswith("(no log: cannot read " + f"{staging}/dask-worker-w2.log")
+    # One launcher call per component, as the cluster's user, bounded in bytes.
+    assert sorted(r["path"] for r in queue.of("tail")) == sorted(
+        [*queue.files, f"{staging}/dask-worker-w2.log"]
+    )
+    assert {u for u, r in queue.requests} == {"alice"}
+    assert all(r["max_bytes"] == 4096 for r in queue.of("tail"))
+
+    # The end of a file longer than max_bytes starts at a whole line.
+    logs = await driver.cluster_logs(cluster, components=["scheduler"], tail=100, max_bytes=10)
+    assert logs["scheduler"] == "s48\ns49"
+
+    # Before the cluster has a staging directory, and after it is gone: a message, no error.
+    cluster.state.pop("staging_dir")
+    assert await driver.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=99) == {
+        "scheduler": "(no log: the cluster has not started yet)"
+    }
+
+
+async def test_logs_name_the_batch_systems_reason_when_output_comes_late() -> None:
+    class LateOutput(ToyDriver):
+        def missing_output_hint(self) -> str:
+            return "the toy queue copies it there when the job ends"
+
+    queue = FakeQueue()
+    queue.files = {}
+    driver = LateOutput(
+        config=make_driver(queue).config,
+        context=make_driver(queue).context,
+        cluster_config_class=JobQueueClusterConfig,
+        runner=queue,  # type: ignore[arg-type]
+    )
+    [cluster] = clusters_with_jobs(queue, 1)
+    cluster.state["staging_dir"] = "/home/alice/.dask-gateway/c0"
+    logs = await driver.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=99)
+    assert logs["scheduler"].endswith("; the toy queue copies it there when the job ends)")
 
 
 async def test_the_failure_reason_has_the_last_state_and_the_end_of_the_output() -> None:

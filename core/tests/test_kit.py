@@ -26,7 +26,9 @@ from gateway_core.backends.kit import (
     cluster_env,
     create_log,
     describe_exit,
+    last_lines,
     lookup_user,
+    read_log,
     read_stat,
     tail_log,
     tls_env,
@@ -197,6 +199,23 @@ def test_tail_log_gives_the_last_lines_and_refuses_symlinks(tmp_path: Path) -> N
     assert tail_log(tmp_path / "linked-dir", "a.log") is None
     with pytest.raises(FileExistsError):
         create_log(tmp_path, "a.log")  # never appends to someone else's file
+
+
+def test_read_log_gives_the_end_as_it_is_within_a_byte_bound(tmp_path: Path) -> None:
+    fd = create_log(tmp_path, "a.log")
+    os.write(fd, b"".join(f"line {i}\n\n".encode() for i in range(30)))
+    os.close(fd)
+    # Blank lines kept (they are part of the output), lines counted from the end.
+    assert read_log(tmp_path, "a.log", lines=3, max_bytes=10_000) == "\nline 29\n"
+    assert read_log(tmp_path, "a.log", lines=4, max_bytes=10_000) == "line 28\n\nline 29\n"
+    # A byte bound smaller than the file starts at a whole line.
+    assert read_log(tmp_path, "a.log", lines=100, max_bytes=12) == "\nline 29\n"
+    assert read_log(tmp_path, "a.log", lines=0, max_bytes=100) == ""
+    (tmp_path / "link.log").symlink_to(tmp_path / "a.log")
+    assert read_log(tmp_path, "link.log", lines=5, max_bytes=100) is None
+    assert read_log(tmp_path, "missing.log", lines=5, max_bytes=100) is None
+    assert last_lines("a\nb\nc", 2) == "b\nc"
+    assert last_lines("rtial\nb\nc", 5, cut=True) == "b\nc"
 
 
 def test_private_files_are_0600_and_never_overwritten(tmp_path: Path) -> None:

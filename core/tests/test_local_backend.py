@@ -269,6 +269,57 @@ async def test_a_real_scheduler_starts_cold_and_stops_on_request(
     assert not _pid_alive(pid)
 
 
+async def test_the_logs_route_reads_a_real_schedulers_and_workers_output(
+    make_gateway: Any, make_api_client: Any, tmp_path: Path, dask_on_path: None
+) -> None:
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        cluster={"environment": {"DASK_DISTRIBUTED__ADMIN__LOG_FORMAT": "LOGS %(message)s"}},
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    alice = make_api_client(gw, "alice")
+    name = (await alice.post("/api/v1/clusters/", {})).body["name"]
+    report = await alice.get(f"/api/v1/clusters/{name}?wait")
+    cluster = gw.backend.store.get(name)
+    assert report.body["status"] == "RUNNING", cluster.reason
+    assert (await alice.post(f"/api/v1/clusters/{name}/scale", {"count": 1})).status == 200
+    await eventually(
+        lambda: any(w.status == WorkerStatus.RUNNING for w in cluster.workers.values()),
+        timeout=40,
+        what="a worker connected",
+    )
+    (worker,) = cluster.workers.values()
+    workdir = Path(cluster.state["workdir"])
+    await eventually(
+        lambda: "Registered to" in _text(workdir / worker.state["log"]), what="worker log"
+    )
+    path = f"/api/v2/clusters/{name}/logs"
+
+    logs = await alice.get(path)
+    assert logs.status == 200, logs.body
+    assert list(logs.body) == ["scheduler", worker.name]
+    scheduler_lines = logs.body["scheduler"].splitlines()
+    assert any(ln.startswith("LOGS") and "Scheduler at:" in ln for ln in scheduler_lines)
+    assert "LOGS" in logs.body[worker.name] and "Registered to" in logs.body[worker.name]
+
+    short = await alice.get(f"{path}?component={worker.name}&tail=2")
+    assert list(short.body) == [worker.name]
+    # Two lines of the log, its last ones then (the worker may have written more since).
+    last_two = short.body[worker.name].splitlines()
+    assert len(last_two) == 2 and last_two[1] in _text(workdir / worker.state["log"]), last_two
+    stranger = await make_api_client(gw, "bob").get(path)
+    assert stranger.status == 403, stranger.body
+
+    assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
+    await eventually(lambda: cluster.status == ClusterStatus.STOPPED, what="stopped")
+    # The working directory is gone with the cluster: the answer says so, it is no error.
+    gone = await alice.get(f"{path}?component=scheduler")
+    assert gone.status == 200, gone.body
+    assert gone.body["scheduler"].startswith("(no log: the working directory"), gone.body
+    assert "removed when the cluster stops" in gone.body["scheduler"]
+
+
 # -------------------------------------------------------------------------------------------
 # Scripts standing in for Dask
 

@@ -509,6 +509,38 @@ async def test_forward_to_an_unreachable_scheduler_is_a_conflict(
         await gw.scale(cluster, 2)
 
 
+async def test_logs_come_from_the_driver_and_a_failing_driver_is_a_503(
+    make: Callable[..., Awaitable[Gateway]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await make()
+    cluster = await gw.start()
+    asked: list[tuple[list[str], int, int]] = []
+    behaviour = {"mode": "answer"}
+
+    async def cluster_logs(
+        c: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        asked.append((list(components), tail, max_bytes))
+        if behaviour["mode"] == "fail":
+            raise RuntimeError("sudo: a password is required")
+        if behaviour["mode"] == "hang":
+            await asyncio.sleep(30)
+        return {"scheduler": "hello"}
+
+    monkeypatch.setattr(gw.driver, "cluster_logs", cluster_logs)
+    logs = await gw.backend.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=100)
+    assert logs == {"scheduler": "hello"} and asked == [(["scheduler"], 5, 100)]
+
+    behaviour["mode"] = "fail"
+    with pytest.raises(BackendUnavailable, match=f"logs of cluster {cluster.name}: sudo: a pass"):
+        await gw.backend.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=100)
+
+    behaviour["mode"] = "hang"
+    gw.backend.logs_timeout = 0.05  # type: ignore[misc]
+    with pytest.raises(BackendUnavailable, match=r"took longer than 0\.05 s"):
+        await gw.backend.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=100)
+
+
 # -------------------------------------------------------------------------------------------
 # Records, shutdown and restart
 

@@ -1,8 +1,8 @@
 """`GatewayCluster`: one Dask cluster run by the gateway, as the user holds it.
 
 Owns starting (submit, wait with progress) or attaching to a cluster, its scheduler address
-and TLS security, scale/adapt, `get_client`, the worker-status watch, closing and shutdown,
-and its display (repr, HTML, the ipywidgets scaling panel).
+and TLS security, scale/adapt, `get_logs`, `get_client`, the worker-status watch, closing and
+shutdown, and its display (repr, HTML, the ipywidgets scaling panel).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import sys
 import warnings
 import weakref
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
 from dask.utils import format_bytes
@@ -339,6 +339,25 @@ class GatewayCluster:
         """Scale between ``minimum`` and ``maximum`` workers by load; ``active=False`` stops."""
         return self.gateway.adapt_cluster(
             self._started_name(), minimum=minimum, maximum=maximum, active=active
+        )
+
+    def get_logs(
+        self,
+        cluster: bool = True,
+        scheduler: bool = True,
+        workers: bool | Iterable[str] = True,
+        tail: int | None = None,
+    ) -> Any:
+        """Logs of this cluster, as distributed's ``Cluster.get_logs``: a dict (``Logs``) of
+        ``"Scheduler"``, one entry per worker name and, with ``cluster``, ``"Cluster"`` (why the
+        gateway failed the cluster, when it did). ``workers`` is True, False or worker names;
+        ``tail`` the lines of each log (see `Gateway.get_logs`)."""
+        return self.gateway.get_logs(
+            self._started_name(),
+            cluster=cluster,
+            scheduler=scheduler,
+            workers=workers,
+            tail=tail,
         )
 
     def _started_name(self) -> str:

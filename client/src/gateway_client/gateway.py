@@ -14,10 +14,10 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import dask
-from distributed.utils import LoopRunner, sync
+from distributed.utils import Log, Logs, LoopRunner, sync
 from tornado.ioloop import IOLoop
 
 from ._http import GatewayHTTP
@@ -260,6 +260,64 @@ class Gateway:
     def get_versions(self) -> Any:
         """``{"server": {...}, "client": {"version": ...}}``."""
         return self.sync(self._get_versions)
+
+    async def _get_logs(
+        self,
+        cluster_name: str,
+        cluster: bool = True,
+        scheduler: bool = True,
+        workers: bool | Iterable[str] = True,
+        tail: int | None = None,
+    ) -> Logs:
+        components = ["scheduler"] if scheduler else []
+        if workers is True:
+            components.append("workers")
+        elif workers is not False:
+            if isinstance(workers, str):
+                raise TypeError("workers must be a bool or an iterable of worker names")
+            components.extend(workers)
+        logs = Logs()
+        if cluster:
+            reason = await _failure_reason({"name": cluster_name}, self._http)
+            if reason:
+                logs["Cluster"] = Log(reason)
+        if not components:
+            return logs
+        query: list[tuple[str, str]] = [("component", ",".join(components))]
+        if tail is not None:
+            query.append(("tail", str(tail)))
+        path = f"/api/v2/clusters/{quote(cluster_name, safe='')}/logs?{urlencode(query)}"
+        data = await self._http.request("GET", path)
+        for component, text in (data or {}).items():
+            logs["Scheduler" if component == "scheduler" else component] = Log(text)
+        return logs
+
+    def get_logs(
+        self,
+        cluster_name: str,
+        cluster: bool = True,
+        scheduler: bool = True,
+        workers: bool | Iterable[str] = True,
+        tail: int | None = None,
+    ) -> Any:
+        """The end of a cluster's logs, as distributed's ``Cluster.get_logs`` gives them: a
+        ``Logs`` dict of ``Log`` texts, ``"Scheduler"`` and one per worker name.
+
+        ``cluster`` adds ``"Cluster"``: why the gateway failed the cluster, when it did (the
+        gateway keeps no other log of its own for a cluster). ``workers`` is True (every
+        worker), False (none) or the names of the workers wanted. ``tail`` is the lines of each
+        log (the gateway's default 1000, at most 10000). Reads
+        ``GET /api/v2/clusters/{name}/logs``; a log that is gone (a stopped cluster's) says so
+        in its text. ValueError for an unknown cluster or worker, or a bad ``tail``.
+        """
+        return self.sync(
+            self._get_logs,
+            cluster_name,
+            cluster=cluster,
+            scheduler=scheduler,
+            workers=workers,
+            tail=tail,
+        )
 
     # -- options -------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ __all__ = [
     "BackendUnavailable",
     "ClusterConflict",
     "ClusterNotFound",
+    "ComponentNotFound",
     "GatewayError",
     "InvalidRequest",
     "NotAuthenticated",
@@ -52,6 +53,13 @@ class ClusterNotFound(GatewayError):
     """No cluster has this name, or the name is not a valid cluster name (HTTP 404)."""
 
     default_reason = "cluster not found"
+
+
+class ComponentNotFound(ClusterNotFound):
+    """The cluster exists but has no such part, e.g. a log component that is neither its
+    scheduler nor one of its workers (HTTP 404)."""
+
+    default_reason = "no such component of the cluster"
 
 
 class ClusterConflict(GatewayError):

@@ -1,8 +1,8 @@
 """The single entry point the REST API calls to act on clusters.
 
 Owns `ClusterManager` (user options → cluster config, ownership and admin checks, worker limits,
-scale/adapt forwarding, heartbeat token checks, health) and `ClusterToken`, the identity of a
-caller that authenticated with a cluster's own token.
+scale/adapt forwarding, heartbeat token checks, health, reading logs with their bounds) and
+`ClusterToken`, the identity of a caller that authenticated with a cluster's own token.
 """
 
 from __future__ import annotations
@@ -10,18 +10,19 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from attrs import define, field
 
-from .backends.base import Backend
+from .backends.base import SCHEDULER_COMPONENT, Backend
 from .config import ClusterConfig, ConfigError, structure
 from .context import GatewayContext
 from .errors import (
     AccessDenied,
     ClusterConflict,
     ClusterNotFound,
+    ComponentNotFound,
     InvalidRequest,
     NotAuthenticated,
 )
@@ -33,6 +34,26 @@ log = logging.getLogger("gateway.manager")
 
 TOKEN_SCHEME = "token"
 """The credentials a request that needed a cluster token should present (its 401 challenge)."""
+
+ALL_COMPONENTS = "all"
+"""The log component meaning the scheduler and the workers (`ClusterManager.cluster_logs`)."""
+WORKERS_COMPONENT = "workers"
+"""The log component meaning every worker of the cluster."""
+LOG_TAIL_DEFAULT = 1000
+"""Lines of each log the logs route answers unless ``tail`` says otherwise."""
+LOG_TAIL_MAX = 10_000
+"""The most lines of each log one request may ask for."""
+LOG_MAX_WORKERS = 200
+"""The most worker logs one request answers: ``all``/``workers`` take the running workers
+first, then the most recently started finished ones."""
+LOG_COMPONENT_BYTES = 1024 * 1024
+"""The most bytes of one log an answer holds (its end)."""
+LOG_TOTAL_BYTES = 8 * 1024 * 1024
+"""The bytes of one answer are bounded by sharing this between its logs (each still gets at
+least `LOG_MIN_COMPONENT_BYTES`)."""
+LOG_MIN_COMPONENT_BYTES = 16 * 1024
+NO_LOG = "(no log: this gateway's backend keeps none for it)"
+"""The text of a component the backend said nothing about."""
 
 
 @define(kw_only=True, frozen=True)
@@ -234,6 +255,31 @@ class ClusterManager:
             log.info("%s asked to stop cluster %s", who, name)
             await self.backend.stop_cluster(name)
 
+    async def cluster_logs(
+        self, user: User, name: str, *, components: Sequence[str], tail: int
+    ) -> dict[str, str]:
+        """The last ``tail`` lines of the logs of ``components`` of cluster ``name``, component
+        → text (the scheduler first, then workers in the order they started).
+
+        Each component is ``scheduler``, ``workers`` (every worker), ``all`` (both) or the name
+        of one of the cluster's workers (another is `ComponentNotFound`, 404, naming it). Only
+        the owner and admins may read them. The answer is bounded: `LOG_MAX_WORKERS` worker
+        logs, and `LOG_TOTAL_BYTES` shared between the logs, at most `LOG_COMPONENT_BYTES`
+        each; a text longer than its share keeps its end.
+        """
+        if not _is_count(tail) or tail > LOG_TAIL_MAX:
+            raise InvalidRequest(
+                f"tail: expected an integer from 0 to {LOG_TAIL_MAX}, got {_describe(tail)}"
+            )
+        cluster = await self._owned_cluster(user, name, "read the logs of")
+        wanted = _log_components(cluster, components)
+        share = LOG_TOTAL_BYTES // max(1, len(wanted))
+        max_bytes = max(LOG_MIN_COMPONENT_BYTES, min(LOG_COMPONENT_BYTES, share))
+        answer = await self.backend.cluster_logs(
+            cluster, components=wanted, tail=tail, max_bytes=max_bytes
+        )
+        return {c: _clip(answer.get(c, NO_LOG), max_bytes) for c in wanted}
+
     # ----------------------------------------------------------------------------------------
     # Scaling
     # ----------------------------------------------------------------------------------------
@@ -380,6 +426,49 @@ class ClusterManager:
             out["status"] = "pass" if out.get("status") == "pass" else "fail"
             return out
         return {"status": "pass"}
+
+
+def _log_components(cluster: Cluster, components: Sequence[str]) -> list[str]:
+    """The components the request names, in answer order, "all"/"workers" expanded; 404
+    naming the first that is not the cluster's."""
+    known = cluster.workers
+    if not components:
+        components = [ALL_COMPONENTS]
+    scheduler = False
+    named: set[str] = set()
+    for component in components:
+        if component in (ALL_COMPONENTS, SCHEDULER_COMPONENT):
+            scheduler = True
+        if component in (ALL_COMPONENTS, WORKERS_COMPONENT):
+            # Running workers first, then the most recently started finished ones.
+            ranked = sorted(known.values(), key=lambda w: (not w.status.is_active, -w.start_time))
+            named.update(w.name for w in ranked[:LOG_MAX_WORKERS])
+        elif component != SCHEDULER_COMPONENT:
+            if component not in known:
+                shown = component if len(component) <= 70 else component[:70] + "..."
+                raise ComponentNotFound(
+                    f"cluster {cluster.name!r} has no log component {shown!r}; expected "
+                    f"{SCHEDULER_COMPONENT}, {WORKERS_COMPONENT}, {ALL_COMPONENTS} or the name "
+                    "of one of its workers"
+                )
+            named.add(component)
+    if len(named) > LOG_MAX_WORKERS:
+        raise InvalidRequest(
+            f"component: at most {LOG_MAX_WORKERS} worker logs per request, {len(named)} were named"
+        )
+    workers = sorted(named, key=lambda n: (known[n].start_time, n))
+    return [SCHEDULER_COMPONENT, *workers] if scheduler else workers
+
+
+def _clip(text: Any, max_bytes: int) -> str:
+    """``text`` (a string) cut to its last ``max_bytes`` bytes, from a line's start."""
+    text = text if isinstance(text, str) else str(text)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return text
+    end = data[-max_bytes:].decode("utf-8", "ignore")
+    newline = end.find("\n")
+    return end[newline + 1 :] if newline >= 0 else end
 
 
 def _apply_layer(

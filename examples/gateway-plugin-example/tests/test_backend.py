@@ -339,6 +339,40 @@ async def test_stopping_a_worker_stops_what_it_started(tmp_path: Path, started: 
     await driver.stop_scheduler(cluster)
 
 
+async def test_logs_are_the_processes_log_files_until_the_cluster_stops(
+    tmp_path: Path, started: list[int]
+) -> None:
+    driver = make_driver(tmp_path)
+    cluster = make_cluster(
+        scheduler_cmd=["sh", "-c", "echo scheduler one; echo; echo scheduler two; sleep 30"],
+        worker_cmd=["sh", "-c", 'echo "worker $DASK_GATEWAY_WORKER_NAME" >&2; sleep 30'],
+    )
+    logs = await driver.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=999)
+    assert logs == {"scheduler": "(no log: the cluster has not started yet)"}
+    await start_scheduler(driver, cluster)
+    started.append(cluster.state["pid"])
+    cluster.scheduler_address = "tls://127.0.0.1:8786"
+    worker = Worker(name="w0", cluster_name=cluster.name)
+    worker.state.update(await driver.start_worker(cluster, worker))
+    started.append(worker.state["pid"])
+    directory = Path(cluster.state["directory"])
+    await eventually(lambda: "two" in (directory / "scheduler.log").read_text())
+    await eventually(lambda: "w0" in (directory / "worker-w0.log").read_text())
+
+    components = ["scheduler", "w0", "w1"]
+    logs = await driver.cluster_logs(cluster, components=components, tail=5, max_bytes=999)
+    assert logs["scheduler"] == "scheduler one\n\nscheduler two"
+    assert logs["w0"] == "worker w0"  # stderr too
+    assert logs["w1"].startswith("(no log: ") and "worker-w1.log cannot be read" in logs["w1"]
+    logs = await driver.cluster_logs(cluster, components=["scheduler"], tail=1, max_bytes=999)
+    assert logs == {"scheduler": "scheduler two"}
+
+    await driver.stop_worker(cluster, worker)
+    await driver.stop_scheduler(cluster)
+    logs = await driver.cluster_logs(cluster, components=["scheduler"], tail=5, max_bytes=999)
+    assert logs["scheduler"] == f"(no log: {directory} was removed when the cluster stopped)"
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_directories(tmp_path: Path) -> Iterator[None]:
     yield

@@ -121,6 +121,11 @@ def gateway_backend_setup(pbs: SimulatedPBS, job_python: str) -> BackendSetup:
         refused_reason=[r"qsub failed \(exit 170\): qsub: Unknown queue"],
         dead_state="F: finished|E: exiting",
         ended_state="F: finished",
+        not_applicable={
+            "logs": "PBS copies a job's output to the staging directory only when the job "
+            "ends, and the staging directory goes with the cluster: the logs route answers "
+            "that the output is not there yet (PBSDriver.missing_output_hint)",
+        },
         variants={
             "setuid, stage-in": {
                 "backend": {"pbs": {"switch_user": "setuid"}},

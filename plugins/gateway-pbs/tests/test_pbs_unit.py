@@ -149,6 +149,14 @@ def test_status_is_one_qstat_x_for_every_job_and_cancel_one_qdel() -> None:
     assert d.cancel_command_line(["17.pbs01"]) == ["/opt/pbs/bin/qdel", "17.pbs01"]
 
 
+def test_a_log_read_before_its_job_ends_says_pbs_writes_it_at_the_end() -> None:
+    """The logs route reads the jobs' output files; PBS copies them back at the end, so a
+    missing one is explained (the job-queue base appends the hint to its message)."""
+    assert driver().missing_output_hint() == (
+        "PBS copies a job's output there only when the job ends"
+    )
+
+
 def test_qsubs_job_id_is_sequence_dot_server() -> None:
     d = driver()
     assert d.parse_job_id("17.pbs01\n") == "17.pbs01"

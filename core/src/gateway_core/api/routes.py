@@ -20,7 +20,7 @@ from attrs import define
 from .. import __version__
 from ..context import GatewayContext
 from ..errors import ClusterNotFound, InvalidRequest, NotAuthenticated
-from ..manager import Caller, ClusterManager
+from ..manager import LOG_TAIL_DEFAULT, LOG_TAIL_MAX, Caller, ClusterManager
 from ..models import ClusterStatus, User
 from ..routes import EventsGone, RouteEvent, RouteTable
 from .authn import Authn, token_from_header
@@ -162,6 +162,31 @@ def status_filter(request: web.Request) -> list[ClusterStatus] | None:
     return statuses
 
 
+def log_query(request: web.Request) -> tuple[list[str], int]:
+    """``?component=scheduler,<worker>&component=...&tail=N`` of the logs route: the
+    components (none: all) and the lines wanted (default `LOG_TAIL_DEFAULT`); 422 naming
+    what is wrong. The range of ``tail`` is the manager's to check."""
+    components: list[str] = []
+    for value in request.query.getall("component", []):
+        for part in value.split(","):
+            if not part.strip():
+                raise InvalidRequest(
+                    f"component: empty name in {_shown(value)}; expected scheduler, workers, "
+                    "all or the name of a worker"
+                )
+            components.append(part.strip())
+    raw = request.query.get("tail")
+    if raw is None:
+        return components, LOG_TAIL_DEFAULT
+    try:
+        tail = int(raw.strip())
+    except ValueError:
+        raise InvalidRequest(
+            f"tail: expected an integer from 0 to {LOG_TAIL_MAX}, got {_shown(raw)}"
+        ) from None
+    return components, tail
+
+
 def heartbeat_problems(msg: dict[str, Any]) -> list[str]:
     """Type checks of the heartbeat fields core knows; other keys pass through."""
     problems = []
@@ -234,6 +259,16 @@ async def cluster_reason(request: web.Request) -> web.Response:
     name = cluster_name(request)
     cluster = await request.app[MANAGER].get_cluster(_user(request), name)
     return web.json_response({"name": cluster.name, "reason": cluster.reason})
+
+
+async def cluster_logs(request: web.Request) -> web.Response:
+    """v2 extension: the end of the scheduler's and workers' output, component → text."""
+    name = cluster_name(request)
+    components, tail = log_query(request)
+    logs = await request.app[MANAGER].cluster_logs(
+        _user(request), name, components=components, tail=tail
+    )
+    return web.json_response(logs)
 
 
 async def delete_cluster(request: web.Request) -> web.Response:
@@ -360,6 +395,12 @@ ROUTES: tuple[RouteDef, ...] = (
         method="GET",
         path="/api/v2/clusters/{name}/reason",
         handler=cluster_reason,
+        access=Access.USER,
+    ),
+    RouteDef(
+        method="GET",
+        path="/api/v2/clusters/{name}/logs",
+        handler=cluster_logs,
         access=Access.USER,
     ),
     RouteDef(

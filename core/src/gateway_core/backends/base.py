@@ -4,6 +4,8 @@ Owns the contracts only. `Backend` is what the API calls; `ClusterDriver` is the
 a process-style backend (local, Slurm, PBS, YARN, third parties) supplies to core's
 `gateway_core.backends.process.ProcessBackend`, which keeps the store and the reconciler.
 `ClusterConflict` and `BackendUnavailable` live in `gateway_core.errors` and are re-exported here.
+Both interfaces also have optional operations with defaults (`ClusterDriver.failure_reason`,
+`cluster_logs` on both).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 from ..config import BackendConfig, ClusterConfig, structure
 from ..errors import BackendUnavailable, ClusterConflict
 
-__all__ = ["Backend", "BackendUnavailable", "ClusterConflict", "ClusterDriver", "StateUpdates"]
+__all__ = [
+    "SCHEDULER_COMPONENT",
+    "Backend",
+    "BackendUnavailable",
+    "ClusterConflict",
+    "ClusterDriver",
+    "StateUpdates",
+]
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
@@ -30,6 +39,10 @@ StateUpdates: TypeAlias = "AsyncIterator[dict[str, Any]] | Awaitable[dict[str, A
 """What a driver's start operation returns: an awaitable of the driver's state, or an async
 generator yielding state as it goes (each yield is stored at once, so a gateway killed
 mid-start still knows e.g. the job id it must cancel)."""
+
+SCHEDULER_COMPONENT = "scheduler"
+"""The log component naming a cluster's scheduler (`Backend.cluster_logs`); any other
+component is the name of one of its workers."""
 
 
 class Backend(abc.ABC):
@@ -102,6 +115,23 @@ class Backend(abc.ABC):
     async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
         """Send ``msg`` (``{"op": "scale", ...}`` or ``{"op": "adapt", ...}``) to the cluster's
         scheduler. Raise `ClusterConflict` when the scheduler cannot take it."""
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The end of the output of each of ``components`` of ``cluster`` (the API's
+        ``GET /api/v2/clusters/{name}/logs``): `SCHEDULER_COMPONENT` or the name of one of its
+        workers (core checked they are its), each the last ``tail`` lines of at most its last
+        ``max_bytes`` bytes.
+
+        Answer component → text for every component the backend can say something about; a
+        log that cannot be had (not written yet, removed when the cluster stopped) is a short
+        message in parentheses, never an error. Core answers for components left out, and
+        cuts any text longer than ``max_bytes``. Raise only when the platform cannot be asked
+        at all (the API answers 503 with the message). The default keeps no logs (``{}``):
+        backends that can, override it.
+        """
+        return {}
 
 
 class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
@@ -190,3 +220,14 @@ class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
         """Why the scheduler died, for the user (e.g. the last lines of its log); None if
         unknown. Called when a cluster fails."""
         return None
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The end of the output of each of ``components`` (`SCHEDULER_COMPONENT` or names of
+        workers in ``cluster.workers``): the last ``tail`` lines of at most the last
+        ``max_bytes`` bytes of each, as `Backend.cluster_logs` describes (a log that is gone
+        is a message in parentheses, not an error; raise only when the platform cannot be
+        asked). `ProcessBackend.cluster_logs` calls it. The default keeps no logs (``{}``):
+        drivers that can, override it."""
+        return {}

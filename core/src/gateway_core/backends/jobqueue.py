@@ -98,7 +98,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from attrs import define, field
 
 from ..config import ClusterConfig, Command, ProcessBackendConfig
-from .base import ClusterDriver, StateUpdates
+from .base import SCHEDULER_COMPONENT, ClusterDriver, StateUpdates
 from .kit import (
     CERT_FILE,
     DEFAULT_INHERITED_ENVIRONMENT,
@@ -106,6 +106,7 @@ from .kit import (
     RunAs,
     cluster_env,
     inherited_env,
+    last_lines,
     lookup_user,
     scheduler_command,
     tls_env,
@@ -124,6 +125,8 @@ SWITCH_USER_MODES = ("auto", "sudo", "setuid")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TAIL_LINES = 20
+_LOG_READERS = 4
+"""Launcher calls one logs request runs at once."""
 _TEMPLATE_FIELDS = ("home", "username")
 
 
@@ -560,6 +563,11 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         """Where the job of ``role`` ("scheduler"/"worker") called ``name`` writes its output."""
         return os.path.join(staging_dir, f"dask-{role}-{name}.log")
 
+    def missing_output_hint(self) -> str:
+        """Said after "its output cannot be read" in a log the logs route cannot find, e.g.
+        when the batch system copies a job's output there only when the job ends (PBS)."""
+        return ""
+
     # ---------------------------------------------------------------------------------------
     # Commands and paths
 
@@ -798,6 +806,41 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         if not lines:
             return f"{reason} without writing to its output ({path})"
         return f"{reason}; the end of its output ({path}):\n" + "\n".join(lines[-_TAIL_LINES:])
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The ends of the jobs' output files in the staging directory (`output_file`), read
+        as the user through the launcher's ``tail``, one call per component (a few at once);
+        a file that cannot be read is a message saying why."""
+        staging_dir = cluster.state.get("staging_dir")
+        if not isinstance(staging_dir, str) or not staging_dir:
+            return dict.fromkeys(components, "(no log: the cluster has not started yet)")
+        try:
+            user = await self.account(cluster)
+        except RuntimeError as exc:
+            return dict.fromkeys(components, f"(no log: {exc})")
+        readers = asyncio.Semaphore(_LOG_READERS)
+
+        async def read(component: str) -> str:
+            if component == SCHEDULER_COMPONENT:
+                path = self.output_file(staging_dir, "scheduler", cluster.name)
+            elif _SAFE_NAME.fullmatch(component):
+                path = self.output_file(staging_dir, "worker", component)
+            else:
+                return "(no log: no job was submitted for this name)"
+            request = {"action": "tail", "path": path, "max_bytes": max_bytes}
+            try:
+                async with readers:
+                    answer = await self.runner.run_as(user, request)
+            except LauncherError as exc:
+                hint = self.missing_output_hint()
+                return f"(no log: {exc}{'; ' + hint if hint else ''})"
+            text = str(answer.get("text", ""))
+            return last_lines(text, tail, cut=len(text.encode()) >= max_bytes)
+
+        texts = await asyncio.gather(*(read(c) for c in components))
+        return dict(zip(components, texts, strict=True))
 
     # ---------------------------------------------------------------------------------------
     # Submitting and cancelling

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from attrs import define, field
 
 from ..config import ClusterConfig, ProcessBackendConfig
-from .base import ClusterDriver, StateUpdates
+from .base import SCHEDULER_COMPONENT, ClusterDriver, StateUpdates
 from .forkserver import ForkServer, ForkServerError, LaunchRefused
 from .kit import (
     CERT_FILE,
@@ -44,6 +44,7 @@ from .kit import (
     describe_exit,
     inherited_env,
     lookup_user,
+    read_log,
     scheduler_command,
     tail_log,
     tls_env,
@@ -339,6 +340,46 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
             return None
         run_as = await self.owner.account(cluster)
         return self._exit_message(ref, workdir, SCHEDULER_LOG, "scheduler", run_as)
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The ends of ``scheduler.log`` and ``worker-<name>.log`` in the cluster's working
+        directory, read as its owner (a message once the directory is removed)."""
+        workdir = cluster.state.get("workdir")
+        if not isinstance(workdir, str) or not workdir:
+            return dict.fromkeys(components, "(no log: the cluster has not started yet)")
+        try:
+            run_as = await self.owner.account(cluster)
+        except RuntimeError as exc:
+            return dict.fromkeys(components, f"(no log: {exc})")
+        return await asyncio.to_thread(
+            self._read_logs, workdir, components, run_as, tail, max_bytes
+        )
+
+    def _read_logs(
+        self,
+        workdir: str,
+        components: Sequence[str],
+        run_as: RunAs | None,
+        tail: int,
+        max_bytes: int,
+    ) -> dict[str, str]:
+        if not os.path.isdir(workdir):
+            gone = f"(no log: the working directory {workdir} is gone; it is removed when the "
+            return dict.fromkeys(components, gone + "cluster stops)")
+        logs: dict[str, str] = {}
+        for component in components:
+            if not _NAME.fullmatch(component):
+                logs[component] = "(no log: the gateway made no files for this name)"
+                continue
+            name = SCHEDULER_LOG if component == SCHEDULER_COMPONENT else f"worker-{component}.log"
+            text = read_log(workdir, name, run_as=run_as, lines=tail, max_bytes=max_bytes)
+            if text is None:
+                where = os.path.join(workdir, name)
+                text = f"(no log: {where} does not exist or cannot be read)"
+            logs[component] = text
+        return logs
 
     # ---------------------------------------------------------------------------------------
     # Working directories

@@ -7,14 +7,15 @@ to launch processes are in `gateway_core.backends.kit`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 
 from ..config import ClusterConfig, ConfigError, ProcessBackendConfig, structure, unstructure
-from ..errors import ClusterConflict
+from ..errors import BackendUnavailable, ClusterConflict, GatewayError
 from ..models import Cluster, ClusterStatus, User, new_name, new_token
 from ..reconciler import Reconciler
 from ..store import Store
@@ -49,6 +50,9 @@ class ProcessBackend(Backend):
 
     comm_timeout: ClassVar[float] = 10.0
     """Seconds a forwarded scale/adapt request may take."""
+
+    logs_timeout: ClassVar[float] = 120.0
+    """Seconds the driver's `ClusterDriver.cluster_logs` may take for one request."""
 
     def __init__(
         self,
@@ -200,6 +204,29 @@ class ProcessBackend(Backend):
                 f"Cannot reach the scheduler of cluster {cluster.name} to {op}: "
                 f"{str(exc) or type(exc).__name__}"
             ) from exc
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The driver's `ClusterDriver.cluster_logs`, within `logs_timeout`; a driver that
+        fails is `BackendUnavailable` (503) naming the cluster and what went wrong."""
+        try:
+            async with asyncio.timeout(self.logs_timeout):
+                return await self.driver.cluster_logs(
+                    cluster, components=components, tail=tail, max_bytes=max_bytes
+                )
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"reading the logs of cluster {cluster.name} took longer than "
+                f"{self.logs_timeout:g} s; try fewer components or fewer lines"
+            ) from None
+        except GatewayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any driver failure is answered, not a 500
+            log.warning("Reading the logs of cluster %s failed: %s", cluster.name, exc)
+            raise BackendUnavailable(
+                f"cannot read the logs of cluster {cluster.name}: {str(exc) or type(exc).__name__}"
+            ) from None
 
     # ---------------------------------------------------------------------------------------
     # For drivers and tests

@@ -41,6 +41,8 @@ SCENARIOS: dict[str, str] = {
     "status_command_fails_once": "a status command failing once fails nothing",
     "one_status_command_per_check": "each check asks one status command about all its jobs",
     "unknown_user": "a user without an account fails with the reason before anything is submitted",
+    "logs": "the logs route answers the scheduler's and each worker's output while the cluster "
+    "runs, and a message, not an error, once it stopped",
 }
 """Every scenario of `BackendScenarios`: its name (for `BackendSetup.not_applicable`) and what
 it proves."""
@@ -587,6 +589,48 @@ class BackendScenarios:
         _matches(cluster.reason, setup.unknown_user_reason, "the cluster's reason")
         assert cluster.state == {}
         assert not await asyncio.to_thread(scenario.live, cluster)
+
+    @pytest.mark.asyncio
+    async def test_logs(self, scenario: ScenarioRun) -> None:
+        """``GET /api/v2/clusters/{name}/logs`` answers the running scheduler's and worker's
+        output (as Dask writes it), ``tail`` lines of it, and once the cluster stopped, a
+        message for each (its files are gone), never an error."""
+        scenario.applies("logs")
+        api, cluster = await scenario.running_cluster(workers=1)
+        [worker] = running_workers(cluster)
+        path = f"/api/v2/clusters/{cluster.name}/logs"
+        answers: list[Any] = []
+
+        async def written() -> bool:
+            answer = await api.get(path)
+            answers.append(answer)
+            assert answer.status == 200, answer.body
+            logs = answer.body
+            return "Scheduler at:" in logs.get("scheduler", "") and "Registered to" in logs.get(
+                worker.name, ""
+            )
+
+        deadline = time.monotonic() + 60
+        while not await written():
+            assert time.monotonic() < deadline, f"no Dask output in the logs: {answers[-1].body}"
+            await asyncio.sleep(0.5)
+        assert list(answers[-1].body) == ["scheduler", worker.name]
+        short = await api.get(f"{path}?component=scheduler&tail=2")
+        assert short.status == 200, short.body
+        assert list(short.body) == ["scheduler"]
+        assert len(short.body["scheduler"].splitlines()) == 2, short.body
+
+        assert (await api.delete(f"/api/v1/clusters/{cluster.name}")).status == 204
+        await eventually(
+            lambda: cluster.status == ClusterStatus.STOPPED, what="the cluster stopped"
+        )
+        await eventually(
+            lambda: not scenario.files_left(cluster), timeout=30, what="its files removed"
+        )
+        gone = await api.get(path)
+        assert gone.status == 200, gone.body
+        assert list(gone.body) == ["scheduler", worker.name]
+        assert all(text.startswith("(no log: ") for text in gone.body.values()), gone.body
 
 
 def not_applicable_report(stash: pytest.Stash) -> Iterator[str]:

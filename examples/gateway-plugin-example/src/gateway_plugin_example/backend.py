@@ -2,7 +2,8 @@
 through a command template the administrator configures.
 
 Owns `CommandTemplateConfig` (``[backend.command-template]``), `expand` (template → argv) and
-`CommandTemplateDriver`, the six `ClusterDriver` operations for processes on the gateway's host.
+`CommandTemplateDriver`, the six `ClusterDriver` operations for processes on the gateway's host
+(and the optional failure reason and logs, from the processes' log files).
 Starting, watching and stopping the processes is core's driver kit (`gateway_core.backends.kit`):
 this module only decides what to run and where.
 """
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
-from gateway_core.backends.base import ClusterDriver
+from gateway_core.backends.base import SCHEDULER_COMPONENT, ClusterDriver
 from gateway_core.backends.kit import (
     CERT_FILE,
     KEY_FILE,
@@ -33,6 +34,7 @@ from gateway_core.backends.kit import (
     cluster_env,
     create_log,
     describe_exit,
+    read_log,
     tail_log,
     write_private_file,
 )
@@ -392,3 +394,33 @@ class CommandTemplateDriver(ClusterDriver[CommandTemplateConfig, ClusterConfig])
         if not lines:
             return f"The scheduler process {how} without output"
         return f"The scheduler process {how}. Its last output:\n" + "\n".join(lines)
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The ends of ``scheduler.log`` and ``worker-<name>.log`` in the cluster's directory
+        (a message once the directory is removed, when the cluster stops)."""
+        if not cluster.state.get("directory"):
+            return dict.fromkeys(components, "(no log: the cluster has not started yet)")
+        return await asyncio.to_thread(
+            self._read_logs, self.directory(cluster), components, tail, max_bytes
+        )
+
+    def _read_logs(
+        self, directory: Path, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        if not directory.is_dir():
+            return dict.fromkeys(
+                components, f"(no log: {directory} was removed when the cluster stopped)"
+            )
+        logs: dict[str, str] = {}
+        for component in components:
+            name = SCHEDULER_LOG if component == SCHEDULER_COMPONENT else f"worker-{component}.log"
+            if "/" in name:
+                logs[component] = "(no log: the driver made no file for this name)"
+                continue
+            text = read_log(directory, name, lines=tail, max_bytes=max_bytes)
+            logs[component] = (
+                text if text is not None else f"(no log: {directory / name} cannot be read)"
+            )
+        return logs

@@ -162,6 +162,10 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
     states = STATES
     gone_messages = GONE_MESSAGES
 
+    def missing_output_hint(self) -> str:
+        """The logs route reads the output files, which PBS writes only at a job's end."""
+        return "PBS copies a job's output there only when the job ends"
+
     def tls_paths(self, cluster: Cluster, staging_dir: str) -> tuple[str, str]:
         if self.cluster_config(cluster).use_stagein:
             # Staged into the job's sandbox, its working directory.

@@ -16,7 +16,15 @@ from .environment import (
     tls_env,
     with_gateway_bin,
 )
-from .files import TAIL_LINES, create_log, open_directory, tail_log, write_private_file
+from .files import (
+    TAIL_LINES,
+    create_log,
+    last_lines,
+    open_directory,
+    read_log,
+    tail_log,
+    write_private_file,
+)
 from .processes import (
     ProcessGroups,
     ProcessRef,
@@ -47,8 +55,10 @@ __all__ = [
     "gateway_bin",
     "group_members",
     "inherited_env",
+    "last_lines",
     "lookup_user",
     "open_directory",
+    "read_log",
     "read_stat",
     "scheduler_command",
     "tail_log",

@@ -1,7 +1,8 @@
 """A cluster's private files on the gateway's host: TLS files, logs, and reading logs back.
 
 Owns `open_directory` (an fd of a directory checked to be a real directory of its owner),
-`write_private_file`, `create_log` and `tail_log`, all refusing symlinks, so a user who owns a
+`write_private_file`, `create_log`, `tail_log` (failure reasons) and `read_log` (the logs
+route), all refusing symlinks, so a user who owns a
 cluster's directory cannot make the gateway read or write elsewhere through it.
 """
 
@@ -67,6 +68,24 @@ def create_log(directory: str | os.PathLike[str], name: str, *, run_as: RunAs | 
     return fd
 
 
+def _open_log(directory: str | os.PathLike[str], name: str, run_as: RunAs | None) -> int | None:
+    """An fd of the regular file ``name`` in ``directory`` owned by ``run_as`` (no symlinks),
+    or None."""
+    try:
+        dir_fd = open_directory(directory, run_as=run_as)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != _owner(run_as):
+        os.close(fd)
+        return None
+    return fd
+
+
 def tail_log(
     directory: str | os.PathLike[str],
     name: str,
@@ -77,19 +96,40 @@ def tail_log(
     """The last ``lines`` non-blank lines of the log ``name`` in ``directory`` (each cut to 500
     characters); None when it cannot be read safely: missing, a symlink, not a regular file, or
     the file or directory not owned by ``run_as`` (default: the gateway's user)."""
-    try:
-        dir_fd = open_directory(directory, run_as=run_as)
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
+    fd = _open_log(directory, name, run_as)
+    if fd is None:
         return None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != _owner(run_as):
-            return None
-        f.seek(max(0, st.st_size - _TAIL_BYTES))
+        f.seek(max(0, os.fstat(f.fileno()).st_size - _TAIL_BYTES))
         text = f.read().decode("utf-8", "replace")
     found = [line[:_LINE_CHARS] for line in text.splitlines() if line.strip()]
     return found[-lines:] if lines > 0 else []
+
+
+def last_lines(text: str, lines: int, *, cut: bool = False) -> str:
+    """The last ``lines`` lines of ``text`` as they are (blank lines kept). With ``cut``
+    (``text`` is the end of a longer file), its first line, likely partial, is dropped."""
+    found = text.splitlines()
+    if cut and found:
+        found = found[1:]
+    return "\n".join(found[-lines:]) if lines > 0 else ""
+
+
+def read_log(
+    directory: str | os.PathLike[str],
+    name: str,
+    *,
+    run_as: RunAs | None = None,
+    lines: int,
+    max_bytes: int,
+) -> str | None:
+    """The last ``lines`` lines of the log ``name`` in ``directory``, from at most its last
+    ``max_bytes`` bytes; None when it cannot be read safely (as `tail_log`)."""
+    fd = _open_log(directory, name, run_as)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - max_bytes))
+        data = f.read(max_bytes)
+    return last_lines(data.decode("utf-8", "replace"), lines, cut=size > max_bytes)
