@@ -163,7 +163,7 @@ class GatewayMetrics:
         counts = {status: 0 for status in ClusterStatus}
         workers = GaugeMetricFamily(
             "gateway_workers",
-            "Active workers (pending or running) of active clusters, by user and status.",
+            "Active workers (pending, running, stopping) of active clusters, by user and status.",
             labels=["user", "status"],
         )
         cores = GaugeMetricFamily(
