@@ -350,6 +350,19 @@ def test_config_show_fills_in_defaults_and_redacts_secrets(
 
 
 @pytest.mark.unit
+def test_config_check_and_show_the_metrics_section(dists: FakeDists, tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[metrics]\ntoken = "scrape-me"\npublic = true\n')
+    result = run("config", "check", "--config", path)
+    assert result.exit_code == 1
+    assert result.stdout.startswith("metrics.public: true serves /metrics to anyone")
+    path = write_config(tmp_path, '[metrics]\ntoken = "scrape-me"\n')
+    assert run("config", "check", "--config", path).stdout.startswith("config OK")
+    shown = run("config", "show", "--config", path)
+    assert "scrape-me" not in shown.stdout
+    assert tomllib.loads(shown.stdout)["metrics"] == {"token": "<redacted>", "public": False}
+
+
+@pytest.mark.unit
 def test_config_show_of_a_broken_config_prints_problems_to_stderr(
     dists: FakeDists, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ def test_every_hook_is_in_the_index(hook: str) -> None:
 CONFIG_SECTIONS = {
     "[gateway]": "GatewayConfig",
     "[proxy]": "ProxyConfig",
+    "[metrics]": "MetricsConfig",
     "[cluster]": "ClusterConfig",
     "[backend.<name>]": "ProcessBackendConfig",
     "[auth.<name>]": "AuthConfig",

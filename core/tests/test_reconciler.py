@@ -184,6 +184,22 @@ async def test_work_queue_dedups_requeues_while_processing_and_backs_off() -> No
     queue.close()
 
 
+async def test_work_queue_lag_is_the_wait_of_the_oldest_ready_key() -> None:
+    queue: WorkQueue[str] = WorkQueue(base_delay=0.02, max_delay=1.0)
+    assert queue.lag() == 0.0
+    queue.put("a")
+    queue.put("later", delay=10.0)  # not ready yet: no lag, but queued (the depth)
+    await asyncio.sleep(0.05)
+    queue.put("b")
+    assert queue.lag() >= 0.04
+    assert len(queue) == 3
+    assert await queue.get() == "a"
+    assert queue.lag() < 0.04  # now the wait of "b"
+    assert await queue.get() == "b"
+    assert queue.lag() == 0.0
+    queue.close()
+
+
 # -------------------------------------------------------------------------------------------
 # Starting, scaling, stopping
 

@@ -273,6 +273,10 @@ async def test_streaming_request_and_response_bodies(serve_app, make_proxy) -> N
         assert await resp.content.readexactly(6) == b"out-1;"
         first_chunk_out.set()
         assert await resp.read() == b"out-2;part2"
+    traffic = proxy.traffic()["http"]  # what core's gateway_proxy_* metrics read
+    assert traffic["connections"] == 1
+    assert traffic["bytes_received"] > len(b"part1part2")  # the head, then the body
+    assert traffic["bytes_sent"] > len(b"out-1;out-2;part2")
 
 
 async def test_large_bodies_both_ways(serve_app, make_proxy) -> None:

@@ -300,6 +300,10 @@ async def test_bulk_both_ways_at_once(make_proxy, splice: bool) -> None:
     splicer = proxy.splicer
     assert splicer is not None
     assert (splicer.spliced_reads > 0) is splice
+    traffic = proxy.traffic()["tls_sni"]  # what core's gateway_proxy_* metrics read
+    assert traffic["connections"] == 1
+    assert len(up_blob) <= traffic["bytes_received"] <= len(hello + up_blob)
+    assert traffic["bytes_sent"] == len(down_blob)
     writer.close()
     target.close()
     await target.wait_closed()

@@ -130,6 +130,8 @@ class Gateway:
                 cluster_config_class=spec.cluster_config,
                 context=context,
             )
+        context.metrics.backend_name = spec.name
+        context.metrics.watch_backend(backend)
         manager = ClusterManager(
             backend=backend,
             context=context,
@@ -203,6 +205,7 @@ class Gateway:
             except OSError as exc:  # a port taken, a TLS file missing
                 raise StartupError(f"the proxy cannot start: {_os_reason(exc)}") from exc
             self.context.public_address = _reachable(self.proxy.address)
+            self.context.metrics.watch_proxy(self.proxy)
         elif proxy_conf.externally_managed:
             self.context.public_address = _reachable(proxy_conf.address)
         else:
@@ -235,6 +238,7 @@ class Gateway:
         if self.proxy is not None:
             await self.proxy.stop()
             self.proxy = None
+            self.context.metrics.watch_proxy(None)
         if self._sock is not None:
             self._sock.close()
             self._sock = None

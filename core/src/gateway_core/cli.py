@@ -26,7 +26,7 @@ from .plugins import PluginError, Registry, make_plugin_manager, plugin_infos
 PluginManagerFactory = Callable[..., pluggy.PluginManager]
 """Builds a plugin manager; called with ``local_plugins=`` and ``local_plugin_path=``."""
 
-SECRET_KEYS = frozenset({"api_token", "password", "db_encrypt_keys"})
+SECRET_KEYS = frozenset({"api_token", "password", "db_encrypt_keys", "token"})
 """Config keys whose values `gateway config show` never prints."""
 SECRET_SUFFIXES = ("_token", "_secret", "_password")
 """So are plugins' keys ending so (``jupyterhub_api_token``, ``oauth_client_secret``)."""
@@ -180,6 +180,7 @@ def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
         data["plugins"] = list(config.plugins)
     data["gateway"] = unstructure(resolved.gateway)
     data["proxy"] = unstructure(resolved.proxy)
+    data["metrics"] = unstructure(config.metrics)
     data["cluster"] = unstructure(resolved.cluster)
     data["backend"] = {name: unstructure(c) for name, c in resolved.backends.items()}
     data["auth"] = {name: unstructure(c) for name, c in resolved.auths.items()}

@@ -87,6 +87,20 @@ class GatewayConfig:
 
 
 @define(kw_only=True, frozen=True)
+class MetricsConfig:
+    """`[metrics]`: who may read the Prometheus metrics at ``/metrics``.
+
+    With neither ``token`` nor ``public``, ``/metrics`` answers 403 saying how to enable it.
+    """
+
+    token: str = field(default="", repr=False)
+    """Bearer token a scraper presents (``Authorization: Bearer <token>``); env
+    GATEWAY_METRICS_TOKEN."""
+    public: bool = False
+    """Serve ``/metrics`` to anyone, without a token."""
+
+
+@define(kw_only=True, frozen=True)
 class ProxyConfig:
     """`[proxy]`: the public HTTP and TCP (TLS-SNI) faces; a proxy plugin may extend it."""
 
@@ -287,6 +301,7 @@ class Config:
 
     plugins: list[str] = field(factory=list)
     gateway: GatewayConfig = field(factory=GatewayConfig)
+    metrics: MetricsConfig = field(factory=MetricsConfig)
     proxy: dict[str, Any] = field(factory=dict)
     cluster: dict[str, Any] = field(factory=dict)
     backend: dict[str, dict[str, Any]] = field(factory=dict)
@@ -437,6 +452,7 @@ def _message(exc: BaseException) -> str:
 ENV_PROXY_TOKEN = "GATEWAY_PROXY_TOKEN"
 ENV_ENCRYPT_KEYS = "GATEWAY_ENCRYPT_KEYS"
 ENV_CONFIG = "GATEWAY_CONFIG"
+ENV_METRICS_TOKEN = "GATEWAY_METRICS_TOKEN"
 DEFAULT_CONFIG_FILE = "gateway.toml"
 
 REMOVED_KEYS: Mapping[tuple[str, str], str] = {
@@ -498,6 +514,8 @@ def load_config(
         proxy = dict(proxy or {})
         proxy["api_token"] = env[ENV_PROXY_TOKEN]
         raw["proxy"] = proxy
+    if env.get(ENV_METRICS_TOKEN):
+        raw["metrics"] = {**dict(raw.get("metrics") or {}), "token": env[ENV_METRICS_TOKEN]}
     problems: list[str] = []
     for (name, key), advice in REMOVED_KEYS.items():
         section = raw.get(name)

@@ -77,6 +77,7 @@ def resolve_config(config: Config, registry: Registry) -> ResolvedConfig:
     problems: list[str] = []
     gw = config.gateway
     problems.extend(_store_problems(gw))
+    problems.extend(_metrics_problems(config))
 
     backend_spec = _select(problems, "gateway.backend", registry.backend, gw.backend)
     backends = _structure_sections(
@@ -153,6 +154,19 @@ def _store_problems(gw: GatewayConfig) -> list[str]:
             where, _, what = str(exc).partition(" ")
             problems.append(f"gateway.{where}: {what}")
     return problems
+
+
+def _metrics_problems(config: Config) -> list[str]:
+    """``[metrics]``: a token of blanks, or a token that ``public = true`` would make unused."""
+    metrics = config.metrics
+    if metrics.token and not metrics.token.strip():
+        return ["metrics.token: is only blanks; give a real token or remove the key"]
+    if metrics.token and metrics.public:
+        return [
+            "metrics.public: true serves /metrics to anyone, so metrics.token would be unused; "
+            "keep one of them"
+        ]
+    return []
 
 
 def _select(problems: list[str], path: str, lookup: Any, name: str) -> Any:

@@ -1,7 +1,7 @@
 """What core hands to every backend, authenticator and proxy it builds.
 
-Owns `GatewayContext`: the loaded config, the route table, the typed hook caller and event
-emission.
+Owns `GatewayContext`: the loaded config, the route table, the typed hook caller, event
+emission and the gateway's metrics.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from attrs import define, field
 
 from .hookcaller import GatewayHooks
+from .metrics import GatewayMetrics
 from .routes import RouteTable
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class GatewayContext:
     """``host:port`` of the proxy's public face (HTTP and, by default, TLS-SNI)."""
     prefix: str = ""
     """The proxy's path prefix (``[proxy] prefix``), e.g. ``/gateway``; empty for none."""
+    metrics: GatewayMetrics = field(factory=GatewayMetrics)
+    """This gateway's Prometheus metrics, in a registry of its own."""
 
     def emit(self, event: ClusterEvent) -> None:
         """Tell observer plugins about ``event``; never raises, never blocks the caller (see

@@ -22,6 +22,9 @@ class Proxy(abc.ABC):
     live route table (an embedded proxy subscribes to it; a standalone one polls the
     ``/api/v1/routes`` feed instead), ``api_target`` the ``http://host:port`` of the private API
     that the default route ``/`` points at.
+
+    A proxy may also offer ``traffic()`` (`gateway_core.metrics.ProxyTraffic`): its connection
+    and byte counts per face, which core exposes as the ``gateway_proxy_*`` metrics.
     """
 
     def __init__(

@@ -140,3 +140,8 @@ class BuiltinProxy(Proxy):
     @property
     def ready(self) -> bool:
         return self.server.ready
+
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Connections and bytes per face (`ProxyServer.traffic`), read by core's
+        ``gateway_proxy_*`` metrics (`gateway_core.metrics.ProxyTraffic`)."""
+        return self.server.traffic()

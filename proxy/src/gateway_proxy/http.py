@@ -111,6 +111,8 @@ class HttpFace:
             loop=loop, connect_timeout=connect_timeout, idle_timeout=upstream_idle_timeout
         )
         self.connections: set[ClientConn] = set()
+        self.counts = {"connections": 0, "bytes_received": 0, "bytes_sent": 0}
+        """Client connections accepted and bytes read from / written to clients, ever."""
         self.servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -248,9 +250,11 @@ class ClientConn(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]).encode() if peer else b""
         self.face.connections.add(self)
+        self.face.counts["connections"] += 1
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        self.face.counts["bytes_received"] += len(data)
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -479,6 +483,7 @@ class ClientConn(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            self.face.counts["bytes_sent"] += len(data)
             transport.write(data)
 
     def respond_local(self, ex: Exchange, status: int, error: str) -> None:

@@ -143,6 +143,22 @@ class ProxyServer:
             await self.http.close()
         self._ready = False
 
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Per face, since start: client connections (``connections``: accepted by the HTTP
+        face, spliced to a target by the TLS-SNI face), ``open`` ones, and bytes
+        ``bytes_received`` from and ``bytes_sent`` to clients. Empty before `start`."""
+        out: dict[str, dict[str, int]] = {}
+        if self.http is not None:
+            out["http"] = {**self.http.counts, "open": len(self.http.connections)}
+        if self.sni is not None and self.splicer is not None:
+            out["tls_sni"] = {
+                "connections": self.sni.counts["routed"],
+                "open": len(self.splicer.live),
+                "bytes_received": self.splicer.bytes_forward,
+                "bytes_sent": self.splicer.bytes_backward,
+            }
+        return out
+
     @property
     def address(self) -> str:
         """``host:port`` of the HTTP face (the real port when 0 was asked for)."""

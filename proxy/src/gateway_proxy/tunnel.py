@@ -51,6 +51,10 @@ class Splicer:
         self.pipes: list[tuple[int, int]] = []
         self.spliced_reads = 0
         """How many reads went through a pipe (for tests and debugging)."""
+        self.bytes_forward = 0
+        """Bytes read from the first socket of each tunnel (the client) to relay, ever."""
+        self.bytes_backward = 0
+        """Bytes read from the second socket of each tunnel (the target) to relay, ever."""
 
     def splice(self, a: socket.socket, b: socket.socket) -> Tunnel:
         """Start forwarding between two connected non-blocking sockets; the tunnel owns them."""
@@ -105,6 +109,7 @@ class _Half:
         "dst",
         "dst_fd",
         "eof",
+        "is_forward",
         "pending",
         "pipe",
         "queued",
@@ -114,8 +119,11 @@ class _Half:
         "tunnel",
     )
 
-    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(
+        self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, *, is_forward: bool
+    ) -> None:
         self.tunnel = tunnel
+        self.is_forward = is_forward
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
@@ -146,6 +154,7 @@ class _Half:
         if n == 0:
             self._end()
             return
+        self._count(n)
         try:
             sent = self.dst.send(splicer.view[:n])
         except _RETRY:
@@ -186,6 +195,7 @@ class _Half:
                 self._end()
                 return
             splicer.spliced_reads += 1
+            self._count(n)
             self.pipe = pipe
             self.queued = n
             if not self._drain_pipe():
@@ -196,6 +206,12 @@ class _Half:
             if pipe is None:
                 return
         splicer.give_pipe(pipe)
+
+    def _count(self, n: int) -> None:
+        if self.is_forward:
+            self.tunnel.splicer.bytes_forward += n
+        else:
+            self.tunnel.splicer.bytes_backward += n
 
     def _end(self) -> None:
         self.eof = True
@@ -273,8 +289,8 @@ class Tunnel:
         self.splicer = splicer
         self.a = a
         self.b = b
-        self.forward = _Half(self, a, b)
-        self.backward = _Half(self, b, a)
+        self.forward = _Half(self, a, b, is_forward=True)
+        self.backward = _Half(self, b, a, is_forward=False)
         self.closed = False
         loop = splicer.loop
         loop.add_reader(self.forward.src_fd, self.forward.readable)

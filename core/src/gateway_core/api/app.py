@@ -16,6 +16,7 @@ from ..manager import ClusterManager, ClusterToken
 from ..models import User
 from .authn import Authn, token_from_header
 from .errors import error_response
+from .metrics import METRICS_PATH, metrics_middleware, serve_metrics
 from .routes import (
     AUTHN,
     CALLER,
@@ -104,11 +105,15 @@ def make_api_app(
 
     Routes are served at ``/api/...`` and, when the context has a proxy prefix, also at
     ``{prefix}/api/...`` (so it works whether or not the proxy strips the prefix); so are the
-    authenticator's own routes (`Authenticator.web_routes`). Request bodies are limited to
+    authenticator's own routes (`Authenticator.web_routes`), and ``/metrics`` (Prometheus,
+    `gateway_core.api.metrics`). Request bodies are limited to
     ``[gateway] max_body_size`` (413 beyond it).
     """
     max_body = int(context.config.gateway.max_body_size)
-    app = web.Application(client_max_size=max_body, middlewares=[error_middleware, auth_middleware])
+    app = web.Application(
+        client_max_size=max_body,
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+    )
     app[MANAGER] = manager
     app[AUTHN] = Authn(authenticator=authenticator, proxy_token=proxy_token)
     app[CONTEXT] = context
@@ -138,6 +143,9 @@ def make_api_app(
             prefixed.register(app.router)
             for added in set(app.router.routes()) - before:  # GET brings its HEAD
                 access[added] = Access.PUBLIC
+        # Public to the middleware: the handler checks [metrics] token itself.
+        for registered in app.router.add_get(base + METRICS_PATH, serve_metrics).resource or ():
+            access[registered] = Access.PUBLIC
     app[ROUTE_ACCESS] = access
     app.on_shutdown.append(_close_streams)
     return app

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 from ..models import ClusterStatus, WorkerStatus, now_ms
 
 if TYPE_CHECKING:
+    from ..metrics import GatewayMetrics
     from .shared import Shared
     from .workers import WorkerMachine
 
@@ -91,12 +92,15 @@ class Checks:
                 and runtime.start is None
             ):
                 batch.append(c)
-        for cluster, ok in await _ask(shared.driver.check_clusters, batch, "cluster"):
+        for cluster, ok in await _ask(
+            shared.driver.check_clusters, batch, "cluster", shared.context.metrics
+        ):
             if ok or cluster.target != ClusterStatus.RUNNING or not cluster.status.is_active:
                 continue
             reason: str | None = None
             try:
-                reason = await shared.driver.failure_reason(cluster)
+                with shared.context.metrics.driver_call("failure_reason"):
+                    reason = await shared.driver.failure_reason(cluster)
             except Exception:
                 log.warning("failure_reason(%s) raised", cluster.name, exc_info=True)
             shared.request_stop(
@@ -121,7 +125,9 @@ class Checks:
                     and runtime.start is None
                 ):
                     batch.append((c, w))
-        for (cluster, worker), ok in await _ask(shared.driver.check_workers, batch, "worker"):
+        for (cluster, worker), ok in await _ask(
+            shared.driver.check_workers, batch, "worker", shared.context.metrics
+        ):
             if ok or worker.target != WorkerStatus.RUNNING or not worker.status.is_active:
                 continue
             if cluster.target != ClusterStatus.RUNNING:
@@ -144,7 +150,10 @@ class Checks:
 
 
 async def _ask(
-    check: Callable[[Sequence[T]], Awaitable[list[bool]]], batch: Sequence[T], what: str
+    check: Callable[[Sequence[T]], Awaitable[list[bool]]],
+    batch: Sequence[T],
+    what: str,
+    metrics: GatewayMetrics,
 ) -> list[tuple[T, bool]]:
     """Each item of ``batch`` with the driver's answer (alive or not), from one batched call;
     empty when there is nothing to ask, or when the driver cannot answer (logged: the check
@@ -152,7 +161,8 @@ async def _ask(
     if not batch:
         return []
     try:
-        alive = await check(batch)
+        with metrics.driver_call(f"check_{what}s"):
+            alive = await check(batch)
     except Exception:
         log.warning("Checking %d %s(s) failed; trying next period", len(batch), what, exc_info=True)
         return []

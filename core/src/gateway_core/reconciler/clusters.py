@@ -67,13 +67,14 @@ class ClusterMachine:
             # Durability point: the credentials, which tell a restarted gateway that this
             # start began, are written before the driver starts anything.
             await shared.store.flush()
-            await run_start_operation(
-                shared.driver.start_scheduler(cluster),
-                lambda state: shared.store.update_cluster(
-                    cluster, state={**cluster.state, **state}
-                ),
-                shared.store.flush,
-            )
+            with shared.context.metrics.driver_call("start_scheduler"):
+                await run_start_operation(
+                    shared.driver.start_scheduler(cluster),
+                    lambda state: shared.store.update_cluster(
+                        cluster, state={**cluster.state, **state}
+                    ),
+                    shared.store.flush,
+                )
         except asyncio.CancelledError:
             if cluster.scheduler_address:
                 # The scheduler registered: the driver was only watching it a while longer.
@@ -179,7 +180,8 @@ class ClusterMachine:
             raise RuntimeError(
                 f"{len(errors)} worker(s) of cluster {name} could not be stopped"
             ) from errors[0]
-        await shared.driver.stop_scheduler(cluster)
+        with shared.context.metrics.driver_call("stop_scheduler"):
+            await shared.driver.stop_scheduler(cluster)
         failed = cluster.target == ClusterStatus.FAILED
         final = ClusterStatus.FAILED if failed else ClusterStatus.STOPPED
         shared.store.update_cluster(cluster, status=final, stop_time=now_ms())

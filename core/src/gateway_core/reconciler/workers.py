@@ -56,11 +56,14 @@ class WorkerMachine:
         try:
             # Durability point: the worker's record is written before anything is started.
             await shared.store.flush()
-            await run_start_operation(
-                shared.driver.start_worker(cluster, worker),
-                lambda state: shared.store.update_worker(worker, state={**worker.state, **state}),
-                shared.store.flush,
-            )
+            with shared.context.metrics.driver_call("start_worker"):
+                await run_start_operation(
+                    shared.driver.start_worker(cluster, worker),
+                    lambda state: shared.store.update_worker(
+                        worker, state={**worker.state, **state}
+                    ),
+                    shared.store.flush,
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -121,7 +124,8 @@ class WorkerMachine:
         """Stop one worker whose target is STOPPED or FAILED; the caller holds its lock."""
         shared = self.shared
         await cancel_start(shared.runtimes.find_worker(cluster.name, worker.name))
-        await shared.driver.stop_worker(cluster, worker)
+        with shared.context.metrics.driver_call("stop_worker"):
+            await shared.driver.stop_worker(cluster, worker)
         failed = worker.target == WorkerStatus.FAILED
         final = WorkerStatus.FAILED if failed else WorkerStatus.STOPPED
         shared.store.update_worker(worker, status=final, stop_time=now_ms())

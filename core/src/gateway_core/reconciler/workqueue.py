@@ -41,10 +41,17 @@ class WorkQueue(Generic[K]):
         self._timers: dict[K, asyncio.TimerHandle] = {}
         self._hold: dict[K, float] = {}
         self._failures: dict[K, int] = {}
+        self._ready_since: dict[K, float] = {}
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._queued) + len(self._timers)
+
+    def lag(self) -> float:
+        """Seconds the oldest ready key has waited to be taken (0 when none is ready)."""
+        if not self._ready_since:
+            return 0.0
+        return max(0.0, asyncio.get_running_loop().time() - min(self._ready_since.values()))
 
     def failures(self, key: K) -> int:
         return self._failures.get(key, 0)
@@ -90,6 +97,7 @@ class WorkQueue(Generic[K]):
         """The next ready key; it counts as being processed until `done`."""
         key = await self._ready.get()
         self._queued.discard(key)
+        self._ready_since.pop(key, None)
         self._processing.add(key)
         return key
 
@@ -110,6 +118,7 @@ class WorkQueue(Generic[K]):
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
+            self._ready_since[key] = asyncio.get_running_loop().time()
             self._ready.put_nowait(key)
 
     def _fire(self, key: K) -> None:
