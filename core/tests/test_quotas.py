@@ -17,7 +17,7 @@ from test_api import Api, ApiFactory, CountingAuth, make_api  # noqa: F401 - the
 from test_cli import GOOD_CONFIG, dists, run, write_config  # noqa: F401 - the fixture
 
 from gateway_core.config import ConfigError, load_config
-from gateway_core.models import User
+from gateway_core.models import ClusterStatus, User
 
 pytestmark = pytest.mark.unit
 
@@ -445,3 +445,31 @@ max_cpus = 5
     good = GOOD_CONFIG + '\n[quotas.default]\nmax_memory = "64 GiB"\n'
     result = run("config", "check", "--config", write_config(tmp_path, good))
     assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------------------------
+# What this repository's client shows
+# --------------------------------------------------------------------------------------------
+
+
+async def test_the_client_shows_the_quota_messages_as_they_are(new_api: ApiFactory) -> None:
+    from gateway_client import BasicAuth, Gateway, GatewayClusterError, GatewayWarning
+
+    api = await quota_api(new_api, {"default": {"max_clusters": 1, "max_workers": 2}})
+    address = str(api.client.make_url("")).rstrip("/")
+    async with Gateway(address, auth=BasicAuth("alice", ""), asynchronous=True) as gateway:
+        name = await gateway.submit()
+        api.backend.set_status(name, ClusterStatus.RUNNING)
+        with pytest.raises(GatewayClusterError) as info:
+            await gateway.submit()
+        assert str(info.value) == (
+            "cannot create the cluster: quota of user alice exceeded: max_clusters is "
+            "1 cluster, 1 cluster in use, the new cluster asks 1 cluster more"
+        )
+        with pytest.warns(GatewayWarning) as record:
+            await gateway.scale_cluster(name, 5)
+        assert str(record[0].message) == (
+            "Asked for 5 workers but the quota of user alice allows 2: max_workers is "
+            "2 workers, 0 workers in use, 5 workers ask 5 workers more; "
+            "scaling to 2 workers instead."
+        )

@@ -245,10 +245,10 @@ def workers_that_fit(pool: Pool, others: Usage, shape: Shape) -> tuple[float, st
 
     if quota.max_workers is not None:
         take(quota.max_workers - others.workers, "max_workers")
-    if quota.max_cores is not None:
+    if quota.max_cores is not None and shape.worker_cores > 0:
         spare = quota.max_cores - others.cores - shape.scheduler_cores
         take(spare // shape.worker_cores, "max_cores")
-    if quota.max_memory is not None:
+    if quota.max_memory is not None and shape.worker_memory > 0:
         spare_memory = quota.max_memory - others.memory - shape.scheduler_memory
         take(spare_memory // shape.worker_memory, "max_memory")
     return max(0.0, limit), binding
