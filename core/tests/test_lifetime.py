@@ -16,13 +16,14 @@ from test_reconciler import FAST, Events, until
 
 from gateway_core import builtin, hookspecs
 from gateway_core.backends.process import ProcessBackend
-from gateway_core.config import ClusterConfig, load_config
+from gateway_core.config import ClusterConfig, ConfigError, load_config, structure
 from gateway_core.context import GatewayContext
 from gateway_core.errors import InvalidRequest
 from gateway_core.hookcaller import GatewayHooks
 from gateway_core.manager import ClusterManager
 from gateway_core.models import ClusterStatus, User
 from gateway_core.testing.driver import InProcessConfig, InProcessDriver
+from gateway_core.units import format_duration, parse_duration
 
 pytestmark = pytest.mark.unit
 
@@ -151,3 +152,50 @@ def _with(s: Site, plugin: object) -> pluggy.PluginManager:
     pm.register(builtin)
     pm.register(plugin)
     return pm
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "shown"),
+    [
+        ("8h", 28800.0, "8h"),
+        ("1h30m", 5400.0, "1h30m"),
+        ("90s", 90.0, "1m30s"),
+        ("2d", 172800.0, "2d"),
+        (" 0.5H ", 1800.0, "30m"),
+        ("600", 600.0, "10m"),
+        (600, 600.0, "10m"),
+        (1.5, 1.5, "1.5s"),
+    ],
+)
+def test_durations_parse_and_print(text: Any, seconds: float, shown: str) -> None:
+    assert parse_duration(text) == seconds
+    assert format_duration(parse_duration(text)) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("8x", "invalid duration '8x'"),
+        ("h", "invalid duration 'h'"),
+        ("-1h", "invalid duration '-1h'"),
+        (-5, "must not be negative"),
+        (True, "expected a duration"),
+    ],
+)
+def test_bad_durations_are_refused(value: Any, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        parse_duration(value)
+
+
+def test_max_lifetime_in_the_cluster_section_is_checked() -> None:
+    assert structure({"max_lifetime": "8h"}, ClusterConfig).max_lifetime == 28800.0
+    for value, problem in (
+        ("8q", "cluster.max_lifetime: invalid duration '8q'"),
+        (0, "cluster.max_lifetime: must be positive (leave it unset for no limit)"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            structure({"max_lifetime": value}, ClusterConfig, path="cluster")
+        assert info.value.problems[0].startswith(problem)
+    # The warning comes at most half the lifetime early.
+    assert structure({"max_lifetime": "10m"}, ClusterConfig).lifetime_warning_at == 300.0
+    assert structure({"max_lifetime": "8h"}, ClusterConfig).lifetime_warning_at == 28200.0

@@ -8,6 +8,7 @@ and the ``max_lifetime`` ceiling on user options.
 from __future__ import annotations
 
 import copy
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -473,3 +474,16 @@ async def test_the_client_shows_the_quota_messages_as_they_are(new_api: ApiFacto
             "2 workers, 0 workers in use, 5 workers ask 5 workers more; "
             "scaling to 2 workers instead."
         )
+
+
+@pytest.mark.usefixtures("dists")
+def test_config_show_includes_the_quotas(tmp_path: Path) -> None:
+    text = GOOD_CONFIG + (
+        '\n[quotas.default]\nmax_memory = "64 GiB"\n[quotas.users.alice]\nmax_clusters = 5\n'
+    )
+    result = run("config", "show", "--config", write_config(tmp_path, text))
+    assert result.exit_code == 0, result.output
+    shown = tomllib.loads(result.stdout)
+    assert shown["quotas"]["default"] == {"max_memory": 64 * GIB}
+    assert shown["quotas"]["users"] == {"alice": {"max_clusters": 5}}
+    assert "# max_lifetime = (unset)" in result.stdout.splitlines()
