@@ -199,3 +199,23 @@ def test_max_lifetime_in_the_cluster_section_is_checked() -> None:
     # The warning comes at most half the lifetime early.
     assert structure({"max_lifetime": "10m"}, ClusterConfig).lifetime_warning_at == 300.0
     assert structure({"max_lifetime": "8h"}, ClusterConfig).lifetime_warning_at == 28200.0
+
+
+def test_config_check_refuses_an_option_default_above_max_lifetime() -> None:
+    from gateway_core.configcheck import resolve_config
+    from gateway_core.plugins import Registry, make_plugin_manager
+
+    registry = Registry.from_plugin_manager(make_plugin_manager())
+
+    def check(default: str) -> None:
+        option = {"type": "string", "default": default, "target": "max_lifetime"}
+        cfg = {"cluster": {"max_lifetime": "8h"}, "options": {"lifetime": option}}
+        resolve_config(load_config(cfg, environ={}), registry)
+
+    check("2h")
+    with pytest.raises(ConfigError) as info:
+        check("10h")
+    assert info.value.problems == [
+        "options.lifetime.default: max_lifetime 10h is above [cluster] max_lifetime 8h; "
+        "options may only lower it"
+    ]
