@@ -52,6 +52,7 @@ CONFIG_SECTIONS = {
     "[cluster]": "ClusterConfig",
     "[backend.<name>]": "ProcessBackendConfig",
     "[auth.<name>]": "AuthConfig",
+    "[quotas]": "Quota",
 }
 
 

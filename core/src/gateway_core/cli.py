@@ -186,6 +186,7 @@ def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
     data["auth"] = {name: unstructure(c) for name, c in resolved.auths.items()}
     if config.options:
         data["options"] = {name: unstructure(spec) for name, spec in config.options.items()}
+    data["quotas"] = unstructure(config.quotas)
     return redact(data)
 
 

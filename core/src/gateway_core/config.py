@@ -1,7 +1,7 @@
 """The gateway's configuration: attrs classes, one cattrs converter, the TOML loader.
 
 Owns the sections of `gateway.toml` that core defines (`[gateway]`, `[proxy]`, `[cluster]`,
-`[options]`, `plugins`), the base classes plugins extend for `[backend.<name>]` and
+`[options]`, `[quotas]`, `plugins`), the base classes plugins extend for `[backend.<name>]` and
 `[auth.<name>]`, environment overrides for secrets, and errors as one line per bad key.
 """
 
@@ -20,13 +20,21 @@ from attrs import define, field, fields
 from cattrs.cols import list_structure_factory, mapping_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from .units import parse_memory
+from .units import format_duration, parse_duration, parse_memory
 
 T = TypeVar("T")
 
 
 class Memory(int):
     """A size in bytes; config accepts ``"2 G"``, ``"512 MiB"`` or a plain integer."""
+
+
+class Duration(float):
+    """A length of time in seconds; config accepts ``"8h"``, ``"1h30m"``, ``"90s"`` or a number
+    of seconds."""
+
+    def __str__(self) -> str:
+        return format_duration(self)
 
 
 class Command(list[str]):
@@ -186,6 +194,14 @@ class ClusterConfig(CheckedConfig):
     """Memory one cluster may use in all (scheduler included); unset for no limit."""
     cluster_max_workers: int | None = None
     """Workers one cluster may have; combined with the core and memory limits."""
+    max_lifetime: Duration | None = None
+    """Longest a cluster may live (``"8h"``, ``"30m"`` or seconds), counted from its creation;
+    then it is stopped with the reason "stopped: maximum lifetime of 8h reached". Unset: no
+    limit. An option or plugin may lower it per cluster, never raise it above this value (such
+    a request is refused with 422)."""
+    lifetime_warning: Duration = Duration(600.0)
+    """How long before ``max_lifetime`` a ``lifetime_warning`` cluster event is emitted; at
+    most half the lifetime (a 10-minute lifetime warns after 5 minutes)."""
 
     def check(self) -> list[str]:
         """Problems with the settings this class declares (see `CheckedConfig`)."""
@@ -201,7 +217,16 @@ class ClusterConfig(CheckedConfig):
             problems.append("scheduler_memory: larger than cluster_max_memory")
         if self.cluster_max_cores is not None and self.scheduler_cores > self.cluster_max_cores:
             problems.append("scheduler_cores: larger than cluster_max_cores")
+        if self.max_lifetime is not None and self.max_lifetime <= 0:
+            problems.append("max_lifetime: must be positive (leave it unset for no limit)")
         return problems
+
+    @property
+    def lifetime_warning_at(self) -> float | None:
+        """Seconds after creation when the lifetime warning is due; None without a lifetime."""
+        if self.max_lifetime is None:
+            return None
+        return self.max_lifetime - min(self.lifetime_warning, self.max_lifetime / 2)
 
     @property
     def threads(self) -> int:
@@ -294,6 +319,64 @@ class OptionSpec:
     """For ``select``: keys, or ``{key = "...", value = ...}`` tables."""
 
 
+QUOTA_KEYS = ("max_clusters", "max_workers", "max_cores", "max_memory")
+"""The limits a `[quotas.*]` table may set, in the order messages list them."""
+
+
+@define(kw_only=True, frozen=True)
+class Quota(CheckedConfig):
+    """One `[quotas.default]`, `[quotas.users.<name>]` or `[quotas.groups.<group>]` table: the
+    limits on all active (pending or running) clusters of one user, or of a group's members
+    together. An unset key is no limit (or, for a user, the default's value)."""
+
+    max_clusters: int | None = None
+    """Active clusters at once."""
+    max_workers: int | None = None
+    """Workers (pending and running) of all those clusters together."""
+    max_cores: float | None = None
+    """Cores of all those clusters together, schedulers included."""
+    max_memory: Memory | None = None
+    """Memory of all those clusters together (``"64 GiB"``), schedulers included."""
+
+    def check(self) -> list[str]:
+        """Problems with the limits (see `CheckedConfig`): none may be negative."""
+        return [
+            f"{key}: must not be negative, got {getattr(self, key)}"
+            for key in QUOTA_KEYS
+            if getattr(self, key) is not None and getattr(self, key) < 0
+        ]
+
+    def over(self, base: Quota) -> Quota:
+        """This table's keys where set, ``base``'s elsewhere (a user's override of the
+        default, key by key)."""
+        values = {k: getattr(self, k) for k in QUOTA_KEYS}
+        return Quota(**{k: getattr(base, k) if v is None else v for k, v in values.items()})
+
+    @property
+    def is_limited(self) -> bool:
+        """True when any key is set."""
+        return any(getattr(self, k) is not None for k in QUOTA_KEYS)
+
+
+@define(kw_only=True, frozen=True)
+class QuotasConfig:
+    """`[quotas]`: per-user limits (`default`, overridden key by key in `users`) and group
+    pools shared by all members of a group together (`groups`)."""
+
+    default: Quota = field(factory=Quota)
+    """`[quotas.default]`: the limits of every user."""
+    users: dict[str, Quota] = field(factory=dict)
+    """`[quotas.users.<name>]`: one user's limits, overriding the default key by key."""
+    groups: dict[str, Quota] = field(factory=dict)
+    """`[quotas.groups.<group>]`: one pool for all members of the group (groups come from
+    the authenticator, `User.groups`)."""
+
+    def for_user(self, name: str) -> Quota:
+        """The limits of user ``name``: its own table over the default."""
+        own = self.users.get(name)
+        return self.default if own is None else own.over(self.default)
+
+
 @define(kw_only=True, frozen=True)
 class Config:
     """The whole file, with backend and authenticator sections structured later by their
@@ -307,6 +390,7 @@ class Config:
     backend: dict[str, dict[str, Any]] = field(factory=dict)
     auth: dict[str, dict[str, Any]] = field(factory=dict)
     options: dict[str, OptionSpec] = field(factory=dict)
+    quotas: QuotasConfig = field(factory=QuotasConfig)
     source: str = ""
     """Where the config came from (a path, or empty for built-in defaults)."""
 
@@ -318,6 +402,10 @@ class Config:
 
 def _structure_memory(value: Any, _type: Any) -> Memory:
     return Memory(parse_memory(value))
+
+
+def _structure_duration(value: Any, _type: Any) -> Duration:
+    return Duration(parse_duration(value))
 
 
 def _structure_command(value: Any, _type: Any) -> Command:
@@ -375,11 +463,21 @@ def _make_converter() -> cattrs.Converter:
     )
     conv.register_structure_hook(Memory, _structure_memory)
     conv.register_structure_hook(Command, _structure_command)
+    conv.register_structure_hook(Duration, _structure_duration)
     for t in (str, int, float, bool):
         conv.register_structure_hook(t, _structure_strict(t))
     conv.register_structure_hook(Any, lambda v, _t: v)
     conv.register_unstructure_hook(Memory, int)
     conv.register_unstructure_hook(Command, list)
+    conv.register_unstructure_hook(Duration, float)
+    quota_hook = conv.get_structure_hook(Quota)
+
+    def structure_quota(value: Any, type_: Any) -> Quota:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a table of limits, got {_kind(value)}")
+        return quota_hook(value, type_)
+
+    conv.register_structure_hook(Quota, structure_quota)
     return conv
 
 

@@ -6,6 +6,7 @@ the gateway's start-up all use it, so they agree on what a valid config is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -232,12 +233,20 @@ def _check_targets(
     if problems:
         return problems
     merged = {**config.cluster, **options.targets(options.defaults())}
+    owners = {option.target_name: option.field for option in options.fields}
     try:
-        structure(merged, cluster_class)
+        with_defaults = structure(merged, cluster_class)
     except ConfigError as exc:
-        owners = {option.target_name: option.field for option in options.fields}
         for problem in exc.problems:
             key = problem.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0]
             if key in owners:
                 problems.append(f"options.{owners[key]}.default: {problem}")
+        return problems
+    ceiling = structure(config.cluster, cluster_class).max_lifetime
+    lifetime = with_defaults.max_lifetime
+    if "max_lifetime" in owners and ceiling is not None and (lifetime or math.inf) > ceiling:
+        problems.append(
+            f"options.{owners['max_lifetime']}.default: max_lifetime {lifetime} is above "
+            f"[cluster] max_lifetime {ceiling}; options may only lower it"
+        )
     return problems

@@ -15,6 +15,7 @@ __all__ = [
     "GatewayError",
     "InvalidRequest",
     "NotAuthenticated",
+    "QuotaExceeded",
 ]
 
 
@@ -68,6 +69,15 @@ class ClusterConflict(GatewayError):
     409 shuts down."""
 
     default_reason = "the cluster cannot take this request now"
+
+
+class QuotaExceeded(ClusterConflict):
+    """Creating the cluster would exceed a `[quotas]` limit of the user or of a group pool
+    (HTTP 409, like any conflict with the current state: stopping another cluster frees the
+    quota, and the same request then succeeds). The reason names what is used, what is asked
+    and the limit."""
+
+    default_reason = "the request would exceed a quota"
 
 
 class InvalidRequest(GatewayError):

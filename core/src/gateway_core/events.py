@@ -22,6 +22,7 @@ EventKind = Literal[
     "worker_running",
     "worker_stopped",
     "worker_failed",
+    "lifetime_warning",
 ]
 
 
@@ -34,4 +35,6 @@ class ClusterEvent:
     username: str
     time: int = field(factory=now_ms)
     detail: dict[str, Any] = field(factory=dict)
-    """Kind-specific facts: ``{"count": 3}`` for scaled, ``{"reason": ...}`` for failed, ..."""
+    """Kind-specific facts: ``{"count": 3}`` for scaled, ``{"reason": ...}`` for failed,
+    ``{"max_lifetime": 28800.0, "stop_time": <ms>}`` for lifetime_warning (the cluster will be
+    stopped at ``stop_time`` for reaching its ``max_lifetime``), ..."""

@@ -1,12 +1,14 @@
 """The single entry point the REST API calls to act on clusters.
 
 Owns `ClusterManager` (user options → cluster config, ownership and admin checks, worker limits,
-scale/adapt forwarding, heartbeat token checks, health, reading logs with their bounds) and
-`ClusterToken`, the identity of a caller that authenticated with a cluster's own token.
+quotas, the ceiling of ``max_lifetime``, scale/adapt forwarding, heartbeat token checks, health,
+reading logs with their bounds) and `ClusterToken`, the identity of a caller that authenticated
+with a cluster's own token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
@@ -25,10 +27,13 @@ from .errors import (
     ComponentNotFound,
     InvalidRequest,
     NotAuthenticated,
+    QuotaExceeded,
 )
 from .events import ClusterEvent
 from .models import Cluster, ClusterStatus, User
 from .options import Options, OptionsError
+from .quotas import QuotaBook, Room, Shape, counts, quota_json, refusal
+from .units import format_duration
 
 log = logging.getLogger("gateway.manager")
 
@@ -124,6 +129,9 @@ class ClusterManager:
         self.cluster_config_class = cluster_config_class
         self.cluster_defaults: dict[str, Any] = dict(cluster_defaults or {})
         self.default_config = structure(self.cluster_defaults, cluster_config_class, path="cluster")
+        self.quotas = QuotaBook(config=context.config.quotas)
+        """`[quotas]` and what the manager learned about users' groups and grants."""
+        self._quota_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------------------------------
     # Who may do what
@@ -178,11 +186,26 @@ class ClusterManager:
         for answer in reversed(answers):  # in call order: the first-called plugin applies last
             _apply_layer(merged, answer, merge_keys)
         try:
-            return structure(merged, self.cluster_config_class)
+            config = structure(merged, self.cluster_config_class)
         except ConfigError as exc:
             raise InvalidRequest(
                 "cluster options give an invalid cluster configuration: " + "; ".join(exc.problems)
             ) from None
+        self._check_lifetime(config)
+        return config
+
+    def _check_lifetime(self, config: ClusterConfig) -> None:
+        """Refuse (422) a ``max_lifetime`` that options or plugins raised above ``[cluster]``'s:
+        users may only lower it."""
+        ceiling = self.default_config.max_lifetime
+        asked = config.max_lifetime
+        if ceiling is None or (asked is not None and asked <= ceiling):
+            return
+        shown = "none (no limit)" if asked is None else format_duration(asked)
+        raise InvalidRequest(
+            f"max_lifetime: {shown} is above the configured maximum of "
+            f"{format_duration(ceiling)}; a cluster may live at most that long"
+        )
 
     async def create_cluster(self, user: User, cluster_options: Any) -> str:
         """Validate ``cluster_options``, resolve the config, start the cluster; return its name."""
@@ -192,7 +215,9 @@ class ClusterManager:
         except OptionsError as exc:
             raise InvalidRequest(f"invalid cluster options: {exc}") from None
         config = await self.resolve_config(user, form, normalized)
-        name = await self.backend.start_cluster(user=user, options=normalized, config=config)
+        async with self._quota_lock:  # two creates must not both take the last room
+            await self._check_create_quota(user, config)
+            name = await self.backend.start_cluster(user=user, options=normalized, config=config)
         log.info("user %s created cluster %s", user.name, name)
         self.context.emit(
             ClusterEvent(
@@ -203,6 +228,87 @@ class ClusterManager:
             )
         )
         return name
+
+    # ----------------------------------------------------------------------------------------
+    # Quotas
+    # ----------------------------------------------------------------------------------------
+
+    def typed_config(self, cluster: Cluster) -> ClusterConfig:
+        """The cluster's config, typed: its ``typed_config``, else its stored config structured,
+        else (a stored config that no longer fits, logged) the ``[cluster]`` defaults."""
+        if cluster.typed_config is not None:
+            return cluster.typed_config
+        try:
+            return structure(cluster.config, self.cluster_config_class)
+        except ConfigError as exc:
+            log.warning(
+                "stored config of cluster %s does not structure (%s); quotas use the defaults",
+                cluster.name,
+                "; ".join(exc.problems),
+            )
+            return self.default_config
+
+    async def _quota_clusters(self) -> tuple[list[Cluster], dict[str, Shape]]:
+        """Every cluster that counts against quotas, with its shape; forgets the grants of
+        the others."""
+        active = [s for s in ClusterStatus if s.is_active]
+        clusters = [c for c in await self.backend.list_clusters(statuses=active) if counts(c)]
+        names = {c.name for c in clusters}
+        for name in [n for n in self.quotas.claims if n not in names]:
+            self.quotas.forget(name)
+        return clusters, {c.name: Shape.of(self.typed_config(c)) for c in clusters}
+
+    async def _check_create_quota(self, user: User, config: ClusterConfig) -> None:
+        """Refuse (409) a new cluster beyond ``max_clusters``, or whose scheduler alone does
+        not fit in ``max_cores`` or ``max_memory``, of the user or of a group pool."""
+        self.quotas.note(user)
+        pools = self.quotas.pools(user.name)
+        if not pools:
+            return
+        clusters, shapes = await self._quota_clusters()
+        new = Shape.of(config).usage(0)
+        for pool in pools:
+            used = self.quotas.usage(clusters, pool.members, shapes)
+            for key, what in (
+                ("max_clusters", "the new cluster"),
+                ("max_cores", "the new cluster's scheduler"),
+                ("max_memory", "the new cluster's scheduler"),
+            ):
+                why = refusal(pool, key, used.get(key), new.get(key), what)
+                if why is not None:
+                    raise QuotaExceeded(f"cannot create the cluster: {why}")
+
+    async def _quota_room(self, cluster: Cluster) -> Room | None:
+        """The most workers the quotas leave ``cluster``; None when none limits it."""
+        if not self.quotas.pools(cluster.username):
+            return None
+        clusters, shapes = await self._quota_clusters()
+        if cluster.name not in shapes:
+            shapes[cluster.name] = Shape.of(self.typed_config(cluster))
+        return self.quotas.room(cluster, clusters, shapes)
+
+    async def quota(self, user: User, username: str | None = None) -> dict[str, Any]:
+        """Usage and limits of ``username`` (the caller when None; another user's only for
+        admins): its own quota and each group pool it belongs to."""
+        self.quotas.note(user)
+        name = user.name if username is None else username
+        if name != user.name and not self.is_admin(user):
+            raise AccessDenied(f"user {user.name!r} may not see the quota of user {name!r}")
+        clusters, shapes = await self._quota_clusters()
+        pools = {}
+        for pool in self.quotas.pools(name):
+            if pool.kind == "group":
+                pools[pool.name] = {
+                    "quota": quota_json(pool.quota),
+                    "usage": self.quotas.usage(clusters, pool.members, shapes).to_json(),
+                }
+        return {
+            "user": name,
+            "groups": sorted(self.quotas.groups_of.get(name, frozenset())),
+            "quota": quota_json(self.quotas.config.for_user(name)),
+            "usage": self.quotas.usage(clusters, frozenset({name}), shapes).to_json(),
+            "group_pools": pools,
+        }
 
     # ----------------------------------------------------------------------------------------
     # Reading and stopping
@@ -217,6 +323,7 @@ class ClusterManager:
         them: active ones whose ``target`` is RUNNING. A cluster asked to stop leaves this list
         at once, while it is still STOPPING; ``statuses=[STOPPING]`` still finds it.
         """
+        self.quotas.note(user)
         if statuses is not None:
             return await self.backend.list_clusters(username=user.name, statuses=list(statuses))
         active = [s for s in ClusterStatus if s.is_active]
@@ -225,6 +332,7 @@ class ClusterManager:
 
     async def get_cluster(self, user: User, name: str, *, wait: bool = False) -> Cluster:
         """The cluster ``name``; with ``wait``, block (backend's limit) while it is PENDING."""
+        self.quotas.note(user)
         cluster = await self._owned_cluster(user, name, "view")
         if wait and cluster.status == ClusterStatus.PENDING:
             waited = await self.backend.get_cluster(name, wait=True)
@@ -254,6 +362,7 @@ class ClusterManager:
         if cluster.status.is_active:
             log.info("%s asked to stop cluster %s", who, name)
             await self.backend.stop_cluster(name)
+            self.quotas.forget(name)
 
     async def cluster_logs(
         self, user: User, name: str, *, components: Sequence[str], tail: int
@@ -308,16 +417,31 @@ class ClusterManager:
         if not _is_count(count):
             raise InvalidRequest(f"count: expected a non-negative integer, got {_describe(count)}")
         cluster = await self._running_cluster(user, name, "scale")
-        limit = self.max_workers(cluster)
-        msg = None
-        requested = count
-        if limit is not None and count > limit:
-            msg = (
-                f"Asked for {count} workers but cluster {name} may have at most {limit}; "
-                f"scaling to {limit} workers instead."
-            )
-            count = limit
-        await self.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
+        self.quotas.note(user)
+        async with self._quota_lock:  # grant, then record the grant, before the next request
+            limit = self.max_workers(cluster)
+            room = await self._quota_room(cluster)
+            msg = None
+            requested = count
+            by_quota = room is not None and (limit is None or room.workers < limit)
+            if room is not None and by_quota and count > room.workers:
+                msg = (
+                    f"Asked for {count} workers but {room.explain(count)}; "
+                    f"scaling to {room.workers} workers instead."
+                )
+                count = room.workers
+            elif limit is not None and count > limit:
+                msg = (
+                    f"Asked for {count} workers but cluster {name} may have at most {limit}; "
+                    f"scaling to {limit} workers instead."
+                )
+                count = limit
+            previous = self._claim(name, count)
+        try:
+            await self.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
+        except BaseException:
+            self._unclaim(name, previous)
+            raise
         self.context.emit(
             ClusterEvent(
                 kind="scaled",
@@ -351,20 +475,36 @@ class ClusterManager:
         if problems:
             raise InvalidRequest("; ".join(problems))
         cluster = await self._running_cluster(user, name, "adapt")
-        limit = self.max_workers(cluster)
-        msg = None
-        if limit is not None:
-            lo = 0 if minimum is None else minimum
-            hi = limit if maximum is None else maximum
-            if lo > limit or hi > limit:
-                msg = (
-                    f"Adaptive range minimum={lo}, maximum={hi} exceeds the limit of {limit} "
-                    f"workers of cluster {name}; using minimum={min(lo, limit)}, "
-                    f"maximum={min(hi, limit)} instead."
-                )
-            minimum, maximum = min(lo, limit), min(hi, limit)
+        self.quotas.note(user)
+        async with self._quota_lock:
+            limit = self.max_workers(cluster)
+            room = await self._quota_room(cluster)
+            if room is not None and (limit is None or room.workers < limit):
+                limit = room.workers
+            else:
+                room = None  # the cluster's own limit binds (or nothing does)
+            msg = None
+            if limit is not None:
+                lo = 0 if minimum is None else minimum
+                hi = limit if maximum is None else maximum
+                if lo > limit or hi > limit:
+                    why = (
+                        f"the limit of {limit} workers of cluster {name}"
+                        if room is None
+                        else f"what fits: {room.explain(max(lo, hi))}"
+                    )
+                    msg = (
+                        f"Adaptive range minimum={lo}, maximum={hi} exceeds {why}; using "
+                        f"minimum={min(lo, limit)}, maximum={min(hi, limit)} instead."
+                    )
+                minimum, maximum = min(lo, limit), min(hi, limit)
+            previous = self._claim(name, maximum)
         op = {"op": "adapt", "minimum": minimum, "maximum": maximum, "active": active}
-        await self.backend.forward_to_scheduler(cluster, op)
+        try:
+            await self.backend.forward_to_scheduler(cluster, op)
+        except BaseException:
+            self._unclaim(name, previous)
+            raise
         self.context.emit(
             ClusterEvent(
                 kind="adapted",
@@ -374,6 +514,21 @@ class ClusterManager:
             )
         )
         return {"ok": msg is None, "msg": msg}
+
+    def _claim(self, name: str, workers: int | None) -> int | None:
+        """Record the worker count granted to cluster ``name`` (when quotas apply); return the
+        one it replaces, for `_unclaim`."""
+        previous = self.quotas.claims.get(name)
+        if workers is not None and self.quotas.enabled:
+            self.quotas.claims[name] = workers
+        return previous
+
+    def _unclaim(self, name: str, previous: int | None) -> None:
+        """Undo `_claim` after the scheduler refused the request."""
+        if previous is None:
+            self.quotas.claims.pop(name, None)
+        else:
+            self.quotas.claims[name] = previous
 
     # ----------------------------------------------------------------------------------------
     # Heartbeats and health

@@ -1,6 +1,7 @@
-"""Parsing and printing of the quantities people write in config: memory sizes.
+"""Parsing and printing of the quantities people write in config: memory sizes and durations.
 
-Owns `parse_memory` ("2 G", "512 MiB", 1073741824 → bytes) and `format_memory`.
+Owns `parse_memory` ("2 G", "512 MiB", 1073741824 → bytes), `format_memory`, `parse_duration`
+("8h", "1h30m", "90s", 600 → seconds) and `format_duration`.
 """
 
 from __future__ import annotations
@@ -55,3 +56,48 @@ def format_memory(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.4g} {unit}"
     return f"{nbytes} B"
+
+
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)\s*([dhms])", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(?:[0-9]*\.?[0-9]+\s*[dhms]\s*)+$", re.IGNORECASE)
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from a number of seconds, or a string like ``"8h"``, ``"1h30m"``, ``"90s"``,
+    ``"2d"`` (units d, h, m, s; a bare number in a string is seconds).
+
+    Raises ValueError naming the bad value.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration, got {type(value).__name__}")
+    text = value.strip()
+    if re.fullmatch(r"[0-9]*\.?[0-9]+", text):
+        return float(text)
+    if not _DURATION.match(text):
+        raise ValueError(
+            f"invalid duration {value!r}; use seconds or a number with a unit "
+            '(d, h, m, s), e.g. "8h" or "1h30m"'
+        )
+    return float(
+        sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in _DURATION_PART.findall(text))
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """A short human form: 28800 → ``"8h"``, 5400 → ``"1h30m"``, 0.5 → ``"0.5s"``."""
+    if seconds != int(seconds) or seconds < 1:
+        return f"{seconds:g}s"
+    rest = int(seconds)
+    parts = []
+    for unit, size in _DURATION_UNITS.items():
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts)

@@ -271,6 +271,15 @@ async def cluster_logs(request: web.Request) -> web.Response:
     return web.json_response(logs)
 
 
+async def quota(request: web.Request) -> web.Response:
+    """v2 extension: the caller's quota usage and limits; admins may ask for any ``?user=``."""
+    username = request.query.get("user")
+    if username is not None and not username.strip():
+        raise InvalidRequest("user: expected a user name, got an empty value")
+    answer = await request.app[MANAGER].quota(_user(request), username)
+    return web.json_response(answer)
+
+
 async def delete_cluster(request: web.Request) -> web.Response:
     name = cluster_name(request)
     caller: Caller = request[CALLER]
@@ -397,6 +406,7 @@ ROUTES: tuple[RouteDef, ...] = (
         handler=cluster_reason,
         access=Access.USER,
     ),
+    RouteDef(method="GET", path="/api/v2/quota", handler=quota, access=Access.USER),
     RouteDef(
         method="GET",
         path="/api/v2/clusters/{name}/logs",

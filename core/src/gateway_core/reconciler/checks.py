@@ -1,4 +1,4 @@
-"""The reconciler's periodic checks: timeouts, batched liveness checks, the purge of old records.
+"""The reconciler's periodic checks: timeouts and lifetimes, batched liveness checks, the purge.
 
 Owns `Checks`: each method is one period's pass, run by `Reconciler` on its own timer.
 """
@@ -10,10 +10,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from ..config import ConfigError
 from ..models import ClusterStatus, WorkerStatus, now_ms
+from ..units import format_duration
 
 if TYPE_CHECKING:
     from ..metrics import GatewayMetrics
+    from ..models import Cluster
     from .shared import Shared
     from .workers import WorkerMachine
 
@@ -31,13 +34,16 @@ class Checks:
 
     async def timeouts(self) -> None:
         """Fail clusters that did not start or stopped heartbeating; replace workers that did
-        not connect in time (timeouts do not count against the worker failure limit)."""
+        not connect in time (timeouts do not count against the worker failure limit); warn
+        about, then stop, clusters reaching their ``max_lifetime``."""
         shared = self.shared
         cfg = shared.config
         now_s = time.time()
         now = now_ms()
         for cluster in list(shared.store.clusters.values()):
             if cluster.target != ClusterStatus.RUNNING:
+                continue
+            if self._lifetime(cluster, now):
                 continue
             if cluster.status == ClusterStatus.PENDING:
                 if now - cluster.start_time > cfg.cluster_start_timeout * 1000:
@@ -76,6 +82,40 @@ class Checks:
                         f"({cfg.worker_start_timeout:g} s)",
                         count=False,
                     )
+
+    def _lifetime(self, cluster: Cluster, now: int) -> bool:
+        """Emit the ``lifetime_warning`` event once the warning is due, and stop the cluster
+        (with a reason the user sees) once its ``max_lifetime`` since creation has passed;
+        True when it was stopped. Reads the typed config only: no driver call."""
+        try:
+            config = self.shared.driver.cluster_config(cluster)
+        except ConfigError:
+            return False  # a config that no longer fits fails the cluster elsewhere
+        lifetime = config.max_lifetime
+        warn_at = config.lifetime_warning_at
+        if lifetime is None or warn_at is None:
+            return False
+        age = (now - cluster.start_time) / 1000
+        if age >= lifetime:
+            self.shared.request_stop(
+                cluster.name,
+                reason=f"stopped: maximum lifetime of {format_duration(lifetime)} reached",
+            )
+            return True
+        runtime = self.shared.runtimes.cluster(cluster.name)
+        if age >= warn_at and not runtime.lifetime_warned:
+            runtime.lifetime_warned = True
+            stop_time = cluster.start_time + int(lifetime * 1000)
+            log.info(
+                "Cluster %s reaches its maximum lifetime of %s in %s",
+                cluster.name,
+                format_duration(lifetime),
+                format_duration(round(lifetime - age, 1)),
+            )
+            self.shared.events.emit(
+                "lifetime_warning", cluster, max_lifetime=float(lifetime), stop_time=stop_time
+            )
+        return False
 
     async def clusters(self) -> None:
         """One batched `ClusterDriver.check_clusters` call for every started cluster; a dead

@@ -43,6 +43,8 @@ class ClusterRuntime:
     """The start operation while it runs; a stop cancels it (`cancel_start`)."""
     worker_hold: float = 0.0
     """Loop time before which no new worker is made (backoff after failed worker starts)."""
+    lifetime_warned: bool = False
+    """The ``lifetime_warning`` event was emitted (once per gateway process)."""
     status_changed: asyncio.Event | None = None
     """Set (and replaced) when the cluster's status changes; made when someone waits."""
     workers: dict[str, WorkerRuntime] = field(factory=dict)
