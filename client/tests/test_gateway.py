@@ -395,9 +395,10 @@ def test_a_gateway_collected_in_another_thread_never_blocks_that_thread(
         finalizer.start()
         finalizer.join(timeout=5)
         assert not finalizer.is_alive(), "the finalizer blocked on the loop lock"
-        assert not gw._closed  # it could not close yet: the lock is still held here
-    for _ in range(100):  # once the lock is free, its own thread closes it
-        if gw._closed:
-            break
-        threading.Event().wait(0.05)
-    assert gw._closed
+        closers = [t for t in threading.enumerate() if t.name == "close-collected-gateway"]
+        assert closers, "nobody was left to close the gateway"
+        assert gw._loop_runner.is_started()  # its loop cannot stop while the lock is held here
+    for closer in closers:  # once the lock is free, the closer stops the loop and ends
+        closer.join(timeout=10)
+        assert not closer.is_alive()
+    assert gw._closed and not gw._loop_runner.is_started()
