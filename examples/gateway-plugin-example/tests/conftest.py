@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from gateway_core.backends.kit import ProcessRef
 from gateway_core.testing.scenarios import BackendSetup, LiveJob
 
 if TYPE_CHECKING:
@@ -88,21 +89,20 @@ def dask_config(clusters_directory: Path) -> dict[str, object]:
 
 
 def live_processes(cluster: Cluster) -> dict[str, LiveJob]:
-    """The cluster's scheduler and worker processes that are still there, by pid, with the
-    account each runs as (an exited process the driver has not reaped yet still counts)."""
-    pids: dict[int, str | None] = {}
-    if cluster.state.get("pid"):
-        pids[int(cluster.state["pid"])] = None
-    for worker in cluster.workers.values():
-        if worker.state.get("pid"):
-            pids[int(worker.state["pid"])] = worker.name
+    """The cluster's scheduler and worker processes that still run, by pid, with the account
+    each runs as. A process that exited but is not reaped yet (a zombie) has ended: it is not
+    listed (`ProcessRef.running`, as the driver's own checks see it)."""
     live = {}
-    for pid, worker in pids.items():
+    records = [(cluster.state, None)] + [(w.state, w.name) for w in cluster.workers.values()]
+    for state, worker in records:
+        ref = ProcessRef.from_state(state)
+        if ref is None or not ref.running():
+            continue
         try:
-            uid = os.stat(f"/proc/{pid}").st_uid
+            uid = os.stat(f"/proc/{ref.pid}").st_uid
         except FileNotFoundError:
             continue
-        live[str(pid)] = LiveJob(owner=pwd.getpwuid(uid).pw_name, running=True, worker=worker)
+        live[str(ref.pid)] = LiveJob(owner=pwd.getpwuid(uid).pw_name, running=True, worker=worker)
     return live
 
 
