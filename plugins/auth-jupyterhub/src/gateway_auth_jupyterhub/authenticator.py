@@ -8,10 +8,11 @@ browser login through the hub's OAuth lives in `gateway_auth_jupyterhub.oauth`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,7 +205,7 @@ class JupyterHubAuthenticator(Authenticator):
         if self.session is None:
             raise BackendUnavailable("the jupyterhub authenticator is not set up yet")
         url = f"{self.hub.api_url}/user"
-        try:
+        with hub_request(self.hub.api_url, "GET /user"):
             async with self.session.get(
                 url, headers={"Authorization": f"token {token}"}, ssl=self.ssl
             ) as resp:
@@ -221,15 +222,6 @@ class JupyterHubAuthenticator(Authenticator):
                         "GET /user; check jupyterhub_api_url and the hub's log"
                     )
                 model = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise BackendUnavailable(
-                f"JupyterHub at {self.hub.api_url} is unreachable: {unreachable_reason(exc)}"
-            ) from None
-        except ValueError:
-            raise BackendUnavailable(
-                f"JupyterHub at {self.hub.api_url} answered GET /user with something not JSON; "
-                "check jupyterhub_api_url"
-            ) from None
         if not isinstance(model, Mapping):
             raise BackendUnavailable(
                 f"JupyterHub at {self.hub.api_url} answered GET /user with a "
@@ -283,6 +275,23 @@ def token_of(header: str) -> str:
     if not token or any(c.isspace() or ord(c) < 32 for c in token):
         raise Unauthorized("malformed JupyterHub token", headers=CHALLENGE)
     return token
+
+
+@contextlib.contextmanager
+def hub_request(api_url: str, what: str) -> Iterator[None]:
+    """Around one request to the hub: no answer (refused, timed out, TLS failure) or an answer
+    that is not JSON becomes a 503 naming the hub's URL and ``what`` was asked."""
+    try:
+        yield
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise BackendUnavailable(
+            f"JupyterHub at {api_url} is unreachable: {unreachable_reason(exc)}"
+        ) from None
+    except ValueError:
+        raise BackendUnavailable(
+            f"JupyterHub at {api_url} answered {what} with something not JSON; check "
+            "jupyterhub_api_url"
+        ) from None
 
 
 def unreachable_reason(exc: BaseException) -> str:

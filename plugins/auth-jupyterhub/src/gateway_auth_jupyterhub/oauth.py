@@ -169,7 +169,9 @@ class HubOAuth:
             "redirect_uri": self.config.oauth_redirect_uri,
             "code_verifier": verifier,
         }
-        try:
+        from .authenticator import hub_request
+
+        with hub_request(self.config.api_url, "the OAuth token request"):
             async with session.post(self.token_url, data=form, ssl=self.ssl()) as resp:
                 if 400 <= resp.status < 500:
                     text = (await resp.text())[:300]
@@ -184,17 +186,6 @@ class HubOAuth:
                         "the OAuth token request"
                     )
                 answer = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            from .authenticator import unreachable_reason
-
-            raise BackendUnavailable(
-                f"JupyterHub at {self.config.api_url} is unreachable: {unreachable_reason(exc)}"
-            ) from None
-        except ValueError:
-            raise BackendUnavailable(
-                f"JupyterHub at {self.config.api_url} answered the OAuth token request with "
-                "something not JSON"
-            ) from None
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise BackendUnavailable(
