@@ -181,3 +181,59 @@ def test_config_keys_cover_the_embedded_proxys_proxy_section() -> None:
 
     section = {f.name for f in attrs.fields(BuiltinProxyConfig)}
     assert set(CONFIG_KEYS) | GATEWAY_ONLY_KEYS == section
+
+
+@pytest.mark.unit
+def test_a_taken_port_is_one_clear_line_not_a_traceback(tmp_path) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from gateway_proxy.cli import proxy_command
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            proxy_command,
+            [
+                "--address",
+                f"127.0.0.1:{port}",
+                "--gateway-url",
+                "http://127.0.0.1:1",
+                "--api-token",
+                "t",
+                "--loop",
+                "asyncio",
+            ],
+            env={"GATEWAY_PROXY_TOKEN": None, "GATEWAY_CONFIG": None},
+        )
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is not None
+    assert isinstance(result.exception, SystemExit)
+    line = result.output.strip()
+    assert line.startswith("Error: the proxy cannot start:")
+    assert str(port) in line and "address already in use" in line.lower()
+    # A TLS file that does not exist is named the same way.
+    missing = tmp_path / "nope.pem"
+    result = CliRunner().invoke(
+        proxy_command,
+        [
+            "--address",
+            "127.0.0.1:0",
+            "--gateway-url",
+            "http://127.0.0.1:1",
+            "--api-token",
+            "t",
+            "--tls-cert",
+            str(missing),
+            "--tls-key",
+            str(missing),
+            "--loop",
+            "asyncio",
+        ],
+        env={"GATEWAY_PROXY_TOKEN": None, "GATEWAY_CONFIG": None},
+    )
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output and "nope.pem" in result.output

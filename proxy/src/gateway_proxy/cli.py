@@ -30,8 +30,15 @@ LEVELS = {
 }
 
 
+class ProxyStartError(RuntimeError):
+    """The proxy could not open its listening sockets or read its TLS files; says which."""
+
+
 async def run_standalone(settings: ProxySettings, *, stop: asyncio.Event | None = None) -> None:
-    """Serve ``settings`` and follow its gateway's route feed until ``stop`` (or a signal)."""
+    """Serve ``settings`` and follow its gateway's route feed until ``stop`` (or a signal).
+
+    Raises `ProxyStartError` when a port is taken or a TLS file cannot be read.
+    """
     from .feed import RouteFeed
     from .server import ProxyServer
 
@@ -51,7 +58,13 @@ async def run_standalone(settings: ProxySettings, *, stop: asyncio.Event | None 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
             pass
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port taken, a TLS file missing or unreadable
+        await server.stop()
+        reason = exc.strerror or str(exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise ProxyStartError(f"the proxy cannot start: {where}{reason}") from exc
     feed.start()
     log.warning(
         "gateway proxy: HTTP at %s, TLS-SNI at %s, routes from %s (ready at %s)",
@@ -274,6 +287,8 @@ def proxy_command(
     loop = _new_loop(loop_kind)
     try:
         loop.run_until_complete(run_standalone(settings))
+    except ProxyStartError as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         loop.close()
 

@@ -85,7 +85,13 @@ class ProxyServer:
         if not self.settings.tls_cert:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        try:
+            context.load_cert_chain(cert, key or None)
+        except OSError as exc:  # ssl names neither file: say which pair failed
+            if exc.filename is None:
+                exc.filename = cert if not key or key == cert else f"{cert} / {key}"
+            raise
         context.set_alpn_protocols(["http/1.1"])
         return context
 
