@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from .migrations import SchemaError, prepare
 from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
 
 log = logging.getLogger("gateway.store")
@@ -137,8 +138,10 @@ WRITE_RETRY_DELAY = 0.1
 class Store:
     """Every cluster (with its workers) in memory; each change written behind, in order.
 
-    Build with ``Store(url=..., encrypt_keys=[...], debug=False)``; the database and its tables
-    are created on construction, then `load` reads the records. Methods that change a record
+    Build with ``Store(url=..., encrypt_keys=[...], debug=False)``; construction checks the
+    database's schema (`gateway_core.migrations.prepare`: an empty database gets the tables, one
+    whose schema is behind is refused with the command that upgrades it), then `load` reads
+    the records. Methods that change a record
     change the object in memory at once (readers never wait) and queue the row change for one
     writer thread, which applies the changes in the order they were made; the event loop never
     waits for the database. `flush` (async) returns once every change made before it is
@@ -178,7 +181,11 @@ class Store:
         """Writes given up on since the store was built (each logged at ERROR)."""
         self.engine = _make_engine(url, debug=debug)
         try:
-            metadata.create_all(self.engine)
+            self.schema = prepare(self.engine, metadata, where=_safe_url(url))
+            """The database's schema revision at start (see `gateway_core.migrations`)."""
+        except SchemaError as exc:
+            self.engine.dispose()
+            raise StoreError(str(exc)) from exc
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise StoreError(f"cannot open the database {_safe_url(url)}: {_reason(exc)}") from exc
