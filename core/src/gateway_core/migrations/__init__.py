@@ -9,9 +9,12 @@ developers adding a revision) and `SchemaError`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -74,6 +77,9 @@ _LOCK_KEY = 0x6761_7465_7761_7900
 replicas starting at once on an empty database create it once."""
 
 UPGRADE_COMMAND = "gateway db upgrade"
+
+
+log = logging.getLogger("gateway.store")
 
 
 class SchemaError(Exception):
@@ -178,17 +184,20 @@ def prepare(engine: Engine, metadata: sa.MetaData, *, where: str) -> SchemaState
     the command that upgrades it (`upgrade`), one that is ahead with what to run instead.
     ``where`` names the database in messages (a URL without password).
     """
-    with engine.begin() as conn:
+    with _quiet_alembic(), engine.begin() as conn:
         _lock(conn)
         state = inspect_schema(conn)
         if state.empty:
             metadata.create_all(conn)
             _stamp(conn, state.head)
+            if engine.url.database not in (None, "", ":memory:"):
+                log.info("Created the tables of %s at schema revision %s", where, state.head)
             return SchemaState(revision=state.head, head=state.head, legacy=False)
         if state.legacy:
             _check_legacy(conn, where)
             if state.head == BASELINE:
                 _stamp(conn, BASELINE)
+                log.info("Stamped %s, made before migrations, as revision %s", where, BASELINE)
                 return SchemaState(revision=BASELINE, head=state.head, legacy=False)
         if state.current:
             return state
@@ -261,6 +270,19 @@ def _title(revision: str) -> str:
     script = script_directory().get_revision(revision)
     lines = str(script.doc if script is not None else "").strip().splitlines()
     return re.sub(r"\.$", "", lines[0]) if lines else "no title"
+
+
+@contextlib.contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs two INFO lines ("Context impl ...") each time it looks at a database: not
+    worth a gateway's start-up log."""
+    logger = logging.getLogger("alembic.runtime.migration")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _lock(conn: Connection) -> None:
