@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,3 +295,24 @@ def test_replicas_starting_at_once_on_an_empty_database_create_it_once(postgres_
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
     engine.dispose()
+
+
+@pytest.mark.unit
+def test_a_new_revision_is_numbered_after_the_newest_and_runs(tmp_path: Path) -> None:
+    directory = tmp_path / "migrations"
+    shutil.copytree(
+        migrations.HERE, directory, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    head = migrations.head_revision()
+    path = migrations.new_revision("cluster sharing", directory=directory)
+    number = f"{int(head) + 1:04d}"
+    assert path == directory / "versions" / f"{number}_cluster_sharing.py"
+    text = path.read_text()
+    assert f'revision = "{number}"' in text and f'down_revision = "{head}"' in text
+    assert "op." not in text  # the tables match the newest revision: nothing to do
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'gw.sqlite'}")
+    with engine.begin() as conn:
+        command.upgrade(migrations.alembic_config(conn, directory=directory), "head")
+        assert MigrationContext.configure(conn).get_current_revision() == number
+    engine.dispose()
+    assert migrations.head_revision() == head  # the package's own revisions are untouched
