@@ -99,7 +99,7 @@ case "${1:-}" in
     ;;
 "") find_bin || { log "PostgreSQL is not installed; run: $0 --install (as root)"; exit 1; } ;;
 *)
-    sed -n '2,23p' "$0" >&2
+    sed -n '2,21p' "$0" >&2
     exit 2
     ;;
 esac
@@ -144,6 +144,11 @@ done
 if ! ready; then
     log "PostgreSQL does not answer on 127.0.0.1:$PORT; the end of its log:"
     tail -n 20 "$DIR/postgres.log" >&2 || true
+    exit 1
+fi
+if [ ! -S "$DIR/.s.PGSQL.$PORT" ]; then
+    log "another server answers on 127.0.0.1:$PORT, not the one of $DATA; stop it or choose" \
+        "another port with GATEWAY_PG_PORT (and GATEWAY_TEST_POSTGRES_URL for the tests)"
     exit 1
 fi
 
