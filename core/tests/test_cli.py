@@ -571,3 +571,74 @@ def test_redact_hides_plugin_keys_named_like_secrets() -> None:
     assert section["oauth_client_secret"] == "<redacted>"
     assert section["jupyterhub_api_url"] == "http://hub/hub/api"
     assert section["service_token_file"] == "/etc/token"
+
+
+# --------------------------------------------------------------------------------------------
+# gateway db current / upgrade
+
+
+@pytest.mark.unit
+def test_db_upgrade_brings_a_database_from_before_migrations_to_the_newest(
+    dists: FakeDists, tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+    from test_migrations import make_legacy_database
+
+    from gateway_core.migrations import BASELINE, head_revision
+
+    db = tmp_path / "gw.sqlite"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    make_legacy_database(engine, KEY)
+    engine.dispose()
+    path = write_config(tmp_path, f'[gateway]\ndb_url = "sqlite:///{db}"\n')
+
+    current = run("db", "current", "--config", path)
+    assert current.exit_code == 0, current.output
+    assert current.stdout.startswith(f"sqlite:///{db}: at revision {BASELINE} (Baseline")
+    assert "made before migrations and not stamped yet" in current.stdout
+    assert "run `gateway db upgrade`" in current.stdout
+    assert run("db", "current", "--check", "--config", path).exit_code == 1
+
+    upgraded = run("db", "upgrade", "--config", path)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert upgraded.stdout == (
+        f"sqlite:///{db}: upgraded from revision {BASELINE} to revision {head_revision()}\n"
+    )
+    checked = run("db", "current", "--check", "--config", path)
+    assert checked.exit_code == 0 and "the newest: up to date" in checked.stdout
+    again = run("db", "upgrade", "--db-url", f"sqlite:///{db}")
+    assert again.stdout == f"sqlite:///{db}: already at revision {head_revision()}, the newest\n"
+
+
+@pytest.mark.system
+def test_db_upgrade_creates_an_empty_postgres_database(dists: FakeDists, postgres_url: str) -> None:
+    import sqlalchemy as sa
+
+    from gateway_core.migrations import head_revision
+
+    shown = sa.make_url(postgres_url).render_as_string(hide_password=True)
+    current = run("db", "current", "--check", "--db-url", postgres_url)
+    assert current.exit_code == 1
+    assert current.stdout.startswith(f"{shown}: empty (no gateway tables)")
+    upgraded = run("db", "upgrade", "--db-url", postgres_url)
+    assert upgraded.stdout == f"{shown}: upgraded from empty to revision {head_revision()}\n"
+    assert ":gateway@" not in upgraded.stdout  # the password is never printed
+    assert run("db", "current", "--check", "--db-url", postgres_url).exit_code == 0
+
+
+@pytest.mark.unit
+def test_db_commands_say_why_they_cannot_work_in_one_line(
+    dists: FakeDists, tmp_path: Path, closed_port: int
+) -> None:
+    in_memory = run("db", "upgrade", "--config", write_config(tmp_path, "[gateway]\n"))
+    assert in_memory.exit_code == 1
+    assert in_memory.stderr.startswith(
+        "error: db_url sqlite:///:memory: keeps the database in memory"
+    )
+    down = run("db", "current", "--db-url", f"postgresql+psycopg://u:pw@127.0.0.1:{closed_port}/db")
+    assert down.exit_code == 1
+    [line] = down.stderr.splitlines()
+    assert line.startswith(
+        f"error: cannot open the database postgresql+psycopg://u:***@127.0.0.1:{closed_port}/db: "
+    )
+    assert "Connection refused" in line

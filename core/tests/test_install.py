@@ -99,6 +99,12 @@ def test_core_and_slurm_install_a_serving_gateway_with_the_proxy(tmp_path: Path)
     assert "backend:slurm" in plugins["slurm"]["kinds"]
     assert "proxy:builtin" in plugins["proxy"]["kinds"]
 
+    # The schema migrations ship in the wheel: the installed gateway upgrades a database.
+    db = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    upgraded = run(gateway, "db", "upgrade", "--db-url", db, timeout=60)
+    assert upgraded.startswith(f"{db}: upgraded from empty to revision "), upgraded
+    assert "up to date" in run(gateway, "db", "current", "--check", "--db-url", db, timeout=60)
+
     # Serve with the Slurm backend (it starts without Slurm: clusters would fail, not the
     # gateway); the health check goes through the proxy's public address.
     port = free_port()

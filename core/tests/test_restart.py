@@ -95,7 +95,12 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """A gateway on a SQLite file store, or (parametrized "postgresql") on a PostgreSQL
+    database of the test's own."""
+    db_url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    if getattr(request, "param", "sqlite") == "postgresql":
+        db_url = str(request.getfixturevalue("postgres_url"))
     port = free_port()
     config = tmp_path / "gateway.toml"
     key = base64.b64encode(os.urandom(32)).decode()
@@ -103,7 +108,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         f"""
 [gateway]
 backend = "unsafe-local"
-db_url = "sqlite:///{tmp_path / "gateway.sqlite"}"
+db_url = "{db_url}"
 db_encrypt_keys = ["{key}"]
 stop_clusters_on_shutdown = false
 
@@ -154,6 +159,11 @@ def compute(server: Server, name: str, workers: int) -> int:
             cluster.close()
 
 
+@pytest.mark.parametrize(
+    "server",
+    ["sqlite", pytest.param("postgresql", marks=pytest.mark.system)],
+    indirect=True,
+)
 def test_sigkill_and_restart_keeps_clusters(server: Server) -> None:
     server.start()
     running = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]

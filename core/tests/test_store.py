@@ -1,7 +1,9 @@
 """Tests of the store: records round trip, secrets encrypted at rest, key rotation, purge, and
 writes behind (in order, flushed on demand, failures logged).
 
-Uses in-memory SQLite and SQLite files under pytest's tmp_path.
+Uses in-memory SQLite, and runs the tests of a persistent store twice: on a SQLite file under
+pytest's tmp_path and on a database of its own on the real PostgreSQL (the `postgres_url`
+fixture: core/ci/start-postgres.sh; a missing server fails the test under CI).
 """
 
 from __future__ import annotations
@@ -10,18 +12,39 @@ import asyncio
 import base64
 import logging
 import os
-import sqlite3
+import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy
+from sqlalchemy.pool import NullPool
 
 from gateway_core import store as store_module
 from gateway_core.models import Cluster, ClusterStatus, Worker, WorkerStatus, new_token, now_ms
 from gateway_core.store import Store, StoreError, is_in_memory
 
-pytestmark = pytest.mark.unit
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.unit),
+        pytest.param("postgresql", marks=pytest.mark.system),
+    ]
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A persistent database of this test's own: a SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def connect(db_url: str) -> Iterator[sqlalchemy.Engine]:
+    """An engine of its own on the test's database, to look at what the store wrote."""
+    engine = sqlalchemy.create_engine(db_url, poolclass=NullPool)
+    yield engine
+    engine.dispose()
 
 
 def make_key() -> str:
@@ -41,8 +64,8 @@ def make_cluster(name: str = "c1", **kw: object) -> Cluster:
     )
 
 
-def test_round_trip_every_field(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+def test_round_trip_every_field(db_url: str) -> None:
+    url = db_url
     key = make_key()
     store = Store(url=url, encrypt_keys=[key])
     assert store.load() == []
@@ -79,6 +102,7 @@ def test_round_trip_every_field(tmp_path: Path) -> None:
     third.close()
 
 
+@pytest.mark.unit
 def test_in_memory_store_needs_no_keys() -> None:
     assert is_in_memory("sqlite:///:memory:") and is_in_memory("sqlite://")
     assert not is_in_memory("sqlite:////tmp/x.db")
@@ -91,6 +115,7 @@ def test_in_memory_store_needs_no_keys() -> None:
     store.close()
 
 
+@pytest.mark.unit
 def test_persistent_store_requires_keys(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         Store(url=f"sqlite:///{tmp_path / 'gw.sqlite'}")
@@ -100,6 +125,7 @@ def test_persistent_store_requires_keys(tmp_path: Path) -> None:
     assert "openssl rand -base64 32" in message
 
 
+@pytest.mark.unit
 def test_bad_keys_are_named_by_position(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
     with pytest.raises(StoreError, match=r"db_encrypt_keys\[1\] decodes to 16 bytes"):
@@ -110,28 +136,34 @@ def test_bad_keys_are_named_by_position(tmp_path: Path) -> None:
     Store(url=url, encrypt_keys=[urlsafe]).close()
 
 
+@pytest.mark.unit
 def test_bad_url_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="cannot use db_url"):
         Store(url="nosuchdialect://x/y", encrypt_keys=[make_key()])
 
 
-def test_secrets_are_not_in_plaintext_on_disk(tmp_path: Path) -> None:
-    path = tmp_path / "gw.sqlite"
-    store = Store(url=f"sqlite:///{path}", encrypt_keys=[make_key()])
+def test_secrets_are_not_in_plaintext_on_disk(db_url: str, connect: sqlalchemy.Engine) -> None:
+    store = Store(url=db_url, encrypt_keys=[make_key()])
     cluster = make_cluster()
     store.create_cluster(cluster)
     store.close()
-    raw = path.read_bytes()
-    assert cluster.token.encode() not in raw
-    assert b"SECRETKEYMATERIAL" not in raw
-    assert b"BEGIN CERTIFICATE" in raw  # the certificate is public and stored as is
-    with sqlite3.connect(path) as db:
-        token, tls_key = db.execute("SELECT token, tls_key FROM clusters").fetchone()
+    with connect.connect() as conn:
+        token, tls_key, tls_cert = conn.exec_driver_sql(
+            "SELECT token, tls_key, tls_cert FROM clusters"
+        ).one()
+    token, tls_key = bytes(token), bytes(tls_key)
     assert token.startswith(b"gAAAA") and tls_key.startswith(b"gAAAA")  # Fernet tokens
+    assert cluster.token.encode() not in token and b"SECRETKEYMATERIAL" not in tls_key
+    assert bytes(tls_cert) == cluster.tls_cert  # the certificate is public and stored as is
+    if db_url.startswith("sqlite"):  # nowhere in the file either (free pages, journal)
+        raw = Path(sqlalchemy.make_url(db_url).database or "").read_bytes()
+        assert cluster.token.encode() not in raw
+        assert b"SECRETKEYMATERIAL" not in raw
+        assert b"BEGIN CERTIFICATE" in raw
 
 
-def test_key_rotation(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+def test_key_rotation(db_url: str) -> None:
+    url = db_url
     old, new = make_key(), make_key()
     store = Store(url=url, encrypt_keys=[old])
     cluster = make_cluster()
@@ -154,8 +186,8 @@ def test_key_rotation(tmp_path: Path) -> None:
     only_new.close()
 
 
-def test_purge_deletes_old_finished_clusters_with_their_workers() -> None:
-    store = Store()
+def test_purge_deletes_old_finished_clusters_with_their_workers(db_url: str) -> None:
+    store = Store(url=db_url, encrypt_keys=[make_key()])
     long_ago = now_ms() - 3_600_000
     old_stopped = make_cluster("old", status=ClusterStatus.STOPPED, stop_time=long_ago)
     old_failed = make_cluster("failed", status=ClusterStatus.FAILED, stop_time=long_ago)
@@ -174,6 +206,7 @@ def test_purge_deletes_old_finished_clusters_with_their_workers() -> None:
     store.close()
 
 
+@pytest.mark.unit
 def test_updates_refuse_unknown_fields() -> None:
     store = Store()
     cluster = make_cluster()
@@ -195,17 +228,16 @@ def test_updates_refuse_unknown_fields() -> None:
 # Writing behind: memory at once, the database in order, off the event loop
 
 
-def count_rows(path: Path, table: str) -> int:
-    with sqlite3.connect(path) as db:
-        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+def count_rows(engine: sqlalchemy.Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one())
 
 
 async def test_changes_are_in_memory_at_once_and_in_the_database_after_flush(
-    tmp_path: Path,
+    db_url: str, connect: sqlalchemy.Engine
 ) -> None:
-    path = tmp_path / "gw.sqlite"
     key = make_key()
-    store = Store(url=f"sqlite:///{path}", encrypt_keys=[key])
+    store = Store(url=db_url, encrypt_keys=[key])
     gate = threading.Event()
 
     @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
@@ -216,21 +248,21 @@ async def test_changes_are_in_memory_at_once_and_in_the_database_after_flush(
     store.create_cluster(cluster)  # returns while the writer waits at the gate
     store.update_cluster(cluster, count=2)
     assert store.get("c1") is cluster and cluster.count == 2
-    assert count_rows(path, "clusters") == 0
+    assert count_rows(connect, "clusters") == 0
     flushed = asyncio.ensure_future(store.flush())
     await asyncio.sleep(0.05)
     assert not flushed.done()  # flush waits for the writes made before it
     gate.set()
     await asyncio.wait_for(flushed, 10)
-    assert count_rows(path, "clusters") == 1
+    assert count_rows(connect, "clusters") == 1
     await store.aclose()
-    again = Store(url=f"sqlite:///{path}", encrypt_keys=[key])
+    again = Store(url=db_url, encrypt_keys=[key])
     assert again.load()[0].count == 2
     again.close()
 
 
-def test_writes_keep_their_order_and_the_values_they_had(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+def test_writes_keep_their_order_and_the_values_they_had(db_url: str) -> None:
+    url = db_url
     key = make_key()
     store = Store(url=url, encrypt_keys=[key])
     cluster = make_cluster()
@@ -257,10 +289,10 @@ def test_writes_keep_their_order_and_the_values_they_had(tmp_path: Path) -> None
 
 
 async def test_a_failed_write_is_logged_loudly_and_later_writes_go_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "WRITE_RETRY_DELAY", 0.001)
-    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    url = db_url
     key = make_key()
     store = Store(url=url, encrypt_keys=[key])
     cluster = make_cluster()
@@ -284,3 +316,28 @@ async def test_a_failed_write_is_logged_loudly_and_later_writes_go_on(
     (loaded,) = again.load()
     assert loaded.count == 3 and loaded.workers == {}
     again.close()
+
+
+# -------------------------------------------------------------------------------------------
+# The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_a_missing_postgres_fails_under_ci_and_is_skipped_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    from gateway_core.testing.postgres import POSTGRES_URL_ENV, postgres_database
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv(POSTGRES_URL_ENV, f"postgresql+psycopg://u:p@127.0.0.1:{closed}/db")
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome) as info, postgres_database():
+        pass
+    assert "core/ci/start-postgres.sh" in str(info.value)
+    assert "Connection refused" in str(info.value)
+    assert "u:p@" not in str(info.value)  # no password in the message

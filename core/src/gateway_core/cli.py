@@ -1,4 +1,5 @@
-"""The ``gateway`` command line: serve, inspect plugins, show and check the configuration.
+"""The ``gateway`` command line: serve, inspect plugins, show and check the configuration,
+check and upgrade the database's schema (``gateway db``).
 
 Owns `make_cli` (builds the click group and lets plugins add commands through
 `gateway_register_commands`) and `main`, the console script.
@@ -16,6 +17,8 @@ from typing import Any, NoReturn
 
 import click
 import pluggy
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
 from .config import Config, ConfigError, find_config_file, load_config, unstructure
@@ -38,6 +41,11 @@ CONFIG_OPTION = click.option(
     type=click.Path(dir_okay=False),
     default=None,
     help="Config file (default: $GATEWAY_CONFIG, else ./gateway.toml if present).",
+)
+DB_URL_OPTION = click.option(
+    "--db-url",
+    default=None,
+    help="The database's SQLAlchemy URL (default: [gateway] db_url of the config).",
 )
 
 
@@ -147,8 +155,101 @@ def make_cli(*, plugin_manager_factory: PluginManagerFactory = make_plugin_manag
                 raise
             _fail(exc)
 
+    @cli.group("db")
+    def db_group() -> None:
+        """Check or upgrade the schema of the store's database ([gateway] db_url)."""
+
+    @db_group.command("current")
+    @CONFIG_OPTION
+    @DB_URL_OPTION
+    @click.option(
+        "--check", is_flag=True, help="Exit with status 1 unless the schema is the newest."
+    )
+    def db_current(config_path: str | None, db_url: str | None, check: bool) -> None:
+        """Print the database's schema revision and whether it needs `gateway db upgrade`."""
+        from .migrations import SchemaError, inspect_schema
+
+        engine, where = _db_engine(db_url or load_or_fail(config_path).gateway.db_url)
+        try:
+            with engine.connect() as conn:
+                state = inspect_schema(conn)
+        except (SchemaError, SQLAlchemyError) as exc:
+            _fail(_db_problem(exc, where))
+        finally:
+            engine.dispose()
+        click.echo(f"{where}: {state.describe()}")
+        if check and not state.current:
+            sys.exit(1)
+
+    @db_group.command("upgrade")
+    @CONFIG_OPTION
+    @DB_URL_OPTION
+    def db_upgrade(config_path: str | None, db_url: str | None) -> None:
+        """Bring the database to the newest schema revision.
+
+        Back the database up first, and stop every gateway using it: the gateway refuses to
+        start on a database whose schema is behind, and never upgrades it by itself. An
+        empty database is created; one made by a gateway from before migrations is
+        recognised and upgraded in place.
+        """
+        from .migrations import SchemaError, upgrade
+
+        engine, where = _db_engine(db_url or load_or_fail(config_path).gateway.db_url)
+        try:
+            before, after = upgrade(engine, where=where)
+        except (SchemaError, SQLAlchemyError) as exc:
+            _fail(_db_problem(exc, where))
+        finally:
+            engine.dispose()
+        if before.current:
+            click.echo(f"{where}: already at revision {after.revision}, the newest")
+        else:
+            was = "empty" if before.empty else f"revision {before.revision}"
+            click.echo(f"{where}: upgraded from {was} to revision {after.revision}")
+
+    def load_or_fail(config_path: str | None) -> Config:
+        try:
+            return load(config_path)
+        except ConfigError as exc:
+            _fail(exc)
+
     GatewayHooks.from_plugin_manager(base_pm).gateway_register_commands(cli=cli)
     return cli
+
+
+def _db_engine(url: str) -> tuple[Engine, str]:
+    """An engine for ``url`` and the URL to show (password hidden); exits 1 when the URL is
+    unusable or keeps the database in memory (nothing there outlives a gateway)."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import ArgumentError
+
+    from .store import is_in_memory
+
+    try:
+        where = sa.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        _fail(ValueError(f"db_url {url!r} is not a database URL (dialect+driver://...)"))
+    if is_in_memory(url):
+        _fail(
+            ValueError(
+                f"db_url {url} keeps the database in memory: each gateway start creates it "
+                "at the newest schema, there is nothing to upgrade; set [gateway] db_url (or "
+                "--db-url) to the persistent database"
+            )
+        )
+    try:
+        return sa.create_engine(url), where
+    except (ArgumentError, ImportError, SQLAlchemyError) as exc:
+        _fail(ValueError(f"cannot use db_url {where}: {exc}"))
+
+
+def _db_problem(exc: Exception, where: str) -> Exception:
+    if isinstance(exc, SQLAlchemyError):
+        orig = getattr(exc, "orig", None)
+        text = str(orig if isinstance(orig, BaseException) else exc)
+        reason = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        return ValueError(f"cannot open the database {where}: {reason}")
+    return exc
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """The store of cluster and worker records: in memory for reads, written behind to a database.
 
-Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge, flush), its one
-writer thread, and the encryption of secrets at rest (cluster tokens and TLS keys, Fernet).
+Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge, flush; leases:
+acquire, renew, release), its one writer thread, `Lease`, and the encryption of secrets at rest
+(cluster tokens and TLS keys, Fernet).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import copy
 import logging
 import queue
@@ -21,9 +23,10 @@ import sqlalchemy as sa
 from attrs import define
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from .migrations import SchemaError, prepare
 from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
 
 log = logging.getLogger("gateway.store")
@@ -83,6 +86,32 @@ workers_table = sa.Table(
     sa.Column("reason", sa.Text, nullable=True),
 )
 
+leases_table = sa.Table(
+    "leases",
+    metadata,
+    # What is leased: a cluster's name, or a shard of clusters.
+    sa.Column("name", sa.String(255), primary_key=True),
+    # The replica holding it (until `expires`).
+    sa.Column("holder", sa.String(255), nullable=False),
+    # Milliseconds since the epoch, by the holder's clock.
+    sa.Column("expires", sa.BigInteger, nullable=False),
+    # The fencing token: 1 for the first holder, one more at every change of holder.
+    sa.Column("token", sa.BigInteger, nullable=False),
+)
+
+
+@define(kw_only=True, frozen=True)
+class Lease:
+    """A lease held: ``name`` is ``holder``'s until ``expires`` (ms since the epoch). Its
+    ``token`` grows at every change of holder: a driver call fenced by the lease carries it,
+    and a call with a smaller token than the last one seen comes from a holder that lost it."""
+
+    name: str
+    holder: str
+    token: int
+    expires: int
+
+
 _CLUSTER_FIELDS = frozenset(c.name for c in clusters_table.columns)
 _WORKER_FIELDS = frozenset(c.name for c in workers_table.columns) - {"cluster_name"}
 
@@ -137,8 +166,10 @@ WRITE_RETRY_DELAY = 0.1
 class Store:
     """Every cluster (with its workers) in memory; each change written behind, in order.
 
-    Build with ``Store(url=..., encrypt_keys=[...], debug=False)``; the database and its tables
-    are created on construction, then `load` reads the records. Methods that change a record
+    Build with ``Store(url=..., encrypt_keys=[...], debug=False)``; construction checks the
+    database's schema (`gateway_core.migrations.prepare`: an empty database gets the tables, one
+    whose schema is behind is refused with the command that upgrades it), then `load` reads
+    the records. Methods that change a record
     change the object in memory at once (readers never wait) and queue the row change for one
     writer thread, which applies the changes in the order they were made; the event loop never
     waits for the database. `flush` (async) returns once every change made before it is
@@ -176,9 +207,17 @@ class Store:
         self._closed = False
         self.failed_writes = 0
         """Writes given up on since the store was built (each logged at ERROR)."""
+        # In memory the writer and lease calls share one connection: one at a time.
+        self._serial: threading.Lock | contextlib.nullcontext[None] = (
+            contextlib.nullcontext() if self.persistent else threading.Lock()
+        )
         self.engine = _make_engine(url, debug=debug)
         try:
-            metadata.create_all(self.engine)
+            self.schema = prepare(self.engine, metadata, where=_safe_url(url))
+            """The database's schema revision at start (see `gateway_core.migrations`)."""
+        except SchemaError as exc:
+            self.engine.dispose()
+            raise StoreError(str(exc)) from exc
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise StoreError(f"cannot open the database {_safe_url(url)}: {_reason(exc)}") from exc
@@ -375,7 +414,7 @@ class Store:
         delay = WRITE_RETRY_DELAY
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                with self.engine.begin() as conn:
+                with self._serial, self.engine.begin() as conn:
                     for statement, params in write.steps:
                         conn.execute(statement, params)
                 return
@@ -405,6 +444,91 @@ class Store:
             _safe_url(self.url),
             exc_info=error,
         )
+
+    # ---------------------------------------------------------------------------------------
+    # Leases: which replica works on what (not written behind: each call is one transaction)
+
+    def acquire_lease(
+        self, name: str, holder: str, ttl_s: float, *, now: int | None = None
+    ) -> Lease | None:
+        """Take or extend the lease ``name`` for ``holder`` for ``ttl_s`` seconds, or return None
+        while another holder's lease has not expired. Atomic among replicas: one UPDATE that
+        matches only an expired lease or ``holder``'s own, else one INSERT of a new lease; of
+        several replicas asking at once exactly one gets it. A change of holder increments the
+        fencing token; ``holder`` taking back its own lease keeps it. ``now`` (ms since the
+        epoch, default this host's clock): the replicas' clocks must agree to well within
+        ``ttl_s``. Blocks on the database: call it off the event loop."""
+        at = now_ms() if now is None else now
+        expires = at + int(ttl_s * 1000)
+        t = leases_table.c
+        take = (
+            leases_table.update()
+            .where(t.name == name)
+            .where(sa.or_(t.expires < at, t.holder == holder))
+            .values(
+                holder=holder,
+                expires=expires,
+                token=sa.case((t.holder == holder, t.token), else_=t.token + 1),
+            )
+            .returning(t.token)
+        )
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    token = conn.execute(take).scalar_one_or_none()
+                if token is not None:
+                    return Lease(name=name, holder=holder, token=int(token), expires=expires)
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        leases_table.insert().values(
+                            name=name, holder=holder, expires=expires, token=1
+                        )
+                    )
+                return Lease(name=name, holder=holder, token=1, expires=expires)
+            except IntegrityError:
+                return None  # another replica inserted it first: it holds the lease
+            except SQLAlchemyError as exc:
+                raise StoreError(f"lease {name}: {_reason(exc)}") from exc
+
+    def renew_lease(self, lease: Lease, ttl_s: float, *, now: int | None = None) -> Lease | None:
+        """Extend ``lease`` by ``ttl_s`` seconds from now; None when it was lost (it expired,
+        or another holder took it over: stop the work it guarded)."""
+        at = now_ms() if now is None else now
+        expires = at + int(ttl_s * 1000)
+        t = leases_table.c
+        statement = (
+            leases_table.update()
+            .where(t.name == lease.name, t.holder == lease.holder, t.token == lease.token)
+            .where(t.expires >= at)
+            .values(expires=expires)
+        )
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    renewed = conn.execute(statement).rowcount == 1
+            except SQLAlchemyError as exc:
+                raise StoreError(f"lease {lease.name}: {_reason(exc)}") from exc
+        return (
+            Lease(name=lease.name, holder=lease.holder, token=lease.token, expires=expires)
+            if renewed
+            else None
+        )
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Give ``lease`` up (it expires at once, for the next holder; its token stays, so the
+        next one is larger). False when it was no longer held."""
+        t = leases_table.c
+        statement = (
+            leases_table.update()
+            .where(t.name == lease.name, t.holder == lease.holder, t.token == lease.token)
+            .values(expires=0)
+        )
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    return bool(conn.execute(statement).rowcount == 1)
+            except SQLAlchemyError as exc:
+                raise StoreError(f"lease {lease.name}: {_reason(exc)}") from exc
 
     # ---------------------------------------------------------------------------------------
     # Rows

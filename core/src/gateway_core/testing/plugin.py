@@ -1,12 +1,12 @@
 """The pytest plugin plugin authors get with gateway-core: fixtures for a running gateway,
 throwaway user accounts, and the backend scenario suite's setup.
 
-Owns the fixtures `gateway_plugin_manager`, `make_gateway`, `make_api_client`,
+Owns the fixtures `gateway_plugin_manager`, `postgres_url`, `make_gateway`, `make_api_client`,
 `no_process_left_behind`, `job_user_homes`, `end_user_jobs`, `make_user`,
 `job_python_packages`, `job_python` and the default `gateway_backend_setup` (which fails: a
 plugin provides its own), and the end-of-run list of scenarios declared not applicable. The
-machinery lives in `gateway_core.testing.harness`, `.processes`, `.jobqueue` and
-`.scenarios`. Async fixtures are pytest-asyncio fixtures, so they work in its strict mode as
+machinery lives in `gateway_core.testing.harness`, `.processes`, `.jobqueue`, `.postgres`
+and `.scenarios`. Async fixtures are pytest-asyncio fixtures, so they work in its strict mode as
 in auto mode.
 """
 
@@ -49,6 +49,20 @@ def no_process_left_behind() -> Iterator[None]:
     before = set(descendants(reap=True))
     yield
     check_no_process_left(before)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database for this test, dropped after it.
+
+    The server is the one core/ci/start-postgres.sh starts, or the one named by
+    ``GATEWAY_TEST_POSTGRES_URL`` (`gateway_core.testing.postgres`). Without one the test fails
+    under CI (``CI`` set) and is skipped elsewhere, with the command that starts it.
+    """
+    from .postgres import postgres_database
+
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
