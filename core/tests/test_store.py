@@ -58,6 +58,8 @@ def test_round_trip_every_field(tmp_path: Path) -> None:
         last_heartbeat=123.5,
         worker_start_failures=2,
         reason="why not",
+        shared_users=["bob", "carol"],
+        shared_groups=["physics"],
     )
     worker = Worker(name="c1-w1", cluster_name="c1", state={"job": "7"})
     store.create_worker(worker)
@@ -69,6 +71,7 @@ def test_round_trip_every_field(tmp_path: Path) -> None:
     assert loaded == cluster
     assert loaded.status is ClusterStatus.RUNNING and loaded.target is ClusterStatus.RUNNING
     assert loaded.token == cluster.token and loaded.tls_key == cluster.tls_key
+    assert loaded.shared_users == ["bob", "carol"] and loaded.shared_groups == ["physics"]
     assert loaded.workers == {"c1-w1": worker}
     assert again.get("c1") is loaded
     again.delete_cluster("c1")
@@ -188,6 +191,48 @@ def test_updates_refuse_unknown_fields() -> None:
         store.create_worker(Worker(name="w", cluster_name="nope"))
     store.delete_worker(worker)
     assert cluster.workers == {}
+    store.close()
+
+
+def test_a_database_from_before_sharing_loads_and_keeps_working(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``clusters`` table without the sharing columns (an older gateway's) is read with no
+    sharing and written without those columns; the store says so once, at WARNING."""
+    path = tmp_path / "gw.sqlite"
+    url = f"sqlite:///{path}"
+    key = make_key()
+    old = Store(url=url, encrypt_keys=[key])
+    old.create_cluster(make_cluster("c1"))
+    old.close()
+    with sqlite3.connect(path) as db:
+        for column in sorted(store_module.ADDED_CLUSTER_COLUMNS):
+            db.execute(f"ALTER TABLE clusters DROP COLUMN {column}")
+
+    with caplog.at_level(logging.WARNING, logger="gateway.store"):
+        store = Store(url=url, encrypt_keys=[key])
+    assert store.missing_columns == store_module.ADDED_CLUSTER_COLUMNS
+    (warning,) = [r for r in caplog.records if "lacks the column" in r.getMessage()]
+    assert "shared_groups, shared_users" in warning.getMessage()
+    (loaded,) = store.load()
+    assert loaded.shared_users == [] and loaded.shared_groups == []
+    store.update_cluster(loaded, shared_users=["bob"])  # memory only, nothing written
+    assert loaded.shared_users == ["bob"]
+    store.update_cluster(loaded, shared_groups=["physics"], count=2)
+    store.create_cluster(make_cluster("c2", shared_users=["dave"]))
+    store.close()
+    assert store.failed_writes == 0
+
+    again = Store(url=url, encrypt_keys=[key])
+    loaded_again = {c.name: c for c in again.load()}
+    assert loaded_again["c1"].count == 2 and loaded_again["c1"].shared_groups == []
+    assert loaded_again["c2"].shared_users == []
+    again.close()
+
+
+def test_a_current_database_has_every_column() -> None:
+    store = Store()
+    assert store.missing_columns == frozenset()
     store.close()
 
 

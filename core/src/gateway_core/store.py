@@ -62,7 +62,16 @@ clusters_table = sa.Table(
     sa.Column("last_heartbeat", sa.Float, nullable=True),
     sa.Column("worker_start_failures", sa.Integer, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
+    # Added for sharing (issue 14): nullable, NULL read as no one. A database made before
+    # them still loads (see `ADDED_CLUSTER_COLUMNS`).
+    sa.Column("shared_users", sa.JSON, nullable=True),
+    sa.Column("shared_groups", sa.JSON, nullable=True),
 )
+
+ADDED_CLUSTER_COLUMNS = frozenset({"shared_users", "shared_groups"})
+"""Columns of ``clusters`` that a database made by an older gateway may lack: the store then
+reads them as empty and leaves them out of its writes (logged at WARNING once), until a
+migration adds them."""
 
 workers_table = sa.Table(
     "workers",
@@ -179,9 +188,24 @@ class Store:
         self.engine = _make_engine(url, debug=debug)
         try:
             metadata.create_all(self.engine)
+            missing = _missing_cluster_columns(self.engine)
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise StoreError(f"cannot open the database {_safe_url(url)}: {_reason(exc)}") from exc
+        self.missing_columns: frozenset[str] = missing
+        """`ADDED_CLUSTER_COLUMNS` the database's ``clusters`` table lacks (made by an older
+        gateway): not read nor written; what they hold lives in memory only."""
+        if self.missing_columns:
+            log.warning(
+                "The database %s lacks the column(s) %s of table clusters (made by an older "
+                "gateway): what they hold (cluster sharing) is kept in memory only and lost "
+                "at restart until the database is migrated",
+                _safe_url(url),
+                ", ".join(sorted(self.missing_columns)),
+            )
+        self._cluster_columns = [
+            c for c in clusters_table.columns if c.name not in self.missing_columns
+        ]
 
     # ---------------------------------------------------------------------------------------
     # Reading
@@ -205,7 +229,7 @@ class Store:
         rotated: list[dict[str, Any]] = []
         try:
             with self.engine.begin() as conn:
-                for row in conn.execute(sa.select(clusters_table)).mappings():
+                for row in conn.execute(sa.select(*self._cluster_columns)).mappings():
                     cluster = self._cluster_from_row(row)
                     clusters[cluster.name] = cluster
                     if self._rotate:
@@ -258,6 +282,8 @@ class Store:
         for name, value in changes.items():
             setattr(cluster, name, value)
         values = self._cluster_row(cluster, only=changes)
+        if not values:
+            return  # only columns this database lacks changed
         statement = clusters_table.update().where(clusters_table.c.name == cluster.name)
         self._submit(f"cluster {cluster.name}", [(statement.values(**values), None)])
 
@@ -443,7 +469,11 @@ class Store:
             "target": int,
         }
         names = _CLUSTER_FIELDS if only is None else only
-        return {n: convert.get(n, _plain)(getattr(cluster, n)) for n in names}
+        return {
+            n: convert.get(n, _plain)(getattr(cluster, n))
+            for n in names
+            if n not in self.missing_columns
+        }
 
     def _cluster_from_row(self, row: Mapping[Any, Any]) -> Cluster:
         name = row["name"]
@@ -467,7 +497,15 @@ class Store:
             last_heartbeat=row["last_heartbeat"],
             worker_start_failures=row["worker_start_failures"],
             reason=row["reason"],
+            shared_users=list(row.get("shared_users") or []),
+            shared_groups=list(row.get("shared_groups") or []),
         )
+
+
+def _missing_cluster_columns(engine: Engine) -> frozenset[str]:
+    """The `ADDED_CLUSTER_COLUMNS` the database's ``clusters`` table does not have."""
+    present = {c["name"] for c in sa.inspect(engine).get_columns("clusters")}
+    return frozenset(ADDED_CLUSTER_COLUMNS - present)
 
 
 def _plain(value: Any) -> Any:
