@@ -136,6 +136,20 @@ class FakeCluster:
     max_workers: int = 10
     logs: dict[str, str] = field(default_factory=dict)
     """Component ("scheduler" or a worker name) → its log, for the v2 logs route."""
+    owner: str = "alice"
+    share_with_users: list[str] = field(default_factory=list)
+    share_with_groups: list[str] = field(default_factory=list)
+
+    def to_json_v2(self) -> dict[str, Any]:
+        """The v2 cluster JSON, as alice (the owner) or a sharee (another owner) sees it."""
+        mine = self.owner == "alice"
+        return {
+            **self.to_json(),
+            "owner": self.owner,
+            "access": "owner" if mine else "sharee",
+            "share_with_users": list(self.share_with_users) if mine else None,
+            "share_with_groups": list(self.share_with_groups) if mine else None,
+        }
 
     def to_json(self) -> dict[str, Any]:
         running = self.status == "RUNNING"
@@ -203,6 +217,9 @@ class FakeGateway:
         r.add_post("/api/v1/clusters/{name}/adapt", self.adapt)
         r.add_get("/api/v2/clusters/{name}/reason", self.reason)
         r.add_get("/api/v2/clusters/{name}/logs", self.logs)
+        r.add_get("/api/v2/clusters", self.list_clusters)
+        r.add_post("/api/v2/clusters", self.create)
+        r.add_patch("/api/v2/clusters/{name}", self.patch)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -298,12 +315,18 @@ class FakeGateway:
             bad = wanted - {"PENDING", "RUNNING", "STOPPING", "STOPPED", "FAILED"}
             if bad:
                 return web.json_response({"error": f"invalid status {sorted(bad)}"}, status=422)
+        v2 = request.path.startswith("/api/v2/")
         return web.json_response(
-            {n: self._json(c) for n, c in self.clusters.items() if c.status in wanted}
+            {
+                n: c.to_json_v2() if v2 else self._json(c)
+                for n, c in self.clusters.items()
+                if c.status in wanted and (v2 or c.owner == "alice")
+            }
         )
 
     async def create(self, request: web.Request) -> web.Response:
-        options = dict((await _body(request)).get("cluster_options") or {})
+        body = await _body(request)
+        options = dict(body.get("cluster_options") or {})
         allowed = {s["field"] for s in OPTIONS_SPEC}
         unknown = sorted(set(options) - allowed)
         if unknown:
@@ -313,6 +336,9 @@ class FakeGateway:
             return web.json_response({"error": "worker_cores must be between 1 and 4"}, status=422)
         name = secrets.token_hex(8)
         cluster = FakeCluster(name=name, options=options, **self.new_cluster)
+        if request.path.startswith("/api/v2/"):
+            cluster.share_with_users = list(body.get("share_with_users") or [])
+            cluster.share_with_groups = list(body.get("share_with_groups") or [])
         self.clusters[name] = cluster
         if self.on_create is not None:
             result = self.on_create(cluster)
@@ -373,6 +399,18 @@ class FakeGateway:
 
     async def adapt(self, request: web.Request) -> web.Response:
         return await self._resize(request, (await _body(request)).get("maximum"))
+
+    async def patch(self, request: web.Request) -> web.Response:
+        cluster = self._cluster(request)
+        body = await _body(request)
+        if cluster.owner != "alice":
+            return web.json_response({"error": "only its owner may"}, status=403)
+        for key in ("share_with_users", "share_with_groups"):
+            if key in body:
+                if not all(isinstance(n, str) and n for n in body[key] or []):
+                    return web.json_response({"error": f"{key}: bad names"}, status=422)
+                setattr(cluster, key, list(body[key] or []))
+        return web.json_response(cluster.to_json_v2())
 
     async def reason(self, request: web.Request) -> web.Response:
         if not self.reason_route:

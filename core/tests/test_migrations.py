@@ -264,7 +264,9 @@ def test_a_database_ahead_or_foreign_is_refused(db_url: str, engine: sa.Engine) 
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE workers"))
         conn.execute(sa.text("DROP TABLE alembic_version"))
-    with pytest.raises(StoreError, match="not those of a gateway made before migrations: no table"):
+    with pytest.raises(
+        StoreError, match=r"not those of a gateway made before migrations: .*no table workers"
+    ):
         Store(url=db_url, encrypt_keys=[make_key()])
 
 

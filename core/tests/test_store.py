@@ -13,6 +13,7 @@ import base64
 import logging
 import os
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,8 @@ def test_round_trip_every_field(db_url: str) -> None:
         last_heartbeat=123.5,
         worker_start_failures=2,
         reason="why not",
+        shared_users=["bob", "carol"],
+        shared_groups=["physics"],
     )
     worker = Worker(name="c1-w1", cluster_name="c1", state={"job": "7"})
     store.create_worker(worker)
@@ -92,6 +95,7 @@ def test_round_trip_every_field(db_url: str) -> None:
     assert loaded == cluster
     assert loaded.status is ClusterStatus.RUNNING and loaded.target is ClusterStatus.RUNNING
     assert loaded.token == cluster.token and loaded.tls_key == cluster.tls_key
+    assert loaded.shared_users == ["bob", "carol"] and loaded.shared_groups == ["physics"]
     assert loaded.workers == {"c1-w1": worker}
     assert again.get("c1") is loaded
     again.delete_cluster("c1")
@@ -222,6 +226,44 @@ def test_updates_refuse_unknown_fields() -> None:
     store.delete_worker(worker)
     assert cluster.workers == {}
     store.close()
+
+
+def test_a_database_from_before_sharing_is_upgraded_and_keeps_its_clusters(tmp_path: Path) -> None:
+    """A database at revision 0002 (an older gateway's, no sharing columns) is refused until
+    `gateway db upgrade` (migration 0003) adds them; its clusters load unshared, then sharing
+    is written and read back."""
+    from alembic import command
+
+    from gateway_core import migrations
+
+    path = tmp_path / "gw.sqlite"
+    url = f"sqlite:///{path}"
+    key = make_key()
+    old = Store(url=url, encrypt_keys=[key])
+    old.create_cluster(make_cluster("c1"))
+    old.close()
+    with old.engine.begin() as conn:  # back to what a gateway before sharing made
+        command.downgrade(migrations.alembic_config(conn), "0002")
+    with sqlite3.connect(path) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(clusters)")}
+    assert "shared_users" not in columns and "name" in columns
+    with pytest.raises(StoreError, match="gateway db upgrade"):
+        Store(url=url, encrypt_keys=[key])
+
+    engine = store_module._make_engine(url, debug=False)
+    before, after = migrations.upgrade(engine, where="test")
+    engine.dispose()
+    assert before.revision == "0002" and after.current
+    store = Store(url=url, encrypt_keys=[key])
+    (loaded,) = store.load()
+    assert loaded.name == "c1" and loaded.shared_users == [] and loaded.shared_groups == []
+    store.update_cluster(loaded, shared_users=["bob"], shared_groups=["physics"])
+    store.close()
+    assert store.failed_writes == 0
+    again = Store(url=url, encrypt_keys=[key])
+    (reloaded,) = again.load()
+    assert reloaded.shared_users == ["bob"] and reloaded.shared_groups == ["physics"]
+    again.close()
 
 
 # -------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class GatewayCluster:
     runs. The connection arguments are as for ``Gateway``. With ``shutdown_on_close`` (the
     default) closing this object, leaving its ``with`` block, or interpreter exit stops the
     cluster; otherwise it keeps running until stopped or timed out by the gateway.
+    ``share_with_users``/``share_with_groups`` (in ``kwargs``) share the new cluster at once
+    (see ``Gateway.share_cluster``).
 
     In async mode, ``await GatewayCluster(..., asynchronous=True)`` or use ``async with``.
     """

@@ -102,6 +102,20 @@ async def _failure_reason(report_json: Mapping[str, Any], http: GatewayHTTP) -> 
     return None
 
 
+def _sharing_body(
+    users: Iterable[str] | None, groups: Iterable[str] | None
+) -> dict[str, list[str]]:
+    """The sharing keys of a v2 request body, for the lists given (None: left out)."""
+    body: dict[str, list[str]] = {}
+    for key, names in (("share_with_users", users), ("share_with_groups", groups)):
+        if names is None:
+            continue
+        if isinstance(names, str):
+            raise TypeError(f"{key} must be a list of names, not a string ({names!r})")
+        body[key] = list(names)
+    return body
+
+
 class Gateway:
     """A client for one gateway server.
 
@@ -226,20 +240,32 @@ class Gateway:
         )
 
     async def _clusters(
-        self, status: str | ClusterStatus | Iterable[str | ClusterStatus] | None = None
+        self,
+        status: str | ClusterStatus | Iterable[str | ClusterStatus] | None = None,
+        shared: bool = False,
     ) -> list[ClusterReport]:
         query = ""
         if status is not None:
             wanted = [status] if isinstance(status, str | ClusterStatus) else list(status)
             query = "?status=" + ",".join(ClusterStatus.parse(s).name for s in wanted)
-        data = await self._http.request("GET", f"/api/v1/clusters/{query}")
+        if shared:
+            data = await self._http.request("GET", f"/api/v2/clusters{query}")
+        else:
+            data = await self._http.request("GET", f"/api/v1/clusters/{query}")
         return [self._report(msg) for msg in (data or {}).values()]
 
     def list_clusters(
-        self, status: str | ClusterStatus | Iterable[str | ClusterStatus] | None = None
+        self,
+        status: str | ClusterStatus | Iterable[str | ClusterStatus] | None = None,
+        shared: bool = False,
     ) -> Any:
-        """Your clusters as ClusterReports; ``status`` selects (default: the active ones)."""
-        return self.sync(self._clusters, status=status)
+        """Your clusters as ClusterReports; ``status`` selects (default: the active ones).
+
+        With ``shared``, also the clusters other users shared with you, and every report says
+        its ``owner``, your ``access`` and (yours) whom it is shared with
+        (``GET /api/v2/clusters``).
+        """
+        return self.sync(self._clusters, status=status, shared=shared)
 
     async def _cluster_report(self, cluster_name: str, wait: bool = False) -> ClusterReport:
         msg = await self._http.request(
@@ -344,7 +370,13 @@ class Gateway:
 
     # -- cluster lifecycle ---------------------------------------------------------------------
 
-    async def _submit(self, cluster_options: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
+    async def _submit(
+        self,
+        cluster_options: Mapping[str, Any] | None = None,
+        share_with_users: Iterable[str] | None = None,
+        share_with_groups: Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
         if cluster_options is None:
             options = self._config_cluster_options()
         elif isinstance(cluster_options, Mapping):
@@ -355,18 +387,65 @@ class Gateway:
                 f"mapping, got {type(cluster_options).__name__}"
             )
         options.update(kwargs)
-        data = await self._http.request(
-            "POST", "/api/v1/clusters/", json={"cluster_options": options}
-        )
+        sharing = _sharing_body(share_with_users, share_with_groups)
+        if sharing:  # the v2 route takes the sharing; v1 stays what the original client sends
+            body = {"cluster_options": options, **sharing}
+            data = await self._http.request("POST", "/api/v2/clusters", json=body)
+        else:
+            data = await self._http.request(
+                "POST", "/api/v1/clusters/", json={"cluster_options": options}
+            )
         return str(data["name"])
 
-    def submit(self, cluster_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    def submit(
+        self,
+        cluster_options: Mapping[str, Any] | None = None,
+        share_with_users: Iterable[str] | None = None,
+        share_with_groups: Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Ask for a new cluster and return its name at once, without waiting for it to start.
 
         ``kwargs`` override ``cluster_options`` (default: the ``gateway.cluster.options``
         config); the server checks them (ValueError with its reason when invalid).
+        ``share_with_users``/``share_with_groups`` share the new cluster at once (see
+        `share_cluster`); by default it is shared with no one.
         """
-        return self.sync(self._submit, cluster_options, **kwargs)
+        return self.sync(
+            self._submit,
+            cluster_options,
+            share_with_users=share_with_users,
+            share_with_groups=share_with_groups,
+            **kwargs,
+        )
+
+    async def _share_cluster(
+        self,
+        cluster_name: str,
+        users: Iterable[str] | None = None,
+        groups: Iterable[str] | None = None,
+    ) -> ClusterReport:
+        body = _sharing_body(users, groups)
+        if not body:
+            raise ValueError("share_cluster: give users, groups or both (an empty list: no one)")
+        path = f"/api/v2/clusters/{quote(cluster_name, safe='')}"
+        return self._report(await self._http.request("PATCH", path, json=body))
+
+    def share_cluster(
+        self,
+        cluster_name: str,
+        users: Iterable[str] | None = None,
+        groups: Iterable[str] | None = None,
+    ) -> Any:
+        """Share your cluster with exactly these ``users`` and/or the members of ``groups``
+        (each given list replaces the one before, ``[]`` shares with no one; None leaves it
+        as it is); returns its ClusterReport. They see it in
+        ``list_clusters(shared=True)``, connect to it, open its dashboard and read its logs,
+        but only you and admins may scale or stop it. ValueError when the gateway refuses the
+        names, PermissionError when the cluster is not yours (``PATCH
+        /api/v2/clusters/{name}``).
+        """
+        return self.sync(self._share_cluster, cluster_name, users=users, groups=groups)
 
     async def _wait_for_start(
         self, cluster_name: str, progress: ProgressDisplay | None = None
@@ -420,13 +499,16 @@ class Gateway:
         self,
         cluster_options: Mapping[str, Any] | None = None,
         shutdown_on_close: bool = True,
+        share_with_users: Iterable[str] | None = None,
+        share_with_groups: Iterable[str] | None = None,
         **kwargs: Any,
     ) -> GatewayCluster:
         """Start a new cluster and wait until it runs; ``submit`` plus ``connect``.
 
         ``kwargs`` are cluster options overriding ``cluster_options``. With
-        ``shutdown_on_close`` (default) closing the returned object stops the cluster. In async
-        mode, await the result.
+        ``shutdown_on_close`` (default) closing the returned object stops the cluster.
+        ``share_with_users``/``share_with_groups`` share it at once (see `share_cluster`). In
+        async mode, await the result.
         """
         from .cluster import GatewayCluster
 
@@ -439,6 +521,8 @@ class Gateway:
             shutdown_on_close=shutdown_on_close,
             asynchronous=self.asynchronous,
             loop=self.loop,
+            share_with_users=share_with_users,
+            share_with_groups=share_with_groups,
             **kwargs,
         )
 

@@ -55,6 +55,10 @@ def cluster_security(*, tls_cert: str, tls_key: str) -> Security:
     )
 
 
+def _names(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(v) for v in value)
+
+
 def _from_ms(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value / 1000)
 
@@ -65,6 +69,11 @@ class ClusterReport:
 
     ``scheduler_address`` (``gateway://proxy-host:port/<name>``) is set only while running,
     like ``dashboard_link``; ``tls_cert``/``tls_key`` too.
+
+    Reports from the gateway's v2 routes (``Gateway.list_clusters(shared=True)``,
+    ``Gateway.share_cluster``) also say who owns the cluster (``owner``), what you are to it
+    (``access``: ``"owner"``, ``"admin"`` or ``"sharee"``) and, for its owner and admins, whom
+    it is shared with (``share_with_users``, ``share_with_groups``); otherwise these are None.
     """
 
     name: str
@@ -76,6 +85,10 @@ class ClusterReport:
     stop_time: datetime | None = None
     tls_cert: str | None = field(default=None, repr=False)
     tls_key: str | None = field(default=None, repr=False)
+    owner: str | None = None
+    access: str | None = None
+    share_with_users: tuple[str, ...] | None = None
+    share_with_groups: tuple[str, ...] | None = None
 
     @classmethod
     def from_json(
@@ -96,6 +109,10 @@ class ClusterReport:
             stop_time=_from_ms(msg.get("stop_time")),
             tls_cert=msg.get("tls_cert"),
             tls_key=msg.get("tls_key"),
+            owner=msg.get("owner"),
+            access=msg.get("access"),
+            share_with_users=_names(msg.get("share_with_users")),
+            share_with_groups=_names(msg.get("share_with_groups")),
         )
 
     @property

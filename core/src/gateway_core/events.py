@@ -23,6 +23,7 @@ EventKind = Literal[
     "worker_stopped",
     "worker_failed",
     "lifetime_warning",
+    "shared",
 ]
 
 
@@ -37,4 +38,5 @@ class ClusterEvent:
     detail: dict[str, Any] = field(factory=dict)
     """Kind-specific facts: ``{"count": 3}`` for scaled, ``{"reason": ...}`` for failed,
     ``{"max_lifetime": 28800.0, "stop_time": <ms>}`` for lifetime_warning (the cluster will be
-    stopped at ``stop_time`` for reaching its ``max_lifetime``), ..."""
+    stopped at ``stop_time`` for reaching its ``max_lifetime``), ``{"shared_users": [...],
+    "shared_groups": [...], "by": <user>}`` for shared (whom it is shared with now), ..."""

@@ -151,7 +151,8 @@ def gateway_apply_options(
 @hookspec
 def gateway_cluster_event(event: ClusterEvent) -> Awaitable[None] | None:
     """Observe what happens to clusters: created, running, scaled, stopping, stopped, failed,
-    worker changes, and the warning before a cluster's maximum lifetime (lifetime_warning).
+    worker changes, the warning before a cluster's maximum lifetime (lifetime_warning), and
+    changes of whom it is shared with (shared).
 
     Called for every event, by every plugin, after the change was stored. Each observer is
     isolated: one that raises (or whose awaitable raises) is logged with its plugin's name and

@@ -1,9 +1,9 @@
 """The single entry point the REST API calls to act on clusters.
 
-Owns `ClusterManager` (user options → cluster config, ownership and admin checks, worker limits,
-quotas, the ceiling of ``max_lifetime``, scale/adapt forwarding, heartbeat token checks, health,
-reading logs with their bounds) and `ClusterToken`, the identity of a caller that authenticated
-with a cluster's own token.
+Owns `ClusterManager` (user options → cluster config, ownership, sharing and admin checks, worker
+limits, quotas, the ceiling of ``max_lifetime``, scale/adapt forwarding, heartbeat token checks,
+health, reading logs with their bounds) and `ClusterToken`, the identity of a caller that
+authenticated with a cluster's own token.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .events import ClusterEvent
 from .models import Cluster, ClusterStatus, User
 from .options import Options, OptionsError
 from .quotas import QuotaBook, Room, Shape, counts, quota_json, refusal
+from .sharing import Access, access_of, is_sharee
 from .units import format_duration
 
 log = logging.getLogger("gateway.manager")
@@ -142,7 +143,27 @@ class ClusterManager:
 
     def _check_access(self, user: User, cluster: Cluster, action: str) -> None:
         if cluster.username != user.name and not self.is_admin(user):
+            if is_sharee(user, cluster):
+                raise AccessDenied(
+                    f"user {user.name!r} may not {action} cluster {cluster.name!r}: it is "
+                    f"shared with them to use, and only its owner {cluster.username!r} and "
+                    f"admins may {action} it"
+                )
             raise AccessDenied(f"user {user.name!r} may not {action} cluster {cluster.name!r}")
+
+    def access_of(self, user: User, cluster: Cluster) -> Access | None:
+        """What ``user`` is to ``cluster``: owner, admin, sharee, or None (a stranger)."""
+        return access_of(user, cluster, admin=self.is_admin(user))
+
+    async def _visible_cluster(self, user: User, name: str, action: str) -> Cluster:
+        """The cluster ``name`` if ``user`` owns it, is an admin or it is shared with them
+        (what sharees may do: see it, wait for it, connect, read its logs)."""
+        cluster = await self.backend.get_cluster(name)
+        if cluster is None:
+            raise ClusterNotFound(f"cluster {name!r} not found")
+        if self.access_of(user, cluster) is None:
+            raise AccessDenied(f"user {user.name!r} may not {action} cluster {cluster.name!r}")
+        return cluster
 
     async def _owned_cluster(self, user: User, name: str, action: str) -> Cluster:
         cluster = await self.backend.get_cluster(name)
@@ -207,8 +228,18 @@ class ClusterManager:
             f"{format_duration(ceiling)}; a cluster may live at most that long"
         )
 
-    async def create_cluster(self, user: User, cluster_options: Any) -> str:
-        """Validate ``cluster_options``, resolve the config, start the cluster; return its name."""
+    async def create_cluster(
+        self,
+        user: User,
+        cluster_options: Any,
+        *,
+        sharing: Mapping[str, Sequence[str]] | None = None,
+    ) -> str:
+        """Validate ``cluster_options``, resolve the config, start the cluster; return its name.
+
+        ``sharing`` (validated by `gateway_core.sharing.parse_sharing`: ``shared_users`` and/or
+        ``shared_groups``) is set on the new cluster before its name is returned.
+        """
         form = await self.options_for(user)
         try:
             normalized = form.validate(cluster_options)
@@ -218,6 +249,12 @@ class ClusterManager:
         async with self._quota_lock:  # two creates must not both take the last room
             await self._check_create_quota(user, config)
             name = await self.backend.start_cluster(user=user, options=normalized, config=config)
+        if sharing:
+            await self.backend.set_sharing(
+                name,
+                shared_users=sharing.get("shared_users"),
+                shared_groups=sharing.get("shared_groups"),
+            )
         log.info("user %s created cluster %s", user.name, name)
         self.context.emit(
             ClusterEvent(
@@ -333,13 +370,71 @@ class ClusterManager:
     async def get_cluster(self, user: User, name: str, *, wait: bool = False) -> Cluster:
         """The cluster ``name``; with ``wait``, block (backend's limit) while it is PENDING."""
         self.quotas.note(user)
-        cluster = await self._owned_cluster(user, name, "view")
+        cluster = await self._visible_cluster(user, name, "view")
         if wait and cluster.status == ClusterStatus.PENDING:
             waited = await self.backend.get_cluster(name, wait=True)
             if waited is None:
                 raise ClusterNotFound(f"cluster {name!r} not found")
             cluster = waited
         return cluster
+
+    async def list_visible_clusters(
+        self,
+        user: User,
+        statuses: Collection[ClusterStatus] | None = None,
+        *,
+        shared: bool = True,
+    ) -> list[Cluster]:
+        """`list_clusters`, plus (with ``shared``) the other users' clusters shared with
+        ``user``, picked by ``statuses`` the same way; the caller's own first."""
+        own = await self.list_clusters(user, statuses)
+        if not shared:
+            return own
+        wanted = (
+            list(statuses) if statuses is not None else [s for s in ClusterStatus if s.is_active]
+        )
+        others = [
+            c
+            for c in await self.backend.list_clusters(statuses=wanted)
+            if c.username != user.name and is_sharee(user, c)
+        ]
+        if statuses is None:
+            others = [c for c in others if c.target <= ClusterStatus.RUNNING]
+        return own + others
+
+    async def share_cluster(
+        self, user: User, name: str, sharing: Mapping[str, Sequence[str]]
+    ) -> Cluster:
+        """Replace whom cluster ``name`` is shared with: ``sharing`` holds ``shared_users``
+        and/or ``shared_groups`` (validated by `gateway_core.sharing.parse_sharing`); a list
+        left out stays. Only the owner and admins may (403 for sharees and strangers)."""
+        cluster = await self._owned_cluster(user, name, "change the sharing of")
+        await self.backend.set_sharing(
+            name,
+            shared_users=sharing.get("shared_users"),
+            shared_groups=sharing.get("shared_groups"),
+        )
+        changed = await self.backend.get_cluster(name) or cluster
+        log.info(
+            "user %s shared cluster %s with users %s and groups %s",
+            user.name,
+            name,
+            changed.shared_users,
+            changed.shared_groups,
+        )
+        self.context.emit(
+            ClusterEvent(
+                kind="shared",
+                cluster_name=name,
+                username=cluster.username,
+                detail={
+                    "shared_users": list(changed.shared_users),
+                    "shared_groups": list(changed.shared_groups),
+                    "by": user.name,
+                },
+            )
+        )
+        return changed
 
     async def stop_cluster(self, caller: Caller, name: str) -> None:
         """Stop ``name``; idempotent (an unknown or finished cluster is a no-op).
@@ -371,16 +466,16 @@ class ClusterManager:
         → text (the scheduler first, then workers in the order they started).
 
         Each component is ``scheduler``, ``workers`` (every worker), ``all`` (both) or the name
-        of one of the cluster's workers (another is `ComponentNotFound`, 404, naming it). Only
-        the owner and admins may read them. The answer is bounded: `LOG_MAX_WORKERS` worker
-        logs, and `LOG_TOTAL_BYTES` shared between the logs, at most `LOG_COMPONENT_BYTES`
-        each; a text longer than its share keeps its end.
+        of one of the cluster's workers (another is `ComponentNotFound`, 404, naming it). The
+        owner, admins and the users it is shared with may read them. The answer is bounded:
+        `LOG_MAX_WORKERS` worker logs, and `LOG_TOTAL_BYTES` shared between the logs, at most
+        `LOG_COMPONENT_BYTES` each; a text longer than its share keeps its end.
         """
         if not _is_count(tail) or tail > LOG_TAIL_MAX:
             raise InvalidRequest(
                 f"tail: expected an integer from 0 to {LOG_TAIL_MAX}, got {_describe(tail)}"
             )
-        cluster = await self._owned_cluster(user, name, "read the logs of")
+        cluster = await self._visible_cluster(user, name, "read the logs of")
         wanted = _log_components(cluster, components)
         share = LOG_TOTAL_BYTES // max(1, len(wanted))
         max_bytes = max(LOG_MIN_COMPONENT_BYTES, min(LOG_COMPONENT_BYTES, share))

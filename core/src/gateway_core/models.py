@@ -106,7 +106,7 @@ class Worker:
 
 @define(kw_only=True)
 class Cluster:
-    """One Dask cluster of one user.
+    """One Dask cluster of one user (its owner, ``username``), maybe shared with others.
 
     ``options`` are the user's normalized options (shown back to the user); ``config`` is the
     resolved cluster configuration as a plain dict (what the store keeps), ``typed_config`` the
@@ -134,6 +134,10 @@ class Cluster:
     last_heartbeat: float | None = None
     worker_start_failures: int = 0
     reason: str | None = None
+    shared_users: list[str] = field(factory=list)
+    """Users (besides the owner) who may see, connect to and read the logs of this cluster."""
+    shared_groups: list[str] = field(factory=list)
+    """Groups (`User.groups`) whose members may do what ``shared_users`` may."""
     workers: dict[str, Worker] = field(factory=dict, eq=False, repr=False)
     typed_config: ClusterConfig | None = field(default=None, eq=False, repr=False)
     """``config`` structured once by `ProcessBackend` (not stored: rebuilt when loaded); None

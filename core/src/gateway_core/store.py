@@ -65,6 +65,9 @@ clusters_table = sa.Table(
     sa.Column("last_heartbeat", sa.Float, nullable=True),
     sa.Column("worker_start_failures", sa.Integer, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
+    # Sharing (migration 0003): nullable, NULL read as no one.
+    sa.Column("shared_users", sa.JSON, nullable=True),
+    sa.Column("shared_groups", sa.JSON, nullable=True),
 )
 
 workers_table = sa.Table(
@@ -297,6 +300,8 @@ class Store:
         for name, value in changes.items():
             setattr(cluster, name, value)
         values = self._cluster_row(cluster, only=changes)
+        if not values:
+            return  # only columns this database lacks changed
         statement = clusters_table.update().where(clusters_table.c.name == cluster.name)
         self._submit(f"cluster {cluster.name}", [(statement.values(**values), None)])
 
@@ -567,7 +572,10 @@ class Store:
             "target": int,
         }
         names = _CLUSTER_FIELDS if only is None else only
-        return {n: convert.get(n, _plain)(getattr(cluster, n)) for n in names}
+        return {
+            n: convert.get(n, _plain)(getattr(cluster, n))
+            for n in names
+        }
 
     def _cluster_from_row(self, row: Mapping[Any, Any]) -> Cluster:
         name = row["name"]
@@ -591,6 +599,8 @@ class Store:
             last_heartbeat=row["last_heartbeat"],
             worker_start_failures=row["worker_start_failures"],
             reason=row["reason"],
+            shared_users=list(row.get("shared_users") or []),
+            shared_groups=list(row.get("shared_groups") or []),
         )
 
 

@@ -6,6 +6,8 @@ a real `gateway serve` process with the unsafe-local backend and the built-in pr
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
@@ -215,3 +217,60 @@ def test_another_users_cluster_is_out_of_reach(server: str) -> None:
                 assert "403" in str(info.value) or "may not" in str(info.value)
         finally:
             cluster.shutdown()
+
+
+def api_call(server: str, method: str, path: str, user: str, body: Any = None) -> Any:
+    """One request to the gateway's API as ``user`` (the simple authenticator)."""
+    token = base64.b64encode(f"{user}:".encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{server}{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        text = resp.read()
+    return json.loads(text) if text else None
+
+
+def test_a_sharee_uses_a_shared_cluster_with_the_original_client(server: str) -> None:
+    """erin shares a cluster with frank through the v2 API; frank's original client does not
+    list it (v1 lists one's own), connects, computes and opens the dashboard, but may not
+    scale or stop it."""
+    from dask_gateway import BasicAuth, Gateway
+
+    created = api_call(
+        server,
+        "POST",
+        "/api/v2/clusters",
+        "erin",
+        {"cluster_options": {}, "share_with_users": ["frank"]},
+    )
+    name = created["name"]
+    try:
+        with Gateway(server, auth=BasicAuth("frank")) as frank:
+            assert frank.list_clusters() == []
+            cluster = frank.connect(name)  # waits until it runs
+            scaled = api_call(
+                server, "POST", f"/api/v1/clusters/{name}/scale", "erin", {"count": 1}
+            )
+            assert scaled["ok"], scaled
+            client = cluster.get_client(set_as_default=False)
+            client.wait_for_workers(1, timeout=120)
+            assert client.submit(sum, [1, 2, 3]).result(timeout=120) == 6
+            client.close()
+            with urllib.request.urlopen(cluster.dashboard_link, timeout=30) as resp:
+                assert resp.status == 200
+            with pytest.raises(Exception) as info:
+                frank.scale_cluster(name, 1)
+            assert "403" in str(info.value) or "may not" in str(info.value)
+            with pytest.raises(Exception) as info:
+                frank.stop_cluster(name)
+            assert "403" in str(info.value) or "may not" in str(info.value)
+        shared = api_call(server, "GET", "/api/v2/clusters", "frank")
+        assert list(shared) == [name] and shared[name]["access"] == "sharee"
+    finally:
+        api_call(server, "DELETE", f"/api/v1/clusters/{name}", "erin")
+    with Gateway(server, auth=BasicAuth("erin")) as erin:
+        wait_for_status(erin, name, "stopped")

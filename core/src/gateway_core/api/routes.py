@@ -23,6 +23,7 @@ from ..errors import ClusterNotFound, InvalidRequest, NotAuthenticated
 from ..manager import LOG_TAIL_DEFAULT, LOG_TAIL_MAX, Caller, ClusterManager
 from ..models import ClusterStatus, User
 from ..routes import EventsGone, RouteEvent, RouteTable
+from ..sharing import SHARE_KEYS, cluster_json_v2, parse_sharing
 from .authn import Authn, token_from_header
 from .errors import Gone
 
@@ -280,6 +281,63 @@ async def quota(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def list_clusters_v2(request: web.Request) -> web.Response:
+    """v2: the caller's clusters and (unless ``?shared=0``) those shared with them, as v2
+    cluster JSON (with ``owner``, ``access`` and the sharing lists)."""
+    statuses = status_filter(request)
+    shared = query_flag(request, "shared") if "shared" in request.query else True
+    manager = request.app[MANAGER]
+    user = _user(request)
+    clusters = await manager.list_visible_clusters(user, statuses, shared=shared)
+    prefix = request.app[CONTEXT].prefix
+    return web.json_response(
+        {
+            c.name: cluster_json_v2(c, prefix=prefix, access=manager.access_of(user, c))
+            for c in clusters
+        }
+    )
+
+
+async def create_cluster_v2(request: web.Request) -> web.Response:
+    """v2: create a cluster, maybe shared at once (``share_with_users``/``_groups``)."""
+    user = _user(request)
+    body = await json_object(request, allowed={"cluster_options", *SHARE_KEYS})
+    sharing = parse_sharing(body, required=False)
+    options = body.get("cluster_options")
+    name = await request.app[MANAGER].create_cluster(
+        user, {} if options is None else options, sharing=sharing
+    )
+    return web.json_response({"name": name}, status=201)
+
+
+async def get_cluster_v2(request: web.Request) -> web.Response:
+    """v2: one cluster as v2 cluster JSON; ``?wait`` as in v1."""
+    name = cluster_name(request)
+    wait = query_flag(request, "wait")
+    manager = request.app[MANAGER]
+    user = _user(request)
+    cluster = await manager.get_cluster(user, name, wait=wait)
+    prefix = request.app[CONTEXT].prefix
+    return web.json_response(
+        cluster_json_v2(cluster, prefix=prefix, access=manager.access_of(user, cluster))
+    )
+
+
+async def patch_cluster(request: web.Request) -> web.Response:
+    """v2: replace whom a cluster is shared with (owner and admins only); answers the
+    cluster's v2 JSON."""
+    name = cluster_name(request)
+    body = await json_object(request, allowed=SHARE_KEYS)
+    sharing = parse_sharing(body, required=True)
+    manager = request.app[MANAGER]
+    user = _user(request)
+    cluster = await manager.share_cluster(user, name, sharing)
+    prefix = request.app[CONTEXT].prefix
+    return web.json_response(
+        cluster_json_v2(cluster, prefix=prefix, access=manager.access_of(user, cluster))
+    )
+
+
 async def delete_cluster(request: web.Request) -> web.Response:
     name = cluster_name(request)
     caller: Caller = request[CALLER]
@@ -407,6 +465,14 @@ ROUTES: tuple[RouteDef, ...] = (
         access=Access.USER,
     ),
     RouteDef(method="GET", path="/api/v2/quota", handler=quota, access=Access.USER),
+    RouteDef(method="GET", path="/api/v2/clusters", handler=list_clusters_v2, access=Access.USER),
+    RouteDef(method="POST", path="/api/v2/clusters", handler=create_cluster_v2, access=Access.USER),
+    RouteDef(
+        method="GET", path="/api/v2/clusters/{name}", handler=get_cluster_v2, access=Access.USER
+    ),
+    RouteDef(
+        method="PATCH", path="/api/v2/clusters/{name}", handler=patch_cluster, access=Access.USER
+    ),
     RouteDef(
         method="GET",
         path="/api/v2/clusters/{name}/logs",

@@ -133,6 +133,30 @@ class Backend(abc.ABC):
         """
         return {}
 
+    async def set_sharing(
+        self,
+        name: str,
+        *,
+        shared_users: Sequence[str] | None = None,
+        shared_groups: Sequence[str] | None = None,
+    ) -> None:
+        """Replace whom cluster ``name`` is shared with (None leaves a list as it is); core
+        validated the names and the caller's right. Before returning, the cluster records
+        `get_cluster` and `list_clusters` give have the new lists, durably where the backend
+        keeps state.
+
+        The default sets them on the record `get_cluster` returns, which suits backends that
+        keep their records in memory; `ProcessBackend` also stores them. A backend that builds
+        its records afresh on each read must override it.
+        """
+        cluster = await self.get_cluster(name)
+        if cluster is None:
+            return
+        if shared_users is not None:
+            cluster.shared_users = list(shared_users)
+        if shared_groups is not None:
+            cluster.shared_groups = list(shared_groups)
+
 
 class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
     """The six operations that start, stop and watch schedulers and workers on one platform.

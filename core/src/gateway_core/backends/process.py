@@ -177,6 +177,24 @@ class ProcessBackend(Backend):
         self.reconciler.request_stop(name, failed=failed, reason=reason)
         await self.store.flush()  # a stop the API acknowledged survives a restart
 
+    async def set_sharing(
+        self,
+        name: str,
+        *,
+        shared_users: Sequence[str] | None = None,
+        shared_groups: Sequence[str] | None = None,
+    ) -> None:
+        cluster = self.store.get(name)
+        if cluster is None:
+            return
+        changes: dict[str, Any] = {}
+        if shared_users is not None:
+            changes["shared_users"] = list(shared_users)
+        if shared_groups is not None:
+            changes["shared_groups"] = list(shared_groups)
+        self.store.update_cluster(cluster, **changes)
+        await self.store.flush()  # a change the API acknowledged survives a restart
+
     async def on_cluster_heartbeat(self, name: str, msg: dict[str, Any]) -> None:
         self.reconciler.handle_heartbeat(name, msg)
 
