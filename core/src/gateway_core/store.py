@@ -572,10 +572,7 @@ class Store:
             "target": int,
         }
         names = _CLUSTER_FIELDS if only is None else only
-        return {
-            n: convert.get(n, _plain)(getattr(cluster, n))
-            for n in names
-        }
+        return {n: convert.get(n, _plain)(getattr(cluster, n)) for n in names}
 
     def _cluster_from_row(self, row: Mapping[Any, Any]) -> Cluster:
         name = row["name"]
