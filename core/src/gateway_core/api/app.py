@@ -14,6 +14,7 @@ from ..auth.base import Authenticator
 from ..context import GatewayContext
 from ..manager import ClusterManager, ClusterToken
 from ..models import User
+from .admin import ADMIN_ROUTES
 from .authn import Authn, token_from_header
 from .errors import error_response
 from .metrics import METRICS_PATH, metrics_middleware, serve_metrics
@@ -132,7 +133,7 @@ def make_api_app(
                 "with /api/"
             )
     for base in prefixes:
-        for route in ROUTES:
+        for route in ROUTES + ADMIN_ROUTES:
             registered = app.router.add_route(route.method, base + route.path, route.handler)
             access[registered] = route.access
         for route_def in extra:  # public: the authenticator's handler decides
