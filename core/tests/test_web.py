@@ -6,14 +6,18 @@ authorization as the API, and the admin pages.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from aiohttp import web as web_
 from test_api import Api, ApiFactory, make_api  # noqa: F401 - the fixture
 
 from gateway_core.api.routes import AUTHN
+from gateway_core.auth.base import Authenticator, Unauthorized
 from gateway_core.auth.simple import SimpleAuthConfig
-from gateway_core.models import ClusterStatus
+from gateway_core.models import ClusterStatus, User
+from gateway_core.web.pages import SESSION
 
 pytestmark = pytest.mark.unit
 
@@ -268,3 +272,46 @@ async def test_unknown_pages_are_html_and_the_api_stays_json(web: Api) -> None:
     assert resp.status == 404 and resp.content_type == "application/json"
     css = await web.client.get("/ui/static/style.css")
     assert css.status == 200 and "text/css" in css.content_type
+
+
+async def test_scaling_a_cluster_that_is_not_running_says_why(web: Api) -> None:
+    name = await web.create("alice")  # PENDING
+    token = await log_in(web, "alice")
+    resp = await web.client.post(f"/ui/cluster/{name}/scale", data={"csrf": token, "count": "1"})
+    assert resp.status == 409
+    assert "is PENDING, not RUNNING" in await resp.text()
+    assert web.backend.forwarded == []
+
+
+class HubLikeAuth(Authenticator):
+    """An authenticator with its own browser flow (as JupyterHub's OAuth), and no form."""
+
+    name = "hub"
+
+    async def authenticate(self, request: web_.Request) -> User:
+        raise Unauthorized("log in through the hub")
+
+    def web_routes(self) -> Sequence[web_.RouteDef]:
+        async def login(request: web_.Request) -> web_.Response:
+            return web_.Response(text="hub login")
+
+        return [web_.get("/api/v2/oauth/login", login)]
+
+
+async def test_other_authenticators_link_to_their_own_browser_flow(
+    make_api: ApiFactory,  # noqa: F811 - test_api's fixture
+) -> None:
+    api = await make_api(CONFIG, cookies=True, auth_class=HubLikeAuth)
+    html = await (await api.client.get("/ui/login")).text()
+    assert 'id="login-form"' not in html
+    assert 'href="/api/v2/oauth/login?next=/"' in html
+    token = api.app[SESSION].token_for(
+        api.client.session.cookie_jar.filter_cookies(api.client.make_url("/"))[
+            "gateway-web-csrf"
+        ].value
+    )
+    resp = await api.client.post("/ui/login", data={"csrf": token, "username": "x"})
+    assert resp.status == 400 and "has no login form" in await resp.text()
+    assert len(api.app[AUTHN].cache) == 0
+    resp = await api.client.get("/ui/login/direct")
+    assert resp.status == 401 and "log in through the hub" in await resp.text()

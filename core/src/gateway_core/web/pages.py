@@ -20,11 +20,12 @@ from aiohttp import web
 
 from .. import __version__
 from ..admin import all_clusters, cluster_summary, require_admin, usage_by_user
+from ..api.errors import status_of
 from ..api.routes import AUTHN, CONTEXT, MANAGER, Access
 from ..auth.base import Unauthorized
 from ..auth.simple import SimpleAuthenticator
 from ..config import QUOTA_KEYS
-from ..errors import AccessDenied, ClusterNotFound, GatewayError, InvalidRequest
+from ..errors import AccessDenied, ClusterConflict, ClusterNotFound, GatewayError, InvalidRequest
 from ..manager import ClusterManager
 from ..models import Cluster, ClusterStatus, User
 from ..options import Field, Options
@@ -405,15 +406,13 @@ async def new_cluster_post(request: web.Request) -> web.StreamResponse:
     options = options_from_form(form.fields, data)
     try:
         name = await manager.create_cluster(user, options)
-    except (InvalidRequest, GatewayError) as exc:
-        if isinstance(exc, (AccessDenied, ClusterNotFound)):
-            raise
+    except (InvalidRequest, ClusterConflict) as exc:  # bad options, or a quota: the form again
         shown = {k: data.get(k, v) for k, v in options.items()}
         return render(
             request,
             "new.html",
             user=user,
-            status=409 if not isinstance(exc, InvalidRequest) else 422,
+            status=status_of(exc),
             fields=form_fields(form, shown),
             message=exc.reason,
         )
@@ -459,10 +458,8 @@ async def cluster_scale(request: web.Request) -> web.StreamResponse:
         )
     try:
         answer = await request.app[MANAGER].scale(user, cluster.name, count)
-    except (InvalidRequest, GatewayError) as exc:
-        if isinstance(exc, (AccessDenied, ClusterNotFound)):
-            raise
-        return await cluster_page(request, message=exc.reason, status=422)
+    except (InvalidRequest, ClusterConflict) as exc:  # a bad count, or not running any more
+        return await cluster_page(request, message=exc.reason, status=status_of(exc))
     message = answer.get("msg") or f"Scaling to {count} workers."
     location = f"{UI}/cluster/{cluster.name}?" + _query({"msg": message})
     return redirect(request, location)
