@@ -27,9 +27,10 @@ from .configcheck import ResolvedConfig, resolve_config
 from .context import GatewayContext
 from .hookcaller import GatewayHooks
 from .manager import ClusterManager
-from .plugins import PluginError, Registry, make_plugin_manager
+from .plugins import PluginError, Registry, make_plugin_manager, plugin_infos
 from .routes import Route, RouteTable
 from .store import StoreError
+from .web import PLUGIN_INFOS
 
 log = logging.getLogger("gateway")
 
@@ -154,6 +155,7 @@ class Gateway:
             await authenticator.cleanup()
 
         api_app.cleanup_ctx.append(lifetime)
+        api_app[PLUGIN_INFOS] = lambda: plugin_infos(pm, registry)
         return cls(
             config=config,
             pm=pm,

@@ -14,6 +14,8 @@ from ..auth.base import Authenticator
 from ..context import GatewayContext
 from ..manager import ClusterManager, ClusterToken
 from ..models import User
+from ..web import add_web_ui
+from .admin import ADMIN_ROUTES
 from .authn import Authn, token_from_header
 from .errors import error_response
 from .metrics import METRICS_PATH, metrics_middleware, serve_metrics
@@ -105,9 +107,9 @@ def make_api_app(
 
     Routes are served at ``/api/...`` and, when the context has a proxy prefix, also at
     ``{prefix}/api/...`` (so it works whether or not the proxy strips the prefix); so are the
-    authenticator's own routes (`Authenticator.web_routes`), and ``/metrics`` (Prometheus,
-    `gateway_core.api.metrics`). Request bodies are limited to
-    ``[gateway] max_body_size`` (413 beyond it).
+    authenticator's own routes (`Authenticator.web_routes`), ``/metrics`` (Prometheus,
+    `gateway_core.api.metrics`) and the web UI (``/`` and ``/ui/...``, `gateway_core.web`).
+    Request bodies are limited to ``[gateway] max_body_size`` (413 beyond it).
     """
     max_body = int(context.config.gateway.max_body_size)
     app = web.Application(
@@ -132,7 +134,7 @@ def make_api_app(
                 "with /api/"
             )
     for base in prefixes:
-        for route in ROUTES:
+        for route in ROUTES + ADMIN_ROUTES:
             registered = app.router.add_route(route.method, base + route.path, route.handler)
             access[registered] = route.access
         for route_def in extra:  # public: the authenticator's handler decides
@@ -146,6 +148,8 @@ def make_api_app(
         # Public to the middleware: the handler checks [metrics] token itself.
         for registered in app.router.add_get(base + METRICS_PATH, serve_metrics).resource or ():
             access[registered] = Access.PUBLIC
+    # The web UI (gateway_core.web): the home page and /ui/..., public to the middleware.
+    access.update(add_web_ui(app, prefixes))
     app[ROUTE_ACCESS] = access
     app.on_shutdown.append(_close_streams)
     return app

@@ -72,6 +72,10 @@ class LoginCache:
         self._entries[cookie] = (user, now + self.max_age)
         return cookie
 
+    def forget(self, cookie: str) -> None:
+        """Forget the login of ``cookie`` (a logout)."""
+        self._entries.pop(cookie, None)
+
     def purge(self) -> None:
         """Forget every expired login."""
         now = self.clock()

@@ -87,12 +87,16 @@ class SimpleAuthenticator(Authenticator):
         raw_user, sep, raw_password = decoded.partition(b":")
         if not sep:
             raise Unauthorized("malformed Basic credentials: no ':'", headers=CHALLENGE)
-        username = _decode(raw_user)
+        return self.check_credentials(_decode(raw_user), _decode(raw_password))
+
+    def check_credentials(self, username: str, password: str) -> User:
+        """The user of a user name and password (Basic credentials, or the web UI's login
+        form); `Unauthorized` when the name is invalid or the password wrong."""
         problem = username_problem(username)
         if problem is not None:
             raise Unauthorized(problem, headers=CHALLENGE)
         if self.password is not None:
-            given = _decode(raw_password).encode("utf-8")
+            given = password.encode("utf-8")
             if not hmac.compare_digest(given, self.password.encode("utf-8")):
                 raise Unauthorized("invalid user name or password", headers=CHALLENGE)
         return User(name=username)
