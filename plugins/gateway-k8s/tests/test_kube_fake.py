@@ -65,7 +65,8 @@ def test_crud_of_each_core_kind(kube: FakeKube, core: Any) -> None:
     secret = core.create_namespaced_secret(
         NS, {"metadata": {"name": "s1"}, "stringData": {"a": "b"}, "data": {"c": "ZA=="}}
     )
-    assert secret.data["c"] == "ZA=="
+    assert secret.data == {"a": "Yg==", "c": "ZA=="}  # stringData merged into data
+    assert secret.string_data is None
     service = core.create_namespaced_service(
         NS,
         {

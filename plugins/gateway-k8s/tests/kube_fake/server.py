@@ -335,7 +335,7 @@ class FakeKube:
     async def _dispatch(self, request: web.Request, req: Request, verb: str) -> Obj:
         store, kind, ns = self.store, req.kind, req.namespace or ""
         if verb == "list":
-            items, rv = store.list(kind, req.namespace, self._matcher(request, kind))
+            items, rv = store.select(kind, req.namespace, self._matcher(request, kind))
             return {
                 "kind": f"{kind.kind}List",
                 "apiVersion": kind.api_version,

@@ -5,6 +5,7 @@ history (compacted after a window, so old resourceVersions get 410 Gone), watche
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import random
 import threading
@@ -254,7 +255,7 @@ class Store:
                 )
             return copy.deepcopy(obj)
 
-    def list(
+    def select(
         self, kind: Kind, namespace: str | None, matches: Callable[[Obj], bool]
     ) -> tuple[list[Obj], int]:
         with self.lock:
@@ -289,7 +290,7 @@ class Store:
             )
             replay: list[tuple[str, Obj]] = []
             if since is None:
-                items, _ = self.list(kind, namespace, matches)
+                items, _ = self.select(kind, namespace, matches)
                 replay = [("ADDED", item) for item in items]
             else:
                 # Offer the retained history through the same filter as live events.
@@ -346,6 +347,13 @@ class Store:
     def _defaults(self, kind: Kind, obj: Obj) -> None:
         if kind.key == "/pods":
             obj.setdefault("status", {}).setdefault("phase", "Pending")
+        elif kind.key == "/secrets":
+            # stringData is write-only: merged into data (base64), as the API server does.
+            strings = obj.pop("stringData", None) or {}
+            data = obj.setdefault("data", {})
+            for key, value in strings.items():
+                data[key] = base64.b64encode(value.encode()).decode()
+            obj.setdefault("type", "Opaque")
         elif kind.key == "/services":
             spec = obj.setdefault("spec", {})
             if not spec.get("clusterIP"):
@@ -405,6 +413,8 @@ class Store:
                         result["status"] = current["status"]
                     else:
                         result.pop("status", None)
+                if kind.key == "/secrets":
+                    self._defaults(kind, result)
                 changed = {k: v for k, v in result.items() if k not in ("metadata", "status")}
                 before = {k: v for k, v in current.items() if k not in ("metadata", "status")}
                 if changed != before:
