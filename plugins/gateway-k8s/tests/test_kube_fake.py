@@ -498,3 +498,48 @@ def test_open_watches_end_when_the_server_stops() -> None:
     assert ended.wait(20), "the watch did not end when the server stopped"
     assert time.monotonic() - started < 15
     client.close()
+
+
+def test_crd_applied_through_the_api_is_served_and_enforced() -> None:
+    fake = FakeKube()  # no CRD to start with
+    with fake.running():
+        client = fake.api_client()
+        custom = kubernetes.client.CustomObjectsApi(client)
+        with pytest.raises(ApiException) as unknown:
+            custom.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
+        assert unknown.value.status == 404
+        extensions = kubernetes.client.ApiextensionsV1Api(client)
+        extensions.create_custom_resource_definition(crd.crd())
+        assert custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, cluster("c"))
+        invalid = cluster("d")
+        del invalid["spec"]["user"]
+        with pytest.raises(ApiException) as refused:
+            custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, invalid)
+        assert refused.value.status == 422
+        client.close()
+
+
+def test_bookmarks_when_allowed() -> None:
+    fake = FakeKube(bookmark_interval=0.2)
+    with fake.running():
+        client = fake.api_client()
+        core = kubernetes.client.CoreV1Api(client)
+        core.create_namespaced_pod(NS, pod("a"))
+        watch = kubernetes.watch.Watch()
+        types = [
+            e["type"]
+            for e in watch.stream(
+                core.list_namespaced_pod, NS, allow_watch_bookmarks=True, timeout_seconds=1
+            )
+        ]
+        assert types[0] == "ADDED" and "BOOKMARK" in types[1:]
+        assert int(watch.resource_version) >= 2
+        client.close()
+
+
+def test_orphan_propagation_keeps_dependents(core: Any) -> None:
+    owner = core.create_namespaced_secret(NS, {"metadata": {"name": "owner"}})
+    ref = {"apiVersion": "v1", "kind": "Secret", "name": "owner", "uid": owner.metadata.uid}
+    core.create_namespaced_pod(NS, pod("child", ownerReferences=[ref]))
+    core.delete_namespaced_secret("owner", NS, propagation_policy="Orphan")
+    assert core.read_namespaced_pod("child", NS).metadata.owner_references is None

@@ -479,7 +479,11 @@ class Store:
         for key in self._dependents(uid):
             obj = copy.deepcopy(self.objects[key])
             refs = obj["metadata"]["ownerReferences"]
-            obj["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
+            kept = [r for r in refs if r.get("uid") != uid]
+            if kept:
+                obj["metadata"]["ownerReferences"] = kept
+            else:  # an empty list is omitted, as the API server's JSON omits it
+                del obj["metadata"]["ownerReferences"]
             self.update(self.kinds[key[0]], key[1], key[2], obj)
 
     def close_watches(self) -> None:
