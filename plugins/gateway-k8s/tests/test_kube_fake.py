@@ -75,7 +75,7 @@ def test_crud_of_each_core_kind(kube: FakeKube, core: Any) -> None:
         },
     )
     assert service.spec.cluster_ip
-    core.create_namespaced_endpoints(NS, {"metadata": {"name": "svc"}, "subsets": []})
+    core.create_namespaced_endpoints(NS, {"metadata": {"name": "manual"}})
     core.create_namespaced_event(
         NS,
         {
@@ -97,18 +97,11 @@ def test_crud_of_each_core_kind(kube: FakeKube, core: Any) -> None:
     assert len(core.list_pod_for_all_namespaces().items) == 1
     events = core.list_namespaced_event(NS, field_selector="involvedObject.name=p1").items
     assert events[0].metadata.name.startswith("p1.") and events[0].reason == "Started"
-    for delete in (
-        core.delete_namespaced_pod,
-        core.delete_namespaced_secret,
-        core.delete_namespaced_service,
-        core.delete_namespaced_endpoints,
-    ):
-        delete(
-            "svc"
-            if "ice" in delete.__name__ or "endp" in delete.__name__
-            else ("p1" if "pod" in delete.__name__ else "s1"),
-            NS,
-        )
+    core.delete_namespaced_pod("p1", NS)
+    core.delete_namespaced_secret("s1", NS)
+    core.delete_namespaced_service("svc", NS)
+    core.delete_namespaced_endpoints("manual", NS)
+    assert core.list_namespaced_endpoints(NS).items == []  # svc's went with it
     with pytest.raises(ApiException) as missing:
         core.read_namespaced_pod("p1", NS)
     assert missing.value.status == 404
@@ -543,3 +536,42 @@ def test_orphan_propagation_keeps_dependents(core: Any) -> None:
     core.create_namespaced_pod(NS, pod("child", ownerReferences=[ref]))
     core.delete_namespaced_secret("owner", NS, propagation_policy="Orphan")
     assert core.read_namespaced_pod("child", NS).metadata.owner_references is None
+
+
+def test_endpoints_follow_the_services_ready_pods(core: Any) -> None:
+    core.create_namespaced_service(
+        NS,
+        {
+            "metadata": {"name": "sched"},
+            "spec": {
+                "selector": {"app": "dask", "role": "scheduler"},
+                "ports": [{"name": "tcp-comm", "port": 8786, "targetPort": 8786}],
+            },
+        },
+    )
+    assert core.read_namespaced_endpoints("sched", NS).subsets is None
+    core.create_namespaced_pod(NS, pod("s", {"app": "dask", "role": "scheduler"}))
+    core.create_namespaced_pod(NS, pod("w", {"app": "dask", "role": "worker"}))
+
+    def set_status(name: str, ip: str, ready: bool) -> None:
+        core.patch_namespaced_pod_status(
+            name,
+            NS,
+            {"status": {"podIP": ip, "conditions": [{"type": "Ready", "status": str(ready)}]}},
+        )
+
+    set_status("w", "127.0.0.3", True)
+    set_status("s", "127.0.0.2", False)
+    (subset,) = core.read_namespaced_endpoints("sched", NS).subsets
+    assert subset.addresses is None
+    assert [a.ip for a in subset.not_ready_addresses] == ["127.0.0.2"]
+    set_status("s", "127.0.0.2", True)
+    (subset,) = core.read_namespaced_endpoints("sched", NS).subsets
+    assert [(a.ip, a.target_ref.name) for a in subset.addresses] == [("127.0.0.2", "s")]
+    assert [(p.name, p.port) for p in subset.ports] == [("tcp-comm", 8786)]
+    core.delete_namespaced_pod("s", NS)
+    assert core.read_namespaced_endpoints("sched", NS).subsets is None
+    core.delete_namespaced_service("sched", NS)
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_endpoints("sched", NS)
+    assert gone.value.status == 404

@@ -208,6 +208,8 @@ class Store:
     compacted_rv: int = 1  # watching from an older resourceVersion is 410 Gone
     lock: threading.RLock = field(factory=threading.RLock)
     next_ip: int = 1
+    # Keep each selector Service's Endpoints in step with its pods, as the endpoints controller.
+    endpoints_controller: bool = True
 
     def add_kind(self, kind: Kind) -> None:
         with self.lock:
@@ -226,9 +228,79 @@ class Store:
         self.events.append(event)
         for watcher in list(self.watchers):
             watcher.offer(event)
+        if self.endpoints_controller and kind.key in ("/pods", "/services"):
+            self._sync_endpoints(kind, type_, obj)
         cutoff = time.monotonic() - self.history_seconds
         while self.events and self.events[0].at < cutoff:
             self.compacted_rv = self.events.pop(0).rv
+
+    def _sync_endpoints(self, kind: Kind, type_: str, obj: Obj) -> None:
+        namespace = obj["metadata"].get("namespace", "")
+        endpoints = self.kinds["/endpoints"]
+        if kind.key == "/services" and type_ == "DELETED":
+            if ("/endpoints", namespace, obj["metadata"]["name"]) in self.objects:
+                self.delete(endpoints, namespace, obj["metadata"]["name"])
+            return
+        pods = [o for (k, ns, _), o in self.objects.items() if k == "/pods" and ns == namespace]
+        services = [
+            o for (k, ns, _), o in self.objects.items() if k == "/services" and ns == namespace
+        ]
+        for service in services:
+            selector = (service.get("spec") or {}).get("selector")
+            if not selector:
+                continue
+            ready: list[Obj] = []
+            not_ready: list[Obj] = []
+            for pod in pods:
+                meta, status = pod["metadata"], pod.get("status") or {}
+                labels = meta.get("labels") or {}
+                if meta.get("deletionTimestamp") or not status.get("podIP"):
+                    continue
+                if any(labels.get(key) != value for key, value in selector.items()):
+                    continue
+                address = {
+                    "ip": status["podIP"],
+                    "targetRef": {
+                        "kind": "Pod",
+                        "name": meta["name"],
+                        "namespace": namespace,
+                        "uid": meta["uid"],
+                    },
+                }
+                is_ready = any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or []
+                )
+                (ready if is_ready else not_ready).append(address)
+            ports = []
+            for port in service["spec"].get("ports") or []:
+                target = port.get("targetPort", port["port"])
+                entry = {
+                    "port": target if isinstance(target, int) else port["port"],
+                    "protocol": port.get("protocol", "TCP"),
+                }
+                if port.get("name"):
+                    entry["name"] = port["name"]
+                ports.append(entry)
+            subset: Obj = {}
+            if ready:
+                subset["addresses"] = sorted(ready, key=lambda a: a["ip"])
+            if not_ready:
+                subset["notReadyAddresses"] = sorted(not_ready, key=lambda a: a["ip"])
+            subsets = [{**subset, "ports": ports}] if subset else []
+            name = service["metadata"]["name"]
+            current = self.objects.get(("/endpoints", namespace, name))
+            if current is None:
+                body: Obj = {"metadata": {"name": name}}
+                if subsets:
+                    body["subsets"] = subsets
+                self.create(endpoints, namespace, body)
+            elif current.get("subsets", []) != subsets:
+                new = copy.deepcopy(current)
+                new["subsets"] = subsets
+                if not subsets:
+                    del new["subsets"]
+                self.update(endpoints, namespace, name, new)
 
     def compact(self) -> None:
         """Forget every past event, as etcd's compaction does: watches from any earlier
