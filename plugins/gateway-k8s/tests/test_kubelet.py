@@ -178,3 +178,56 @@ def test_no_process_mode_marks_pods_running(kube: FakeKube, core: Any, tmp_path:
         )  # no command: nothing could run
         wait_for(lambda: phase(core, "w") == "Running", "the pod to be marked running")
         assert kubelet.pod(NS, "w").process is None
+
+
+def test_graceful_deletion_keeps_the_pod_terminating_until_the_process_ends(
+    tmp_path: Path,
+) -> None:
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    fake = FakeKube(graceful_pod_deletion=True)
+    with fake.running(), Kubelet(kube=fake, workdir=tmp_path).running() as kubelet:
+        client = fake.api_client()
+        core = kubernetes.client.CoreV1Api(client)
+        ignores_term = (
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('up', flush=True); time.sleep(60)"
+        )
+        core.create_namespaced_pod(
+            NS, python_pod("slow", ignores_term, terminationGracePeriodSeconds=2)
+        )
+        wait_for(lambda: phase(core, "slow") == "Running", "the pod to run")
+        log = kubelet.pod(NS, "slow").directory / "log"
+        wait_for(lambda: log.exists() and "up" in log.read_text(), "the SIGTERM handler")
+        core.delete_namespaced_pod("slow", NS)
+        terminating = core.read_namespaced_pod("slow", NS)  # still there, Terminating
+        assert terminating.metadata.deletion_timestamp is not None
+        assert terminating.metadata.deletion_grace_period_seconds == 2
+
+        def gone() -> bool:
+            try:
+                core.read_namespaced_pod("slow", NS)
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        wait_for(gone, "the kubelet to remove the pod")
+        process = kubelet.pod(NS, "slow").process
+        assert process is not None and process.returncode == -9
+        client.close()
+
+
+def test_graceful_deletion_of_a_pod_no_kubelet_took_is_immediate() -> None:
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    with FakeKube(graceful_pod_deletion=True).running() as fake:
+        client = fake.api_client()
+        core = kubernetes.client.CoreV1Api(client)
+        core.create_namespaced_pod(NS, python_pod("pending", "pass"))
+        core.delete_namespaced_pod("pending", NS)
+        with pytest.raises(ApiException) as gone:
+            core.read_namespaced_pod("pending", NS)
+        assert gone.value.status == 404
+        client.close()

@@ -12,8 +12,10 @@ Mapping to the real thing (documented, since a process is not a container):
 - the process inherits this process's environment (PATH, the venv) with the pod's env on top;
   its stdout and stderr go to `<workdir>/<namespace>/<pod>/log`;
 - restartPolicy is treated as Never: an exit ends the pod (Succeeded on 0, else Failed);
-- deleting a pod sends SIGTERM to its process group, then SIGKILL after
-  `terminationGracePeriodSeconds` (default 30), as the kubelet does;
+- deleting a pod sends SIGTERM to its process group, then SIGKILL after the grace period
+  (the deletion's, else `terminationGracePeriodSeconds`, default 30), as the kubelet does; with
+  `FakeKube(graceful_pod_deletion=True)` the pod stays Terminating until then, and the kubelet
+  removes it (delete with grace 0) once the process is gone;
 - `run_processes=False` marks pods Running without starting anything (for the benchmark).
 """
 
@@ -159,8 +161,10 @@ class Kubelet:
             if type_ == "DELETED" or obj["metadata"].get("deletionTimestamp"):
                 if known is not None and not known.deleted:
                     known.deleted = True
-                    grace = obj["spec"].get("terminationGracePeriodSeconds", 30)
-                    self._spawn(self._kill, known, grace)
+                    grace = obj["metadata"].get("deletionGracePeriodSeconds")
+                    if grace is None:
+                        grace = obj["spec"].get("terminationGracePeriodSeconds", 30)
+                    self._spawn(self._terminate, known, grace, type_ != "DELETED")
                 return
             if known is not None or obj.get("status", {}).get("phase") not in (None, "Pending"):
                 return
@@ -418,6 +422,14 @@ class Kubelet:
                 f"container {container['name']} has no command (images have none here)"
             )
         return argv, env
+
+    def _terminate(self, pod: PodProcess, grace: float, finish: bool) -> None:
+        """Stop a deleted pod's process; `finish`: the pod is Terminating on the server, and
+        this kubelet removes it (delete with grace 0) once the process is gone."""
+        self._kill(pod, grace)
+        if finish:
+            with contextlib.suppress(ApiException):
+                self._core().delete_namespaced_pod(pod.name, pod.namespace, grace_period_seconds=0)
 
     def _kill(self, pod: PodProcess, grace: float) -> None:
         process = pod.process

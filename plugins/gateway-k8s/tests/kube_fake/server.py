@@ -48,13 +48,15 @@ class FakeKube:
     `role`: a Role (dict, YAML text or rules list) whose rules every request must satisfy
     (None: everything allowed); `user`: the name 403 messages give; `history_seconds`: how long
     watch history is kept before compaction; `bookmark_interval`: BOOKMARK period for watches
-    that allow them.
+    that allow them; `graceful_pod_deletion`: running pods stay Terminating until their kubelet
+    deletes them (with a kubelet only).
     """
 
     crds: list[Obj] = field(factory=list)
     role: Any = None
     user: str = "system:serviceaccount:default:gateway"
     history_seconds: float = 300.0
+    graceful_pod_deletion: bool = False
     bookmark_interval: float = 1.0
     store: Store = field(init=False)
     url: str = field(init=False, default="")
@@ -65,7 +67,10 @@ class FakeKube:
     _closing: bool = field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
-        self.store = Store(history_seconds=self.history_seconds)
+        self.store = Store(
+            history_seconds=self.history_seconds,
+            graceful_pod_deletion=self.graceful_pod_deletion,
+        )
         for kind in core_kinds():
             self.store.add_kind(kind)
         crd_kind = self.store.kinds["apiextensions.k8s.io/customresourcedefinitions"]
@@ -351,7 +356,11 @@ class FakeKube:
             policy = (options or {}).get("propagationPolicy") or request.query.get(
                 "propagationPolicy"
             )
-            obj = store.delete(kind, ns, req.name or "", orphan=policy == "Orphan")
+            raw_grace = (options or {}).get("gracePeriodSeconds")
+            if raw_grace is None:
+                raw_grace = request.query.get("gracePeriodSeconds")
+            grace = None if raw_grace is None else int(raw_grace)
+            obj = store.delete(kind, ns, req.name or "", orphan=policy == "Orphan", grace=grace)
             return obj
         body = await self._json(request)
         if verb == "create":

@@ -210,6 +210,9 @@ class Store:
     next_ip: int = 1
     # Keep each selector Service's Endpoints in step with its pods, as the endpoints controller.
     endpoints_controller: bool = True
+    # Pods a kubelet runs stay Terminating (deletionTimestamp) until it deletes them with grace
+    # 0, as on a real cluster; off: every pod is removed at once.
+    graceful_pod_deletion: bool = False
 
     def add_kind(self, kind: Kind) -> None:
         with self.lock:
@@ -504,10 +507,37 @@ class Store:
             self._record(kind, "MODIFIED", copy.deepcopy(result), copy.deepcopy(current))
             return copy.deepcopy(result)
 
-    def delete(self, kind: Kind, namespace: str, name: str, *, orphan: bool = False) -> Obj:
+    def delete(
+        self,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        *,
+        orphan: bool = False,
+        grace: int | None = None,
+    ) -> Obj:
+        """Delete an object; `grace`: the request's gracePeriodSeconds (pods only)."""
         with self.lock:
             current = self.get(kind, namespace, name)
             meta = current["metadata"]
+            if kind.key == "/pods" and self.graceful_pod_deletion:
+                status = current.get("status") or {}
+                if grace is None:
+                    grace = current.get("spec", {}).get("terminationGracePeriodSeconds", 30)
+                # A pod no kubelet took (no hostIP) or that ended goes at once, as on a real
+                # cluster; otherwise it is Terminating until its kubelet deletes it with grace 0.
+                running = status.get("hostIP") and status.get("phase") not in (
+                    "Succeeded",
+                    "Failed",
+                )
+                if running and grace > 0:
+                    if not meta.get("deletionTimestamp"):
+                        meta["deletionTimestamp"] = now_iso()
+                        meta["deletionGracePeriodSeconds"] = grace
+                        self._bump(current)
+                        self.objects[(kind.key, namespace, name)] = current
+                        self._record(kind, "MODIFIED", copy.deepcopy(current), None)
+                    return copy.deepcopy(current)
             if meta.get("finalizers"):
                 if not meta.get("deletionTimestamp"):
                     meta["deletionTimestamp"] = now_iso()
