@@ -231,3 +231,28 @@ def test_graceful_deletion_of_a_pod_no_kubelet_took_is_immediate() -> None:
             core.read_namespaced_pod("pending", NS)
         assert gone.value.status == 404
         client.close()
+
+
+def test_a_node_kubelet_runs_only_its_pods(kube: FakeKube, core: Any, tmp_path: Path) -> None:
+    with Kubelet(kube=kube, workdir=tmp_path, node="n1", run_processes=False).running():
+        core.create_namespaced_pod(NS, python_pod("mine", "pass", nodeName="n1"))
+        core.create_namespaced_pod(NS, python_pod("theirs", "pass", nodeName="n2"))
+        wait_for(lambda: phase(core, "mine") == "Running", "n1's pod to run")
+        time.sleep(0.5)
+        theirs = core.read_namespaced_pod("theirs", NS)
+        assert theirs.status.phase == "Pending" and theirs.status.pod_ip is None
+
+
+def test_a_missing_secret_is_a_container_config_error(core: Any, kubelet: Kubelet) -> None:
+    body = python_pod("nosecret", "pass")
+    body["spec"]["containers"][0]["env"] = [
+        {"name": "T", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "token"}}}
+    ]
+    core.create_namespaced_pod(NS, body)
+
+    def reason() -> str | None:
+        statuses = core.read_namespaced_pod("nosecret", NS).status.container_statuses
+        return statuses and statuses[0].state.waiting and statuses[0].state.waiting.reason
+
+    assert wait_for(reason, "the waiting reason") == "CreateContainerConfigError"
+    assert phase(core, "nosecret") == "Pending"
