@@ -396,6 +396,10 @@ rules:
   - apiGroups: [daskgateway.dev]
     resources: [daskclusters, daskclusters/status]
     verbs: [get, patch]
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    resourceNames: [leader]
+    verbs: [get, update]
 """
     fake = FakeKube(crds=[crd.crd()], role=role)
     with fake.running():
@@ -415,6 +419,20 @@ rules:
                 call()
             assert denied.value.status == 403
             assert status_of(denied.value)["reason"] == "Forbidden"
+        leases = kubernetes.client.CoordinationV1Api(client)
+        fake.store.create(
+            fake.store.kinds["coordination.k8s.io/leases"],
+            NS,
+            {"metadata": {"name": "leader"}, "spec": {}},
+        )
+        assert leases.read_namespaced_lease("leader", NS).metadata.name == "leader"
+        for call in (
+            lambda: leases.read_namespaced_lease("other", NS),
+            lambda: leases.list_namespaced_lease(NS),
+        ):
+            with pytest.raises(ApiException) as denied:
+                call()
+            assert denied.value.status == 403  # resourceNames grant only the named lease
         with pytest.raises(ApiException) as denied:
             core.delete_namespaced_pod("p", NS)
         assert status_of(denied.value)["message"] == (

@@ -23,9 +23,15 @@ def rules_of(role: dict[str, Any] | str | list[dict[str, Any]]) -> list[dict[str
     return list(role.get("rules") or [])
 
 
-def allows(rules: list[dict[str, Any]], *, verb: str, group: str, resource: str) -> bool:
-    """`resource` may be `plural` or `plural/subresource`, as in Role rules."""
+def allows(
+    rules: list[dict[str, Any]], *, verb: str, group: str, resource: str, name: str | None = None
+) -> bool:
+    """`resource` may be `plural` or `plural/subresource`, as in Role rules; a rule with
+    `resourceNames` grants only requests naming one of them (so never list, watch or create)."""
     for rule in rules:
+        names = rule.get("resourceNames")
+        if names and name not in names:
+            continue
         if not any(g in ("*", group) for g in rule.get("apiGroups", [])):
             continue
         if not any(r in ("*", resource) for r in rule.get("resources", [])):

@@ -155,7 +155,11 @@ class FakeKube:
             verb = self._verb(request, req)
             resource = req.kind.plural + (f"/{req.subresource}" if req.subresource else "")
             if self.role is not None and not rbac.allows(
-                rbac.rules_of(self.role), verb=verb, group=req.group, resource=resource
+                rbac.rules_of(self.role),
+                verb=verb,
+                group=req.group,
+                resource=resource,
+                name=req.name,
             ):
                 raise self._forbidden(req, verb, resource)
             if verb == "watch":
