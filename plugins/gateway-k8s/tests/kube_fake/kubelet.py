@@ -132,7 +132,7 @@ class Kubelet:
                     listed = core.list_pod_for_all_namespaces(field_selector=selector)
                     for item in listed.items:
                         self._seen(self._client.sanitize_for_serialization(item), "ADDED")
-                    rv = listed.metadata.resource_version
+                    rv = listed.metadata.resource_version if listed.metadata else None
                 self._watch = kubernetes.watch.Watch()
                 for event in self._watch.stream(
                     core.list_pod_for_all_namespaces,

@@ -38,34 +38,38 @@ def _split(selector: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+def _holds(op: str, value: str | None, wanted: frozenset[str]) -> bool:
+    if op in ("in", "="):
+        return value in wanted
+    if op in ("notin", "!="):
+        return value not in wanted
+    if op == "exists":
+        return value is not None
+    return value is None  # "!": does not exist
+
+
 def label_selector(selector: str | None) -> Callable[[dict[str, str]], bool]:
     """A predicate over a labels dict; raises SelectorError on a malformed selector."""
-    checks: list[Callable[[dict[str, str]], bool]] = []
+    requirements: list[tuple[str, str, frozenset[str]]] = []  # (op, key, values)
     for part in _split(selector or ""):
         if match := _SET.match(part):
             if match.group(1):
                 raise SelectorError(f"unable to parse requirement: {part!r}")
-            key, op = match.group(2), match.group(3)
-            values = {v.strip() for v in match.group(4).split(",") if v.strip()}
-            if op == "in":
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
-            else:
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+            values = frozenset(v.strip() for v in match.group(4).split(",") if v.strip())
+            requirements.append((match.group(3), match.group(2), values))
         elif match := _CMP.match(part):
             key, op, value = match.groups()
-            if op == "!=":
-                checks.append(lambda labels, k=key, v=value: labels.get(k) != v)
-            else:
-                checks.append(lambda labels, k=key, v=value: labels.get(k) == v)
+            requirements.append(("!=" if op == "!=" else "=", key, frozenset({value})))
         elif match := _EXISTS.match(part):
             negate, key = match.groups()
-            if negate:
-                checks.append(lambda labels, k=key: k not in labels)
-            else:
-                checks.append(lambda labels, k=key: k in labels)
+            requirements.append(("!" if negate else "exists", key, frozenset()))
         else:
             raise SelectorError(f"unable to parse requirement: {part!r}")
-    return lambda labels: all(check(labels) for check in checks)
+
+    def matches(labels: dict[str, str]) -> bool:
+        return all(_holds(op, labels.get(key), values) for op, key, values in requirements)
+
+    return matches
 
 
 def field_value(obj: dict[str, Any], path: str) -> str:
@@ -77,7 +81,7 @@ def field_value(obj: dict[str, Any], path: str) -> str:
 
 def field_selector(selector: str | None, allowed: frozenset[str]) -> Predicate:
     """A predicate over a whole object; only the `allowed` field labels are accepted."""
-    checks: list[Predicate] = []
+    requirements: list[tuple[str, str, frozenset[str]]] = []  # (op, path, values)
     for part in _split(selector or ""):
         match = _CMP.match(part)
         if not match:
@@ -85,8 +89,9 @@ def field_selector(selector: str | None, allowed: frozenset[str]) -> Predicate:
         path, op, value = match.groups()
         if path not in allowed:
             raise SelectorError(f'field label not supported: "{path}"')
-        if op == "!=":
-            checks.append(lambda obj, p=path, v=value: field_value(obj, p) != v)
-        else:
-            checks.append(lambda obj, p=path, v=value: field_value(obj, p) == v)
-    return lambda obj: all(check(obj) for check in checks)
+        requirements.append(("!=" if op == "!=" else "=", path, frozenset({value})))
+
+    def matches(obj: dict[str, Any]) -> bool:
+        return all(_holds(op, field_value(obj, path), values) for op, path, values in requirements)
+
+    return matches
