@@ -593,3 +593,22 @@ def test_endpoints_follow_the_services_ready_pods(core: Any) -> None:
     with pytest.raises(ApiException) as gone:
         core.read_namespaced_endpoints("sched", NS)
     assert gone.value.status == 404
+
+
+def test_delete_collection_by_label(core: Any) -> None:
+    core.create_namespaced_pod(NS, pod("w1", {"role": "worker"}))
+    core.create_namespaced_pod(NS, pod("w2", {"role": "worker"}))
+    core.create_namespaced_pod(NS, pod("s", {"role": "scheduler"}))
+    core.delete_collection_namespaced_pod(NS, label_selector="role=worker")
+    assert [p.metadata.name for p in core.list_namespaced_pod(NS).items] == ["s"]
+
+
+def test_namespaces_and_their_deletion(core: Any) -> None:
+    created = core.create_namespace({"metadata": {"name": "user-alice"}})
+    assert created.status.phase == "Active" and created.metadata.namespace is None
+    assert "user-alice" in [n.metadata.name for n in core.list_namespace().items]
+    core.create_namespaced_pod("user-alice", pod("p"))
+    core.create_namespaced_pod(NS, pod("p"))
+    core.delete_namespace("user-alice")
+    assert core.list_namespaced_pod("user-alice").items == []
+    assert len(core.list_namespaced_pod(NS).items) == 1

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -169,6 +170,10 @@ class FakeKube:
             return web.json_response(body, status=status)
         except ApiError as error:
             return web.json_response(error.status(), status=error.code)
+        except Exception as error:  # a bug of the fake: a Status, and the traceback logged
+            logging.getLogger(__name__).exception("the fake API server failed")
+            failure = ApiError(500, "InternalError", f"the fake API server failed: {error!r}")
+            return web.json_response(failure.status(), status=500)
 
     def _forbidden(self, req: Request, verb: str, resource: str) -> ApiError:
         where = f' in the namespace "{req.namespace}"' if req.namespace else ""
@@ -313,8 +318,8 @@ class FakeKube:
             return "update"
         if method == "PATCH" and req.name:
             return "patch"
-        if method == "DELETE" and req.name:
-            return "delete"
+        if method == "DELETE":
+            return "delete" if req.name else "deletecollection"
         raise ApiError(
             405,
             "MethodNotAllowed",
@@ -351,11 +356,11 @@ class FakeKube:
                 "metadata": {"resourceVersion": str(rv)},
                 "items": items,
             }
-        assert req.name is not None or verb == "create"
+        assert req.name is not None or verb in ("create", "deletecollection")
         if verb == "get":
             obj = store.get(kind, ns, req.name or "")
             return self._to_scale(kind, obj) if req.subresource == "scale" else obj
-        if verb == "delete":
+        if verb in ("delete", "deletecollection"):
             options = await self._json(request) if request.can_read_body else None
             policy = (options or {}).get("propagationPolicy") or request.query.get(
                 "propagationPolicy"
@@ -364,8 +369,30 @@ class FakeKube:
             if raw_grace is None:
                 raw_grace = request.query.get("gracePeriodSeconds")
             grace = None if raw_grace is None else int(raw_grace)
-            obj = store.delete(kind, ns, req.name or "", orphan=policy == "Orphan", grace=grace)
-            return obj
+            if verb == "delete":
+                return store.delete(
+                    kind, ns, req.name or "", orphan=policy == "Orphan", grace=grace
+                )
+            items, rv = store.select(kind, req.namespace, self._matcher(request, kind))
+            deleted = []
+            for item in items:
+                meta = item["metadata"]
+                with contextlib.suppress(ApiError):  # gone meanwhile (garbage collected)
+                    deleted.append(
+                        store.delete(
+                            kind,
+                            meta.get("namespace", ""),
+                            meta["name"],
+                            orphan=policy == "Orphan",
+                            grace=grace,
+                        )
+                    )
+            return {
+                "kind": f"{kind.kind}List",
+                "apiVersion": kind.api_version,
+                "metadata": {"resourceVersion": str(store.rv)},
+                "items": deleted,
+            }
         body = await self._json(request)
         if verb == "create":
             if not isinstance(body, dict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import random
 import threading
@@ -82,6 +83,16 @@ class Kind:
 def core_kinds() -> list[Kind]:
     pod_fields = frozenset({"status.phase", "spec.nodeName", "spec.restartPolicy"})
     return [
+        Kind(
+            group="",
+            version="v1",
+            plural="namespaces",
+            kind="Namespace",
+            namespaced=False,
+            short_names=["ns"],
+            fields=frozenset({"status.phase"}),
+            status_subresource=True,
+        ),
         Kind(
             group="",
             version="v1",
@@ -422,6 +433,8 @@ class Store:
     def _defaults(self, kind: Kind, obj: Obj) -> None:
         if kind.key == "/pods":
             obj.setdefault("status", {}).setdefault("phase", "Pending")
+        elif kind.key == "/namespaces":
+            obj["status"] = {"phase": "Active"}
         elif kind.key == "/secrets":
             # stringData is write-only: merged into data (base64), as the API server does.
             strings = obj.pop("stringData", None) or {}
@@ -548,6 +561,13 @@ class Store:
             del self.objects[(kind.key, namespace, name)]
             self._bump(current)
             self._record(kind, "DELETED", copy.deepcopy(current), None)
+            if kind.key == "/namespaces":  # its contents go with it (at once, here)
+                for key in [
+                    k for k in self.objects if k[1] == name and self.kinds[k[0]].namespaced
+                ]:
+                    if key in self.objects:
+                        with contextlib.suppress(ApiError):
+                            self.delete(self.kinds[key[0]], key[1], key[2], grace=0)
             if orphan:
                 self._orphan(meta["uid"])
             else:
