@@ -18,14 +18,20 @@ CHART_CRD = Path(__file__).resolve().parents[1] / "chart" / "crds" / "daskcluste
 
 
 def test_committed_yaml_is_the_generated_one() -> None:
-    generated = subprocess.run(
-        [sys.executable, "-m", "gateway_k8s.crd"], capture_output=True, text=True, check=True
-    ).stdout
+    generated = crd.render()
     assert CHART_CRD.read_text() == generated, (
         f"{CHART_CRD} is stale: regenerate it with "
         "`python -m gateway_k8s.crd > plugins/gateway-k8s/chart/crds/daskcluster.yaml`"
     )
     assert yaml.safe_load(generated) == crd.crd()
+
+
+@pytest.mark.integration
+def test_the_command_prints_the_rendering() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "gateway_k8s.crd"], capture_output=True, text=True, check=True
+    ).stdout
+    assert printed == crd.render()
 
 
 def test_names_subresources_and_columns() -> None:
