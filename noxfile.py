@@ -30,6 +30,8 @@ PACKAGES: dict[str, list[str]] = {
     ],
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
+    # Tested against the fake API server and kubelet in its tests/kube_fake (no real cluster).
+    "k8s": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-k8s"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     # gssapi (server and client) builds against libkrb5-dev; the realm is the plugin's
     # ci/start-kdc.sh, run by the tests themselves.
@@ -57,6 +59,7 @@ FOLDERS = {
     "example": "examples/gateway-plugin-example",
     "slurm": "plugins/gateway-slurm",
     "pbs": "plugins/gateway-pbs",
+    "k8s": "plugins/gateway-k8s",
     "site-options": "examples/site-options",
     "auth-kerberos": "plugins/auth-kerberos",
     "auth-jupyterhub": "plugins/auth-jupyterhub",
