@@ -7,14 +7,20 @@ real skein client over mutual TLS.
 
 from __future__ import annotations
 
-import shutil
+import os
+
+# Before grpc is imported: the simulator forks container processes from a process serving
+# gRPC on threads; grpc's fork handlers in such a child can crash it (SIGSEGV).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import shutil  # noqa: E402
 from collections.abc import Iterator
 
-import pytest
-import skein
-from yarn_sim.server import YarnSimulator
+import pytest  # noqa: E402
+import skein  # noqa: E402
+from yarn_sim.server import YarnSimulator  # noqa: E402
 
-from gateway_core.testing.jobqueue import shared_tempdir
+from gateway_core.testing.jobqueue import shared_tempdir  # noqa: E402
 
 QUEUES = ("default", "science")
 

@@ -602,6 +602,9 @@ class YarnSimulator:
 
         def run() -> None:
             for sig, wait in ((signal.SIGTERM, self.stop_grace), (signal.SIGKILL, 5.0)):
+                # Only while the group's leader is not reaped: its pid cannot be reused yet.
+                if proc.poll() is not None:
+                    return
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
@@ -610,11 +613,6 @@ class YarnSimulator:
                     proc.wait(timeout=wait)
                 except subprocess.TimeoutExpired:
                     continue
-                # The script is gone; end what is left of its group too.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 return
 
         threading.Thread(target=run, daemon=True).start()
@@ -705,7 +703,7 @@ class YarnSimulator:
         with self.lock:
             container = self.app(app_id).containers[skein_id]
             proc = container.proc
-        if proc is not None:
+        if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
