@@ -13,14 +13,14 @@ import os
 # gRPC on threads; grpc's fork handlers in such a child can crash it (SIGSEGV).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import shutil  # noqa: E402
+import shutil
 from collections.abc import Iterator
 
-import pytest  # noqa: E402
-import skein  # noqa: E402
-from yarn_sim.server import YarnSimulator  # noqa: E402
+import pytest
+import skein
+from yarn_sim.server import YarnSimulator
 
-from gateway_core.testing.jobqueue import shared_tempdir  # noqa: E402
+from gateway_core.testing.jobqueue import shared_tempdir
 
 QUEUES = ("default", "science")
 
