@@ -30,6 +30,8 @@ PACKAGES: dict[str, list[str]] = {
     ],
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
+    # skein (PyPI) is the plugin's dependency; its tests run against tests/yarn_sim.
+    "yarn": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-yarn"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     # gssapi (server and client) builds against libkrb5-dev; the realm is the plugin's
     # ci/start-kdc.sh, run by the tests themselves.
@@ -57,6 +59,7 @@ FOLDERS = {
     "example": "examples/gateway-plugin-example",
     "slurm": "plugins/gateway-slurm",
     "pbs": "plugins/gateway-pbs",
+    "yarn": "plugins/gateway-yarn",
     "site-options": "examples/site-options",
     "auth-kerberos": "plugins/auth-kerberos",
     "auth-jupyterhub": "plugins/auth-jupyterhub",
