@@ -191,6 +191,7 @@ def bench(session: nox.Session) -> None:
         "./client",
         "./core[local]",
         "./plugins/gateway-slurm",
+        "./plugins/gateway-yarn",  # cluster_bench's YARN row, on the simulator in its tests
         "trustme",  # the benchmarks' TLS certificates
         "dask-gateway-server",  # the original server, and the Go proxy in its wheel
         "dask-gateway",

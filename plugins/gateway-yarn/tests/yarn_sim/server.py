@@ -330,7 +330,8 @@ class YarnSimulator:
     containers' working directories) and ``logs/<app>/<container>``. ``queues`` are the queues
     that exist; ``node_path`` is the ``PATH`` containers get (the NodeManager's). ``calls``
     counts every RPC by method name; ``failures[method] = n`` makes its next ``n`` calls fail
-    with INTERNAL (a busy ResourceManager).
+    with INTERNAL (a busy ResourceManager). ``switch_users`` (as root): containers run as the
+    application's user, an unknown one fails the application.
     """
 
     def __init__(
@@ -342,6 +343,7 @@ class YarnSimulator:
         security: skein.Security | None = None,
         cluster_timestamp: int | None = None,
         stop_grace: float = 3.0,
+        switch_users: bool = True,
     ) -> None:
         self.root = root
         self.queues = queues
@@ -349,6 +351,9 @@ class YarnSimulator:
         self.security = security or skein.Security.new_credentials()
         self.cluster_timestamp = cluster_timestamp or _now_ms()
         self.stop_grace = stop_grace
+        self.switch_users = switch_users and os.geteuid() == 0
+        """Run containers as the application's user (as root only); False: as this process's
+        user, whatever the application's (a benchmark's made-up user)."""
         self.lock = threading.RLock()
         self.apps: dict[str, SimApplication] = {}
         self.calls: collections.Counter[str] = collections.Counter()
@@ -453,7 +458,7 @@ class YarnSimulator:
                     f"queue: {app.spec.queue}",
                 )
                 return
-            if os.geteuid() == 0:
+            if self.switch_users:
                 try:
                     pwd.getpwnam(app.user)
                 except KeyError:
@@ -529,7 +534,7 @@ class YarnSimulator:
         files: dict[str, Any],
         resources: pb.Resources,
     ) -> None:
-        as_root = os.geteuid() == 0
+        as_root = self.switch_users
         account = pwd.getpwnam(app.user) if as_root else pwd.getpwuid(os.geteuid())
         local_dirs = self.root / "nm-local-dir" / "usercache" / app.user / "appcache" / app.id
         workdir = local_dirs / container.yarn_id
