@@ -102,12 +102,16 @@ def tests(session: nox.Session, package: str) -> None:
 @nox.session
 def compat(session: nox.Session) -> None:
     """The original `dask-gateway` client (PyPI) runs the user flow against this server."""
-    session.install("./proxy", "./client", "./core[local,testing]", "dask-gateway")
-    session.chdir(ROOT / "core")
+    session.install(
+        "./proxy", "./client", "./core[local,testing]", "./plugins/gateway-yarn", "dask-gateway"
+    )
     # The original client's objects raise from __del__ when collected after their event loop
     # closed (upstream behaviour, not this server's); pytest's unraisable-exception plugin
     # would turn that noise into an INTERNALERROR, so it is off for this session only.
-    session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
+    # core: the whole flow on unsafe-local; gateway-yarn: a YARN cluster on its simulator.
+    for folder in ("core", "plugins/gateway-yarn"):
+        session.chdir(ROOT / folder)
+        session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
 
 
 @nox.session

@@ -14,7 +14,11 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import shutil
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -206,3 +210,85 @@ def gateway_backend_setup(yarn_sim: YarnSimulator, job_python: str, tmp_path: Pa
             "aggregation); the failure reason includes the scheduler's",
         },
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml(config: dict[str, Any]) -> str:
+    """The few shapes the test config has, as TOML."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+
+    def table(name: str, body: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in body.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for name, body in config.items():
+        table(name, body)
+    return "\n".join(lines) + "\n"
+
+
+class GatewayProcess:
+    """``gateway serve`` as a process of its own, so it can be killed with SIGKILL."""
+
+    def __init__(self, folder: Path, config: Path, address: str) -> None:
+        self.folder, self.config, self.address = folder, config, address
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.folder / "gateway.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway_core", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, self.log_tail()
+            assert time.monotonic() < deadline, "gateway did not start\n" + self.log_tail()
+            time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        return (self.folder / "gateway.log").read_text()[-4000:]
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], GatewayProcess]]:
+    made: list[GatewayProcess] = []
+
+    def make(config: dict[str, Any]) -> GatewayProcess:
+        path = tmp_path / "gateway.toml"
+        path.write_text(toml(config))
+        port = int(config["proxy"]["address"].rsplit(":", 1)[1])
+        made.append(GatewayProcess(tmp_path, path, f"http://127.0.0.1:{port}"))
+        return made[-1]
+
+    yield make
+    for g in made:
+        if g.proc is not None and g.proc.poll() is None:
+            g.proc.kill()
+            g.proc.wait()
