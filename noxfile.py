@@ -32,6 +32,8 @@ PACKAGES: dict[str, list[str]] = {
     "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
     # Tested against the fake API server and kubelet in its tests/kube_fake (no real cluster).
     "k8s": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-k8s"],
+    # skein (PyPI) is the plugin's dependency; its tests run against tests/yarn_sim.
+    "yarn": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-yarn"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     # gssapi (server and client) builds against libkrb5-dev; the realm is the plugin's
     # ci/start-kdc.sh, run by the tests themselves.
@@ -60,6 +62,7 @@ FOLDERS = {
     "slurm": "plugins/gateway-slurm",
     "pbs": "plugins/gateway-pbs",
     "k8s": "plugins/gateway-k8s",
+    "yarn": "plugins/gateway-yarn",
     "site-options": "examples/site-options",
     "auth-kerberos": "plugins/auth-kerberos",
     "auth-jupyterhub": "plugins/auth-jupyterhub",
@@ -102,12 +105,16 @@ def tests(session: nox.Session, package: str) -> None:
 @nox.session
 def compat(session: nox.Session) -> None:
     """The original `dask-gateway` client (PyPI) runs the user flow against this server."""
-    session.install("./proxy", "./client", "./core[local,testing]", "dask-gateway")
-    session.chdir(ROOT / "core")
+    session.install(
+        "./proxy", "./client", "./core[local,testing]", "./plugins/gateway-yarn", "dask-gateway"
+    )
     # The original client's objects raise from __del__ when collected after their event loop
     # closed (upstream behaviour, not this server's); pytest's unraisable-exception plugin
     # would turn that noise into an INTERNALERROR, so it is off for this session only.
-    session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
+    # core: the whole flow on unsafe-local; gateway-yarn: a YARN cluster on its simulator.
+    for folder in ("core", "plugins/gateway-yarn"):
+        session.chdir(ROOT / folder)
+        session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
 
 
 @nox.session
@@ -191,6 +198,7 @@ def bench(session: nox.Session) -> None:
         "./client",
         "./core[local]",
         "./plugins/gateway-slurm",
+        "./plugins/gateway-yarn",  # cluster_bench's YARN row, on the simulator in its tests
         "trustme",  # the benchmarks' TLS certificates
         "dask-gateway-server",  # the original server, and the Go proxy in its wheel
         "dask-gateway",

@@ -12,6 +12,9 @@ Owns the run: one driver process per system, its repetitions, and bench/results/
 #   the original client, ``dask_gateway``;
 # - ``floor``: no gateway at all: ``dask scheduler`` and N ``dask worker`` processes started and
 #   stopped directly (no TLS): what any gateway that starts new processes cannot beat.
+# - ``yarn``: ``gateway serve`` with the ``yarn`` backend (plugins/gateway-yarn), through the
+#   real skein client to the YARN simulator of that plugin's tests (run in the driver process,
+#   containers as its children): the life cycle as YARN applications and containers.
 #
 # Each system has its own driver process (``--role driver``), so one client library is
 # imported per process: the original client registers its ``gateway`` comm in distributed's
@@ -63,6 +66,7 @@ SYSTEMS: dict[str, str] = {
     "cold": "gateway, spawn (cold)",
     "original": "dask-gateway-server (PyPI)",
     "floor": "bare dask processes (floor)",
+    "yarn": "gateway, yarn backend on the YARN simulator",
 }
 METRICS: dict[str, str] = {
     "start_s": "new_cluster() → RUNNING",
@@ -136,6 +140,7 @@ class Driver:
         self.port = 0
         self.rep_runner: Callable[[int], dict[str, Any]] | None = None
         self.closers: list[Callable[[], Any]] = []
+        self.yarn: Any = None
 
     def emit(self, event: str, **fields: Any) -> None:
         self.events.write(json.dumps({"event": event, **fields}) + "\n")
@@ -198,6 +203,8 @@ class Driver:
             self.emit("ready", server_ready_s=None, comm_module=None)
             self.rep_runner = lambda rep: self.floor_rep(rep, Client)
             return
+        if self.system == "yarn":
+            self.start_yarn_simulator()
         ready = self.start_server()
         gateway_cls, auth_cls, comm = self.client_api()
         assert self.server is not None
@@ -237,6 +244,8 @@ class Driver:
                 f"c.ClusterConfig.worker_memory = {memory}\n"
             )
             return [str(BIN / "dask-gateway-server"), "-f", str(path)]
+        if self.system == "yarn":
+            return self.write_yarn_config(memory)
         method = "fork" if self.system == "warm" else "spawn"
         path = self.tmp / "gateway.toml"
         path.write_text(
@@ -256,6 +265,47 @@ class Driver:
             "\n[backend.unsafe-local]\n"
             f'start_method = "{method}"\n'
             f'clusters_directory = "{clusters}"\n'
+        )
+        return [str(BIN / "gateway"), "serve", "--config", str(path)]
+
+    def start_yarn_simulator(self) -> None:
+        """The YARN simulator of plugins/gateway-yarn/tests, serving skein's gRPC services in
+        this driver process; its containers are this process's children."""
+        # Before grpc is imported: containers are forked from a gRPC-serving process.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+        sys.path.insert(0, str(HERE.parent / "plugins" / "gateway-yarn" / "tests"))
+        from yarn_sim.server import YarnSimulator
+
+        env_path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        sim = YarnSimulator(root=self.tmp / "yarn", node_path=env_path, switch_users=False)
+        self.yarn = sim.start()
+        self.closers.append(sim.stop)
+
+    def write_yarn_config(self, memory: int) -> list[str]:
+        sim = self.yarn
+        cert, key = self.tmp / "skein.crt", self.tmp / "skein.pem"
+        cert.write_bytes(sim.security._get_bytes("cert"))
+        key.write_bytes(sim.security._get_bytes("key"))
+        path = self.tmp / "gateway.toml"
+        path.write_text(
+            "[gateway]\n"
+            'backend = "yarn"\n'
+            'authenticator = "simple"\n'
+            f'address = "{LOOPBACK}:0"\n'
+            'log_level = "WARNING"\n'
+            "\n[proxy]\n"
+            f'address = "{LOOPBACK}:{self.port}"\n'
+            "\n[auth.simple]\n"
+            f'password = "{PASSWORD}"\n'
+            "\n[cluster]\n"
+            "worker_cores = 1\n"
+            "worker_threads = 1\n"
+            f"worker_memory = {memory}\n"
+            "\n[backend.yarn]\n"
+            f'driver_address = "{sim.address}"\n'
+            f'driver_certificate = "{cert}"\n'
+            f'driver_key = "{key}"\n'
+            f'files_directory = "{self.tmp / "files"}"\n'
         )
         return [str(BIN / "gateway"), "serve", "--config", str(path)]
 
@@ -349,6 +399,8 @@ class Driver:
         assert self.server is not None
         n = self.args.workers
         server_pid = self.server.pid
+        # YARN's containers are the simulator's children, in this process.
+        server_pid = os.getpid() if self.system == "yarn" else server_pid
         baseline = {(p.pid, _created(p)) for p in descendants(server_pid)}
         gateway = gateway_cls(
             address=f"http://{LOOPBACK}:{self.port}",
@@ -972,6 +1024,16 @@ def render(report: dict[str, Any]) -> str:
         "say how busy it was.",
         "",
     ]
+    if "yarn" in results:
+        lines[-1:-1] = [
+            "The YARN row is `gateway serve` with the `yarn` backend talking through the real "
+            "`skein` client (gRPC, mutual TLS) to the YARN simulator of plugins/gateway-yarn's "
+            "tests, run in its driver process: each cluster is an application whose master "
+            "script is the scheduler, each worker a container, all local processes. It "
+            "measures the backend's and skein's overhead on top of the same Dask processes, "
+            "not a real YARN's scheduling delays.",
+            "",
+        ]
     return "\n".join(lines)
 
 
