@@ -286,3 +286,27 @@ def test_the_gateways_bin_goes_last_on_path_once() -> None:
     assert with_gateway_bin(f"{ours}:/usr/bin") == f"{ours}:/usr/bin"
     assert with_gateway_bin(None) == f"{os.defpath}:{ours}"
     assert kit.inherited_env(["A", "B"], {"A": "1", "C": "3"}) == {"A": "1"}
+
+
+async def test_attempts_sleep_the_backoff_between_tries_and_stop_on_break(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway_core.backends.kit import attempts, retries
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(retries.asyncio, "sleep", fake_sleep)
+    seen = [a async for a in attempts(5, base=0.5, max_delay=1.5)]
+    assert seen == [0, 1, 2, 3, 4]
+    assert slept == [0.5, 1.0, 1.5, 1.5]  # none before the first, capped at max_delay
+    slept.clear()
+    async for attempt in attempts(5, base=0.5, max_delay=1.5):
+        if attempt == 1:
+            break
+    assert slept == [0.5]  # a success ends the loop: no sleep after it
+    slept.clear()
+    assert [a async for a in attempts(0, base=1, max_delay=1)] == [0]  # always one try
+    assert slept == []

@@ -104,6 +104,7 @@ from .kit import (
     DEFAULT_INHERITED_ENVIRONMENT,
     KEY_FILE,
     RunAs,
+    attempts,
     cluster_env,
     inherited_env,
     last_lines,
@@ -975,20 +976,12 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
             batch.future.set_result(states)
 
     async def _query(self, job_ids: list[str]) -> dict[str, str | None]:
-        from ..reconciler import backoff_delay
-
         argv = self.status_command_line(job_ids)
-        attempts = 1 + self.config.status_command_retries
+        count = 1 + self.config.status_command_retries
         problem = ""
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(
-                    backoff_delay(
-                        attempt - 1,
-                        base=self.config.backoff_base_delay,
-                        max_delay=self.config.backoff_max_delay,
-                    )
-                )
+        async for attempt in attempts(
+            count, base=self.config.backoff_base_delay, max_delay=self.config.backoff_max_delay
+        ):
             self.status_calls += 1
             try:
                 result = await self.runner.run(
@@ -1008,9 +1001,7 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
                     return self._remember(dict.fromkeys(job_ids))
                 else:
                     problem = result.describe(os.path.basename(argv[0]))
-            log.warning(
-                "Status command failed (attempt %d of %d): %s", attempt + 1, attempts, problem
-            )
+            log.warning("Status command failed (attempt %d of %d): %s", attempt + 1, count, problem)
         raise RuntimeError(f"checking {len(job_ids)} {self.job_label}(s) failed: {problem}")
 
     def _remember(self, states: dict[str, str | None]) -> dict[str, str | None]:

@@ -426,19 +426,13 @@ class YarnDriver(ClusterDriver[YarnConfig, YarnClusterConfig]):
     async def active_applications(self) -> set[str]:
         """The ids of every ``dask-gateway`` application that has not ended: one listing,
         retried with backoff (``status_retries``); raises when it keeps failing."""
-        from gateway_core.reconciler import backoff_delay
+        from gateway_core.backends.kit import attempts
 
-        attempts = 1 + self.config.status_retries
+        count = 1 + self.config.status_retries
         problem = ""
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(
-                    backoff_delay(
-                        attempt - 1,
-                        base=self.config.backoff_base_delay,
-                        max_delay=self.config.backoff_max_delay,
-                    )
-                )
+        async for attempt in attempts(
+            count, base=self.config.backoff_base_delay, max_delay=self.config.backoff_max_delay
+        ):
             self.status_calls += 1
             try:
                 reports = await self._call(
@@ -449,7 +443,7 @@ class YarnDriver(ClusterDriver[YarnConfig, YarnClusterConfig]):
                 log.warning(
                     "Listing YARN applications failed (attempt %d of %d): %s",
                     attempt + 1,
-                    attempts,
+                    count,
                     problem,
                 )
             else:

@@ -1,7 +1,7 @@
 """The driver kit: the toolbox every process-style driver (local, job queues, plugins) uses.
 
 Owns nothing itself; re-exports the public helpers of its modules (`environment`, `accounts`,
-`commands`, `processes`, `files`), which docs/writing-a-backend.md lists with examples.
+`commands`, `processes`, `files`, `retries`), which docs/writing-a-backend.md lists with examples.
 """
 
 from .accounts import RunAs, lookup_user
@@ -36,6 +36,7 @@ from .processes import (
     group_members,
     read_stat,
 )
+from .retries import attempts
 
 __all__ = [
     "CERT_FILE",
@@ -48,6 +49,7 @@ __all__ = [
     "RunAs",
     "StopSteps",
     "all_stats",
+    "attempts",
     "boot_id",
     "cluster_env",
     "create_log",
