@@ -914,3 +914,41 @@ async def test_a_forked_child_becomes_the_user_with_nothing_of_the_template(
     assert seen["argv"] == [str(probe), "--flag"]
     assert seen["open_fds"] == []  # no descriptor of the template (its control socket least)
     assert seen["dumpable"] == 1  # its user may debug it, as after an exec
+
+
+def test_a_start_the_gateway_died_in_is_cleared_before_it_runs_again(tmp_path: Path) -> None:
+    """`start_may_rerun`: no pid stored means nothing the gateway knows of was launched; the
+    next attempt kills what runs in the old directory (a fork that happened after the last
+    write) and removes the directory, so `_make_workdir` can make it afresh."""
+    from gateway_core.backends.kit import ProcessRef
+    from gateway_core.backends.local import LocalDriver
+    from gateway_core.testing.units import unit_cluster, unit_driver
+
+    spec = next(
+        s for s in gateway_core.builtin.gateway_register_backends() if s.name == "unsafe-local"
+    )
+    driver = unit_driver(spec, LocalDriver)
+    cluster = unit_cluster(spec, name="c0ffee")
+    workdir = tmp_path / "cluster-c0ffee"
+    workdir.mkdir()
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], cwd=workdir, start_new_session=True
+    )
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path, start_new_session=True
+    )
+    try:
+        cluster.state = {"workdir": str(workdir)}
+        assert driver.start_may_rerun(cluster)
+        driver._clear_failed_attempt(cluster, str(workdir))
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+        assert not workdir.exists()
+        assert bystander.poll() is None  # another directory's process is left alone
+        ref = ProcessRef.of(bystander.pid)
+        cluster.state = {"workdir": str(workdir), **ref.to_state()}
+        assert not driver.start_may_rerun(cluster)  # launched: wait for it, as before
+    finally:
+        for proc in (stray, bystander):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

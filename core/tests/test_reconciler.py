@@ -679,6 +679,47 @@ async def test_restart_resumes_a_pending_cluster_waiting_for_its_heartbeat(
     assert second.driver.calls["start_scheduler"] == 0  # its start had already run
 
 
+@pytest.mark.parametrize("may_rerun", [True, False])
+async def test_restart_reruns_a_start_that_launched_nothing_when_the_driver_says_so(
+    make: Callable[..., Awaitable[Gateway]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    may_rerun: bool,
+) -> None:
+    """A gateway killed after a start began (credentials written) but before the driver stored
+    anything: with `ClusterDriver.start_may_rerun` the restarted gateway starts it again; without
+    it, the cluster is checked as started, found dead and failed (nothing else can tell)."""
+    from gateway_core.testing.driver import InProcessDriver
+
+    settings = {
+        "db_url": f"sqlite:///{tmp_path / 'gateway.sqlite'}",
+        "db_encrypt_keys": [base64.b64encode(os.urandom(32)).decode()],
+        "stop_clusters_on_shutdown": False,
+    }
+    first = await make(gateway=settings, scheduler_heartbeats=False)
+    cluster = await first.start()
+    await until(lambda: cluster.name in first.driver.schedulers and "port" in cluster.state)
+    await first.driver.schedulers.pop(cluster.name).stop()  # it never launched, as it were
+    first.backend.store.update_cluster(cluster, state={})
+    await first.backend.cleanup()
+
+    monkeypatch.setattr(
+        InProcessDriver, "start_may_rerun", lambda self, cluster: "port" not in cluster.state
+    )
+    if not may_rerun:
+        monkeypatch.undo()
+    second = await make(gateway=settings, schedulers=first.driver.schedulers)
+    again = await second.backend.get_cluster(cluster.name)
+    assert again is not None and again.status == ClusterStatus.PENDING and again.tls_cert
+    if may_rerun:
+        await until(lambda: again.status == ClusterStatus.RUNNING)
+        assert second.driver.calls["start_scheduler"] == 1
+    else:
+        await until(lambda: again.status == ClusterStatus.FAILED)
+        assert second.driver.calls["start_scheduler"] == 0
+        assert again.reason == "The scheduler stopped unexpectedly"
+
+
 async def test_a_stored_config_that_no_longer_fits_fails_that_cluster_only(
     make: Callable[..., Awaitable[Gateway]], tmp_path: Path
 ) -> None:

@@ -240,6 +240,21 @@ class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
         """For each (cluster, worker) pair, is the worker still alive? Batched like
         `check_clusters`."""
 
+    def start_may_rerun(self, cluster: Cluster) -> bool:
+        """After a gateway restart, for a PENDING cluster whose start began (its credentials
+        were written) but whose scheduler never registered: True when the state the first
+        attempt stored shows it launched nothing yet, so the reconciler runs `start_scheduler`
+        again instead of waiting for a heartbeat that cannot come (and then failing the cluster
+        as dead). The new attempt gets the state the first one left, and must cope with it
+        (e.g. a half-made directory). Default False: wait, and let `check_clusters` decide.
+
+        Example (a driver that stores ``{"pid": ...}`` once the process exists)::
+
+            def start_may_rerun(self, cluster):
+                return "pid" not in cluster.state
+        """
+        return False
+
     async def failure_reason(self, cluster: Cluster) -> str | None:
         """Why the scheduler died, for the user (e.g. the last lines of its log); None if
         unknown. Called when a cluster fails."""

@@ -13,6 +13,7 @@ SIGTERM → SIGKILL, liveness that survives a restart and a reused pid) is the d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -278,6 +279,11 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
         run_as = await self.owner.account(cluster)
         # The directory's path is stored before the directory is made, so neither a cancelled
         # start nor a gateway killed half-way can lose it. (Likewise for processes below.)
+        stale = cluster.state.get("workdir")
+        if isinstance(stale, str) and stale and ProcessRef.from_state(cluster.state) is None:
+            # An attempt the gateway died in (`start_may_rerun`): it may have made the
+            # directory, and a fork it asked for may have happened after its last write.
+            await asyncio.to_thread(self._clear_failed_attempt, cluster, stale)
         workdir = self._workdir_path(cluster)
         yield {"workdir": workdir}
         self._make_workdir(cluster, workdir, run_as)
@@ -409,6 +415,25 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         log.debug("Working directory %s for cluster %s created", workdir, cluster.name)
+
+    def start_may_rerun(self, cluster: Cluster) -> bool:
+        # The pid is stored the moment the process exists; without it nothing was launched
+        # that the gateway knows of (a fork it asked for is found by its directory).
+        return ProcessRef.from_state(cluster.state) is None
+
+    def _clear_failed_attempt(self, cluster: Cluster, workdir: str) -> None:
+        """Kill what runs in ``workdir`` (a scheduler forked after the gateway's last write,
+        found by its working directory) and remove the directory."""
+        real = os.path.realpath(workdir)
+        for pid in _pids_in_directory(real):
+            log.warning(
+                "Killing process %d of an unfinished start of cluster %s", pid, cluster.name
+            )
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)  # each launch leads its own process group
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self._remove_workdir(cluster, workdir)
 
     def _remove_workdir(self, cluster: Cluster, workdir: str) -> None:
         if cluster.name not in os.path.basename(workdir):
@@ -586,6 +611,25 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
 def _check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
         raise RuntimeError(f"refusing to make files for the unsafe name {name!r}")
+
+
+def _pids_in_directory(directory: str) -> list[int]:
+    """Pids of the processes whose working directory is ``directory`` (Linux ``/proc``)."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:  # gone, or not ours to read
+            continue
+        if cwd == directory:
+            found.append(int(entry))
+    return found
 
 
 __all__ = [

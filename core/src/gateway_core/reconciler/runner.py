@@ -130,7 +130,20 @@ class Reconciler:
             if not cluster.status.is_active:
                 continue
             if has_credentials(cluster):
-                self.runtimes.cluster(cluster.name).started = True
+                if (
+                    cluster.status == ClusterStatus.PENDING
+                    and not cluster.scheduler_address
+                    and cluster.target == ClusterStatus.RUNNING
+                    and self.driver.start_may_rerun(cluster)
+                ):
+                    # Killed between "start began" and the driver's first launch: start again.
+                    log.info(
+                        "The start of cluster %s had launched nothing when the gateway "
+                        "stopped; starting it again",
+                        cluster.name,
+                    )
+                else:
+                    self.runtimes.cluster(cluster.name).started = True
             if cluster.status == ClusterStatus.RUNNING:
                 cluster.last_heartbeat = now
             for worker in cluster.workers.values():
