@@ -132,6 +132,38 @@ async def test_a_wrong_password_shows_the_form_again(make_api: ApiFactory) -> No
     assert "invalid user name or password" in html and 'id="login-form"' in html
 
 
+def auth_failures(api: Api) -> dict[str, float]:
+    """``gateway_auth_failures_total`` by ``kind``, read from the gateway's registry."""
+    return {
+        sample.labels["kind"]: sample.value
+        for family in api.context.metrics.registry.collect()
+        if family.name == "gateway_auth_failures"
+        for sample in family.samples
+        if sample.name == "gateway_auth_failures_total"
+    }
+
+
+async def test_refused_logins_count_as_auth_failures(make_api: ApiFactory) -> None:  # noqa: F811
+    api = await make_api(CONFIG, cookies=True, auth_config=SimpleAuthConfig(password="s3cret"))
+    token = csrf_of(await (await api.client.get("/ui/login")).text())
+    for password in ["no", "nope"]:
+        resp = await api.client.post(
+            "/ui/login", data={"csrf": token, "username": "alice", "password": password}
+        )
+        assert resp.status == 401
+    # as the API's own refusals: kind "user", once each (no label for the user name)
+    assert auth_failures(api) == {"user": 2}
+    # neither a form without its CSRF token nor one without a user name is a credential refused
+    assert (await api.client.post("/ui/login", data={"username": "alice"})).status == 403
+    resp = await api.client.post("/ui/login", data={"csrf": token, "username": " "})
+    assert resp.status == 422
+    resp = await api.client.post(
+        "/ui/login", data={"csrf": token, "username": "alice", "password": "s3cret"}
+    )
+    assert resp.status == 200 and resp.url.path == "/"
+    assert auth_failures(api) == {"user": 2}
+
+
 async def test_new_cluster_form_follows_the_options_and_shows_api_messages(web: Api) -> None:
     token = await log_in(web, "alice")
     html = await (await web.client.get("/ui/new")).text()
@@ -315,3 +347,4 @@ async def test_other_authenticators_link_to_their_own_browser_flow(
     assert len(api.app[AUTHN].cache) == 0
     resp = await api.client.get("/ui/login/direct")
     assert resp.status == 401 and "log in through the hub" in await resp.text()
+    assert auth_failures(api) == {"user": 1}
