@@ -259,6 +259,34 @@ async def test_a_strangers_cluster_is_a_404_page(web: Api) -> None:
     assert name not in html
 
 
+async def test_a_sharee_sees_the_cluster_but_may_not_scale_or_stop_it(web: Api) -> None:
+    body = {"cluster_options": {}, "share_with_users": ["bob"]}
+    resp = await web.call("POST", "/api/v2/clusters", user="alice", json=body)
+    assert resp.status == 201, await resp.text()
+    name = (await resp.json())["name"]
+    web.backend.set_status(name, ClusterStatus.RUNNING)
+    token = await log_in(web, "bob")
+    home = await (await web.client.get("/")).text()
+    assert name in home and "shared by alice" in home
+    html = await (await web.client.get(f"/ui/cluster/{name}")).text()
+    assert 'id="show-logs"' in html and 'id="shared-note"' in html
+    assert 'id="scale-form"' not in html and 'id="stop-form"' not in html
+    before = web.backend.snapshot()
+    for path, data in [
+        (f"/ui/cluster/{name}/stop", {"csrf": token}),
+        (f"/ui/cluster/{name}/scale", {"csrf": token, "count": "1"}),
+    ]:
+        resp = await web.client.post(path, data=data)
+        assert resp.status == 403, path
+        assert "only its owner 'alice' and admins may" in (await resp.text()).replace("&#39;", "'")
+    assert web.backend.snapshot() == before and web.backend.forwarded == []
+    # the owner has the buttons
+    await log_in(web, "alice")
+    html = await (await web.client.get(f"/ui/cluster/{name}")).text()
+    assert 'id="scale-form"' in html and 'id="stop-form"' in html
+    assert 'id="shared-note"' not in html
+
+
 async def test_non_admins_are_refused_the_admin_page(web: Api) -> None:
     await log_in(web, "alice")
     resp = await web.client.get("/ui/admin")
