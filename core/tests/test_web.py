@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web as web_
@@ -376,3 +378,138 @@ async def test_other_authenticators_link_to_their_own_browser_flow(
     resp = await api.client.get("/ui/login/direct")
     assert resp.status == 401 and "log in through the hub" in await resp.text()
     assert auth_failures(api) == {"user": 1}
+
+
+VOID = frozenset(
+    [
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "source",
+        "track",
+        "wbr",
+    ]
+)  # elements without an end tag
+
+
+class PageCheck(HTMLParser):
+    """A page's links and form actions, and what makes its HTML invalid: end tags that do not
+    close the open element, duplicate ids, form controls without a label."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.open: list[str] = []
+        self.ids: list[str] = []
+        self.links: list[str] = []
+        self.actions: list[str] = []
+        self.labelled: set[str] = set()
+        self.controls: list[tuple[str | None, bool]] = []
+        self.problems: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag in ("a", "link") and a.get("href"):
+            self.links.append(a["href"])
+        if tag == "form":
+            self.actions.append(a.get("action", ""))
+        if tag == "label" and a.get("for"):
+            self.labelled.add(a["for"])
+        if tag in ("input", "select", "textarea") and a.get("type") not in (
+            "hidden",
+            "submit",
+            "button",
+        ):
+            self.controls.append((a.get("id"), "label" in self.open))
+        if tag not in VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            return
+        if not self.open or self.open[-1] != tag:
+            self.problems.append(f"</{tag}> while <{self.open[-1] if self.open else ''}> is open")
+        else:
+            self.open.pop()
+
+    def check(self, html: str) -> list[str]:
+        self.feed(html)
+        self.close()
+        problems = list(self.problems)
+        if self.open != []:
+            problems.append(f"never closed: {self.open}")
+        dupes = {i for i in self.ids if self.ids.count(i) > 1}
+        if dupes:
+            problems.append(f"duplicate ids: {sorted(dupes)}")
+        for ident, wrapped in self.controls:
+            if not wrapped and ident not in self.labelled:
+                problems.append(f"a form control without a label: id={ident!r}")
+        return problems
+
+
+async def crawl(api: Api, start: Sequence[str]) -> dict[str, int]:
+    """Follow every link of the gateway's pages from ``start``; check each page's HTML and
+    that its form actions are routes; answer the status of every URL reached."""
+    seen: dict[str, int] = {}
+    todo = list(start)
+    while todo:
+        url = todo.pop()
+        if url in seen:
+            continue
+        resp = await api.client.get(url)
+        seen[url] = resp.status
+        if resp.content_type != "text/html":
+            continue
+        page = PageCheck()
+        problems = page.check(await resp.text())
+        assert problems == [], (url, problems)
+        for action in page.actions:
+            # POST routes answer a GET 405; a form posting nowhere would be a 404
+            status = (await api.client.get(action, allow_redirects=False)).status
+            assert status in (200, 405), (url, action, status)
+        for link in page.links:
+            parts = urlsplit(link)
+            assert not parts.scheme and not parts.netloc, (url, link)  # nothing external
+            if parts.path.startswith("/clusters/"):  # dashboards: the proxy's, not the API's
+                assert re.fullmatch(r"/clusters/[0-9a-f]+/status", parts.path), (url, link)
+                continue
+            todo.append(link)
+    return seen
+
+
+async def test_every_link_of_every_page_answers_and_the_html_is_sound(web: Api) -> None:
+    names = []
+    for user in ["admin", "bob", "alice"]:
+        web.client.session.cookie_jar.clear()  # the API's session would be the last user's
+        names.append(await web.running(user))
+    mine, bobs, alices = names
+    for name in names:
+        web.backend.clusters[name].dashboard_address = "http://127.0.0.1:1"
+    web.backend.logs[mine] = {"scheduler": "hello"}
+    web.client.session.cookie_jar.clear()
+    visited = await crawl(web, ["/ui/login"])
+    assert visited == {  # "/" leads to the login page
+        "/ui/login": 200,
+        "/": 200,
+        "/api/health": 200,
+        "/ui/static/style.css": 200,
+    }
+    await log_in(web, "admin")
+    visited = await crawl(web, ["/"])
+    broken = {url: status for url, status in visited.items() if status != 200}
+    assert broken == {}, broken
+    for url in ["/", "/ui/new", "/ui/quota", "/ui/admin", f"/ui/cluster/{bobs}", "/api/health"]:
+        assert url in visited, sorted(visited)
+    await log_in(web, "alice")
+    visited = await crawl(web, ["/", "/ui/nothing-here"])
+    broken = {url: status for url, status in visited.items() if status != 200}
+    assert broken == {"/ui/nothing-here": 404}, broken
+    assert f"/ui/cluster/{alices}" in visited and "/ui/admin" not in visited
