@@ -113,6 +113,19 @@ async def test_cookies_are_secure_under_tls(web: Api) -> None:
     cookies = resp.headers.getall("Set-Cookie")
     name = web.app[AUTHN].cookie_name + "="
     assert any(c.startswith(name) and "Secure" in c for c in cookies), cookies
+    # logging out clears the cookie with the same flags
+    session = next(c for c in cookies if c.startswith(name)).split(";")[0]
+    home = await web.client.get("/", headers={**proto, "Cookie": session})
+    token = csrf_of(await home.text())
+    resp = await web.client.post(
+        "/ui/logout",
+        data={"csrf": token},
+        headers={**proto, "Cookie": session},
+        allow_redirects=False,
+    )
+    assert resp.status == 303, await resp.text()
+    cleared = [c for c in resp.headers.getall("Set-Cookie") if c.startswith(name)]
+    assert cleared and all("Secure" in c and "Max-Age=0" in c for c in cleared), cleared
 
 
 async def test_login_without_its_csrf_token_is_refused(web: Api) -> None:

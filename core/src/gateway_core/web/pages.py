@@ -374,6 +374,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     await _posted(request)
     response = redirect(request, UI + "/login")
     request.app[SESSION].log_out(request, response)
+    request.app[SESSION].secure_cookies(request, response)
     return response
 
 
