@@ -244,8 +244,12 @@ async def test_cluster_page_scales_stops_and_shows_logs(web: Api) -> None:
     html = await (await web.client.get(f"/ui/cluster/{name}")).text()
     assert "RUNNING" in html and f"/clusters/{name}/status" in html
     assert re.search(r"Lifetime left</dt><dd>(8h|7h59m\d+s)</dd>", html), html
+    home = await (await web.client.get("/")).text()
+    assert re.search(r"<td>(8h|7h59m\d+s)</td>", home), home
     resp = await web.client.post(f"/ui/cluster/{name}/scale", data={"csrf": token, "count": "x"})
     assert resp.status == 422 and "expected a whole number" in await resp.text()
+    resp = await web.client.post(f"/ui/cluster/{name}/scale", data={"csrf": token, "count": "-1"})
+    assert resp.status == 422 and "-1" in await resp.text()
     assert web.backend.forwarded == []
     resp = await web.client.post(f"/ui/cluster/{name}/scale", data={"csrf": token, "count": "9"})
     assert resp.status == 200
@@ -256,6 +260,15 @@ async def test_cluster_page_scales_stops_and_shows_logs(web: Api) -> None:
     resp = await web.client.post(f"/ui/cluster/{name}/stop", data={"csrf": token})
     assert resp.status == 200 and resp.url.path == "/"
     assert web.backend.clusters[name].status == ClusterStatus.STOPPED
+
+
+async def test_no_lifetime_left_without_max_lifetime(make_api: ApiFactory) -> None:  # noqa: F811
+    config = {**CONFIG, "cluster": {"cluster_max_workers": 4}}
+    api = await make_api(config, cookies=True)
+    name = await api.running("alice")
+    await log_in(api, "alice")
+    html = await (await api.client.get(f"/ui/cluster/{name}")).text()
+    assert "Lifetime left</dt><dd>—</dd>" in html
 
 
 async def test_a_strangers_cluster_is_a_404_page(web: Api) -> None:
