@@ -15,11 +15,11 @@ import pytest
 from aiohttp import web as web_
 from test_api import Api, ApiFactory, make_api  # noqa: F401 - the fixture
 
-from gateway_core.api.routes import AUTHN
+from gateway_core.api.routes import AUTHN, MANAGER
 from gateway_core.auth.base import Authenticator, Unauthorized
 from gateway_core.auth.simple import SimpleAuthConfig
 from gateway_core.models import ClusterStatus, User
-from gateway_core.web.pages import SESSION
+from gateway_core.web.pages import SESSION, options_from_form
 
 pytestmark = pytest.mark.unit
 
@@ -205,6 +205,34 @@ async def test_new_cluster_form_follows_the_options_and_shows_api_messages(web: 
     [cluster] = web.backend.clusters.values()
     assert resp.headers["Location"] == f"/ui/cluster/{cluster.name}"
     assert cluster.options == {"worker_cores": 2, "profile": "big", "environment": {"A": "1"}}
+
+
+async def test_every_option_type_has_its_input(make_api: ApiFactory) -> None:  # noqa: F811
+    options = {
+        "idle": {"type": "float", "min": 0.5, "max": 8.0, "default": 1.0, "target": "idle_timeout"},
+        "memory": {
+            "type": "string",
+            "default": "1 GiB",
+            "label": "Memory",
+            "target": "worker_memory",
+        },
+        "debug": {"type": "bool", "default": True},
+    }
+    api = await make_api({**CONFIG, "options": options}, cookies=True)
+    token = await log_in(api, "alice")
+    html = await (await api.client.get("/ui/new")).text()
+    assert '<input type="checkbox" name="debug" id="opt-debug" checked>' in html
+    assert 'name="memory" id="opt-memory" value="1 GiB"' in html and "Memory" in html
+    assert 'id="opt-idle" value="1.0"' in html and "at least 0.5, at most 8.0" in html
+    resp = await api.client.post("/ui/new", data={"csrf": token, "idle": "lots", "memory": "q"})
+    assert resp.status == 422 and "idle" in await resp.text()
+    assert api.backend.clusters == {}
+    # an unchecked box is not posted: false
+    manager = api.app[MANAGER]
+    fields = (await manager.options_for(User(name="alice"))).fields
+    posted = {"idle": "2.5", "memory": "2 GiB"}
+    assert options_from_form(fields, posted) == {"idle": 2.5, "memory": "2 GiB", "debug": False}
+    assert options_from_form(fields, {**posted, "debug": "on"})["debug"] is True
 
 
 async def test_quota_refusal_is_shown_in_the_form(web: Api) -> None:
