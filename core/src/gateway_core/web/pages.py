@@ -374,6 +374,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     await _posted(request)
     response = redirect(request, UI + "/login")
     request.app[SESSION].log_out(request, response)
+    request.app[SESSION].secure_cookies(request, response)
     return response
 
 
@@ -385,7 +386,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 async def home(request: web.Request) -> web.Response:
     user = _current_user(request)
     manager = request.app[MANAGER]
-    clusters = await manager.list_clusters(user, list(ClusterStatus))
+    clusters = await manager.list_visible_clusters(user, list(ClusterStatus), shared=True)
     clusters.sort(key=lambda c: (not c.status.is_active, -c.start_time))
     prefix = request.app[CONTEXT].prefix
     rows = [cluster_row(manager, c, prefix) for c in clusters[:MY_CLUSTERS_LIMIT]]
@@ -435,6 +436,7 @@ async def cluster_page(
         user=user,
         status=status,
         cluster=row,
+        manages=cluster.username == user.name or manager.is_admin(user),
         workers=sorted(cluster.workers.values(), key=lambda w: w.start_time),
         logs=logs,
         message=message or request.query.get("msg", ""),
