@@ -156,9 +156,7 @@ class ProcessBackend(Backend):
     ) -> list[Cluster]:
         """From the store's sharee indexes (see `Backend.list_shared_clusters`)."""
         found = self.store.clusters_shared_with(user.name, user.groups, statuses)
-        return sorted(
-            (c for c in found if c.username != user.name), key=lambda c: c.start_time
-        )
+        return sorted((c for c in found if c.username != user.name), key=lambda c: c.start_time)
 
     async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:
         if wait:
