@@ -291,3 +291,13 @@ async def test_quotas_count_only_the_pools_members_without_a_scan(
     assert answer["group_pools"]["lab"]["usage"]["clusters"] == 1
     alice = await site.manager.quota(User(name="alice"))
     assert alice["usage"]["clusters"] == 2  # the stopped one does not count
+
+
+async def test_quotas_forget_the_grants_of_the_members_clusters_that_no_longer_count(
+    site: Site, shut_driver: None
+) -> None:
+    claims = site.manager.quotas.claims
+    claims.update({"a-old": 3, "a-new": 2, "o1": 4})
+    await site.manager.quota(User(name="alice"))
+    # alice's stopped cluster's grant is dropped; her running one's and others' stay.
+    assert claims == {"a-new": 2, "o1": 4}
