@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import inspect
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, field
@@ -32,7 +32,7 @@ from .errors import (
 from .events import ClusterEvent
 from .models import Cluster, ClusterStatus, User
 from .options import Options, OptionsError
-from .quotas import QuotaBook, Room, Shape, counts, quota_json, refusal
+from .quotas import Pool, QuotaBook, Room, Shape, counts, quota_json, refusal
 from .sharing import Access, access_of, is_sharee
 from .units import format_duration
 
@@ -79,6 +79,11 @@ def _tokens_match(given: str, expected: str) -> bool:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _members(pools: Iterable[Pool]) -> set[str]:
+    """Every user whose clusters count against one of ``pools``."""
+    return {member for pool in pools for member in pool.members}
 
 
 def _describe(value: Any) -> str:
@@ -285,14 +290,23 @@ class ClusterManager:
             )
             return self.default_config
 
-    async def _quota_clusters(self) -> tuple[list[Cluster], dict[str, Shape]]:
-        """Every cluster that counts against quotas, with its shape; forgets the grants of
-        the others."""
-        active = [s for s in ClusterStatus if s.is_active]
-        clusters = [c for c in await self.backend.list_clusters(statuses=active) if counts(c)]
-        names = {c.name for c in clusters}
-        for name in [n for n in self.quotas.claims if n not in names]:
-            self.quotas.forget(name)
+    async def _quota_clusters(
+        self, usernames: Iterable[str]
+    ) -> tuple[list[Cluster], dict[str, Shape]]:
+        """The clusters of ``usernames`` that count against quotas, with their shapes; forgets
+        the grants of those users' clusters that no longer count.
+
+        Only those users' clusters are listed (the backend's per-user listing): the quotas
+        a request is checked against cover its pools' members, never anyone else, so the
+        cost does not grow with what other users hold.
+        """
+        clusters: list[Cluster] = []
+        for username in sorted(set(usernames)):
+            for cluster in await self.backend.list_clusters(username=username):
+                if counts(cluster):
+                    clusters.append(cluster)
+                elif cluster.name in self.quotas.claims:
+                    self.quotas.forget(cluster.name)
         return clusters, {c.name: Shape.of(self.typed_config(c)) for c in clusters}
 
     async def _check_create_quota(self, user: User, config: ClusterConfig) -> None:
@@ -302,7 +316,7 @@ class ClusterManager:
         pools = self.quotas.pools(user.name)
         if not pools:
             return
-        clusters, shapes = await self._quota_clusters()
+        clusters, shapes = await self._quota_clusters(_members(pools))
         new = Shape.of(config).usage(0)
         for pool in pools:
             used = self.quotas.usage(clusters, pool.members, shapes)
@@ -317,9 +331,10 @@ class ClusterManager:
 
     async def _quota_room(self, cluster: Cluster) -> Room | None:
         """The most workers the quotas leave ``cluster``; None when none limits it."""
-        if not self.quotas.pools(cluster.username):
+        pools = self.quotas.pools(cluster.username)
+        if not pools:
             return None
-        clusters, shapes = await self._quota_clusters()
+        clusters, shapes = await self._quota_clusters(_members(pools))
         if cluster.name not in shapes:
             shapes[cluster.name] = Shape.of(self.typed_config(cluster))
         return self.quotas.room(cluster, clusters, shapes)
@@ -331,9 +346,10 @@ class ClusterManager:
         name = user.name if username is None else username
         if name != user.name and not self.is_admin(user):
             raise AccessDenied(f"user {user.name!r} may not see the quota of user {name!r}")
-        clusters, shapes = await self._quota_clusters()
+        covering = self.quotas.pools(name)
+        clusters, shapes = await self._quota_clusters(_members(covering) | {name})
         pools = {}
-        for pool in self.quotas.pools(name):
+        for pool in covering:
             if pool.kind == "group":
                 pools[pool.name] = {
                     "quota": quota_json(pool.quota),
@@ -393,11 +409,7 @@ class ClusterManager:
         wanted = (
             list(statuses) if statuses is not None else [s for s in ClusterStatus if s.is_active]
         )
-        others = [
-            c
-            for c in await self.backend.list_clusters(statuses=wanted)
-            if c.username != user.name and is_sharee(user, c)
-        ]
+        others = await self.backend.list_shared_clusters(user, statuses=wanted)
         if statuses is None:
             others = [c for c in others if c.target <= ClusterStatus.RUNNING]
         return own + others

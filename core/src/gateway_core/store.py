@@ -1,8 +1,8 @@
 """The store of cluster and worker records: in memory for reads, written behind to a database.
 
 Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge, flush; leases:
-acquire, renew, release), its one writer thread, `Lease`, and the encryption of secrets at rest
-(cluster tokens and TLS keys, Fernet).
+acquire, renew, release; the in-memory indexes of clusters by owner, status and sharee), its one
+writer thread, `Lease`, and the encryption of secrets at rest (cluster tokens and TLS keys, Fernet).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -117,6 +117,11 @@ class Lease:
 
 _CLUSTER_FIELDS = frozenset(c.name for c in clusters_table.columns)
 _WORKER_FIELDS = frozenset(c.name for c in workers_table.columns) - {"cluster_name"}
+_INDEXED_FIELDS = frozenset({"username", "status", "shared_users", "shared_groups"})
+"""Cluster fields the store's indexes are keyed on: a change to one re-indexes the record."""
+
+_Bucket = dict[str, Cluster]
+"""The clusters under one index key, by name (insertion ordered)."""
 
 
 def is_in_memory(url: str) -> bool:
@@ -184,6 +189,13 @@ class Store:
 
     With ``encrypt_keys`` the first key encrypts secrets and every key decrypts them (rotation);
     a persistent database needs at least one key.
+
+    The store indexes its clusters by owner (`clusters_of`), status (`clusters_with_status`)
+    and sharee user and group (`clusters_shared_with`), so that a listing costs what it
+    returns, not what other users hold. The indexes follow every change made through
+    `create_cluster`, `update_cluster`, `delete_cluster`, `purge` and `load`: change a
+    record's ``username``, ``status``, ``shared_users`` or ``shared_groups`` only through
+    `update_cluster` (never by assignment or by changing a list in place).
     """
 
     def __init__(
@@ -205,6 +217,10 @@ class Store:
         self._fernet: MultiFernet | None = MultiFernet(fernets) if fernets else None
         self._rotate = len(fernets) > 1
         self._clusters: dict[str, Cluster] = {}
+        self._by_owner: dict[str, _Bucket] = {}
+        self._by_status: dict[ClusterStatus, _Bucket] = {}
+        self._by_sharee_user: dict[str, _Bucket] = {}
+        self._by_sharee_group: dict[str, _Bucket] = {}
         self._writes: queue.Queue[_Write | _Barrier | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._closed = False
@@ -235,6 +251,43 @@ class Store:
 
     def get(self, name: str) -> Cluster | None:
         return self._clusters.get(name)
+
+    def clusters_of(
+        self, username: str, statuses: Collection[ClusterStatus] | None = None
+    ) -> list[Cluster]:
+        """The clusters of ``username`` (with a status in ``statuses``, any when None), from
+        the owner index: costs what that user holds, whatever the other users hold."""
+        found = self._by_owner.get(username, {}).values()
+        if statuses is None:
+            return list(found)
+        wanted = frozenset(statuses)
+        return [c for c in found if c.status in wanted]
+
+    def clusters_with_status(self, statuses: Collection[ClusterStatus]) -> list[Cluster]:
+        """Every cluster whose status is in ``statuses``, from the status index (clusters in
+        other statuses are not visited)."""
+        found: list[Cluster] = []
+        for status in frozenset(statuses):
+            found.extend(self._by_status.get(status, {}).values())
+        return found
+
+    def clusters_shared_with(
+        self,
+        username: str,
+        groups: Iterable[str] = (),
+        statuses: Collection[ClusterStatus] | None = None,
+    ) -> list[Cluster]:
+        """The clusters shared with user ``username`` by name or with one of ``groups`` (each
+        once; the user's own included when shared with it or its groups), with a status in
+        ``statuses`` (any when None), from the sharee indexes: costs what is shared with
+        them, whatever else the store holds."""
+        found: _Bucket = dict(self._by_sharee_user.get(username, {}))
+        for group in groups:
+            found.update(self._by_sharee_group.get(group, {}))
+        if statuses is None:
+            return list(found.values())
+        wanted = frozenset(statuses)
+        return [c for c in found.values() if c.status in wanted]
 
     def load(self) -> list[Cluster]:
         """Read every record from the database into memory and return the clusters.
@@ -276,6 +329,7 @@ class Store:
                 f"cannot read the database {_safe_url(self.url)}: {_reason(exc)}"
             ) from exc
         self._clusters = clusters
+        self._reindex()
         return list(clusters.values())
 
     # ---------------------------------------------------------------------------------------
@@ -289,6 +343,7 @@ class Store:
         steps.extend((workers_table.insert(), _worker_row(w)) for w in cluster.workers.values())
         self._submit(f"new cluster {cluster.name}", steps)
         self._clusters[cluster.name] = cluster
+        self._index(cluster)
 
     def update_cluster(self, cluster: Cluster, **changes: Any) -> None:
         """Set ``changes`` (field name → value) on ``cluster`` and queue their write."""
@@ -297,8 +352,18 @@ class Store:
             raise TypeError(f"update_cluster: unknown fields {sorted(unknown)}")
         if not changes:
             return
-        for name, value in changes.items():
-            setattr(cluster, name, value)
+        # Only the stored record is indexed (an object the store does not hold stays out).
+        reindex = not _INDEXED_FIELDS.isdisjoint(changes) and (
+            self._clusters.get(cluster.name) is cluster
+        )
+        if reindex:
+            self._unindex(cluster)
+        try:
+            for name, value in changes.items():
+                setattr(cluster, name, value)
+        finally:
+            if reindex:
+                self._index(cluster)
         values = self._cluster_row(cluster, only=changes)
         if not values:
             return  # only columns this database lacks changed
@@ -353,10 +418,11 @@ class Store:
         """Delete finished (STOPPED or FAILED) clusters that stopped more than ``max_age_s``
         seconds ago, with their workers; return how many clusters were deleted."""
         cutoff = now_ms() - int(max_age_s * 1000)
+        finished = [s for s in ClusterStatus if not s.is_active]
         old = [
             c.name
-            for c in self._clusters.values()
-            if not c.status.is_active and c.stop_time is not None and c.stop_time < cutoff
+            for c in self.clusters_with_status(finished)
+            if c.stop_time is not None and c.stop_time < cutoff
         ]
         self._delete(old)
         return len(old)
@@ -547,7 +613,36 @@ class Store:
         ]
         self._submit(f"deleted cluster(s) {', '.join(names)}", steps)
         for name in names:
-            self._clusters.pop(name, None)
+            cluster = self._clusters.pop(name, None)
+            if cluster is not None:
+                self._unindex(cluster)
+
+    def _reindex(self) -> None:
+        """Build every index afresh from ``_clusters`` (after `load`)."""
+        self._by_owner = {}
+        self._by_status = {}
+        self._by_sharee_user = {}
+        self._by_sharee_group = {}
+        for cluster in self._clusters.values():
+            self._index(cluster)
+
+    def _index(self, cluster: Cluster) -> None:
+        name = cluster.name
+        self._by_owner.setdefault(cluster.username, {})[name] = cluster
+        self._by_status.setdefault(cluster.status, {})[name] = cluster
+        for user in cluster.shared_users:
+            self._by_sharee_user.setdefault(user, {})[name] = cluster
+        for group in cluster.shared_groups:
+            self._by_sharee_group.setdefault(group, {})[name] = cluster
+
+    def _unindex(self, cluster: Cluster) -> None:
+        name = cluster.name
+        _drop(self._by_owner, cluster.username, name)
+        _drop(self._by_status, cluster.status, name)
+        for user in cluster.shared_users:
+            _drop(self._by_sharee_user, user, name)
+        for group in cluster.shared_groups:
+            _drop(self._by_sharee_group, group, name)
 
     def _encrypt(self, data: bytes) -> bytes:
         return data if self._fernet is None else self._fernet.encrypt(data)
@@ -599,6 +694,16 @@ class Store:
             shared_users=list(row.get("shared_users") or []),
             shared_groups=list(row.get("shared_groups") or []),
         )
+
+
+def _drop(index: dict[Any, _Bucket], key: Any, name: str) -> None:
+    """Remove ``name`` from ``index[key]``, and the key once nothing is left under it."""
+    bucket = index.get(key)
+    if bucket is None:
+        return
+    bucket.pop(name, None)
+    if not bucket:
+        del index[key]
 
 
 def _plain(value: Any) -> Any:

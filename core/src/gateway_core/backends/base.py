@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 from ..config import BackendConfig, ClusterConfig, structure
 from ..errors import BackendUnavailable, ClusterConflict
+from ..sharing import is_sharee
 
 __all__ = [
     "SCHEDULER_COMPONENT",
@@ -86,6 +87,23 @@ class Backend(abc.ABC):
         still be STOPPING. The API's default list (no ``status`` query, as in the original
         gateway) asks for the active statuses and keeps the clusters whose target is RUNNING,
         so a cluster asked to stop leaves it at once."""
+
+    async def list_shared_clusters(
+        self, user: User, *, statuses: Collection[ClusterStatus] | None = None
+    ) -> list[Cluster]:
+        """Other users' clusters shared with ``user`` (by its name or one of its groups, see
+        `gateway_core.sharing.is_sharee`) whose status is in ``statuses`` (all when None),
+        oldest first; never ``user``'s own.
+
+        The default filters `list_clusters` (every user's clusters); a backend that can find
+        them without visiting the others (`ProcessBackend`, through the store's sharee
+        indexes) overrides it.
+        """
+        return [
+            c
+            for c in await self.list_clusters(statuses=statuses)
+            if c.username != user.name and is_sharee(user, c)
+        ]
 
     @abc.abstractmethod
     async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:

@@ -141,13 +141,22 @@ class ProcessBackend(Backend):
         username: str | None = None,
         statuses: Collection[ClusterStatus] | None = None,
     ) -> list[Cluster]:
-        found = [
-            c
-            for c in self.store.clusters.values()
-            if (username is None or c.username == username)
-            and (statuses is None or c.status in statuses)
-        ]
+        """From the store's owner or status index: a user's listing costs what that user
+        holds, whatever the other users hold."""
+        if username is not None:
+            found = self.store.clusters_of(username, statuses)
+        elif statuses is not None:
+            found = self.store.clusters_with_status(statuses)
+        else:
+            found = list(self.store.clusters.values())
         return sorted(found, key=lambda c: c.start_time)
+
+    async def list_shared_clusters(
+        self, user: User, *, statuses: Collection[ClusterStatus] | None = None
+    ) -> list[Cluster]:
+        """From the store's sharee indexes (see `Backend.list_shared_clusters`)."""
+        found = self.store.clusters_shared_with(user.name, user.groups, statuses)
+        return sorted((c for c in found if c.username != user.name), key=lambda c: c.start_time)
 
     async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:
         if wait:
