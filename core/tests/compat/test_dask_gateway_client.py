@@ -148,7 +148,10 @@ def test_the_original_client_runs_the_whole_flow(server: str) -> None:
             assert [c.name for c in listed] == [cluster.name]
             assert listed[0].options["worker_cores"] == 2
 
-            with Gateway(server, auth=BasicAuth("alice")) as second:
+            # A second Gateway in the same process rides the first one's event loop: each
+            # extra loop thread is one more thing to start on a loaded 2-core machine, and
+            # distributed gives a new loop thread only 10 s to come up.
+            with Gateway(server, auth=BasicAuth("alice"), loop=gateway.loop) as second:
                 again = second.connect(cluster.name)
                 assert again.name == cluster.name
                 other = again.get_client(set_as_default=False)
@@ -210,7 +213,7 @@ def test_another_users_cluster_is_out_of_reach(server: str) -> None:
     with Gateway(server, auth=BasicAuth("carol")) as carol:
         cluster = carol.new_cluster()
         try:
-            with Gateway(server, auth=BasicAuth("mallory")) as mallory:
+            with Gateway(server, auth=BasicAuth("mallory"), loop=carol.loop) as mallory:
                 assert mallory.list_clusters() == []
                 with pytest.raises(Exception) as info:
                     mallory.connect(cluster.name)
