@@ -101,9 +101,19 @@ class Browser:
         self.driver.get(self.base + path)
 
     def find(self, css: str) -> Any:
+        """The element ``css`` selects, waiting for it: a click that submits a form returns
+        before the next page is there, and a loaded machine may take seconds to serve it."""
+        from selenium.common.exceptions import TimeoutException
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.wait import WebDriverWait
 
-        return self.driver.find_element(By.CSS_SELECTOR, css)
+        try:
+            return WebDriverWait(self.driver, STEP, poll_frequency=0.2).until(
+                expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css))
+            )
+        except TimeoutException:
+            raise AssertionError(f"not seen within {STEP} s: {css}\npage:\n{self.text}") from None
 
     def all(self, css: str) -> list[Any]:
         from selenium.webdriver.common.by import By
@@ -112,7 +122,9 @@ class Browser:
 
     @property
     def text(self) -> str:
-        return str(self.find("body").text)
+        from selenium.webdriver.common.by import By
+
+        return str(self.driver.find_element(By.CSS_SELECTOR, "body").text)
 
     @property
     def path(self) -> str:
