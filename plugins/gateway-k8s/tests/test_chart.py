@@ -293,6 +293,39 @@ def test_the_crd_is_the_generated_one(default_objects: list[Obj]) -> None:
     assert one(default_objects, "CustomResourceDefinition", crd.CRD_NAME) == crd.crd()
 
 
+@pytest.mark.integration
+def test_the_rendered_crd_applied_to_the_fake_checks_resources(default_objects: list[Obj]) -> None:
+    rendered = one(default_objects, "CustomResourceDefinition", crd.CRD_NAME)
+    fake = FakeKube()
+    with fake.running():
+        client = fake.api_client()
+        try:
+            kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(rendered)
+            custom = kubernetes.client.CustomObjectsApi(client)
+            sample = {
+                "apiVersion": crd.API_VERSION,
+                "kind": crd.KIND,
+                "metadata": {"name": "sample"},
+                "spec": {
+                    "user": "alice",
+                    "worker": {"replicas": 2, "resources": {"limits": {"memory": "4Gi"}}},
+                    "workerGroups": {"gpu": {"replicas": 1, "nodeSelector": {"gpu": "true"}}},
+                },
+            }
+            created = custom.create_namespaced_custom_object(
+                crd.GROUP, crd.VERSION, NS, crd.PLURAL, sample
+            )
+            assert created["spec"]["workerGroups"]["gpu"]["replicas"] == 1
+            bad = {**sample, "metadata": {"name": "bad"}}
+            bad["spec"] = {"user": "alice", "worker": {"replicas": -1}}
+            with pytest.raises(ApiException) as invalid:
+                custom.create_namespaced_custom_object(crd.GROUP, crd.VERSION, NS, crd.PLURAL, bad)
+            assert invalid.value.status == 422
+            assert "spec.worker.replicas" in invalid.value.body
+        finally:
+            client.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Deployments, Services, Ingress
 # --------------------------------------------------------------------------------------------
