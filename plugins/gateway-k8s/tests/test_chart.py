@@ -460,6 +460,24 @@ def test_controller_disabled(helm: str) -> None:
     assert not [n for n in names if "controller" in n]
 
 
+@pytest.mark.integration
+def test_variants_without_rbac_or_accounts_validate(helm: str) -> None:
+    objects = render(
+        helm,
+        "--set",
+        "rbac.create=false,serviceAccount.gateway.create=false,"
+        "serviceAccount.controller.name=site-controller,serviceAccount.controller.create=false,"
+        "ingress.enabled=true,gateway.readinessProbe.enabled=false",
+    )
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
+    controller = one(objects, "Deployment", f"{FULLNAME}-controller")
+    assert controller["spec"]["template"]["spec"]["serviceAccountName"] == "site-controller"
+    assert "readinessProbe" not in container(one(objects, "Deployment", f"{FULLNAME}-gateway"))
+    (rule,) = one(objects, "Ingress", FULLNAME)["spec"]["rules"]
+    assert "host" not in rule and rule["http"]["paths"][0]["path"] == "/"
+    validate_strict(objects)
+
+
 # --------------------------------------------------------------------------------------------
 # The gateway's TOML
 # --------------------------------------------------------------------------------------------
@@ -569,6 +587,46 @@ def test_generated_secrets(default_objects: list[Obj], helm: str) -> None:
     again = secret_data(render(helm))
     assert again["proxy-token"] != data["proxy-token"]
     assert again["encrypt-keys"] != data["encrypt-keys"]
+
+
+@pytest.mark.integration
+def test_an_upgrade_keeps_the_generated_secrets(helm: str, tmp_path: Path) -> None:
+    """`lookup` against a live API server (the fake, through `helm template --dry-run=server`):
+    the values in the existing Secret are kept, what it lacks is generated, what the values
+    give wins."""
+    fake = FakeKube()
+    with fake.running():
+        fake.store.create(
+            fake.store.kinds["/secrets"],
+            NS,
+            {
+                "metadata": {"name": f"{FULLNAME}-secrets"},
+                "data": {
+                    "proxy-token": base64.b64encode(b"installed-token").decode(),
+                    "metrics-token": base64.b64encode(b"installed-metrics").decode(),
+                },
+            },
+        )
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                    "users": [{"name": "fake", "user": {}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                    "current-context": "fake",
+                }
+            )
+        )
+        server = ("--dry-run=server", "--kubeconfig", str(kubeconfig))
+        data = secret_data(render(helm, *server))
+        assert data["proxy-token"] == "installed-token"
+        assert data["metrics-token"] == "installed-metrics"
+        assert len(base64.b64decode(data["encrypt-keys"])) == 32  # missing: generated
+        given = secret_data(render(helm, *server, "--set", "secrets.proxyToken=new-token"))
+        assert given["proxy-token"] == "new-token"
 
 
 @pytest.mark.integration
