@@ -245,7 +245,11 @@ async def test_tls_options_reach_a_hub_that_wants_a_client_certificate(
     status, body, _ = await call(without_cert, token=token)
     assert status == 503
     assert f"JupyterHub at {own.api_url} is unreachable" in body["error"]
-    assert "certificate required" in body["error"].lower()
+    # Under TLS 1.3 the client's handshake ends before the server has checked the client's
+    # certificate; the server's "certificate required" alert then races the connection's close,
+    # and a loaded machine sometimes sees the reset first. Either is the hub refusing us.
+    refused = body["error"].lower()
+    assert "certificate required" in refused or "connection reset" in refused, refused
     # Without the hub's CA its certificate is not trusted.
     without_ca = await make_gateway(own.gateway_auth(tls_ca=""))
     status, body, _ = await call(without_ca, token=token)
