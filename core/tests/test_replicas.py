@@ -420,3 +420,61 @@ async def test_a_replica_whose_lease_was_taken_starts_no_worker(postgres_url: st
     finally:
         await gw.backend.cleanup()
         await gw.driver.shutdown()
+
+
+@pytest.mark.system
+async def test_the_owner_learns_through_the_database_what_another_replica_was_told(
+    postgres_url: str,
+) -> None:
+    """Every heartbeat goes to replica B, which does not own the cluster; A, which does,
+    learns the scheduler's address, the worker count and connected workers only from the
+    rows B writes, and a stop asked of B. B never calls the driver."""
+    from test_reconciler import Gateway, until
+
+    key = base64.b64encode(os.urandom(32)).decode()
+
+    def settings(replica: str) -> dict[str, Any]:
+        return {
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": replica,
+            "lease_ttl": 60.0,
+            "replica_sync_period": 0.1,
+            "stop_clusters_on_shutdown": False,
+        }
+
+    a = Gateway(gateway=settings("replica-a"))
+    b = Gateway(gateway=settings("replica-b"))
+    await a.backend.setup()
+    await b.backend.setup()
+    try:
+        assert a.backend.reconciler.replicas is not None
+        assert b.backend.reconciler.replicas is not None
+        assert len(a.backend.reconciler.replicas.held) == SHARDS
+        assert b.backend.reconciler.replicas.held == {}
+        a.driver.deliver_to(b.backend)  # A's schedulers heartbeat to B only
+
+        cluster = await a.start()
+        seen = await b.backend.get_cluster(cluster.name)  # at once: read on a miss
+        assert seen is not None and seen is not cluster and seen.token == cluster.token
+        await until(lambda: cluster.status == ClusterStatus.RUNNING, timeout=10)
+        await until(lambda: seen.status == ClusterStatus.RUNNING, timeout=5)
+        assert b.context.routes.get("SNI", cluster.name) is not None  # B's proxy routes to it
+
+        await b.scale(seen, 2)  # through B's copy of the record
+        await until(
+            lambda: sum(w.status == WorkerStatus.RUNNING for w in cluster.workers.values()) == 2,
+            timeout=10,
+        )
+        assert a.driver.calls["start_worker"] == 2
+
+        await b.backend.stop_cluster(cluster.name)
+        await until(lambda: cluster.status == ClusterStatus.STOPPED, timeout=10)
+        await until(lambda: seen.status == ClusterStatus.STOPPED, timeout=5)
+        assert a.driver.calls["stop_scheduler"] == 1
+        assert b.driver.calls == {}  # B reconciled nothing
+        assert b.context.routes.get("SNI", cluster.name) is None
+    finally:
+        for gw in (b, a):
+            await gw.backend.cleanup()
+            await gw.driver.shutdown()
