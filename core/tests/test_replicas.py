@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,24 @@ worker_memory = "512 MiB"
     balancer.server_close()
 
 
+def replica_id(replica: Replica) -> str:
+    """The id a replica takes by default: host name and proxy address."""
+    return f"{socket.gethostname()}:127.0.0.1:{replica.address.rsplit(':', 1)[1]}"
+
+
+def balanced(pair: Pair) -> bool:
+    """Each replica holds half the shards (the first one handed half to the second)."""
+    counts: dict[str, int] = {}
+    for holder in pair.holders().values():
+        counts[holder] = counts.get(holder, 0) + 1
+    return counts == {replica_id(pair.a): SHARDS // 2, replica_id(pair.b): SHARDS // 2}
+
+
+def owner_and_other(pair: Pair, name: str) -> tuple[Replica, Replica]:
+    holder = pair.holders()[shard_lease(shard_of(name))]
+    return (pair.a, pair.b) if holder == replica_id(pair.a) else (pair.b, pair.a)
+
+
 def wait_for(what: str, check: Any, timeout: float = 60) -> float:
     """Seconds until ``check()`` held (fails after ``timeout``)."""
     t0 = time.monotonic()
@@ -294,32 +313,39 @@ def cluster_processes(gateways: set[int]) -> set[int]:
 @pytest.mark.integration
 @pytest.mark.usefixtures("no_process_left_behind")
 def test_a_cluster_made_on_one_replica_is_used_through_the_other(pair: Pair) -> None:
-    a, b = pair.a, pair.b
-    a.start()
-    b.start()
-    assert set(pair.holders().values()) == {
-        f"{socket.gethostname()}:127.0.0.1:{a.address.rsplit(':', 1)[1]}"
-    }
+    pair.a.start()
+    pair.b.start()
+    # The first replica took every shard; it hands half to the second within a few rounds.
+    wait_for("the shards are shared", lambda: balanced(pair), timeout=LEASE_TTL * 4)
 
-    name = a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
-    # At once through B: a miss reads the row before answering.
-    assert b.call("GET", f"/v1/clusters/{name}")["name"] == name
-    # Listed by B within the sync period.
-    wait_for("B lists it", lambda: name in b.call("GET", "/v1/clusters/"), timeout=5)
-    wait_for("B sees it running", lambda: status(b, name) == "RUNNING")
+    # Made through A, then used through each replica; "owner" reconciles it (started its
+    # processes), "other" does not.
+    name = pair.a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    owner, other = owner_and_other(pair, name)
+    for replica in (owner, other):
+        # At once: a miss reads the row before answering.
+        assert replica.call("GET", f"/v1/clusters/{name}")["name"] == name
+        # Listed within the sync period.
+        wait_for(
+            "it is listed",
+            lambda r=replica: name in r.call("GET", "/v1/clusters/"),
+            timeout=5,
+        )
+    wait_for("the other sees it running", lambda: status(other, name) == "RUNNING")
 
-    # Scaled through B (the heartbeat carrying the count may reach either), computing
-    # through B's proxy.
-    b.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
-    assert compute(b, name, 1) == 45
-    assert compute(a, name, 1) == 45
+    # Scaled through the other (the heartbeat carrying the count may reach either replica),
+    # computing through the other's proxy, then the owner's.
+    other.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    assert compute(other, name, 1) == 45
+    assert compute(owner, name, 1) == 45
 
-    # Stopped through B: A, which reconciles it, stops it; both see it stopped.
+    # Stopped through the other: the owner stops it; both see it stopped.
     before = pair.processes(name)
     assert len(before) == 2
-    b.call("DELETE", f"/v1/clusters/{name}")
-    wait_for("A stopped it", lambda: status(a, name) == "STOPPED")
-    wait_for("B sees it stopped", lambda: status(b, name) == "STOPPED", timeout=5)
+    other.call("DELETE", f"/v1/clusters/{name}")
+    wait_for("the owner stopped it", lambda: status(owner, name) == "STOPPED")
+    wait_for("the other sees it stopped", lambda: status(other, name) == "STOPPED", timeout=5)
+    a, b = pair.a, pair.b
     wait_for("its processes are gone", lambda: not any(r.running() for r in before.values()))
     assert a.stop() == 0 and b.stop() == 0
     assert list((pair.folder / "clusters").glob("*")) == []
@@ -331,10 +357,12 @@ def test_a_cluster_made_on_one_replica_is_used_through_the_other(pair: Pair) -> 
 def test_sigkill_of_the_owner_hands_its_clusters_to_the_other_within_the_bound(
     pair: Pair,
 ) -> None:
-    a, b = pair.a, pair.b
-    a.start()
-    b.start()
-    name = a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    pair.a.start()
+    pair.b.start()
+    wait_for("the shards are shared", lambda: balanced(pair), timeout=LEASE_TTL * 4)
+    name = pair.a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    # a: the replica reconciling the cluster, killed below; b: the survivor.
+    a, b = owner_and_other(pair, name)
     wait_for("it runs", lambda: status(a, name) == "RUNNING")
     a.call("POST", f"/v1/clusters/{name}/scale", {"count": 2})
     assert compute(a, name, 2) == 45
@@ -346,7 +374,7 @@ def test_sigkill_of_the_owner_hands_its_clusters_to_the_other_within_the_bound(
 
     assert a.stop(signal.SIGKILL) == -signal.SIGKILL
     killed = time.monotonic()
-    b_id = f"{socket.gethostname()}:127.0.0.1:{b.address.rsplit(':', 1)[1]}"
+    b_id = replica_id(b)
     wait_for(
         "B holds every shard",
         lambda: list(pair.holders().values()) == [b_id] * SHARDS,
@@ -478,3 +506,73 @@ async def test_the_owner_learns_through_the_database_what_another_replica_was_to
         for gw in (b, a):
             await gw.backend.cleanup()
             await gw.driver.shutdown()
+
+
+@pytest.mark.system
+async def test_a_replica_that_joins_gets_half_the_shards_and_carries_on_their_clusters(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first replica holds every shard; when a second joins, the first hands it half
+    (quiet shards only, after its writes are in), and the second resumes their clusters as a
+    restarted gateway would: one owner for each cluster, nothing started twice."""
+    from test_reconciler import Gateway, until
+
+    key = base64.b64encode(os.urandom(32)).decode()
+
+    def settings(replica: str) -> dict[str, Any]:
+        return {
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": replica,
+            "lease_ttl": 1.5,
+            "replica_sync_period": 0.1,
+            "stop_clusters_on_shutdown": False,
+        }
+
+    # One cluster in every shard, so that whichever half is handed over holds clusters.
+    names = []
+    for shard in range(SHARDS):
+        while shard_of(name := uuid.uuid4().hex) != shard:
+            pass
+        names.append(name)
+    monkeypatch.setattr("gateway_core.backends.process.new_name", names.pop)
+    slow = {"heartbeat_period": 0.5, "cluster_heartbeat_timeout": 5.0}
+    a = Gateway(gateway=settings("replica-a"), **slow)
+    await a.backend.setup()
+    b: Gateway | None = None
+    try:
+        ra = a.backend.reconciler.replicas
+        assert ra is not None and len(ra.held) == SHARDS
+        clusters = [await a.start() for _ in range(SHARDS)]
+        await until(lambda: all(c.status == ClusterStatus.RUNNING for c in clusters), timeout=30)
+        # B adopts A's fake schedulers, as a replica on the same host adopts processes.
+        b = Gateway(gateway=settings("replica-b"), schedulers=a.driver.schedulers, **slow)
+        await b.backend.setup()
+        rb = b.backend.reconciler.replicas
+        assert rb is not None
+        await until(lambda: len(ra.held) == len(rb.held) == SHARDS // 2, timeout=10)
+        assert not set(ra.held) & set(rb.held)
+        for cluster in clusters:
+            assert ra.owns(cluster.name) != rb.owns(cluster.name)
+        moved = [c for c in clusters if rb.owns(c.name)][:3]
+        kept = [c for c in clusters if ra.owns(c.name)][:3]
+        assert len(moved) == len(kept) == 3
+
+        # Clusters of both halves scale through whoever owns them; nothing starts twice.
+        for cluster in moved + kept:
+            await a.scale(cluster, 1)
+        for cluster in kept:
+            await until(lambda c=cluster: len(a.running_workers(c)) == 1, timeout=10)
+        for cluster in moved:
+            mirror = b.backend.store.get(cluster.name)
+            assert mirror is not None
+            await until(lambda m=mirror: len(b.running_workers(m)) == 1, timeout=10)
+        assert a.driver.calls["start_worker"] == len(kept)
+        assert b.driver.calls["start_worker"] == len(moved)
+        assert a.driver.calls["start_scheduler"] == SHARDS
+        assert b.driver.calls["start_scheduler"] == 0
+    finally:
+        if b is not None:
+            await b.backend.cleanup()
+        await a.backend.cleanup()
+        await a.driver.shutdown()

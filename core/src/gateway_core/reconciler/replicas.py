@@ -102,6 +102,11 @@ class Replicas:
         self.lease_ttl = lease_ttl
         self.sync_period = sync_period
         self.held: dict[int, Lease] = {}
+        self.leaving: set[int] = set()
+        """Shards being handed to another replica: no new work starts for their clusters."""
+        self.surplus = 0
+        """Shards above this replica's fair share while another live replica is short of
+        its own (from the last `take`): given back by `hand_over`."""
         self._sync_lock = asyncio.Lock()
 
     # ---------------------------------------------------------------------------------------
@@ -110,8 +115,9 @@ class Replicas:
     def owns(self, name: str) -> bool:
         """Whether this replica reconciles cluster ``name`` now (its shard's lease is held and,
         by this host's clock, unexpired)."""
-        lease = self.held.get(shard_of(name))
-        return lease is not None and lease.expires > now_ms()
+        shard = shard_of(name)
+        lease = self.held.get(shard)
+        return lease is not None and lease.expires > now_ms() and shard not in self.leaving
 
     async def fence(self, name: str) -> bool:
         """Just before a driver call that must not run twice: True when this replica still
@@ -131,16 +137,24 @@ class Replicas:
         return False
 
     def take(self) -> list[int]:
-        """Register this replica and take its fair share of the free shards; the shards taken.
-        Blocks on the database: at start (before resuming) or off the event loop."""
+        """Register this replica and take its fair share of the free shards (the shards
+        taken); note the surplus to give back when another replica is short. Three statements,
+        plus one per shard tried. Blocks on the database: at start or off the event loop."""
         ttl = self.lease_ttl
         store = self.store
         store.acquire_lease(REPLICA_PREFIX + self.replica_id, self.replica_id, ttl)
-        live = max(1, len(store.live_leases(REPLICA_PREFIX)))
-        fair = math.ceil(SHARDS / live)
+        live = {name.removeprefix(REPLICA_PREFIX) for name in store.live_leases(REPLICA_PREFIX)} | {
+            self.replica_id
+        }
+        fair = math.ceil(SHARDS / len(live))
+        taken = store.live_leases(SHARD_PREFIX)
+        counts: dict[str, int] = {}
+        for holder in taken.values():
+            counts[holder] = counts.get(holder, 0) + 1
+        short = any(counts.get(r, 0) < fair - 1 for r in live if r != self.replica_id)
+        self.surplus = max(0, len(self.held) - fair) if short else 0
         if len(self.held) >= fair:
             return []
-        taken = store.live_leases(SHARD_PREFIX)
         free = [
             i
             for i in range(SHARDS)
@@ -175,13 +189,14 @@ class Replicas:
                 self.held[shard] = fresh
         return lost
 
-    def lose(self, shards: list[int]) -> None:
-        """Stop reconciling the clusters of ``shards``: forget their runtime state (a start
-        already past its fence finishes; nothing new is started for them here)."""
+    def lose(self, shards: list[int], *, given: bool = False) -> None:
+        """Stop reconciling the clusters of ``shards`` (lost, or ``given`` back): forget their
+        runtime state (a start already past its fence finishes; nothing new starts here)."""
         gone = {s for s in shards if self.held.pop(s, None) is not None}
         if not gone:
             return
-        log.warning("Replica %s lost shard(s) %s", self.replica_id, sorted(gone))
+        if not given:
+            log.warning("Replica %s lost shard(s) %s", self.replica_id, sorted(gone))
         runtimes = self.reconciler.runtimes
         for name in list(self.store.clusters):
             if shard_of(name) in gone and name in runtimes:
@@ -205,6 +220,64 @@ class Replicas:
                 log.info("Replica %s took over shard(s) %s", self.replica_id, sorted(gained))
                 await self.sync()
                 self.resume(gained)
+            if self.surplus:
+                try:
+                    await self.hand_over(self.surplus)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("Handing shards over failed; trying again")
+
+    async def hand_over(self, count: int) -> None:
+        """Give up to ``count`` shards back for a replica short of its share (one that joined):
+        the shards with the fewest active clusters stop taking new work, and those whose work
+        in hand (queue handlers, start operations) ends within a third of ``lease_ttl`` are
+        released once this replica's writes are in the database. The rest carry on here."""
+        active: dict[int, int] = dict.fromkeys(self.held, 0)
+        for cluster in self.store.clusters.values():
+            shard = shard_of(cluster.name)
+            if cluster.status.is_active and shard in active:
+                active[shard] += 1
+        chosen = sorted(active, key=lambda s: (active[s], s))[:count]
+        if not chosen:
+            return
+        self.leaving.update(chosen)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_ttl / 3
+        busy = self._busy(chosen)
+        while busy and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            busy = self._busy(chosen)
+        quiet = [s for s in chosen if s not in busy]
+        await self.store.flush()
+        released: list[int] = []
+        for shard in quiet:
+            lease = self.held.get(shard)
+            if lease is not None and await asyncio.to_thread(self.store.release_lease, lease):
+                released.append(shard)
+        self.lose(released, given=True)
+        self.leaving.difference_update(chosen)
+        kept = set(chosen) - set(released)
+        if released:
+            log.info("Replica %s handed over shard(s) %s", self.replica_id, sorted(released))
+        for cluster in list(self.store.clusters.values()):
+            if cluster.status.is_active and shard_of(cluster.name) in kept:
+                self.reconciler.enqueue(cluster.name)  # work skipped while it was leaving
+
+    def _busy(self, shards: list[int]) -> set[int]:
+        """The shards of ``shards`` with work in hand: a queue handler or a start running."""
+        wanted = set(shards)
+        busy = {
+            shard_of(name)
+            for name, _ in self.reconciler.queue.processing()
+            if shard_of(name) in wanted
+        }
+        runtimes = self.reconciler.runtimes
+        for name in list(self.store.clusters):
+            shard = shard_of(name)
+            if shard in wanted and shard not in busy and runtimes.starting(name):
+                busy.add(shard)
+        return busy
 
     def resume(self, shards: list[int]) -> None:
         """Pick up the active clusters of ``shards`` as a restarted gateway does."""
