@@ -1,8 +1,10 @@
 """The store of cluster and worker records: in memory for reads, written behind to a database.
 
 Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge, flush; leases:
-acquire, renew, release; the in-memory indexes of clusters by owner, status and sharee), its one
-writer thread, `Lease`, and the encryption of secrets at rest (cluster tokens and TLS keys, Fernet).
+acquire, renew, release, check; the in-memory indexes of clusters by owner, status and sharee;
+on a database shared by replicas, the ``changed`` stamps and the read of what changed,
+`Changes`), its one writer thread, `Lease`, and the encryption of secrets at rest (cluster
+tokens and TLS keys, Fernet).
 """
 
 from __future__ import annotations
