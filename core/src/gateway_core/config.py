@@ -92,6 +92,14 @@ class GatewayConfig:
     stop_clusters_on_shutdown: bool = True
     """Stop every active cluster when the gateway stops; false leaves them running, and a
     gateway restarted on the same persistent store takes them back."""
+    replica_id: str = ""
+    """This gateway's name among replicas sharing one PostgreSQL database; empty derives
+    ``<host name>:<proxy address>`` (stable across restarts, unique per host and port)."""
+    lease_ttl: float = 15.0
+    """Seconds a replica's hold on its shards of clusters lasts unrenewed (renewed every third
+    of it); a dead replica's clusters are taken over within about 4/3 of it."""
+    replica_sync_period: float = 1.0
+    """Seconds between reads of what other replicas changed (the staleness bound)."""
 
 
 @define(kw_only=True, frozen=True)

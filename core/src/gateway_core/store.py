@@ -1,8 +1,10 @@
 """The store of cluster and worker records: in memory for reads, written behind to a database.
 
 Owns the SQLAlchemy Core tables, `Store` (load, create, update, delete, purge, flush; leases:
-acquire, renew, release; the in-memory indexes of clusters by owner, status and sharee), its one
-writer thread, `Lease`, and the encryption of secrets at rest (cluster tokens and TLS keys, Fernet).
+acquire, renew, release, check; the in-memory indexes of clusters by owner, status and sharee;
+on a database shared by replicas, the ``changed`` stamps and the read of what changed,
+`Changes`), its one writer thread, `Lease`, and the encryption of secrets at rest (cluster
+tokens and TLS keys, Fernet).
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ clusters_table = sa.Table(
     # Sharing (migration 0003): nullable, NULL read as no one.
     sa.Column("shared_users", sa.JSON, nullable=True),
     sa.Column("shared_groups", sa.JSON, nullable=True),
+    # Replica sync (migration 0004): ms since the epoch by the database's clock at the row's
+    # last write; stamped on PostgreSQL only (NULL elsewhere: one gateway, nothing to sync).
+    sa.Column("changed", sa.BigInteger, nullable=True, index=True),
 )
 
 workers_table = sa.Table(
@@ -87,6 +92,7 @@ workers_table = sa.Table(
     sa.Column("stop_time", sa.BigInteger, nullable=True),
     sa.Column("close_expected", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("changed", sa.BigInteger, nullable=True, index=True),
 )
 
 leases_table = sa.Table(
@@ -115,8 +121,36 @@ class Lease:
     expires: int
 
 
-_CLUSTER_FIELDS = frozenset(c.name for c in clusters_table.columns)
-_WORKER_FIELDS = frozenset(c.name for c in workers_table.columns) - {"cluster_name"}
+_CLUSTER_FIELDS = frozenset(c.name for c in clusters_table.columns) - {"changed"}
+_WORKER_FIELDS = frozenset(c.name for c in workers_table.columns) - {"cluster_name", "changed"}
+
+SYNC_OVERLAP_MS = 5_000
+"""How far back `Store.fetch_changes` reads before its cursor: a write stamped before a read
+may commit after it; any write that commits within this long of its stamp is still seen."""
+
+
+def _db_now_ms() -> sa.ColumnElement[int]:
+    """The database's clock in ms since the epoch (PostgreSQL: the time of the statement)."""
+    return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()) * 1000, sa.BigInteger)
+
+
+@define(kw_only=True)
+class Changes:
+    """What `Store.fetch_changes` read: rows other replicas (or this one) wrote since the last
+    fetch, as records not held by the store; apply them on the event loop."""
+
+    clusters: list[Cluster]
+    """Changed cluster rows, each with its changed workers (the others are not read)."""
+    workers: list[Worker]
+    """Changed worker rows whose cluster row did not change."""
+    written: int
+    """The store's write number when the read began: every write up to it is in the rows."""
+    cursor: int
+    """The database's clock when the read began: the next fetch reads from there."""
+    stamps: dict[tuple[str, str], int]
+    """(cluster, worker or "") -> the row's ``changed`` stamp."""
+
+
 _INDEXED_FIELDS = frozenset({"username", "status", "shared_users", "shared_groups"})
 """Cluster fields the store's indexes are keyed on: a change to one re-indexes the record."""
 
@@ -224,6 +258,13 @@ class Store:
         self._writes: queue.Queue[_Write | _Barrier | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._closed = False
+        # Replica sync: writes are numbered; a record with a write queued after a fetch began
+        # is newer in memory than in that fetch (see `pending_since`).
+        self._submitted = 0
+        self._written = 0
+        self._last_write: dict[str, int] = {}
+        self._stamps: dict[tuple[str, str], int] = {}
+        self._cursor: int | None = None
         self.failed_writes = 0
         """Writes given up on since the store was built (each logged at ERROR)."""
         # In memory the writer and lease calls share one connection: one at a time.
@@ -240,6 +281,9 @@ class Store:
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise StoreError(f"cannot open the database {_safe_url(url)}: {_reason(exc)}") from exc
+        self.shared = self.engine.dialect.name == "postgresql"
+        """Whether several gateways may share this database: rows carry a ``changed`` stamp,
+        and `fetch_changes` reads what changed (PostgreSQL only)."""
 
     # ---------------------------------------------------------------------------------------
     # Reading
@@ -300,6 +344,8 @@ class Store:
         rotated: list[dict[str, Any]] = []
         try:
             with self.engine.begin() as conn:
+                if self.shared:
+                    self._cursor = int(conn.execute(sa.select(_db_now_ms())).scalar_one())
                 for row in conn.execute(sa.select(clusters_table)).mappings():
                     cluster = self._cluster_from_row(row)
                     clusters[cluster.name] = cluster
@@ -339,9 +385,11 @@ class Store:
         """Insert ``cluster`` (and any workers it already holds)."""
         if cluster.name in self._clusters:
             raise StoreError(f"cluster {cluster.name} already exists")
-        steps: list[_Step] = [(clusters_table.insert(), self._cluster_row(cluster))]
-        steps.extend((workers_table.insert(), _worker_row(w)) for w in cluster.workers.values())
-        self._submit(f"new cluster {cluster.name}", steps)
+        steps: list[_Step] = [(self._stamp(clusters_table.insert()), self._cluster_row(cluster))]
+        steps.extend(
+            (self._stamp(workers_table.insert()), _worker_row(w)) for w in cluster.workers.values()
+        )
+        self._submit(f"new cluster {cluster.name}", steps, cluster=cluster.name)
         self._clusters[cluster.name] = cluster
         self._index(cluster)
 
@@ -368,7 +416,11 @@ class Store:
         if not values:
             return  # only columns this database lacks changed
         statement = clusters_table.update().where(clusters_table.c.name == cluster.name)
-        self._submit(f"cluster {cluster.name}", [(statement.values(**values), None)])
+        self._submit(
+            f"cluster {cluster.name}",
+            [(self._stamp(statement.values(**values)), None)],
+            cluster=cluster.name,
+        )
 
     def delete_cluster(self, cluster: Cluster | str) -> None:
         """Remove a cluster and its workers; unknown names are ignored."""
@@ -382,7 +434,11 @@ class Store:
             raise StoreError(f"worker {worker.name}: no cluster {worker.cluster_name}")
         if worker.name in cluster.workers:
             raise StoreError(f"worker {worker.name} already exists")
-        self._submit(f"new worker {worker.name}", [(workers_table.insert(), _worker_row(worker))])
+        self._submit(
+            f"new worker {worker.name}",
+            [(self._stamp(workers_table.insert()), _worker_row(worker))],
+            cluster=worker.cluster_name,
+        )
         cluster.workers[worker.name] = worker
 
     def update_worker(self, worker: Worker, **changes: Any) -> None:
@@ -400,7 +456,11 @@ class Store:
             .where(workers_table.c.cluster_name == worker.cluster_name)
             .where(workers_table.c.name == worker.name)
         )
-        self._submit(f"worker {worker.name}", [(statement.values(**values), None)])
+        self._submit(
+            f"worker {worker.name}",
+            [(self._stamp(statement.values(**values)), None)],
+            cluster=worker.cluster_name,
+        )
 
     def delete_worker(self, worker: Worker) -> None:
         """Remove one worker record."""
@@ -457,15 +517,22 @@ class Store:
             writer.join()
         self.engine.dispose()
 
-    def _submit(self, what: str, steps: Sequence[_Step]) -> None:
+    def _stamp(self, statement: Any) -> Any:
+        """``statement`` setting the row's ``changed`` stamp, on a shared database."""
+        return statement.values(changed=_db_now_ms()) if self.shared else statement
+
+    def _submit(self, what: str, steps: Sequence[_Step], *, cluster: str | None = None) -> None:
         if self._closed:
             raise StoreError(f"the store is closed; cannot write {what}")
+        self._submitted += 1
+        if cluster is not None and self.shared:
+            self._last_write[cluster] = self._submitted
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._write_loop, name="gateway-store-writer", daemon=True
             )
             self._writer.start()
-        self._writes.put(_Write(what=what, steps=tuple(steps)))
+        self._writes.put(_Write(what=what, steps=tuple(steps), number=self._submitted))
 
     def _write_loop(self) -> None:
         """The writer thread: apply queued writes in order until `close`."""
@@ -477,7 +544,10 @@ class Store:
                 if isinstance(item, _Barrier):
                     item.release()
                 else:
-                    self._apply(item)
+                    try:
+                        self._apply(item)
+                    finally:
+                        self._written = item.number
             finally:
                 self._writes.task_done()
 
@@ -515,6 +585,114 @@ class Store:
             _safe_url(self.url),
             exc_info=error,
         )
+
+    # ---------------------------------------------------------------------------------------
+    # Sharing the database with other replicas (see "Replicas" in docs/architecture.md)
+
+    def pending_since(self, name: str, written: int) -> bool:
+        """True when cluster ``name`` (or one of its workers) has a write queued after write
+        number ``written`` (`Changes.written`): its record in memory is newer than what that
+        fetch read, and that write will stamp the row again for the next fetch."""
+        return self._last_write.get(name, 0) > written
+
+    def fetch_changes(self) -> Changes:
+        """Read the cluster and worker rows stamped since the last fetch (or `load`), less
+        `SYNC_OVERLAP_MS`, skipping rows whose stamp was already seen. One transaction of three
+        indexed statements; blocks on the database: call it off the event loop."""
+        if not self.shared:
+            raise StoreError("fetch_changes needs a shared (PostgreSQL) database")
+        written = self._written  # every write up to here is committed before the reads
+        seen = self._stamps
+        clusters: dict[str, Cluster] = {}
+        workers: list[Worker] = []
+        stamps: dict[tuple[str, str], int] = {}
+        try:
+            with self.engine.begin() as conn:
+                cursor = int(conn.execute(sa.select(_db_now_ms())).scalar_one())
+                since = (self._cursor if self._cursor is not None else cursor) - SYNC_OVERLAP_MS
+                query = sa.select(clusters_table).where(clusters_table.c.changed >= since)
+                for row in conn.execute(query).mappings():
+                    key = (row["name"], "")
+                    if seen.get(key) == row["changed"]:
+                        continue
+                    stamps[key] = row["changed"]
+                    clusters[row["name"]] = self._cluster_from_row(row)
+                query = sa.select(workers_table).where(workers_table.c.changed >= since)
+                for row in conn.execute(query).mappings():
+                    key = (row["cluster_name"], row["name"])
+                    if seen.get(key) == row["changed"]:
+                        continue
+                    stamps[key] = row["changed"]
+                    worker = _worker_from_row(row)
+                    owner = clusters.get(worker.cluster_name)
+                    if owner is not None:
+                        owner.workers[worker.name] = worker
+                    else:
+                        workers.append(worker)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"reading changes from {_safe_url(self.url)}: {_reason(exc)}") from exc
+        return Changes(
+            clusters=list(clusters.values()),
+            workers=workers,
+            written=written,
+            cursor=cursor,
+            stamps=stamps,
+        )
+
+    def advance(self, changes: Changes, applied: Iterable[tuple[str, str]]) -> None:
+        """After applying ``changes``: the next fetch starts at its cursor, and the rows in
+        ``applied`` are not read again until they change (rows skipped are)."""
+        self._cursor = changes.cursor
+        for key in applied:
+            stamp = changes.stamps.get(key)
+            if stamp is not None:
+                self._stamps[key] = stamp
+
+    def read_cluster(self, name: str) -> Cluster | None:
+        """The cluster ``name`` with all its workers as the database has it now (None when it
+        has no such row), not held by the store. Blocks: call it off the event loop."""
+        try:
+            with self.engine.begin() as conn:
+                query = sa.select(clusters_table).where(clusters_table.c.name == name)
+                row = conn.execute(query).mappings().first()
+                if row is None:
+                    return None
+                cluster = self._cluster_from_row(row)
+                query = sa.select(workers_table).where(workers_table.c.cluster_name == name)
+                for wrow in conn.execute(query).mappings():
+                    worker = _worker_from_row(wrow)
+                    cluster.workers[worker.name] = worker
+        except SQLAlchemyError as exc:
+            raise StoreError(f"reading cluster {name}: {_reason(exc)}") from exc
+        return cluster
+
+    def hold(self, cluster: Cluster) -> Cluster:
+        """Keep ``cluster`` (another replica's record, read from the database) in memory
+        without writing it; an already held record of that name wins (returned)."""
+        found = self._clusters.get(cluster.name)
+        if found is not None:
+            return found
+        self._clusters[cluster.name] = cluster
+        self._index(cluster)
+        return cluster
+
+    def set_local(self, cluster: Cluster, **changes: Any) -> None:
+        """Set ``changes`` on a held ``cluster`` in memory only (they came from the database),
+        keeping the indexes in step."""
+        unknown = set(changes) - _CLUSTER_FIELDS
+        if unknown:
+            raise TypeError(f"set_local: unknown fields {sorted(unknown)}")
+        reindex = not _INDEXED_FIELDS.isdisjoint(changes) and (
+            self._clusters.get(cluster.name) is cluster
+        )
+        if reindex:
+            self._unindex(cluster)
+        try:
+            for name, value in changes.items():
+                setattr(cluster, name, value)
+        finally:
+            if reindex:
+                self._index(cluster)
 
     # ---------------------------------------------------------------------------------------
     # Leases: which replica works on what (not written behind: each call is one transaction)
@@ -560,6 +738,63 @@ class Store:
                 return None  # another replica inserted it first: it holds the lease
             except SQLAlchemyError as exc:
                 raise StoreError(f"lease {name}: {_reason(exc)}") from exc
+
+    def renew_leases(
+        self, holder: str, leases: Iterable[Lease], ttl_s: float, *, now: int | None = None
+    ) -> list[Lease]:
+        """Extend every lease of ``leases`` (all ``holder``'s) by ``ttl_s`` seconds from now in
+        one statement; return those renewed (the others were lost: stop their work)."""
+        wanted = {lease.name: lease for lease in leases}
+        if not wanted:
+            return []
+        at = now_ms() if now is None else now
+        expires = at + int(ttl_s * 1000)
+        t = leases_table.c
+        statement = (
+            leases_table.update()
+            .where(t.name.in_(list(wanted)), t.holder == holder, t.expires >= at)
+            .values(expires=expires)
+            .returning(t.name, t.token)
+        )
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    rows = conn.execute(statement).all()
+            except SQLAlchemyError as exc:
+                raise StoreError(f"renewing leases of {holder}: {_reason(exc)}") from exc
+        # A lease that changed hands and came back has a new token: not the one we hold.
+        return [
+            Lease(name=name, holder=holder, token=int(token), expires=expires)
+            for name, token in rows
+            if wanted[name].token == int(token)
+        ]
+
+    def lease_held(self, lease: Lease, *, now: int | None = None) -> bool:
+        """Whether ``lease`` is still its holder's, with the same token, unexpired: the fence
+        before a driver call that must not run twice. One statement."""
+        at = now_ms() if now is None else now
+        t = leases_table.c
+        query = sa.select(t.name).where(
+            t.name == lease.name, t.holder == lease.holder, t.token == lease.token, t.expires >= at
+        )
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    return conn.execute(query).first() is not None
+            except SQLAlchemyError as exc:
+                raise StoreError(f"lease {lease.name}: {_reason(exc)}") from exc
+
+    def live_leases(self, prefix: str, *, now: int | None = None) -> dict[str, str]:
+        """Unexpired leases whose name starts with ``prefix``: name -> holder. One statement."""
+        at = now_ms() if now is None else now
+        t = leases_table.c
+        query = sa.select(t.name, t.holder).where(t.name.startswith(prefix), t.expires >= at)
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    return {name: holder for name, holder in conn.execute(query)}
+            except SQLAlchemyError as exc:
+                raise StoreError(f"leases {prefix}*: {_reason(exc)}") from exc
 
     def renew_lease(self, lease: Lease, ttl_s: float, *, now: int | None = None) -> Lease | None:
         """Extend ``lease`` by ``ttl_s`` seconds from now; None when it was lost (it expired,
@@ -613,6 +848,7 @@ class Store:
         ]
         self._submit(f"deleted cluster(s) {', '.join(names)}", steps)
         for name in names:
+            self._last_write.pop(name, None)
             cluster = self._clusters.pop(name, None)
             if cluster is not None:
                 self._unindex(cluster)
@@ -722,6 +958,8 @@ class _Write:
     what: str
     """The change, for log lines: ``cluster abc``."""
     steps: tuple[_Step, ...]
+    number: int = 0
+    """Its place in the order of writes (`Store.pending_since`)."""
 
 
 @define(kw_only=True, frozen=True)

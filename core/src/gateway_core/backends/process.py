@@ -159,9 +159,15 @@ class ProcessBackend(Backend):
         return sorted((c for c in found if c.username != user.name), key=lambda c: c.start_time)
 
     async def get_cluster(self, name: str, *, wait: bool = False) -> Cluster | None:
-        if wait:
+        found = self.store.get(name)
+        replicas = self.reconciler.replicas
+        if found is None and replicas is not None:
+            # Made on another replica since this one last read the database: read it now.
+            found = await replicas.find(name)
+        if wait and found is not None:
             await self.reconciler.wait_while_pending(name, self.context.config.gateway.wait_timeout)
-        return self.store.get(name)
+            found = self.store.get(name)
+        return found
 
     async def start_cluster(
         self, *, user: User, options: dict[str, Any], config: ClusterConfig

@@ -41,7 +41,7 @@ class Checks:
         now_s = time.time()
         now = now_ms()
         for cluster in list(shared.store.clusters.values()):
-            if cluster.target != ClusterStatus.RUNNING:
+            if cluster.target != ClusterStatus.RUNNING or not shared.owns(cluster.name):
                 continue
             if self._lifetime(cluster, now):
                 continue
@@ -127,6 +127,7 @@ class Checks:
             if (
                 c.target == ClusterStatus.RUNNING
                 and c.status in (ClusterStatus.PENDING, ClusterStatus.RUNNING)
+                and shared.owns(c.name)
                 and runtime is not None
                 and runtime.started
                 and runtime.start is None
@@ -154,6 +155,8 @@ class Checks:
         batch = []
         for c in shared.store.clusters.values():
             if c.target != ClusterStatus.RUNNING or c.status != ClusterStatus.RUNNING:
+                continue
+            if not shared.owns(c.name):
                 continue
             for w in c.workers.values():
                 runtime = shared.runtimes.find_worker(c.name, w.name)

@@ -67,6 +67,8 @@ class ClusterMachine:
             # Durability point: the credentials, which tell a restarted gateway that this
             # start began, are written before the driver starts anything.
             await shared.store.flush()
+            if not await shared.fence(cluster.name):
+                return  # another replica has the cluster now: it resumes the start
             with shared.context.metrics.driver_call("start_scheduler"):
                 await run_start_operation(
                     shared.driver.start_scheduler(cluster),
@@ -159,6 +161,8 @@ class ClusterMachine:
         scheduler; then record the final status and forget its runtime state."""
         shared = self.shared
         name = cluster.name
+        if not await shared.fence(name):
+            return  # another replica has the cluster now: it does the stop
         if cluster.status != ClusterStatus.STOPPING:
             shared.store.update_cluster(cluster, status=ClusterStatus.STOPPING)
             shared.events.notify(name)

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailable, ClusterConflict
-from ..models import ClusterStatus, WorkerStatus
+from ..models import Cluster, ClusterStatus, WorkerStatus
 from .checks import Checks
 from .clusters import ClusterMachine
 from .credentials import has_credentials
 from .events import ClusterEvents
 from .heartbeat import Heartbeat
+from .replicas import Replicas
 from .routes import ClusterRoutes
 from .runtime import Runtimes
 from .shared import Shared
@@ -33,6 +36,17 @@ if TYPE_CHECKING:
     from ..store import Store
 
 log = logging.getLogger("gateway.reconciler")
+
+
+def default_replica_id(context: GatewayContext) -> str:
+    """``<host name>:<proxy address>``: stable across restarts (a restarted replica takes its
+    own shard leases back at once) and unique on a host (two gateways cannot share a port);
+    a random suffix when the proxy's port is unknown or chosen at start."""
+    address = context.public_address or str(context.config.proxy.get("address", ""))
+    name = f"{socket.gethostname()}:{address}"
+    if not address or address.endswith(":0"):
+        name += f":{uuid.uuid4().hex[:8]}"
+    return name
 
 
 class Reconciler:
@@ -71,6 +85,18 @@ class Reconciler:
             events=self.events,
             routes=ClusterRoutes(context=context),
         )
+        self.replicas: Replicas | None = None
+        """Set when the store's database is shared with other replicas (PostgreSQL)."""
+        if store.shared:
+            gateway = context.config.gateway
+            self.replicas = Replicas(
+                reconciler=self,
+                replica_id=gateway.replica_id,
+                lease_ttl=gateway.lease_ttl,
+                sync_period=gateway.replica_sync_period,
+            )
+            self.shared.owns = self.replicas.owns
+            self.shared.fence = self.replicas.fence
         self.workers = WorkerMachine(shared=self.shared)
         self.clusters = ClusterMachine(shared=self.shared, workers=self.workers)
         self.checks = Checks(shared=self.shared, workers=self.workers)
@@ -83,6 +109,15 @@ class Reconciler:
     def start(self) -> None:
         """Resume the loaded records and start the queue workers and periodic checks."""
         self.running = True
+        if self.replicas is not None:
+            if not self.replicas.replica_id:
+                self.replicas.replica_id = default_replica_id(self.context)
+            taken = self.replicas.take()  # blocks once, at start, before anything is resumed
+            log.info(
+                "Replica %s holds %d of the cluster shards",
+                self.replicas.replica_id,
+                len(taken),
+            )
         self._resume()
         gateway = self.context.config.gateway
         for i in range(max(1, self.config.parallelism)):
@@ -95,12 +130,19 @@ class Reconciler:
         ]
         for fn, period, name in periodic:
             self._spawn(self._periodic(fn, period), name)
+        if self.replicas is not None:
+            self._spawn(self.replicas.run_leases(), "leases")
+            self._spawn(self.replicas.run_sync(), "replica-sync")
 
     async def stop(self, *, stop_clusters: bool, timeout: float) -> None:
         """Stop reconciling. With ``stop_clusters``, first stop every active cluster and wait
         (up to ``timeout`` seconds) for them to finish; otherwise leave them running."""
         if stop_clusters and self.running:
-            active = [c for c in self.store.clusters.values() if c.status.is_active]
+            active = [
+                c
+                for c in self.store.clusters.values()
+                if c.status.is_active and self.shared.owns(c.name)
+            ]
             for cluster in active:
                 self.request_stop(cluster.name, reason="The gateway shut down")
             with contextlib.suppress(TimeoutError):
@@ -117,6 +159,8 @@ class Reconciler:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self.queue.close()
+        if self.replicas is not None:
+            await asyncio.to_thread(self.replicas.release)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=f"gateway-{name}"))
@@ -125,32 +169,39 @@ class Reconciler:
         """Pick up records loaded from the store (a restart): PENDING clusters whose start
         already ran wait for their heartbeat, RUNNING ones get a fresh heartbeat grace period
         and their routes back, stopping ones finish stopping."""
-        now = time.time()
         for cluster in self.store.clusters.values():
             if not cluster.status.is_active:
                 continue
-            if has_credentials(cluster):
-                if (
-                    cluster.status == ClusterStatus.PENDING
-                    and not cluster.scheduler_address
-                    and cluster.target == ClusterStatus.RUNNING
-                    and self.driver.start_may_rerun(cluster)
-                ):
-                    # Killed between "start began" and the driver's first launch: start again.
-                    log.info(
-                        "The start of cluster %s had launched nothing when the gateway "
-                        "stopped; starting it again",
-                        cluster.name,
-                    )
-                else:
-                    self.runtimes.cluster(cluster.name).started = True
-            if cluster.status == ClusterStatus.RUNNING:
-                cluster.last_heartbeat = now
-            for worker in cluster.workers.values():
-                if worker.status.is_active:
-                    self.runtimes.worker(cluster.name, worker.name).started = True
-                    self.queue.put((cluster.name, worker.name))
-            self.enqueue(cluster.name)
+            if self.shared.owns(cluster.name):
+                self.resume_one(cluster)
+            elif cluster.status == ClusterStatus.RUNNING:
+                self.shared.routes.put(cluster)  # another replica's: this proxy routes to it
+
+    def resume_one(self, cluster: Cluster) -> None:
+        """Pick up one active cluster this process did not start (a restart, a takeover)."""
+        now = time.time()
+        if has_credentials(cluster):
+            if (
+                cluster.status == ClusterStatus.PENDING
+                and not cluster.scheduler_address
+                and cluster.target == ClusterStatus.RUNNING
+                and self.driver.start_may_rerun(cluster)
+            ):
+                # Killed between "start began" and the driver's first launch: start again.
+                log.info(
+                    "The start of cluster %s had launched nothing when the gateway "
+                    "stopped; starting it again",
+                    cluster.name,
+                )
+            else:
+                self.runtimes.cluster(cluster.name).started = True
+        if cluster.status == ClusterStatus.RUNNING:
+            cluster.last_heartbeat = now
+        for worker in cluster.workers.values():
+            if worker.status.is_active:
+                self.runtimes.worker(cluster.name, worker.name).started = True
+                self.queue.put((cluster.name, worker.name))
+        self.enqueue(cluster.name)
 
     # ---------------------------------------------------------------------------------------
     # Requests
@@ -184,6 +235,9 @@ class Reconciler:
         except ValueError as exc:
             raise ClusterConflict(f"Malformed heartbeat from cluster {name}: {exc}") from None
         now = time.time()
+        if self.replicas is not None and not self.replicas.owns(name):
+            self.replicas.record_heartbeat(cluster, beat, now)  # for the owner to read
+            return
         changes: dict[str, Any] = {}
         for field in ("scheduler_address", "dashboard_address", "api_address"):
             value = getattr(beat, field)
@@ -270,7 +324,7 @@ class Reconciler:
     async def _reconcile(self, key: Key) -> None:
         cluster_name, worker_name = key
         cluster = self.store.get(cluster_name)
-        if cluster is None:
+        if cluster is None or not self.shared.owns(cluster_name):
             return
         if not worker_name:
             await self.clusters.reconcile(cluster)

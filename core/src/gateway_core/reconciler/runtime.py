@@ -100,6 +100,13 @@ class Runtimes:
         if cluster is not None:
             cluster.workers.pop(worker_name, None)
 
+    def starting(self, name: str) -> bool:
+        """Whether a start operation of cluster ``name`` or of one of its workers runs."""
+        found = self._clusters.get(name)
+        if found is None:
+            return False
+        return found.start is not None or any(w.start is not None for w in found.workers.values())
+
     def start_tasks(self) -> list[asyncio.Task[None]]:
         """Every start operation still running."""
         tasks: list[asyncio.Task[None]] = []

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.reconciler")
 
 
+def _everything(name: str) -> bool:
+    return True
+
+
+async def _unfenced(name: str) -> bool:
+    return True
+
+
 @define(kw_only=True, eq=False)
 class Shared:
     """The services the reconciler's parts share; built once by `Reconciler`."""
@@ -41,6 +49,11 @@ class Shared:
     runtimes: Runtimes
     events: ClusterEvents
     routes: ClusterRoutes
+    owns: Callable[[str], bool] = _everything
+    """Whether this replica reconciles the named cluster (always, with one gateway)."""
+    fence: Callable[[str], Awaitable[bool]] = _unfenced
+    """Awaited just before a driver call that must not run twice for the named cluster: False
+    when this replica lost the cluster (the call must not be made)."""
 
     def enqueue(self, cluster_name: str, delay: float = 0.0) -> None:
         """Queue cluster ``cluster_name`` to be reconciled after ``delay`` seconds."""

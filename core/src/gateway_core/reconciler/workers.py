@@ -48,6 +48,8 @@ class WorkerMachine:
                         self._run_start(cluster, worker), name=f"gateway-start-{worker.name}"
                     )
                 return
+            if not await self.shared.fence(cluster.name):
+                return  # another replica has the cluster now: it stops the worker
             await self.stop(cluster, worker)
         self.shared.enqueue(cluster.name)
 
@@ -56,6 +58,8 @@ class WorkerMachine:
         try:
             # Durability point: the worker's record is written before anything is started.
             await shared.store.flush()
+            if not await shared.fence(cluster.name):
+                return  # another replica has the cluster now: it resumes this worker
             with shared.context.metrics.driver_call("start_worker"):
                 await run_start_operation(
                     shared.driver.start_worker(cluster, worker),

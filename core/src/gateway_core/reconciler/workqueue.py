@@ -101,6 +101,10 @@ class WorkQueue(Generic[K]):
         self._processing.add(key)
         return key
 
+    def processing(self) -> frozenset[K]:
+        """The keys taken by `get` and not yet `done` (their handlers are running)."""
+        return frozenset(self._processing)
+
     def done(self, key: K) -> None:
         self._processing.discard(key)
         if key in self._dirty:

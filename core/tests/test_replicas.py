@@ -1,0 +1,578 @@
+"""Several gateways on one PostgreSQL database: each sees what the others made, one reconciles
+each cluster (a lease per shard), a dead one's clusters are taken over, a fenced call is not made.
+
+Real `gateway serve` processes with real Dask clusters (unsafe-local) for what only they prove
+(the proxy of one replica to a cluster another started; SIGKILL and takeover with no second
+scheduler), the in-process driver for the fence. All on the real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from attrs import define
+
+from gateway_core.backends.kit import ProcessRef, all_stats
+from gateway_core.models import ClusterStatus, WorkerStatus
+from gateway_core.reconciler.replicas import SHARDS, shard_lease, shard_of
+from gateway_core.testing.processes import descendants
+
+LEASE_TTL = 3.0
+"""The replicas' `lease_ttl` in these tests: takeover within 4/3 of it plus a sync."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@define(kw_only=True)
+class Replica:
+    name: str
+    folder: Path
+    config: Path
+    address: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.folder / f"{self.name}.log"
+
+    def start(self) -> None:
+        log = self.log.open("ab")
+        bindir = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway_core", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.folder,
+            env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, self.log_tail()
+            assert time.monotonic() < deadline, "gateway did not start\n" + self.log_tail()
+            time.sleep(0.1)
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.address}/api{path}",
+            data=data,
+            method=method,
+            headers={
+                "Authorization": "Basic " + base64.b64encode(b"alice:").decode(),
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            text = resp.read()
+        return json.loads(text) if text else None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@define(kw_only=True)
+class Pair:
+    a: Replica
+    b: Replica
+    db_url: str
+    folder: Path
+
+    def holders(self) -> dict[str, str]:
+        """Shard lease -> holder, for the unexpired shard leases."""
+        engine = sa.create_engine(self.db_url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    sa.text(
+                        "SELECT name, holder FROM leases WHERE name LIKE 'shard:%' AND expires >= "
+                        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+                    )
+                )
+                return {name: holder for name, holder in rows}
+        finally:
+            engine.dispose()
+
+    def processes(self, name: str) -> dict[str, ProcessRef]:
+        """``"scheduler"`` and each active worker -> its process, as the database has them."""
+        engine = sa.create_engine(self.db_url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                found: dict[str, ProcessRef] = {}
+                for (state,) in conn.execute(
+                    sa.text("SELECT state FROM clusters WHERE name = :n"), {"n": name}
+                ):
+                    ref = ProcessRef.from_state(state)
+                    if ref is not None:
+                        found["scheduler"] = ref
+                rows = conn.execute(
+                    sa.text("SELECT name, status, state FROM workers WHERE cluster_name = :n"),
+                    {"n": name},
+                )
+                for worker, status, state in rows:
+                    ref = ProcessRef.from_state(state)
+                    if WorkerStatus(status).is_active and ref is not None:
+                        found[worker] = ref
+                return found
+        finally:
+            engine.dispose()
+
+
+class Balancer(socketserver.ThreadingTCPServer):
+    """A TCP load balancer in front of the replicas' API (what schedulers heartbeat to):
+    each connection goes to the next replica that accepts it, in turn."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, ports: list[int]) -> None:
+        super().__init__(("127.0.0.1", 0), _Forward)
+        self.ports = ports
+        self.turn = 0
+
+    def connect(self) -> socket.socket:
+        for _ in range(len(self.ports)):
+            self.turn = (self.turn + 1) % len(self.ports)
+            try:
+                return socket.create_connection(("127.0.0.1", self.ports[self.turn]), timeout=5)
+            except OSError:
+                continue
+        raise OSError("no replica accepts connections")
+
+
+class _Forward(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        assert isinstance(self.server, Balancer)
+        try:
+            upstream = self.server.connect()
+        except OSError:
+            return
+        upstream.settimeout(None)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        back = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
+        back.start()
+        pump(self.request, upstream)
+        back.join(timeout=5)
+        upstream.close()
+
+
+@pytest.fixture
+def pair(tmp_path: Path, postgres_url: str) -> Iterator[Pair]:
+    """Two replicas (not started) on one PostgreSQL database, one clusters directory, with a
+    load balancer in front of their API for the schedulers' heartbeats."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    ports = [free_port(), free_port()]
+    balancer = Balancer(ports)
+    threading.Thread(target=balancer.serve_forever, daemon=True).start()
+    api_url = f"http://127.0.0.1:{balancer.server_address[1]}/api"
+    replicas = []
+    for name, port in zip(("a", "b"), ports, strict=True):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            f"""
+[gateway]
+backend = "unsafe-local"
+db_url = "{postgres_url}"
+db_encrypt_keys = ["{key}"]
+stop_clusters_on_shutdown = false
+api_url = "{api_url}"
+lease_ttl = {LEASE_TTL}
+replica_sync_period = 0.5
+
+[proxy]
+address = "127.0.0.1:{port}"
+
+[backend.unsafe-local]
+cluster_heartbeat_period = 1
+cluster_status_period = 2
+worker_status_period = 2
+clusters_directory = "{tmp_path / "clusters"}"
+
+[cluster]
+worker_memory = "512 MiB"
+"""
+        )
+        replicas.append(
+            Replica(name=name, folder=tmp_path, config=config, address=f"http://127.0.0.1:{port}")
+        )
+    made = Pair(a=replicas[0], b=replicas[1], db_url=postgres_url, folder=tmp_path)
+    yield made
+    for replica in replicas:
+        if replica.proc is not None and replica.proc.poll() is None:
+            replica.proc.kill()
+            replica.proc.wait()
+    balancer.shutdown()
+    balancer.server_close()
+
+
+def replica_id(replica: Replica) -> str:
+    """The id a replica takes by default: host name and proxy address."""
+    return f"{socket.gethostname()}:127.0.0.1:{replica.address.rsplit(':', 1)[1]}"
+
+
+def balanced(pair: Pair) -> bool:
+    """Each replica holds half the shards (the first one handed half to the second)."""
+    counts: dict[str, int] = {}
+    for holder in pair.holders().values():
+        counts[holder] = counts.get(holder, 0) + 1
+    return counts == {replica_id(pair.a): SHARDS // 2, replica_id(pair.b): SHARDS // 2}
+
+
+def owner_and_other(pair: Pair, name: str) -> tuple[Replica, Replica]:
+    holder = pair.holders()[shard_lease(shard_of(name))]
+    return (pair.a, pair.b) if holder == replica_id(pair.a) else (pair.b, pair.a)
+
+
+def wait_for(what: str, check: Any, timeout: float = 60) -> float:
+    """Seconds until ``check()`` held (fails after ``timeout``)."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting until {what}"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def status(replica: Replica, name: str) -> str:
+    return str(replica.call("GET", f"/v1/clusters/{name}")["status"])
+
+
+def compute(replica: Replica, name: str, workers: int) -> int:
+    """Through ``replica``'s API and proxy, with our client."""
+    from gateway_client import BasicAuth, Gateway
+
+    with Gateway(replica.address, auth=BasicAuth("alice")) as gateway:
+        cluster = gateway.connect(name)
+        client = cluster.get_client(set_as_default=False)
+        try:
+            client.wait_for_workers(workers, timeout=60)
+            return int(client.submit(sum, range(10)).result(timeout=60))
+        finally:
+            client.close()
+            cluster.close()
+
+
+def cluster_processes(gateways: set[int]) -> set[int]:
+    """Live processes below this one that are neither a gateway nor a gateway's child (its fork
+    server): the schedulers and workers, whoever started them."""
+    parents = {st.pid: st.ppid for st in all_stats()}
+    return {
+        pid
+        for pid in descendants(reap=True)
+        if pid not in gateways and parents.get(pid) not in gateways
+    }
+
+
+@pytest.mark.system
+@pytest.mark.integration
+@pytest.mark.usefixtures("no_process_left_behind")
+def test_a_cluster_made_on_one_replica_is_used_through_the_other(pair: Pair) -> None:
+    pair.a.start()
+    pair.b.start()
+    # The first replica took every shard; it hands half to the second within a few rounds.
+    wait_for("the shards are shared", lambda: balanced(pair), timeout=LEASE_TTL * 4)
+
+    # Made through A, then used through each replica; "owner" reconciles it (started its
+    # processes), "other" does not.
+    name = pair.a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    owner, other = owner_and_other(pair, name)
+    for replica in (owner, other):
+        # At once: a miss reads the row before answering.
+        assert replica.call("GET", f"/v1/clusters/{name}")["name"] == name
+        # Listed within the sync period.
+        wait_for(
+            "it is listed",
+            lambda r=replica: name in r.call("GET", "/v1/clusters/"),
+            timeout=5,
+        )
+    wait_for("the other sees it running", lambda: status(other, name) == "RUNNING")
+
+    # Scaled through the other (the heartbeat carrying the count may reach either replica),
+    # computing through the other's proxy, then the owner's.
+    other.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    assert compute(other, name, 1) == 45
+    assert compute(owner, name, 1) == 45
+
+    # Stopped through the other: the owner stops it; both see it stopped.
+    before = pair.processes(name)
+    assert len(before) == 2
+    other.call("DELETE", f"/v1/clusters/{name}")
+    wait_for("the owner stopped it", lambda: status(owner, name) == "STOPPED")
+    wait_for("the other sees it stopped", lambda: status(other, name) == "STOPPED", timeout=5)
+    a, b = pair.a, pair.b
+    wait_for("its processes are gone", lambda: not any(r.running() for r in before.values()))
+    assert a.stop() == 0 and b.stop() == 0
+    assert list((pair.folder / "clusters").glob("*")) == []
+
+
+@pytest.mark.system
+@pytest.mark.integration
+@pytest.mark.usefixtures("no_process_left_behind")
+def test_sigkill_of_the_owner_hands_its_clusters_to_the_other_within_the_bound(
+    pair: Pair,
+) -> None:
+    pair.a.start()
+    pair.b.start()
+    wait_for("the shards are shared", lambda: balanced(pair), timeout=LEASE_TTL * 4)
+    name = pair.a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    # a: the replica reconciling the cluster, killed below; b: the survivor.
+    a, b = owner_and_other(pair, name)
+    wait_for("it runs", lambda: status(a, name) == "RUNNING")
+    a.call("POST", f"/v1/clusters/{name}/scale", {"count": 2})
+    assert compute(a, name, 2) == 45
+    wait_for("the scheduler and both workers are stored", lambda: len(pair.processes(name)) == 3)
+    before = pair.processes(name)
+    assert a.proc is not None and b.proc is not None
+    procs_before = cluster_processes({a.proc.pid, b.proc.pid})
+    assert {ref.pid for ref in before.values()} <= procs_before
+
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    killed = time.monotonic()
+    b_id = replica_id(b)
+    wait_for(
+        "B holds every shard",
+        lambda: list(pair.holders().values()) == [b_id] * SHARDS,
+        timeout=LEASE_TTL * 4,
+    )
+    took = time.monotonic() - killed
+    # The bound: the dead lease expires within lease_ttl, B looks every third of it.
+    assert took <= LEASE_TTL * 4 / 3 + 1.5, took
+    assert pair.holders()[shard_lease(shard_of(name))] == b_id
+
+    # B carries on with the same processes: adopted, nothing started twice.
+    time.sleep(3 * 2 + 1)  # three cluster and worker status periods (2 s each)
+    assert status(b, name) == "RUNNING"
+    assert pair.processes(name) == before
+    assert all(ref.running() for ref in before.values())
+    assert cluster_processes({b.proc.pid}) == procs_before
+    assert compute(b, name, 2) == 45
+
+    # B reconciles it now: a scale-up starts a worker, a stop stops everything.
+    b.call("POST", f"/v1/clusters/{name}/scale", {"count": 3})
+    assert compute(b, name, 3) == 45
+    b.call("DELETE", f"/v1/clusters/{name}")
+    wait_for("B stopped it", lambda: status(b, name) == "STOPPED")
+    wait_for("every process is gone", lambda: not any(r.running() for r in before.values()))
+    assert b.stop() == 0
+    assert list((pair.folder / "clusters").glob("*")) == []
+
+
+# -------------------------------------------------------------------------------------------
+# The fence, with the in-process driver
+
+
+@pytest.mark.system
+async def test_a_replica_whose_lease_was_taken_starts_no_worker(postgres_url: str) -> None:
+    from test_reconciler import Gateway, until
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    gw = Gateway(
+        gateway={
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": "replica-a",
+            "lease_ttl": 60.0,  # no renewal during the test: the fence alone must notice
+            "stop_clusters_on_shutdown": False,
+        }
+    )
+    await gw.backend.setup()
+    try:
+        replicas = gw.backend.reconciler.replicas
+        assert replicas is not None and len(replicas.held) == SHARDS
+        cluster = await gw.running()
+        shard = shard_of(cluster.name)
+        lease = replicas.held[shard]
+
+        # Another replica takes the shard (as if this one had paused past its expiry).
+        store = gw.backend.store
+        stolen = await asyncio.to_thread(
+            store.acquire_lease, lease.name, "replica-b", 60.0, now=lease.expires + 1
+        )
+        assert stolen is not None and stolen.token == lease.token + 1
+        assert replicas.owns(cluster.name)  # by its own clock it still does: only the fence knows
+
+        await gw.scale(cluster, 1)
+        await until(lambda: cluster.count == 1)
+        await until(lambda: shard not in replicas.held, timeout=10)
+        await asyncio.sleep(0.5)
+        assert gw.driver.calls["start_worker"] == 0
+        assert not replicas.owns(cluster.name)
+        assert cluster.status == ClusterStatus.RUNNING
+        assert all(w.status == WorkerStatus.PENDING for w in cluster.workers.values())
+    finally:
+        await gw.backend.cleanup()
+        await gw.driver.shutdown()
+
+
+@pytest.mark.system
+async def test_the_owner_learns_through_the_database_what_another_replica_was_told(
+    postgres_url: str,
+) -> None:
+    """Every heartbeat goes to replica B, which does not own the cluster; A, which does,
+    learns the scheduler's address, the worker count and connected workers only from the
+    rows B writes, and a stop asked of B. B never calls the driver."""
+    from test_reconciler import Gateway, until
+
+    key = base64.b64encode(os.urandom(32)).decode()
+
+    def settings(replica: str) -> dict[str, Any]:
+        return {
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": replica,
+            "lease_ttl": 60.0,
+            "replica_sync_period": 0.1,
+            "stop_clusters_on_shutdown": False,
+        }
+
+    a = Gateway(gateway=settings("replica-a"))
+    b = Gateway(gateway=settings("replica-b"))
+    await a.backend.setup()
+    await b.backend.setup()
+    try:
+        assert a.backend.reconciler.replicas is not None
+        assert b.backend.reconciler.replicas is not None
+        assert len(a.backend.reconciler.replicas.held) == SHARDS
+        assert b.backend.reconciler.replicas.held == {}
+        a.driver.deliver_to(b.backend)  # A's schedulers heartbeat to B only
+
+        cluster = await a.start()
+        seen = await b.backend.get_cluster(cluster.name)  # at once: read on a miss
+        assert seen is not None and seen is not cluster and seen.token == cluster.token
+        await until(lambda: cluster.status == ClusterStatus.RUNNING, timeout=10)
+        await until(lambda: seen.status == ClusterStatus.RUNNING, timeout=5)
+        assert b.context.routes.get("SNI", cluster.name) is not None  # B's proxy routes to it
+
+        await b.scale(seen, 2)  # through B's copy of the record
+        await until(
+            lambda: sum(w.status == WorkerStatus.RUNNING for w in cluster.workers.values()) == 2,
+            timeout=10,
+        )
+        assert a.driver.calls["start_worker"] == 2
+
+        await b.backend.stop_cluster(cluster.name)
+        await until(lambda: cluster.status == ClusterStatus.STOPPED, timeout=10)
+        await until(lambda: seen.status == ClusterStatus.STOPPED, timeout=5)
+        assert a.driver.calls["stop_scheduler"] == 1
+        assert b.driver.calls == {}  # B reconciled nothing
+        assert b.context.routes.get("SNI", cluster.name) is None
+    finally:
+        for gw in (b, a):
+            await gw.backend.cleanup()
+            await gw.driver.shutdown()
+
+
+@pytest.mark.system
+async def test_a_replica_that_joins_gets_half_the_shards_and_carries_on_their_clusters(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first replica holds every shard; when a second joins, the first hands it half
+    (quiet shards only, after its writes are in), and the second resumes their clusters as a
+    restarted gateway would: one owner for each cluster, nothing started twice."""
+    from test_reconciler import Gateway, until
+
+    key = base64.b64encode(os.urandom(32)).decode()
+
+    def settings(replica: str) -> dict[str, Any]:
+        return {
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": replica,
+            "lease_ttl": 1.5,
+            "replica_sync_period": 0.1,
+            "stop_clusters_on_shutdown": False,
+        }
+
+    # One cluster in every shard, so that whichever half is handed over holds clusters.
+    names = []
+    for shard in range(SHARDS):
+        while shard_of(name := uuid.uuid4().hex) != shard:
+            pass
+        names.append(name)
+    monkeypatch.setattr("gateway_core.backends.process.new_name", names.pop)
+    slow = {"heartbeat_period": 0.5, "cluster_heartbeat_timeout": 5.0}
+    a = Gateway(gateway=settings("replica-a"), **slow)
+    await a.backend.setup()
+    b: Gateway | None = None
+    try:
+        ra = a.backend.reconciler.replicas
+        assert ra is not None and len(ra.held) == SHARDS
+        clusters = [await a.start() for _ in range(SHARDS)]
+        await until(lambda: all(c.status == ClusterStatus.RUNNING for c in clusters), timeout=30)
+        # B adopts A's fake schedulers, as a replica on the same host adopts processes.
+        b = Gateway(gateway=settings("replica-b"), schedulers=a.driver.schedulers, **slow)
+        await b.backend.setup()
+        rb = b.backend.reconciler.replicas
+        assert rb is not None
+        await until(lambda: len(ra.held) == len(rb.held) == SHARDS // 2, timeout=10)
+        assert not set(ra.held) & set(rb.held)
+        for cluster in clusters:
+            assert ra.owns(cluster.name) != rb.owns(cluster.name)
+        moved = [c for c in clusters if rb.owns(c.name)][:3]
+        kept = [c for c in clusters if ra.owns(c.name)][:3]
+        assert len(moved) == len(kept) == 3
+
+        # Clusters of both halves scale through whoever owns them; nothing starts twice.
+        for cluster in moved + kept:
+            await a.scale(cluster, 1)
+        for cluster in kept:
+            await until(lambda c=cluster: len(a.running_workers(c)) == 1, timeout=10)
+        for cluster in moved:
+            mirror = b.backend.store.get(cluster.name)
+            assert mirror is not None
+            await until(lambda m=mirror: len(b.running_workers(m)) == 1, timeout=10)
+        assert a.driver.calls["start_worker"] == len(kept)
+        assert b.driver.calls["start_worker"] == len(moved)
+        assert a.driver.calls["start_scheduler"] == SHARDS
+        assert b.driver.calls["start_scheduler"] == 0
+    finally:
+        if b is not None:
+            await b.backend.cleanup()
+        await a.backend.cleanup()
+        await a.driver.shutdown()
