@@ -78,7 +78,14 @@ async def test_the_gauges_show_a_created_and_scaled_cluster(
         lambda: sum(w.status == WorkerStatus.RUNNING for w in cluster.workers.values()) == 3
     )
 
-    families, samples = await scrape(alice)
+    # A worker may connect before its start call has returned and been timed: wait for the
+    # third start_worker timing before reading the rest.
+    count = "gateway_driver_call_duration_seconds_count"
+    for _ in range(100):
+        families, samples = await scrape(alice)
+        if value(samples, count, backend="inprocess", operation="start_worker") == 3:
+            break
+        await asyncio.sleep(0.1)
     assert families["gateway_clusters"].type == "gauge"
     assert value(samples, "gateway_clusters", backend="inprocess", status="running") == 1
     assert value(samples, "gateway_clusters", backend="inprocess", status="pending") == 0
@@ -87,7 +94,6 @@ async def test_the_gauges_show_a_created_and_scaled_cluster(
     assert value(samples, "gateway_cores_in_use", user="alice") == 1 + 3 * 2
     assert value(samples, "gateway_memory_in_use_bytes", user="alice") == 4 * 2**30
     # The driver calls it took, timed by backend and operation.
-    count = "gateway_driver_call_duration_seconds_count"
     assert value(samples, count, backend="inprocess", operation="start_scheduler") == 1
     assert value(samples, count, backend="inprocess", operation="start_worker") == 3
     assert "gateway_reconciler_queue_depth" in families
