@@ -57,9 +57,9 @@ async def controller(kube: FakeKube) -> AsyncIterator[Controller]:
     made.client.close()
 
 
-def gateway_config(kube: FakeKube, **cluster: Any) -> dict[str, Any]:
+def gateway_config(kube: FakeKube, *, keep: bool = False, **cluster: Any) -> dict[str, Any]:
     return {
-        "gateway": {"backend": "kubernetes"},
+        "gateway": {"backend": "kubernetes", "stop_clusters_on_shutdown": not keep},
         "backend": {
             "kubernetes": {
                 "server": kube.url,
@@ -188,7 +188,7 @@ async def test_a_restarted_gateway_finds_its_clusters_and_routes(
     kube: FakeKube, kubelet: Kubelet, controller: Controller, make_gateway: Any,
     make_api_client: Any
 ) -> None:
-    first = await make_gateway(gateway_config(kube))
+    first = await make_gateway(gateway_config(kube, keep=True))
     alice = make_api_client(first, "alice")
     name = (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
     body = (await alice.get(f"/api/v1/clusters/{name}?wait")).body
@@ -199,6 +199,7 @@ async def test_a_restarted_gateway_finds_its_clusters_and_routes(
     await first.stop()
     second = await make_gateway(gateway_config(kube))
     bob_view = make_api_client(second, "alice")
+
     async def running() -> Any:
         answer = (await bob_view.get(f"/api/v1/clusters/{name}")).body
         return answer if answer["status"] == "RUNNING" else None

@@ -276,6 +276,8 @@ class Informer:
         self.cache: dict[tuple[str, str], Obj] = {}
         self.synced = asyncio.Event()
         self.relists = 0
+        self.resource_version = ""
+        """Where the next watch starts; empty: list first."""
         self._task: asyncio.Task[None] | None = None
         self._response: Any = None
         self._stopping = threading.Event()
@@ -336,28 +338,26 @@ class Informer:
         return version
 
     async def _run(self) -> None:
-        version = ""
         delay = 0.2
         while not self._stopping.is_set():
             try:
-                if not version:
-                    version = await self._relist()
+                if not self.resource_version:
+                    self.resource_version = await self._relist()
                     self.relists += 1
-                version = await self._watch(version)
+                self.resource_version = await self._watch(self.resource_version)
                 delay = 0.2
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if self._stopping.is_set():
                     return
+                self.resource_version = ""
                 if is_gone(exc):
                     log.info("Watch of %s expired (410 Gone): relisting", self.resource.plural)
-                    version = ""
                     continue
                 log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                version = ""
 
     async def _watch(self, version: str) -> str:
         """One watch request from ``version``; the last version seen when it ends."""
