@@ -181,3 +181,62 @@ async def test_one_of_two_controllers_leads_and_the_other_takes_over_after_expir
             task.cancel()
         for e in (first, second):
             e.client.close()
+
+
+async def test_only_the_leading_controller_reconciles(kube: FakeKube) -> None:
+    """Two controllers on one namespace: the follower keeps its caches but acts on nothing,
+    so the new cluster's scheduler pod is created once; no kubelet runs it."""
+    from gateway_k8s import crd, objects
+    from gateway_k8s.kube import CLUSTERS, SECRETS
+    from gateway_k8s.runner import make_controller
+
+    controllers = []
+    for identity in ("one", "two"):
+        config = KubeControllerConfig(
+            server=kube.url,
+            namespace=NS,
+            identity=identity,
+            lease_duration=2.0,
+            renew_period=0.5,
+            api_qps=0,
+        )
+        controllers.append(await make_controller(config))
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(c.run(stop=stop)) for c in controllers]
+    client = KubeClient(load_api_client(server=kube.url), threads=3)
+    try:
+        await until(lambda: any(c.elector.leading.is_set() for c in controllers), "a leader")
+        body = {
+            "apiVersion": crd.API_VERSION,
+            "kind": crd.KIND,
+            "metadata": {"name": "dask-c1", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+            "spec": {"user": "alice", "worker": {"replicas": 0}},
+        }
+        owner = await client.create(CLUSTERS, NS, body)
+        await client.create(
+            SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+        )
+
+        async def pods() -> list[str]:
+            items, _ = await client.list(PODS, NS)
+            return [p["metadata"]["name"] for p in items]
+
+        deadline = time.monotonic() + 10
+        while not await pods() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # time for a second, wrong, create
+        assert await pods() == ["dask-c1-scheduler"]
+        leader = next(c for c in controllers if c.elector.leading.is_set())
+        follower = next(c for c in controllers if c is not leader)
+        assert leader.reconciles > 0
+        assert follower.reconciles == 0
+        assert (NS, "dask-c1") in follower.clusters.cache  # its cache is warm for a takeover
+        status = (await client.get(CLUSTERS, NS, "dask-c1") or {}).get("status") or {}
+        assert status.get("phase") == "Pending"
+    finally:
+        stop.set()
+        for task in tasks:
+            await asyncio.wait_for(task, 20)
+        for c in controllers:
+            c.client.close()
+        client.close()

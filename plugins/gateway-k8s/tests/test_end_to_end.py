@@ -34,7 +34,9 @@ BAD_IMAGE = "registry.invalid/no-such:image"
 
 @pytest.fixture
 def kubelet(kube: FakeKube, tmp_path: Path) -> Iterator[Kubelet]:
-    with Kubelet(kube=kube, workdir=tmp_path / "kubelet", failing_images={BAD_IMAGE}).running() as k:
+    with Kubelet(
+        kube=kube, workdir=tmp_path / "kubelet", failing_images={BAD_IMAGE}
+    ).running() as k:
         yield k
 
 
@@ -165,8 +167,11 @@ async def test_a_cluster_scales_computes_and_leaves_nothing_behind(
 
 
 async def test_an_image_that_cannot_be_pulled_reaches_the_api_reason(
-    kube: FakeKube, kubelet: Kubelet, controller: Controller, make_gateway: Any,
-    make_api_client: Any
+    kube: FakeKube,
+    kubelet: Kubelet,
+    controller: Controller,
+    make_gateway: Any,
+    make_api_client: Any,
 ) -> None:
     gateway = await make_gateway(gateway_config(kube, image=BAD_IMAGE))
     alice = make_api_client(gateway, "alice")
@@ -185,16 +190,17 @@ async def test_an_image_that_cannot_be_pulled_reaches_the_api_reason(
 
 
 async def test_a_restarted_gateway_finds_its_clusters_and_routes(
-    kube: FakeKube, kubelet: Kubelet, controller: Controller, make_gateway: Any,
-    make_api_client: Any
+    kube: FakeKube,
+    kubelet: Kubelet,
+    controller: Controller,
+    make_gateway: Any,
+    make_api_client: Any,
 ) -> None:
     first = await make_gateway(gateway_config(kube, keep=True))
     alice = make_api_client(first, "alice")
     name = (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
     body = (await alice.get(f"/api/v1/clusters/{name}?wait")).body
-    await until(
-        lambda: first.context.routes.get("SNI", name), "the first gateway's route"
-    )
+    await until(lambda: first.context.routes.get("SNI", name), "the first gateway's route")
     assert body["status"] in ("PENDING", "RUNNING")
     await first.stop()
     second = await make_gateway(gateway_config(kube))

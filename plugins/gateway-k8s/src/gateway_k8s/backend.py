@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
 from gateway_core.backends.base import Backend
 from gateway_core.config import ClusterConfig, unstructure
 from gateway_core.errors import BackendUnavailable, ClusterConflict
@@ -93,7 +94,9 @@ class KubeBackend(Backend):
             labels=objects.SELECTOR,
             handler=self._on_cluster,
         )
-        self.secrets = Informer(self.client, SECRETS, namespace=c.namespace, labels=objects.SELECTOR)
+        self.secrets = Informer(
+            self.client, SECRETS, namespace=c.namespace, labels=objects.SELECTOR
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
             timeout=aiohttp.ClientTimeout(total=self.comm_timeout),
@@ -176,7 +179,9 @@ class KubeBackend(Backend):
                 record.stop_time = int(time.time() * 1000)
                 self.stopped[name] = record
             assert self.client is not None
-            await self.client.delete(CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"])
+            await self.client.delete(
+                CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"]
+            )
         self._changed.set()
 
     def _forget_old(self) -> None:
@@ -297,7 +302,9 @@ class KubeBackend(Backend):
         except KubeError as exc:
             raise BackendUnavailable(f"cannot delete cluster {name}: {exc}") from None
 
-    async def set_sharing(self, name: str, *, shared_users: Any = None, shared_groups: Any = None) -> None:
+    async def set_sharing(
+        self, name: str, *, shared_users: Any = None, shared_groups: Any = None
+    ) -> None:
         assert self.client is not None
         obj = self._resource(name)
         if obj is None:
@@ -308,7 +315,9 @@ class KubeBackend(Backend):
             "groups": list(shared_groups if shared_groups is not None else current.shared_groups),
         }
         patch = {"metadata": {"annotations": {objects.ANNOTATION_SHARING: json.dumps(sharing)}}}
-        updated = await self.client.patch(CLUSTERS, self.kconfig.namespace, obj["metadata"]["name"], patch)
+        updated = await self.client.patch(
+            CLUSTERS, self.kconfig.namespace, obj["metadata"]["name"], patch
+        )
         assert self.clusters is not None
         self.clusters.put(updated)
 

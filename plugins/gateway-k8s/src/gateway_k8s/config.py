@@ -10,6 +10,7 @@ import re
 from typing import Any, ClassVar, Literal
 
 from attrs import define, field
+
 from gateway_core.config import BackendConfig, ClusterConfig, Memory
 
 IMAGE_PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")

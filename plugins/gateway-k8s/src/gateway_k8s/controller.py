@@ -219,9 +219,7 @@ class LeaderElector:
             if time.monotonic() - self._observed_at < held_for:
                 return False
         new_spec = dict(spec)
-        new_spec.update(
-            holderIdentity=self.identity, leaseDurationSeconds=duration, renewTime=now
-        )
+        new_spec.update(holderIdentity=self.identity, leaseDurationSeconds=duration, renewTime=now)
         if holder != self.identity:
             new_spec["acquireTime"] = now
             new_spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
@@ -239,7 +237,7 @@ class LeaderElector:
         while True:
             try:
                 ok = await self._try()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is a missed renewal
                 log.warning("Lease %s: %s", self.config.lease_name, exc)
                 ok = False
             if ok:
@@ -247,12 +245,14 @@ class LeaderElector:
                 if not self.leading.is_set():
                     log.info("%s leads (Lease %s)", self.identity, self.config.lease_name)
                     self.leading.set()
-            elif self.leading.is_set():
+            elif (
+                self.leading.is_set()
+                and time.monotonic() - self._renewed_at > self.config.lease_duration * 2 / 3
+            ):
                 # Not renewed: stop acting before another replica may take over.
-                if time.monotonic() - self._renewed_at > self.config.lease_duration * 2 / 3:
-                    log.warning("%s lost the Lease %s", self.identity, self.config.lease_name)
-                    self.lost.set()
-                    return
+                log.warning("%s lost the Lease %s", self.identity, self.config.lease_name)
+                self.lost.set()
+                return
             await asyncio.sleep(self.config.renew_period)
 
 
@@ -279,13 +279,20 @@ def failure_reason(pod: Obj, *, what: str) -> tuple[str, str] | None:
                 f": {message}" if message else ""
             )
         if reason in CONFIG_ERRORS:
-            return "Failed", f"{what}'s container cannot start: {reason}: {waiting.get('message', '')}"
+            return (
+                "Failed",
+                f"{what}'s container cannot start: {reason}: {waiting.get('message', '')}",
+            )
         terminated = state.get("terminated") or {}
         if terminated and status.get("phase") in ("Failed", "Succeeded"):
             code = terminated.get("exitCode")
             why = terminated.get("reason") or "Error"
             if why == "OOMKilled":
-                return "Failed", f"{what} was killed for using more memory than its limit (OOMKilled, exit code {code})"
+                return (
+                    "Failed",
+                    f"{what} was killed for using more memory than its limit "
+                    f"(OOMKilled, exit code {code})",
+                )
             if status.get("phase") == "Failed":
                 text = terminated.get("message") or ""
                 return "Failed", f"{what} exited: {why} (exit code {code})" + (
@@ -293,10 +300,14 @@ def failure_reason(pod: Obj, *, what: str) -> tuple[str, str] | None:
                 )
             return "Failed", f"{what} exited (exit code {code})"
     if status.get("phase") == "Failed":
-        return "Failed", f"{what} failed: {status.get('reason') or status.get('message') or 'unknown'}"
+        return (
+            "Failed",
+            f"{what} failed: {status.get('reason') or status.get('message') or 'unknown'}",
+        )
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return "Pending", f"{what} cannot be scheduled: {condition.get('message') or condition.get('reason')}"
+            why = condition.get("message") or condition.get("reason")
+            return "Pending", f"{what} cannot be scheduled: {why}"
     return None
 
 
@@ -435,7 +446,7 @@ class Controller:
             key = await self.queue.get()
             try:
                 again = await self.reconcile(key)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - retried with backoff
                 delay = self.queue.retry(key)
                 log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
             else:
@@ -478,7 +489,10 @@ class Controller:
                     raise
         scheduler_pod = objects.scheduler_name(resource)
         scheduler = next((p for p in pods if p["metadata"]["name"] == scheduler_pod), None)
-        new_status: Obj = {"phase": "Pending", "observedGeneration": owner["metadata"].get("generation", 0)}
+        new_status: Obj = {
+            "phase": "Pending",
+            "observedGeneration": owner["metadata"].get("generation", 0),
+        }
         again: float | None = None
         if scheduler is None:
             if scheduler_pod not in self.expectations.pending_creates(key):
@@ -501,7 +515,9 @@ class Controller:
                 new_status["reason"] = found[1]
             if _ready(scheduler):
                 address, dashboard = self._addresses(owner, scheduler)
-                new_status.update(phase="Running", schedulerAddress=address, dashboardAddress=dashboard)
+                new_status.update(
+                    phase="Running", schedulerAddress=address, dashboardAddress=dashboard
+                )
                 new_status.pop("reason", None)
                 again = await self._reconcile_workers(key, owner, scheduler, pods, new_status)
             else:
@@ -579,9 +595,9 @@ class Controller:
             elif count > wanted:
                 excess = count - wanted
                 # Workers not started yet hold no task: they go first, newest first.
-                idle = sorted(
-                    (p for p in live if not _ready(p)), key=_created, reverse=True
-                )[:excess]
+                idle = sorted((p for p in live if not _ready(p)), key=_created, reverse=True)[
+                    :excess
+                ]
                 for pod in idle:
                     await self._delete_pod(key, pod)
                 excess -= len(idle)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+
 from gateway_core import hookimpl
 from gateway_core.specs import BackendSpec
 
@@ -25,7 +26,7 @@ def gateway_register_backends() -> list[BackendSpec]:
             backend=KubeBackend,
             config=KubeBackendConfig,
             cluster_config=KubeClusterConfig,
-            description="Dask clusters as DaskCluster resources on Kubernetes (with its controller)",
+            description="Dask clusters as DaskCluster resources on Kubernetes",
         )
     ]
 
@@ -41,7 +42,9 @@ def gateway_register_commands(cli: click.Group) -> None:
     @click.option("--kubeconfig", default="", help="kubeconfig file (default: in-cluster).")
     @click.option("--context", "kube_context", default="", help="kubeconfig context.")
     @click.option("--namespace", default="default", show_default=True)
-    @click.option("--parallelism", default=4, show_default=True, help="Clusters reconciled at once.")
+    @click.option(
+        "--parallelism", default=4, show_default=True, help="Clusters reconciled at once."
+    )
     @click.option("--identity", default="", help="Name in the Lease (default: host-pid).")
     @click.option("--lease-name", default="dask-gateway-controller", show_default=True)
     @click.option("--lease-duration", default=15.0, show_default=True)

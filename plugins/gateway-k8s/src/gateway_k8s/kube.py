@@ -154,7 +154,12 @@ class KubeClient:
             auth_settings=["BearerToken"],
         )
         response = self.api.call_api(
-            method, url, header_params=headers, body=body, post_params=post, _request_timeout=timeout
+            method,
+            url,
+            header_params=headers,
+            body=body,
+            post_params=post,
+            _request_timeout=timeout,
         )
         if not 200 <= response.status < 300:
             raise _error(response)
@@ -323,10 +328,10 @@ class Informer:
     async def _relist(self) -> str:
         items, version = await self.client.list(self.resource, self.namespace, labels=self.labels)
         fresh = {_key(o): o for o in items}
-        for key, old in list(self.cache.items()):
+        for key, gone in list(self.cache.items()):
             if key not in fresh:
                 del self.cache[key]
-                await self._emit("DELETED", old)
+                await self._emit("DELETED", gone)
         for key, obj in fresh.items():
             old = self.cache.get(key)
             self.cache[key] = obj
@@ -348,7 +353,7 @@ class Informer:
                 delay = 0.2
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a watch that fails is started again
                 if self._stopping.is_set():
                     return
                 self.resource_version = ""
@@ -381,7 +386,7 @@ class Informer:
                     loop.call_soon_threadsafe(queue.put_nowait, json.loads(line))
                     if self._stopping.is_set():
                         break
-            except Exception as exc:  # handed to the loop
+            except Exception as exc:  # noqa: BLE001 - handed to the loop
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
                 self._response = None

@@ -274,9 +274,7 @@ def _pod(
         "env": [*extra_env, *(template.get("env") or []), *_credentials_env(component)],
         "ports": ports,
         "resources": template.get("resources") or {},
-        "volumeMounts": [
-            {"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True}
-        ],
+        "volumeMounts": [{"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True}],
     }
     if template.get("imagePullPolicy"):
         container["imagePullPolicy"] = template["imagePullPolicy"]
@@ -331,7 +329,10 @@ def scheduler_pod(owner: Obj) -> Obj:
     ]
     if spec.get("idleTimeoutSeconds"):
         args += ["--dg-idle-timeout", f"{spec['idleTimeoutSeconds']:g}"]
-    pod_ip = {"name": "DASK_GATEWAY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    pod_ip = {
+        "name": "DASK_GATEWAY_POD_IP",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    }
     return _pod(
         owner=owner,
         name=scheduler_name(owner["metadata"]["name"]),
@@ -373,7 +374,10 @@ def worker_pod(owner: Obj, *, group: str, name: str, scheduler_address: str) -> 
     ]
     if memory:
         args += ["--memory-limit", str(memory)]
-    pod_ip = {"name": "DASK_GATEWAY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    pod_ip = {
+        "name": "DASK_GATEWAY_POD_IP",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    }
     return _pod(
         owner=owner,
         name=name,
