@@ -1,0 +1,123 @@
+"""The controller against the fake API server and a kubelet that marks pods running without
+starting processes: worker pods follow `replicas`, a replaced controller (its expectations
+lost) creates nothing twice, and excess workers no scheduler retires are deleted in the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube_fake import FakeKube
+from kube_fake.kubelet import Kubelet
+
+from gateway_k8s import crd, objects
+from gateway_k8s.config import KubeControllerConfig
+from gateway_k8s.controller import Controller
+from gateway_k8s.kube import CLUSTERS, PODS, SECRETS, KubeClient, load_api_client
+from gateway_k8s.runner import make_controller
+
+pytestmark = pytest.mark.unit
+NS = "dask"
+
+
+@pytest.fixture
+def kubelet(kube: FakeKube, tmp_path: Path) -> Iterator[Kubelet]:
+    with Kubelet(kube=kube, workdir=tmp_path, run_processes=False).running() as k:
+        yield k
+
+
+@pytest.fixture
+async def client(kube: FakeKube) -> AsyncIterator[KubeClient]:
+    made = KubeClient(load_api_client(server=kube.url), threads=3)
+    yield made
+    made.close()
+
+
+async def start(kube: FakeKube) -> tuple[Controller, asyncio.Event, asyncio.Task[None]]:
+    config = KubeControllerConfig(
+        server=kube.url,
+        namespace=NS,
+        address_mode="pod",
+        leader_election=False,
+        retire_grace=0.5,
+        retire_timeout=2.0,
+        api_qps=0,
+    )
+    controller = await make_controller(config)
+    stop = asyncio.Event()
+    return controller, stop, asyncio.create_task(controller.run(stop=stop))
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_workers_follow_replicas_across_a_controller_replacement(
+    kube: FakeKube, kubelet: Kubelet, client: KubeClient
+) -> None:
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c2", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice", "worker": {"replicas": 4}},
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+    )
+
+    async def workers() -> list[str]:
+        items, _ = await client.list(PODS, NS, labels=f"{objects.LABEL_COMPONENT}=worker")
+        return sorted(p["metadata"]["name"] for p in items)
+
+    async def status() -> dict[str, Any]:
+        return (await client.get(CLUSTERS, NS, "dask-c2") or {}).get("status") or {}
+
+    first, stop, task = await start(kube)
+    await until(lambda: _eq(workers(), 4), "four workers")
+    # Replaced mid-flight: the new controller has no expectations, only what it lists.
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    first.client.close()
+    before = await workers()
+    second, stop, task = await start(kube)
+    try:
+        running = await until(
+            lambda: _status_running(status(), 4), "status to show four running workers"
+        )
+        assert running["phase"] == "Running"
+        assert running["schedulerAddress"].startswith("tls://127.")
+        assert await workers() == before  # nothing created twice, nothing replaced
+        # Scale down: no scheduler process retires them here, so after retire_timeout the
+        # controller deletes the newest excess pods itself.
+        await client.patch(CLUSTERS, NS, "dask-c2", {"spec": {"worker": {"replicas": 2}}})
+        await until(lambda: _eq(workers(), 2), "two workers")
+        await asyncio.sleep(1.0)
+        assert len(await workers()) == 2
+        final = await until(lambda: _status_running(status(), 2), "status to show two")
+        assert final["groups"]["default"] == {"requested": 2, "pending": 0, "running": 2}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        second.client.close()
+
+
+async def _eq(names: Any, count: int) -> bool:
+    return len(await names) == count
+
+
+async def _status_running(status: Any, count: int) -> dict[str, Any] | None:
+    current = await status
+    return current if current.get("workers") == count else None
