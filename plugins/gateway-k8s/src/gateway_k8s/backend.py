@@ -138,6 +138,10 @@ class KubeBackend(Backend):
         assert self.secrets is not None
         secret = self.secrets.get(meta["namespace"], objects.secret_name(resource)) or {}
         phase = PHASES.get(status.get("phase", "Pending"), ClusterStatus.PENDING)
+        if phase == ClusterStatus.RUNNING and objects.ANNOTATION_REGISTERED not in annotations:
+            # The pod runs, but its scheduler has not reached the gateway yet: a client told
+            # RUNNING now could find nothing listening.
+            phase = ClusterStatus.PENDING
         if meta.get("deletionTimestamp") and phase.is_active:
             phase = ClusterStatus.STOPPING
         address = status.get("schedulerAddress") or ""
@@ -331,16 +335,20 @@ class KubeBackend(Backend):
         except ValueError as exc:
             raise ClusterConflict(f"bad heartbeat: {exc}") from None
         self.heartbeats[name] = time.time()
+        patch: dict[str, Any] = {}
         replicas = int((obj["spec"].get("worker") or {}).get("replicas") or 0)
         if beat.count is not None and beat.count != replicas:
+            patch["spec"] = {"worker": {"replicas": beat.count}}
+        if objects.ANNOTATION_REGISTERED not in (obj["metadata"].get("annotations") or {}):
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            patch["metadata"] = {"annotations": {objects.ANNOTATION_REGISTERED: stamp}}
+        if patch:
             assert self.client is not None and self.clusters is not None
             updated = await self.client.patch(
-                CLUSTERS,
-                obj["metadata"]["namespace"],
-                obj["metadata"]["name"],
-                {"spec": {"worker": {"replicas": beat.count}}},
+                CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"], patch
             )
             self.clusters.put(updated)
+            self._changed.set()
 
     async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
         op = msg.get("op", "request")

@@ -35,6 +35,8 @@ MANAGED_BY = "dask-gateway-k8s"
 ANNOTATION_OPTIONS = "daskgateway.dev/options"
 ANNOTATION_CONFIG = "daskgateway.dev/config"
 ANNOTATION_SHARING = "daskgateway.dev/sharing"
+ANNOTATION_REGISTERED = "daskgateway.dev/registered"
+"""Set by the gateway at the scheduler's first heartbeat: the cluster is RUNNING from then."""
 SELECTOR = f"{LABEL_MANAGED}={MANAGED_BY}"
 
 
@@ -333,7 +335,7 @@ def scheduler_pod(owner: Obj) -> Obj:
         "name": "DASK_GATEWAY_POD_IP",
         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
     }
-    return _pod(
+    pod = _pod(
         owner=owner,
         name=scheduler_name(owner["metadata"]["name"]),
         component="scheduler",
@@ -348,6 +350,12 @@ def scheduler_pod(owner: Obj) -> Obj:
         ],
         extra_env=[pod_ip],
     )
+    container = pod["spec"]["containers"][0]
+    container.setdefault(
+        "readinessProbe",
+        {"tcpSocket": {"port": SCHEDULER_PORT}, "periodSeconds": 2, "failureThreshold": 1},
+    )
+    return pod
 
 
 def worker_pod(owner: Obj, *, group: str, name: str, scheduler_address: str) -> Obj:
