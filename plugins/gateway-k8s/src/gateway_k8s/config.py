@@ -111,9 +111,13 @@ class KubeClusterConfig(ClusterConfig):
     worker_extra_pod_config: dict[str, Any] = field(factory=dict)
     """Merged into each worker's pod spec."""
     scheduler_extra_pod_labels: dict[str, str] = field(factory=dict)
+    """Extra labels of the scheduler's pod (merged with those an option adds)."""
     scheduler_extra_pod_annotations: dict[str, str] = field(factory=dict)
+    """Extra annotations of the scheduler's pod."""
     worker_extra_pod_labels: dict[str, str] = field(factory=dict)
+    """Extra labels of each worker's pod."""
     worker_extra_pod_annotations: dict[str, str] = field(factory=dict)
+    """Extra annotations of each worker's pod."""
     node_selector: dict[str, str] = field(factory=dict)
     """Node labels every pod of the cluster must match."""
     tolerations: list[dict[str, Any]] = field(factory=list)
