@@ -18,7 +18,7 @@ from kube_fake.kubelet import Kubelet
 from gateway_k8s import crd, objects
 from gateway_k8s.config import KubeControllerConfig
 from gateway_k8s.controller import Controller
-from gateway_k8s.kube import CLUSTERS, PODS, SECRETS, KubeClient, load_api_client
+from gateway_k8s.kube import CLUSTERS, EVENTS, PODS, SECRETS, KubeClient, load_api_client
 from gateway_k8s.runner import make_controller
 
 pytestmark = pytest.mark.unit
@@ -121,3 +121,50 @@ async def _eq(names: Any, count: int) -> bool:
 async def _status_running(status: Any, count: int) -> dict[str, Any] | None:
     current = await status
     return current if current.get("workers") == count else None
+
+
+async def test_a_stuck_scheduler_pod_reports_its_last_warning_event(
+    kube: FakeKube, client: KubeClient
+) -> None:
+    """No kubelet: the scheduler pod stays Pending; a Warning event about it (as a kubelet
+    writes when a volume cannot be mounted) becomes the cluster's pending reason."""
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c3", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice"},
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+    )
+    controller, stop, task = await start(kube)
+    controller.resync_period = 0.2
+    try:
+
+        async def scheduler() -> Any:
+            return await client.get(PODS, NS, "dask-c3-scheduler")
+
+        await until(scheduler, "the scheduler pod")
+        event = {
+            "metadata": {"generateName": "dask-c3-scheduler."},
+            "involvedObject": {"kind": "Pod", "name": "dask-c3-scheduler", "namespace": NS},
+            "reason": "FailedMount",
+            "message": 'secret "dask-c3-credentials" not found',
+            "type": "Warning",
+        }
+        await client.create(EVENTS, NS, event)
+
+        async def reason() -> str:
+            status = (await client.get(CLUSTERS, NS, "dask-c3") or {}).get("status") or {}
+            return str(status.get("reason") or "") if "FailedMount" in str(status) else ""
+
+        text = await until(reason, "the warning in status.reason")
+        assert text == (
+            'the scheduler is starting; last warning: FailedMount: secret "dask-c3-credentials"'
+            " not found"
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        controller.client.close()

@@ -22,7 +22,7 @@ import aiohttp
 
 from . import crd, objects
 from .config import KubeControllerConfig
-from .kube import CLUSTERS, LEASES, PODS, SECRETS, SERVICES, Informer, KubeClient, KubeError
+from .kube import CLUSTERS, EVENTS, LEASES, PODS, SECRETS, SERVICES, Informer, KubeClient, KubeError
 
 log = logging.getLogger("gateway.k8s.controller")
 
@@ -521,10 +521,36 @@ class Controller:
                 new_status.pop("reason", None)
                 again = await self._reconcile_workers(key, owner, scheduler, pods, new_status)
             else:
-                new_status.setdefault("reason", "the scheduler is starting")
+                if "reason" not in new_status:
+                    warning = await self._last_warning(namespace, scheduler_pod)
+                    new_status["reason"] = (
+                        f"the scheduler is starting; last warning: {warning}"
+                        if warning
+                        else "the scheduler is starting"
+                    )
                 again = self.resync_period
         await self._write_status(owner, new_status)
         return again
+
+    async def _last_warning(self, namespace: str, pod: str) -> str:
+        """The newest Warning event of ``pod`` ("reason: message"), "" if none: what a pod
+        stuck before its container runs (a volume that cannot be mounted) has to say."""
+        answer = await self.client.request(
+            "GET",
+            EVENTS.path(namespace),
+            query={"fieldSelector": f"involvedObject.name={pod},type=Warning"},
+        )
+        items = sorted(
+            answer.get("items") or [],
+            key=lambda e: (
+                e.get("lastTimestamp") or e.get("eventTime") or "",
+                int(e["metadata"].get("resourceVersion") or 0),
+            ),
+        )
+        if not items:
+            return ""
+        last = items[-1]
+        return f"{last.get('reason', '')}: {last.get('message', '')}".strip(": ")
 
     def _addresses(self, owner: Obj, scheduler: Obj) -> tuple[str, str]:
         if self.config.address_mode == "pod":

@@ -41,6 +41,7 @@ CONTROLLER_RULES: list[Rule] = [
         ["list", "watch"],
         "that a cluster's credentials exist; its token for the scheduler agent's API",
     ),
+    _rule("", "events", ["list"], "why a scheduler pod is stuck before its container runs"),
     _rule("coordination.k8s.io", "leases", ["get", "create", "update"], "leader election"),
 ]
 
