@@ -39,7 +39,6 @@ def test_the_controller_command_refuses_bad_settings_by_name() -> None:
 
 def test_config_classes_name_every_bad_setting() -> None:
     from gateway_core.config import ConfigError
-
     from gateway_k8s.config import KubeClusterConfig, KubeControllerConfig
 
     with pytest.raises(ConfigError) as info:
