@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from kube_fake import FakeKube
 from kube_fake.kubelet import Kubelet
@@ -227,6 +228,16 @@ async def test_a_restarted_gateway_finds_its_cluster_and_an_oom_kill_reaches_the
     answer = await until(running, "the cluster to be running for the second gateway")
     assert answer["tls_cert"]
     assert second.context.routes.get("SNI", name)
+    # The dashboard loads through the restarted gateway's proxy (a route it rebuilt).
+    assert answer["dashboard_route"] == f"/clusters/{name}/status"
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.get(f"http://{second.public_address}{answer['dashboard_route']}") as resp,
+    ):
+        assert resp.status == 200
+        assert resp.content_type == "text/html"
+        assert "Bokeh" in await resp.text()
     # The kernel's OOM killer ends the scheduler: the user is told why.
     kubelet.oom_kill(NS, f"dask-{name}-scheduler")
 
