@@ -108,6 +108,18 @@ async def test_workers_follow_replicas_across_a_controller_replacement(
         assert len(await workers()) == 2
         final = await until(lambda: _status_running(status(), 2), "status to show two")
         assert final["groups"]["default"] == {"requested": 2, "pending": 0, "running": 2}
+        # Someone deletes the running scheduler's pod: the cluster fails (its state is gone),
+        # it is not quietly restarted, and its workers go.
+        await client.delete(PODS, NS, "dask-c2-scheduler")
+
+        async def failed() -> dict[str, Any] | None:
+            current = await status()
+            return current if current.get("phase") == "Failed" else None
+
+        assert (await until(failed, "the cluster to fail"))["reason"] == (
+            "the scheduler's pod was deleted"
+        )
+        await until(lambda: _eq(workers(), 0), "the workers to be deleted")
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

@@ -494,6 +494,12 @@ class Controller:
             "observedGeneration": owner["metadata"].get("generation", 0),
         }
         again: float | None = None
+        if scheduler is None and status.get("phase") == "Running":
+            # Its scheduler held the cluster's state (tasks, data): a new one would not.
+            new_status.update(phase="Failed", reason="the scheduler's pod was deleted")
+            await self._write_status(owner, new_status)
+            await self._delete_pods(key, pods)
+            return None
         if scheduler is None:
             if scheduler_pod not in self.expectations.pending_creates(key):
                 self.expectations.expect_create(key, scheduler_pod, "")
