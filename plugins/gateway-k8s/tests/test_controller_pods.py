@@ -180,3 +180,35 @@ async def test_a_stuck_scheduler_pod_reports_its_last_warning_event(
         stop.set()
         await asyncio.wait_for(task, 20)
         controller.client.close()
+
+
+async def test_workers_whose_image_cannot_be_pulled_are_the_running_clusters_reason(
+    kube: FakeKube, client: KubeClient, tmp_path: Path
+) -> None:
+    bad = "registry.invalid/worker:1"
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c4", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice", "worker": {"replicas": 1, "image": bad}},
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+    )
+    with Kubelet(kube=kube, workdir=tmp_path, run_processes=False, failing_images={bad}).running():
+        controller, stop, task = await start(kube)
+        controller.resync_period = 0.2
+        try:
+
+            async def reason() -> str:
+                status = (await client.get(CLUSTERS, NS, "dask-c4") or {}).get("status") or {}
+                return str(status.get("reason") or "") if status.get("phase") == "Running" else ""
+
+            text = await until(reason, "the workers' pull error in status.reason")
+            assert text.startswith("group default: worker dask-c4-worker-")
+            assert f"image {bad!r} cannot be pulled" in text
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            controller.client.close()

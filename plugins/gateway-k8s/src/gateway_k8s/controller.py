@@ -601,6 +601,13 @@ class Controller:
             }
             count = len(live) + len(unseen)
             running = [p for p in live if _ready(p)]
+            for pod in live:
+                if _ready(pod) or "reason" in status:
+                    continue
+                found = failure_reason(pod, what=f"worker {pod['metadata']['name']}")
+                if found is not None:
+                    # The cluster runs on; the user sees why workers do not come.
+                    status["reason"] = f"group {group}: {found[1]}"
             total_running += len(running)
             groups_status[group] = {
                 "requested": wanted,
