@@ -6,6 +6,7 @@ lost) creates nothing twice, and excess workers no scheduler retires are deleted
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -208,6 +209,53 @@ async def test_workers_whose_image_cannot_be_pulled_are_the_running_clusters_rea
             text = await until(reason, "the workers' pull error in status.reason")
             assert text.startswith("group default: worker dask-c4-worker-")
             assert f"image {bad!r} cannot be pulled" in text
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            controller.client.close()
+
+
+async def test_workers_failing_in_a_row_fail_the_cluster_instead_of_looping(
+    kube: FakeKube, client: KubeClient, tmp_path: Path
+) -> None:
+    """Real (tiny) processes: a scheduler that sleeps, workers that exit with status 3."""
+    python = sys.executable
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c5", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {
+            "user": "alice",
+            "scheduler": {
+                "extraContainerConfig": {"command": [python, "-c", "import time; time.sleep(60)"]}
+            },
+            "worker": {
+                "replicas": 1,
+                "extraContainerConfig": {"command": [python, "-c", "import sys; sys.exit(3)"]},
+            },
+        },
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+    )
+    with Kubelet(kube=kube, workdir=tmp_path).running():
+        controller, stop, task = await start(kube)
+        try:
+
+            async def failed() -> dict[str, Any] | None:
+                status = (await client.get(CLUSTERS, NS, "dask-c5") or {}).get("status") or {}
+                return status if status.get("phase") == "Failed" else None
+
+            status = await until(failed, "the cluster to fail", timeout=60)
+            assert status["reason"].startswith("3 workers failed in a row; the last: worker ")
+            assert "exit code 3" in status["reason"], status["reason"]
+
+            async def no_pods() -> bool:
+                items, _ = await client.list(PODS, NS)
+                return not items
+
+            await until(no_pods, "the cluster's pods to be deleted")
         finally:
             stop.set()
             await asyncio.wait_for(task, 20)

@@ -174,9 +174,9 @@ class KubeControllerConfig(ApiSettings):
     controller asks the scheduler to retire them."""
     retire_timeout: float = 120.0
     """Seconds after which excess workers the scheduler did not retire are deleted."""
-    image_pull_timeout: float = 0.0
-    """Seconds a scheduler may wait on an image that cannot be pulled before the cluster
-    fails; 0: at the first pull error."""
+    worker_failure_limit: int = 3
+    """Worker pods failing in a row (none ran 10 s between) after which the cluster
+    fails, instead of replacing them for ever; 0: no limit."""
     expectations_timeout: float = 300.0
     """Seconds an unobserved create or delete is expected before it is forgotten."""
 
@@ -184,6 +184,8 @@ class KubeControllerConfig(ApiSettings):
         problems: list[str] = []
         if self.parallelism < 1:
             problems.append("parallelism: must be at least 1")
+        if self.worker_failure_limit < 0:
+            problems.append("worker_failure_limit: must not be negative")
         if self.renew_period * 2 > self.lease_duration:
             problems.append("renew_period: must be at most half of lease_duration")
         return problems

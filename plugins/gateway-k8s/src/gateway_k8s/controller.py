@@ -321,6 +321,23 @@ def _ready(pod: Obj) -> bool:
     )
 
 
+STABLE_SECONDS = 10.0
+"""A worker running this long has started well (containers without probes are Ready at once,
+so readiness says nothing): the failures before it are no longer "in a row"."""
+
+
+def _running_for(pod: Obj, seconds: float) -> bool:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        started = ((container.get("state") or {}).get("running") or {}).get("startedAt")
+        if started:
+            try:
+                moment = datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            except ValueError:
+                return False
+            return time.time() - moment.timestamp() >= seconds
+    return False
+
+
 def _ended(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
@@ -361,6 +378,10 @@ class Controller:
         self.reconciles = 0
         self._excess_since: dict[tuple[Key, str], float] = {}
         self._retire_asked: dict[tuple[Key, str], int] = {}
+        self._failures: dict[Key, int] = {}
+        """Worker pods of a cluster that failed since one last ran `STABLE_SECONDS`."""
+        self._failures_seen: dict[Key, set[str]] = {}
+        self._last_failure: dict[Key, str] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -373,6 +394,8 @@ class Controller:
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         if type_ == "DELETED":
             self.expectations.forget(key)
+            for memory in (self._failures, self._failures_seen, self._last_failure):
+                memory.pop(key, None)
         self.queue.add(key)
 
     def _owner_key(self, obj: Obj) -> Key | None:
@@ -526,6 +549,10 @@ class Controller:
                 )
                 new_status.pop("reason", None)
                 again = await self._reconcile_workers(key, owner, scheduler, pods, new_status)
+                if new_status["phase"] == "Failed":
+                    await self._write_status(owner, new_status)
+                    await self._delete_pods(key, pods)
+                    return None
             else:
                 if "reason" not in new_status:
                     warning = await self._last_warning(namespace, scheduler_pod)
@@ -588,7 +615,17 @@ class Controller:
             ]
             ended = [p for p in mine if _ended(p)]
             for pod in ended:
+                name = pod["metadata"]["name"]
+                failed = (pod.get("status") or {}).get("phase") == "Failed"
+                if failed and name not in self._failures_seen.setdefault(key, set()):
+                    self._failures_seen[key].add(name)
+                    self._failures[key] = self._failures.get(key, 0) + 1
+                    found = failure_reason(pod, what=f"worker {name}")
+                    self._last_failure[key] = found[1] if found else f"worker {name} failed"
                 await self._delete_pod(key, pod)
+            limit = self.config.worker_failure_limit
+            if limit and self._failures.get(key, 0) >= limit:
+                return self._give_up(key, status, limit)
             live = [
                 p
                 for p in mine
@@ -601,6 +638,8 @@ class Controller:
             }
             count = len(live) + len(unseen)
             running = [p for p in live if _ready(p)]
+            if any(_running_for(p, STABLE_SECONDS) for p in running):
+                self._failures.pop(key, None)
             for pod in live:
                 if _ready(pod) or "reason" in status:
                     continue
@@ -659,6 +698,13 @@ class Controller:
             ),
         )
         return again
+
+    def _give_up(self, key: Key, status: Obj, limit: int) -> float | None:
+        status.update(
+            phase="Failed",
+            reason=f"{limit} workers failed in a row; the last: {self._last_failure.get(key)}",
+        )
+        return None
 
     async def _retire(
         self,
