@@ -6,14 +6,13 @@ Unit tests: an in-process gateway and the in-process fake, no processes.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kube_fake import FakeKube
 
-from gateway_k8s import crd
+from gateway_k8s import crd, objects
 from gateway_k8s.rbac import GATEWAY_RULES, role_rules
 
 pytestmark = pytest.mark.unit
@@ -43,7 +42,7 @@ def gateway_only() -> Iterator[FakeKube]:
         yield fake
 
 
-async def test_a_new_cluster_is_a_resource_and_a_secret_it_owns(
+async def test_a_new_cluster_is_a_resource_and_its_credentials_are_read_by_name(
     gateway_only: FakeKube, make_gateway: Any, make_api_client: Any
 ) -> None:
     kube = gateway_only
@@ -63,7 +62,6 @@ async def test_a_new_cluster_is_a_resource_and_a_secret_it_owns(
     assert answer.status == 201, answer.body
     name = answer.body["name"]
     [resource] = stored(kube, crd.GROUP, crd.VERSION, crd.PLURAL)
-    [secret] = stored(kube, "", "v1", "secrets")
     assert resource["metadata"]["name"] == f"dask-{name}"
     spec = resource["spec"]
     assert spec["user"] == "alice"
@@ -77,13 +75,17 @@ async def test_a_new_cluster_is_a_resource_and_a_secret_it_owns(
     assert env["DASK_GATEWAY_CLUSTER_NAME"] == name
     assert env["DASK_GATEWAY_API_URL"] == gateway.context.api_url
     assert "DASK_GATEWAY_API_TOKEN" not in env  # only in the Secret
-    [owner] = secret["metadata"]["ownerReferences"]
-    assert owner["uid"] == resource["metadata"]["uid"]
+    # The controller makes the credentials; until then the cluster has none.
+    assert stored(kube, "", "v1", "secrets") == []
     cluster = await gateway.backend.get_cluster(name)
-    assert cluster is not None and cluster.status.name == "PENDING"
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    assert token == cluster.token and len(token) == 64
-    assert base64.b64decode(secret["data"]["dask.crt"]) == cluster.tls_cert
+    assert cluster is not None and cluster.status.name == "PENDING" and cluster.token == ""
+    secret = objects.credentials_secret(owner=resource, token="t" * 64, cert=b"CERT", key=b"KEY")
+    kind = kube.store.find_kind("", "v1", "secrets")
+    assert kind is not None
+    kube.store.create(kind, NS, secret)
+    cluster = await gateway.backend.get_cluster(name)
+    assert cluster is not None
+    assert (cluster.token, cluster.tls_cert, cluster.tls_key) == ("t" * 64, b"CERT", b"KEY")
     # Stop: the resource is deleted (its Secret goes with it), the API still answers.
     assert (await alice.delete(f"/api/v1/clusters/{name}")).status == 204
     assert stored(kube, crd.GROUP, crd.VERSION, crd.PLURAL) == []
@@ -92,12 +94,13 @@ async def test_a_new_cluster_is_a_resource_and_a_secret_it_owns(
     assert body["status"] == "STOPPED"
 
 
-async def test_rbac_refusing_secrets_is_a_clear_error_and_leaves_nothing(
+async def test_rbac_refusing_the_resource_is_a_clear_error(
     make_gateway: Any, make_api_client: Any
 ) -> None:
     rules = [
-        r for r in GATEWAY_RULES if r["resources"] != ["secrets"] or "create" not in r["verbs"]
+        r for r in GATEWAY_RULES if r["resources"] != [crd.PLURAL] or "create" not in r["verbs"]
     ]
+    assert len(rules) == len(GATEWAY_RULES) - 1
     fake = FakeKube(crds=[crd.crd()], role=role_rules(rules))
     with fake.running():
         gateway = await make_gateway(config(fake))
@@ -106,6 +109,6 @@ async def test_rbac_refusing_secrets_is_a_clear_error_and_leaves_nothing(
         assert answer.status == 503, answer.body
         message = answer.body["error"]
         assert "cannot create the cluster's resources" in message
-        assert 'cannot create resource "secrets"' in message, message
+        assert 'cannot create resource "daskclusters"' in message, message
         assert stored(fake, crd.GROUP, crd.VERSION, crd.PLURAL) == []
         await gateway.stop()

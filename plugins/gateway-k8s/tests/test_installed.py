@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.unit
 GATEWAY = os.path.join(os.path.dirname(sys.executable), "gateway")
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([GATEWAY, *args], capture_output=True, text=True, timeout=60, check=False)
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [GATEWAY, *args], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
 
 
 def test_gateway_plugins_lists_the_kubernetes_backend() -> None:
@@ -31,9 +34,21 @@ def test_gateway_plugins_lists_the_kubernetes_backend() -> None:
     assert "gateway_register_commands" in k8s["hooks"]
 
 
-def test_the_controller_command_refuses_bad_settings_by_name() -> None:
-    result = run("k8s", "controller", "--lease-duration", "4", "--renew-period", "3")
+def test_the_controller_command_refuses_bad_settings_by_name(tmp_path: Path) -> None:
+    """Its defaults come from the gateway's TOML (GATEWAY_CONFIG, as the chart sets it)."""
+    toml = tmp_path / "gateway.toml"
+    toml.write_text('[backend.kubernetes]\nnamespace = "Bad_NS"\n')
+    result = run(
+        "k8s",
+        "controller",
+        "--lease-duration",
+        "4",
+        "--renew-period",
+        "3",
+        env={**os.environ, "GATEWAY_CONFIG": str(toml)},
+    )
     assert result.returncode == 2
+    assert "namespace: 'Bad_NS' is not a namespace name" in result.stderr
     assert "renew_period: must be at most half of lease_duration" in result.stderr
 
 

@@ -20,10 +20,9 @@ import aiohttp
 from gateway_core.backends.base import Backend
 from gateway_core.config import ClusterConfig, unstructure
 from gateway_core.errors import BackendUnavailable, ClusterConflict
-from gateway_core.models import Cluster, ClusterStatus, User, new_name, new_token
+from gateway_core.models import Cluster, ClusterStatus, User, new_name
 from gateway_core.reconciler.heartbeat import Heartbeat
 from gateway_core.reconciler.routes import ClusterRoutes
-from gateway_core.tls import new_cluster_credentials
 
 from . import objects
 from .config import KubeBackendConfig, KubeClusterConfig
@@ -72,7 +71,8 @@ class KubeBackend(Backend):
         self.kconfig: KubeBackendConfig = config
         self.client: KubeClient | None = None
         self.clusters: Informer | None = None
-        self.secrets: Informer | None = None
+        self.credentials: dict[str, tuple[str, bytes, bytes]] = {}
+        """Token, certificate and key of each cluster, read once by name (they never change)."""
         self.routes = ClusterRoutes(context=context)
         self.stopped: dict[str, Cluster] = {}
         self.heartbeats: dict[str, float] = {}
@@ -94,19 +94,14 @@ class KubeBackend(Backend):
             labels=objects.SELECTOR,
             handler=self._on_cluster,
         )
-        self.secrets = Informer(
-            self.client, SECRETS, namespace=c.namespace, labels=objects.SELECTOR
-        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
             timeout=aiohttp.ClientTimeout(total=self.comm_timeout),
         )
         self.clusters.start()
-        self.secrets.start()
         try:
             async with asyncio.timeout(30):
                 await self.clusters.synced.wait()
-                await self.secrets.synced.wait()
         except TimeoutError:
             raise BackendUnavailable(
                 f"cannot list DaskClusters in namespace {c.namespace!r} within 30 s"
@@ -116,9 +111,8 @@ class KubeBackend(Backend):
         if self.context.config.gateway.stop_clusters_on_shutdown and self.clusters is not None:
             for obj in self.clusters.items():
                 await self.stop_cluster(objects.cluster_name(obj["metadata"]["name"]))
-        for informer in (self.clusters, self.secrets):
-            if informer is not None:
-                await informer.stop()
+        if self.clusters is not None:
+            await self.clusters.stop()
         if self._session is not None:
             await self._session.close()
         if self.client is not None:
@@ -135,8 +129,7 @@ class KubeBackend(Backend):
         resource = meta["name"]
         name = objects.cluster_name(resource)
         annotations = meta.get("annotations") or {}
-        assert self.secrets is not None
-        secret = self.secrets.get(meta["namespace"], objects.secret_name(resource)) or {}
+        token, cert, key = self.credentials.get(name, ("", b"", b""))
         phase = PHASES.get(status.get("phase", "Pending"), ClusterStatus.PENDING)
         if phase == ClusterStatus.RUNNING and objects.ANNOTATION_REGISTERED not in annotations:
             # The pod runs, but its scheduler has not reached the gateway yet: a client told
@@ -150,7 +143,7 @@ class KubeBackend(Backend):
         cluster = Cluster(
             name=name,
             username=spec.get("user", ""),
-            token=objects.secret_value(secret, objects.TOKEN_KEY).decode(),
+            token=token,
             options=json.loads(annotations.get(objects.ANNOTATION_OPTIONS) or "{}"),
             config=json.loads(annotations.get(objects.ANNOTATION_CONFIG) or "{}"),
             status=phase,
@@ -159,8 +152,8 @@ class KubeBackend(Backend):
             scheduler_address=address if phase == ClusterStatus.RUNNING else "",
             dashboard_address=status.get("dashboardAddress") or "",
             api_address=f"http://{host}:{objects.API_PORT}" if host else "",
-            tls_cert=objects.secret_value(secret, objects.CERT_KEY),
-            tls_key=objects.secret_value(secret, objects.PRIVATE_KEY),
+            tls_cert=cert,
+            tls_key=key,
             start_time=_ms(meta.get("creationTimestamp")),
             last_heartbeat=self.heartbeats.get(name),
             reason=status.get("reason") or None,
@@ -169,10 +162,36 @@ class KubeBackend(Backend):
         )
         return cluster
 
+    async def _load_credentials(self, objs: list[dict[str, Any]]) -> None:
+        """Read the credentials Secrets (by name: the gateway may not list Secrets) of
+        ``objs`` not read yet; the controller writes them, so one may not exist yet."""
+        assert self.client is not None
+        client = self.client
+
+        async def load(obj: dict[str, Any]) -> None:
+            meta = obj["metadata"]
+            secret = await client.get(SECRETS, meta["namespace"], objects.secret_name(meta["name"]))
+            if secret is not None:
+                self.credentials[objects.cluster_name(meta["name"])] = (
+                    objects.secret_value(secret, objects.TOKEN_KEY).decode(),
+                    objects.secret_value(secret, objects.CERT_KEY),
+                    objects.secret_value(secret, objects.PRIVATE_KEY),
+                )
+
+        missing = [
+            o for o in objs if objects.cluster_name(o["metadata"]["name"]) not in self.credentials
+        ]
+        if missing:
+            await asyncio.gather(*(load(o) for o in missing))
+
     async def _on_cluster(self, type_: str, obj: dict[str, Any]) -> None:
         """Routes follow the resources (also right after a restart: the first list);
         a resource that failed or stopped is remembered, then deleted."""
         name = objects.cluster_name(obj["metadata"]["name"])
+        if type_ == "DELETED":
+            self.credentials.pop(name, None)
+        else:
+            await self._load_credentials([obj])
         record = self._record(obj)
         if type_ != "DELETED" and record.status == ClusterStatus.RUNNING:
             self.routes.put(record)
@@ -204,7 +223,9 @@ class KubeBackend(Backend):
     ) -> list[Cluster]:
         assert self.clusters is not None
         self._forget_old()
-        found = {c.name: c for c in map(self._record, self.clusters.items())}
+        objs = self.clusters.items()
+        await self._load_credentials(objs)
+        found = {c.name: c for c in map(self._record, objs)}
         found.update(self.stopped)
         return sorted(
             (
@@ -222,6 +243,8 @@ class KubeBackend(Backend):
             if name in self.stopped:
                 return self.stopped[name]
             obj = self._resource(name)
+            if obj is not None:
+                await self._load_credentials([obj])
             cluster = self._record(obj) if obj is not None else None
             if not wait or cluster is None or cluster.status != ClusterStatus.PENDING:
                 return cluster
@@ -238,7 +261,7 @@ class KubeBackend(Backend):
     async def start_cluster(
         self, *, user: User, options: dict[str, Any], config: ClusterConfig
     ) -> str:
-        assert self.client is not None and self.clusters is not None and self.secrets is not None
+        assert self.client is not None and self.clusters is not None
         assert isinstance(config, KubeClusterConfig)
         namespace = self.kconfig.namespace
         if config.namespace and config.namespace != namespace:
@@ -247,8 +270,6 @@ class KubeBackend(Backend):
                 f"namespace {namespace!r} only"
             )
         name = new_name()
-        token = new_token()
-        cert, key = await asyncio.to_thread(new_cluster_credentials, name)
         env = {str(k): str(v) for k, v in config.environment.items()}
         env.update(
             {
@@ -269,19 +290,9 @@ class KubeBackend(Backend):
         )
         try:
             created = await self.client.create(CLUSTERS, namespace, body)
-            try:
-                secret = await self.client.create(
-                    SECRETS,
-                    namespace,
-                    objects.credentials_secret(owner=created, token=token, cert=cert, key=key),
-                )
-            except Exception:
-                await self.client.delete(CLUSTERS, namespace, created["metadata"]["name"])
-                raise
         except KubeError as exc:
             raise BackendUnavailable(f"cannot create the cluster's resources: {exc}") from None
         self.clusters.put(created)
-        self.secrets.put(secret)
         log.info("Created DaskCluster %s/%s for %s", namespace, body["metadata"]["name"], user.name)
         return name
 

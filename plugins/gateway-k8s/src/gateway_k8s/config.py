@@ -159,6 +159,8 @@ class KubeControllerConfig(ApiSettings):
     leader_election: bool = True
     """Only the holder of the Lease reconciles, so several replicas are safe."""
     lease_name: str = "dask-gateway-controller"
+    lease_namespace: str = ""
+    """Namespace of the Lease; empty: ``namespace``."""
     identity: str = ""
     """This replica's name in the Lease; empty: host name and pid."""
     lease_duration: float = 15.0

@@ -20,6 +20,9 @@ from typing import Any
 
 import aiohttp
 
+from gateway_core.models import new_token
+from gateway_core.tls import new_cluster_credentials
+
 from . import crd, objects
 from .config import KubeControllerConfig
 from .kube import CLUSTERS, EVENTS, LEASES, PODS, SECRETS, SERVICES, Informer, KubeClient, KubeError
@@ -185,14 +188,15 @@ class LeaderElector:
 
     async def _try(self) -> bool:
         c = self.config
+        lease_ns = c.lease_namespace or c.namespace
         now = _micro_time()
-        lease = await self.client.get(LEASES, c.namespace, c.lease_name)
+        lease = await self.client.get(LEASES, lease_ns, c.lease_name)
         duration = max(1, round(c.lease_duration))
         if lease is None:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
-                "metadata": {"name": c.lease_name, "namespace": c.namespace},
+                "metadata": {"name": c.lease_name, "namespace": lease_ns},
                 "spec": {
                     "holderIdentity": self.identity,
                     "leaseDurationSeconds": duration,
@@ -202,7 +206,7 @@ class LeaderElector:
                 },
             }
             try:
-                await self.client.create(LEASES, c.namespace, body)
+                await self.client.create(LEASES, lease_ns, body)
             except KubeError as exc:
                 if exc.status == 409:
                     return False
@@ -225,7 +229,7 @@ class LeaderElector:
             new_spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
         lease["spec"] = new_spec
         try:
-            await self.client.replace(LEASES, c.namespace, c.lease_name, lease)
+            await self.client.replace(LEASES, lease_ns, c.lease_name, lease)
         except KubeError as exc:
             if exc.status == 409:
                 return False
@@ -500,7 +504,7 @@ class Controller:
             await self._delete_pods(key, pods)
             return None
         if self.secrets.get(namespace, objects.secret_name(resource)) is None:
-            return 1.0  # the gateway writes it right after the resource
+            await self._create_credentials(owner)
         if self.services.get(namespace, resource) is None:
             try:
                 created = await self.client.create(
@@ -564,6 +568,25 @@ class Controller:
                 again = self.resync_period
         await self._write_status(owner, new_status)
         return again
+
+    async def _create_credentials(self, owner: Obj) -> None:
+        """The cluster's token and its own TLS key and certificate, in a Secret the
+        DaskCluster owns (the gateway reads it by name; the pods mount it)."""
+        resource = owner["metadata"]["name"]
+        cert, key = await asyncio.to_thread(new_cluster_credentials, objects.cluster_name(resource))
+        secret = objects.credentials_secret(owner=owner, token=new_token(), cert=cert, key=key)
+        try:
+            created = await self.client.create(SECRETS, owner["metadata"]["namespace"], secret)
+        except KubeError as exc:
+            if exc.status != 409:  # 409: made already, by this controller before a restart
+                raise
+            fetched = await self.client.get(
+                SECRETS, owner["metadata"]["namespace"], objects.secret_name(resource)
+            )
+            if fetched is None:
+                raise
+            created = fetched
+        self.secrets.put(created)
 
     async def _last_warning(self, namespace: str, pod: str) -> str:
         """The newest Warning event of ``pod`` ("reason: message"), "" if none: what a pod

@@ -26,8 +26,13 @@ GATEWAY_RULES: list[Rule] = [
         ["patch"],
         "the scheduler's target in spec.worker.replicas; sharing in an annotation",
     ),
-    _rule("", "secrets", ["list", "watch"], "the clusters' tokens and TLS credentials"),
-    _rule("", "secrets", ["create"], "a new cluster's credentials"),
+    _rule(
+        "",
+        "secrets",
+        ["get"],
+        "a cluster's token and TLS credentials, by name (read once; no list: other Secrets "
+        "of the namespace stay unread)",
+    ),
 ]
 
 CONTROLLER_RULES: list[Rule] = [
@@ -38,9 +43,10 @@ CONTROLLER_RULES: list[Rule] = [
     _rule(
         "",
         "secrets",
-        ["list", "watch"],
-        "that a cluster's credentials exist; its token for the scheduler agent's API",
+        ["list", "watch", "create"],
+        "each cluster's credentials Secret: made once, watched; its token for the agent's API",
     ),
+    _rule("", "secrets", ["get"], "a credentials Secret that already existed (409 on create)"),
     _rule("", "events", ["list"], "why a scheduler pod is stuck before its container runs"),
     _rule("coordination.k8s.io", "leases", ["get", "create", "update"], "leader election"),
 ]
