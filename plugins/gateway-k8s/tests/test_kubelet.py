@@ -256,3 +256,19 @@ def test_a_missing_secret_is_a_container_config_error(core: Any, kubelet: Kubele
 
     assert wait_for(reason, "the waiting reason") == "CreateContainerConfigError"
     assert phase(core, "nosecret") == "Pending"
+
+
+def test_command_and_args_expand_variables_of_the_container_env(
+    core: Any, kubelet: Kubelet
+) -> None:
+    body = python_pod("expand", "import sys, json; print(json.dumps(sys.argv[1:]), flush=True)")
+    container = body["spec"]["containers"][0]
+    container["args"].extend(["$(IP):8786", "$$(IP)", "$(UNDECLARED)"])
+    container["env"] = [{"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    core.create_namespaced_pod(NS, body)
+    wait_for(lambda: "expand" in {p.name for p in kubelet.pods.values()}, "the pod to start")
+    pod = kubelet.pod(NS, "expand")
+    log = pod.directory / "log"
+    printed = json.loads(wait_for(lambda: log.exists() and log.read_text(), "the pod's output"))
+    # As the kubelet: a declared variable is replaced, `$$` escapes, unknown names stay.
+    assert printed == [f"{pod.ip}:8786", "$(IP)", "$(UNDECLARED)"]

@@ -11,6 +11,8 @@ Mapping to the real thing (documented, since a process is not a container):
   rewritten to that directory;
 - the process inherits this process's environment (PATH, the venv) with the pod's env on top;
   its stdout and stderr go to `<workdir>/<namespace>/<pod>/log`;
+- `$(VAR)` in command and args is the container's env variable VAR (`$$` is `$`), as the
+  kubelet expands it;
 - restartPolicy is treated as Never: an exit ends the pod (Succeeded on 0, else Failed);
 - deleting a pod sends SIGTERM to its process group, then SIGKILL after the grace period
   (the deletion's, else `terminationGracePeriodSeconds`, default 30), as the kubelet does; with
@@ -24,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -414,8 +417,19 @@ class Kubelet:
                 env[item["name"]] = fields[source["fieldRef"]["fieldPath"]]
             else:
                 raise ValueError(f"env {item['name']}: unsupported valueFrom {sorted(source)}")
+        declared = {item["name"]: env[item["name"]] for item in container.get("env") or []}
+
+        def expand(text: str) -> str:
+            # As the kubelet: `$(VAR)` names a variable of the container's env; `$$` escapes.
+            return re.sub(
+                r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: "$" if m.group(0) == "$$" else declared.get(m.group(1), m.group(0)),
+                text,
+            )
+
         argv = [
-            rewrite(a) for a in (container.get("command") or []) + (container.get("args") or [])
+            expand(rewrite(a))
+            for a in (container.get("command") or []) + (container.get("args") or [])
         ]
         if not argv:
             raise ValueError(

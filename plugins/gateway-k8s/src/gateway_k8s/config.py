@@ -1,0 +1,193 @@
+"""The settings of the Kubernetes backend: `[backend.kubernetes]`, `[cluster]` and the controller.
+
+Owns `KubeBackendConfig`, `KubeClusterConfig` (seed 000's `KubeClusterConfig` names where they
+mean the same) and `KubeControllerConfig`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+from attrs import define, field
+
+from gateway_core.config import BackendConfig, ClusterConfig, Memory
+
+IMAGE_PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
+# A DNS-1123 label, what namespaces must be.
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _namespace_problem(key: str, value: str) -> list[str]:
+    if value and (len(value) > 63 or not _NAMESPACE.match(value)):
+        return [f"{key}: {value!r} is not a namespace name (lower-case letters, digits, '-')"]
+    return []
+
+
+@define(kw_only=True, frozen=True)
+class ApiSettings(BackendConfig):
+    """How to reach the API server, shared by the gateway and the controller."""
+
+    server: str = ""
+    """API server URL used without credentials (a local test server, `kubectl proxy`); empty:
+    ``kubeconfig``, else the in-cluster service account, else ``~/.kube/config``."""
+    kubeconfig: str = ""
+    """Path of a kubeconfig file."""
+    context: str = ""
+    """Context of the kubeconfig; empty: its current context."""
+    namespace: str = "default"
+    """Namespace of the DaskCluster resources (and their pods, Services and Secrets)."""
+    api_threads: int = 8
+    """Threads running blocking client calls (each open watch holds one)."""
+    api_qps: float = 50.0
+    """Average API requests per second; 0: no limit."""
+    api_burst: int = 100
+    """Requests allowed at once above ``api_qps``."""
+
+    def check(self) -> list[str]:
+        problems = _namespace_problem("namespace", self.namespace)
+        if not self.namespace:
+            problems.append("namespace: must not be empty")
+        if self.api_threads < 3:
+            problems.append(f"api_threads: must be at least 3, got {self.api_threads}")
+        if self.api_qps < 0:
+            problems.append("api_qps: must not be negative")
+        if self.api_burst < 1:
+            problems.append("api_burst: must be at least 1")
+        return problems
+
+
+@define(kw_only=True, frozen=True)
+class KubeBackendConfig(ApiSettings):
+    """`[backend.kubernetes]`: where the gateway finds the API server and its clusters."""
+
+    cluster_heartbeat_period: int = 15
+    """Seconds between scheduler heartbeats."""
+    stopped_retention: float = 600.0
+    """Seconds the gateway still answers for a stopped or failed cluster (in memory: its
+    resource is deleted at once)."""
+
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        if self.cluster_heartbeat_period < 1:
+            problems.append("cluster_heartbeat_period: must be at least 1")
+        return problems
+
+
+@define(kw_only=True, frozen=True)
+class KubeClusterConfig(ClusterConfig):
+    """Per-cluster Kubernetes settings: in `[cluster]`, changeable by user options."""
+
+    merged_keys: ClassVar[frozenset[str]] = ClusterConfig.merged_keys | {
+        "scheduler_extra_pod_labels",
+        "scheduler_extra_pod_annotations",
+        "worker_extra_pod_labels",
+        "worker_extra_pod_annotations",
+        "node_selector",
+    }
+
+    image: str = "daskgateway/dask-gateway:latest"
+    """Container image of schedulers and workers."""
+    image_pull_policy: str = ""
+    """``Always``, ``IfNotPresent`` or ``Never``; empty: the cluster's default."""
+    image_pull_secrets: list[dict[str, str]] = field(factory=list)
+    """Secrets to pull the image with: ``[{"name": "my-registry"}]``."""
+    namespace: str = ""
+    """Namespace of the cluster; empty: the backend's. Must be the backend's today."""
+    scheduler_cores_limit: float = 0.0
+    """CPU limit of the scheduler; 0: ``scheduler_cores``."""
+    scheduler_memory_limit: Memory = Memory(0)
+    """Memory limit of the scheduler; 0: ``scheduler_memory``."""
+    worker_cores_limit: float = 0.0
+    """CPU limit of each worker; 0: ``worker_cores``."""
+    worker_memory_limit: Memory = Memory(0)
+    """Memory limit of each worker; 0: ``worker_memory``."""
+    scheduler_extra_container_config: dict[str, Any] = field(factory=dict)
+    """Merged into the scheduler's container (camelCase keys, as in a pod manifest)."""
+    scheduler_extra_pod_config: dict[str, Any] = field(factory=dict)
+    """Merged into the scheduler's pod spec."""
+    worker_extra_container_config: dict[str, Any] = field(factory=dict)
+    """Merged into each worker's container."""
+    worker_extra_pod_config: dict[str, Any] = field(factory=dict)
+    """Merged into each worker's pod spec."""
+    scheduler_extra_pod_labels: dict[str, str] = field(factory=dict)
+    """Extra labels of the scheduler's pod (merged with those an option adds)."""
+    scheduler_extra_pod_annotations: dict[str, str] = field(factory=dict)
+    """Extra annotations of the scheduler's pod."""
+    worker_extra_pod_labels: dict[str, str] = field(factory=dict)
+    """Extra labels of each worker's pod."""
+    worker_extra_pod_annotations: dict[str, str] = field(factory=dict)
+    """Extra annotations of each worker's pod."""
+    node_selector: dict[str, str] = field(factory=dict)
+    """Node labels every pod of the cluster must match."""
+    tolerations: list[dict[str, Any]] = field(factory=list)
+    """Tolerations of every pod of the cluster, as in a pod spec."""
+    service_account: str = ""
+    """Service account of the cluster's pods; empty: the namespace's default."""
+
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        if self.image_pull_policy not in IMAGE_PULL_POLICIES:
+            problems.append(
+                f"image_pull_policy: {self.image_pull_policy!r} is not one of "
+                "Always, IfNotPresent, Never"
+            )
+        if not self.image:
+            problems.append("image: must not be empty")
+        for i, secret in enumerate(self.image_pull_secrets):
+            if set(secret) != {"name"} or not secret["name"]:
+                problems.append(f'image_pull_secrets[{i}]: must be {{"name": "<secret>"}}')
+        problems += _namespace_problem("namespace", self.namespace)
+        for name in ("scheduler_cores_limit", "worker_cores_limit"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must not be negative")
+        for name in ("scheduler_memory_limit", "worker_memory_limit"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must not be negative")
+        for i, toleration in enumerate(self.tolerations):
+            if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+                problems.append(f"tolerations[{i}].operator: must be Equal or Exists")
+        return problems
+
+
+@define(kw_only=True, frozen=True)
+class KubeControllerConfig(ApiSettings):
+    """The controller's settings (`gateway k8s controller` options)."""
+
+    parallelism: int = 4
+    """Clusters reconciled at once."""
+    leader_election: bool = True
+    """Only the holder of the Lease reconciles, so several replicas are safe."""
+    lease_name: str = "dask-gateway-controller"
+    lease_namespace: str = ""
+    """Namespace of the Lease; empty: ``namespace``."""
+    identity: str = ""
+    """This replica's name in the Lease; empty: host name and pid."""
+    lease_duration: float = 15.0
+    """Seconds a Lease stays valid without renewal; then another replica takes over."""
+    renew_period: float = 5.0
+    """Seconds between renewals by the leader (and attempts by the others)."""
+    address_mode: Literal["service", "pod"] = "service"
+    """What ``status.schedulerAddress`` names: the scheduler's Service by its DNS name
+    (``service``), or its pod's IP (``pod``: networks without cluster DNS, and the tests)."""
+    cluster_domain: str = "cluster.local"
+    retire_grace: float = 10.0
+    """Seconds excess running workers are left to the scheduler's own retirement before the
+    controller asks the scheduler to retire them."""
+    retire_timeout: float = 120.0
+    """Seconds after which excess workers the scheduler did not retire are deleted."""
+    worker_failure_limit: int = 3
+    """Worker pods failing in a row (none ran 10 s between) after which the cluster
+    fails, instead of replacing them for ever; 0: no limit."""
+    expectations_timeout: float = 300.0
+    """Seconds an unobserved create or delete is expected before it is forgotten."""
+
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        if self.parallelism < 1:
+            problems.append("parallelism: must be at least 1")
+        if self.worker_failure_limit < 0:
+            problems.append("worker_failure_limit: must not be negative")
+        if self.renew_period * 2 > self.lease_duration:
+            problems.append("renew_period: must be at most half of lease_duration")
+        return problems

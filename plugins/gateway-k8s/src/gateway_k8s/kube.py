@@ -1,0 +1,436 @@
+"""The Kubernetes API as asyncio sees it: blocking `kubernetes` client calls in a bounded thread
+pool, a request rate limit, resource paths, and informers (list, then watch, relist on 410).
+
+Owns `KubeClient`, `Resource` (the kinds we use), `Informer` and `KubeError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kubernetes
+from attrs import define, field
+from kubernetes.client.exceptions import ApiException
+
+from . import crd
+
+log = logging.getLogger("gateway.k8s")
+
+Obj = dict[str, Any]
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class KubeError(Exception):
+    """A request the API server refused: ``status`` (HTTP code), ``reason`` and ``message``
+    from its Status object."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{message} ({status} {reason})" if message else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@define(kw_only=True, frozen=True)
+class Resource:
+    """A kind we read or write: its API group/version and plural."""
+
+    group: str
+    version: str
+    plural: str
+
+    def path(self, namespace: str | None, name: str | None = None, sub: str = "") -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if sub:
+            base += f"/{sub}"
+        return base
+
+
+PODS = Resource(group="", version="v1", plural="pods")
+SERVICES = Resource(group="", version="v1", plural="services")
+SECRETS = Resource(group="", version="v1", plural="secrets")
+EVENTS = Resource(group="", version="v1", plural="events")
+LEASES = Resource(group="coordination.k8s.io", version="v1", plural="leases")
+CLUSTERS = Resource(group=crd.GROUP, version=crd.VERSION, plural=crd.PLURAL)
+
+
+def load_api_client(*, server: str = "", kubeconfig: str = "", context: str = "") -> Any:
+    """A `kubernetes.client.ApiClient`: ``server`` alone (no credentials: a local test server),
+    else ``kubeconfig`` (its ``context``), else the in-cluster service account, else
+    ``~/.kube/config``."""
+    if server:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = server
+        return kubernetes.client.ApiClient(configuration)
+    if kubeconfig:
+        return kubernetes.config.new_client_from_config(
+            config_file=kubeconfig, context=context or None
+        )
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        return kubernetes.config.new_client_from_config(context=context or None)
+    return kubernetes.client.ApiClient()
+
+
+@define(kw_only=True)
+class RateLimiter:
+    """A token bucket: ``qps`` requests a second on average, bursts of ``burst``."""
+
+    qps: float
+    burst: int
+    _tokens: float = field(init=False, default=0.0)
+    _stamp: float = field(init=False, factory=time.monotonic)
+    _lock: asyncio.Lock = field(init=False, factory=asyncio.Lock)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = float(self.burst)
+
+    async def acquire(self) -> None:
+        if self.qps <= 0:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.qps)
+            self._stamp = now
+            if self._tokens < 1:
+                await asyncio.sleep((1 - self._tokens) / self.qps)
+                self._tokens = 1.0
+                self._stamp = time.monotonic()
+            self._tokens -= 1
+
+
+class KubeClient:
+    """Every API request of the gateway and the controller. The blocking client runs in a
+    pool of ``threads`` threads (watches take one each while open), never on the event loop;
+    requests are rate limited (``qps``, ``burst``; qps 0: no limit)."""
+
+    def __init__(self, api_client: Any, *, threads: int = 8, qps: float = 0, burst: int = 50):
+        self.api = api_client
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        self.limiter = RateLimiter(qps=qps, burst=burst)
+        self.requests = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.api.close()
+
+    # --- blocking ------------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None,
+        body: Any,
+        content_type: str | None,
+        timeout: float | None,
+    ) -> Any:
+        self.requests += 1
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        params = [(k, v) for k, v in (query or {}).items() if v is not None]
+        method, url, headers, body, post = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=params,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(
+            method,
+            url,
+            header_params=headers,
+            body=body,
+            post_params=post,
+            _request_timeout=timeout,
+        )
+        if not 200 <= response.status < 300:
+            raise _error(response)
+        return response
+
+    def _json(self, *args: Any) -> Any:
+        response = self._call(*args)
+        data = response.read()
+        return json.loads(data) if data else None
+
+    # --- async ---------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        timeout: float = 30.0,
+    ) -> Any:
+        """One request, off the event loop; the answer's JSON. Raises `KubeError`."""
+        await self.limiter.acquire()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool, self._json, method, path, query, body, content_type, timeout
+        )
+
+    async def get(self, resource: Resource, namespace: str, name: str) -> Obj | None:
+        try:
+            return await self.request("GET", resource.path(namespace, name))  # type: ignore[no-any-return]
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create(self, resource: Resource, namespace: str, body: Obj) -> Obj:
+        return await self.request("POST", resource.path(namespace), body=body)  # type: ignore[no-any-return]
+
+    async def replace(self, resource: Resource, namespace: str, name: str, body: Obj) -> Obj:
+        return await self.request("PUT", resource.path(namespace, name), body=body)  # type: ignore[no-any-return]
+
+    async def patch(
+        self, resource: Resource, namespace: str, name: str, body: Any, *, sub: str = ""
+    ) -> Obj:
+        content = JSON_PATCH if isinstance(body, list) else MERGE_PATCH
+        return await self.request(  # type: ignore[no-any-return]
+            "PATCH", resource.path(namespace, name, sub), body=body, content_type=content
+        )
+
+    async def delete(
+        self, resource: Resource, namespace: str, name: str, *, grace: int | None = None
+    ) -> bool:
+        """Delete; False when it was already gone."""
+        body: Obj = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        body["propagationPolicy"] = "Background"
+        if grace is not None:
+            body["gracePeriodSeconds"] = grace
+        try:
+            await self.request("DELETE", resource.path(namespace, name), body=body)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def list(
+        self, resource: Resource, namespace: str | None, *, labels: str = ""
+    ) -> tuple[list[Obj], str]:
+        answer = await self.request(
+            "GET", resource.path(namespace), query={"labelSelector": labels or None}
+        )
+        return answer.get("items") or [], answer["metadata"].get("resourceVersion", "")
+
+
+def _error(response: Any) -> KubeError:
+    data = response.read()
+    reason, message = response.reason or "", ""
+    with contextlib.suppress(ValueError, AttributeError):
+        status = json.loads(data)
+        reason = status.get("reason") or reason
+        message = status.get("message") or ""
+    return KubeError(response.status, reason, message)
+
+
+def is_gone(exc: BaseException) -> bool:
+    """True for a 410 Gone (the resourceVersion a watch asked for was compacted away)."""
+    return (isinstance(exc, KubeError) and exc.status == 410) or (
+        isinstance(exc, ApiException) and exc.status == 410
+    )
+
+
+Handler = Callable[[str, Obj], Awaitable[None] | None]
+
+
+class Informer:
+    """A cache of one kind (in one namespace, or all with ""), kept current by list then
+    watch from the list's resourceVersion; a 410 Gone (compaction) relists. ``handler(type,
+    obj)`` is called on the event loop for every change (ADDED, MODIFIED, DELETED; a relist
+    reports what changed meanwhile). The watch runs in the client's pool, one thread."""
+
+    watch_timeout = 60
+
+    def __init__(
+        self,
+        client: KubeClient,
+        resource: Resource,
+        *,
+        namespace: str = "",
+        labels: str = "",
+        handler: Handler | None = None,
+    ) -> None:
+        self.client = client
+        self.resource = resource
+        self.namespace = namespace
+        self.labels = labels
+        self.handler = handler
+        self.cache: dict[tuple[str, str], Obj] = {}
+        self.synced = asyncio.Event()
+        self.relists = 0
+        self.resource_version = ""
+        """Where the next watch starts; empty: list first."""
+        self._task: asyncio.Task[None] | None = None
+        self._response: Any = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"informer-{self.resource.plural}")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.response.shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def get(self, namespace: str, name: str) -> Obj | None:
+        return self.cache.get((namespace, name))
+
+    def items(self) -> list[Obj]:
+        return list(self.cache.values())
+
+    def put(self, obj: Obj) -> None:
+        """Record an object this process just wrote (ahead of its watch event), unless the
+        cache already has a newer version."""
+        key = _key(obj)
+        old = self.cache.get(key)
+        if old is None or _rv(old) < _rv(obj):
+            self.cache[key] = obj
+
+    async def _emit(self, type_: str, obj: Obj) -> None:
+        if self.handler is None:
+            return
+        try:
+            result = self.handler(type_, obj)
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("Handling %s %s failed", type_, self.resource.plural)
+
+    async def _relist(self) -> str:
+        items, version = await self.client.list(self.resource, self.namespace, labels=self.labels)
+        fresh = {_key(o): o for o in items}
+        for key, gone in list(self.cache.items()):
+            if key not in fresh:
+                del self.cache[key]
+                await self._emit("DELETED", gone)
+        for key, obj in fresh.items():
+            old = self.cache.get(key)
+            self.cache[key] = obj
+            if old is None:
+                await self._emit("ADDED", obj)
+            elif _rv(old) != _rv(obj):
+                await self._emit("MODIFIED", obj)
+        self.synced.set()
+        return version
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                if not self.resource_version:
+                    self.resource_version = await self._relist()
+                    self.relists += 1
+                self.resource_version = await self._watch(self.resource_version)
+                delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a watch that fails is started again
+                if self._stopping.is_set():
+                    return
+                self.resource_version = ""
+                if is_gone(exc):
+                    log.info("Watch of %s expired (410 Gone): relisting", self.resource.plural)
+                    continue
+                log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _watch(self, version: str) -> str:
+        """One watch request from ``version``; the last version seen when it ends."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        query = {
+            "watch": "true",
+            "resourceVersion": version,
+            "timeoutSeconds": self.watch_timeout,
+            "allowWatchBookmarks": "true",
+            "labelSelector": self.labels or None,
+        }
+
+        def stream() -> None:
+            try:
+                response = self.client._call(
+                    "GET", self.resource.path(self.namespace), query, None, None, None
+                )
+                self._response = response
+                for line in kubernetes.watch.watch.iter_resp_lines(response.response):
+                    loop.call_soon_threadsafe(queue.put_nowait, json.loads(line))
+                    if self._stopping.is_set():
+                        break
+            except Exception as exc:  # noqa: BLE001 - handed to the loop
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                self._response = None
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        await self.client.limiter.acquire()
+        future = loop.run_in_executor(self.client.pool, stream)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return version
+                if isinstance(item, Exception):
+                    if self._stopping.is_set():
+                        return version
+                    raise item
+                type_, obj = item.get("type"), item.get("object") or {}
+                if type_ == "ERROR":
+                    raise KubeError(
+                        int(obj.get("code") or 500), obj.get("reason", ""), obj.get("message", "")
+                    )
+                version = obj.get("metadata", {}).get("resourceVersion") or version
+                if type_ == "BOOKMARK":
+                    continue
+                if type_ == "DELETED":
+                    self.cache.pop(_key(obj), None)
+                else:
+                    self.cache[_key(obj)] = obj
+                await self._emit(type_, obj)
+        finally:
+            if not future.done():
+                response = self._response
+                if response is not None:
+                    with contextlib.suppress(Exception):
+                        response.response.shutdown()
+
+
+def _key(obj: Obj) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+def _rv(obj: Obj) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0

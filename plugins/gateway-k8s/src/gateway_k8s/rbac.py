@@ -1,0 +1,57 @@
+"""The API permissions the gateway and the controller use, one rule per need with its reason.
+
+Owns `GATEWAY_RULES` and `CONTROLLER_RULES` (Role rules, as the chart's Roles must grant them);
+the tests feed them to the fake API server, which refuses everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import crd
+
+Rule = dict[str, Any]
+
+
+def _rule(group: str, resource: str, verbs: list[str], why: str) -> Rule:
+    return {"apiGroups": [group], "resources": [resource], "verbs": verbs, "why": why}
+
+
+GATEWAY_RULES: list[Rule] = [
+    _rule(crd.GROUP, crd.PLURAL, ["list", "watch"], "its view of every cluster"),
+    _rule(crd.GROUP, crd.PLURAL, ["create", "delete"], "new cluster; stop"),
+    _rule(
+        crd.GROUP,
+        crd.PLURAL,
+        ["patch"],
+        "the scheduler's target in spec.worker.replicas; sharing in an annotation",
+    ),
+    _rule(
+        "",
+        "secrets",
+        ["get"],
+        "a cluster's token and TLS credentials, by name (read once; no list: other Secrets "
+        "of the namespace stay unread)",
+    ),
+]
+
+CONTROLLER_RULES: list[Rule] = [
+    _rule(crd.GROUP, crd.PLURAL, ["list", "watch"], "its informer"),
+    _rule(crd.GROUP, f"{crd.PLURAL}/status", ["patch"], "phase, reason, addresses, counts"),
+    _rule("", "pods", ["list", "watch", "create", "delete"], "schedulers and workers"),
+    _rule("", "services", ["list", "watch", "create"], "the schedulers' Services"),
+    _rule(
+        "",
+        "secrets",
+        ["list", "watch", "create"],
+        "each cluster's credentials Secret: made once, watched; its token for the agent's API",
+    ),
+    _rule("", "secrets", ["get"], "a credentials Secret that already existed (409 on create)"),
+    _rule("", "events", ["list"], "why a scheduler pod is stuck before its container runs"),
+    _rule("coordination.k8s.io", "leases", ["get", "create", "update"], "leader election"),
+]
+
+
+def role_rules(rules: list[Rule]) -> list[Rule]:
+    """``rules`` as a Role's ``rules`` (without the reasons)."""
+    return [{k: v for k, v in rule.items() if k != "why"} for rule in rules]

@@ -1,0 +1,251 @@
+"""End to end on the fake API server and the simulated kubelet: a `gateway` with the
+`kubernetes` backend, the controller (in this process, its own informers and client), real
+Dask schedulers and workers run by the kubelet, and our client through the gateway's proxy.
+
+Integration tests: real processes on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from kube_fake import FakeKube
+from kube_fake.kubelet import Kubelet
+
+from gateway_k8s import crd
+from gateway_k8s.config import KubeControllerConfig
+from gateway_k8s.controller import Controller
+from gateway_k8s.rbac import CONTROLLER_RULES, GATEWAY_RULES, role_rules
+from gateway_k8s.runner import make_controller
+
+pytestmark = pytest.mark.integration
+NS = "dask"
+BIN = os.path.dirname(sys.executable)
+BAD_IMAGE = "registry.invalid/no-such:image"
+
+
+# What the simulated kubelet itself needs (it shares the fake's one identity).
+KUBELET_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    """The fake API server granting only what `gateway_k8s.rbac` declares (and the kubelet's
+    needs): a request of the gateway or the controller beyond it fails the test."""
+    rules = role_rules(GATEWAY_RULES) + role_rules(CONTROLLER_RULES) + KUBELET_RULES
+    fake = FakeKube(crds=[crd.crd()], role=rules)
+    with fake.running():
+        yield fake
+
+
+@pytest.fixture
+def kubelet(kube: FakeKube, tmp_path: Path) -> Iterator[Kubelet]:
+    with Kubelet(
+        kube=kube, workdir=tmp_path / "kubelet", failing_images={BAD_IMAGE}
+    ).running() as k:
+        yield k
+
+
+@pytest.fixture
+async def controller(kube: FakeKube) -> AsyncIterator[Controller]:
+    config = KubeControllerConfig(
+        server=kube.url,
+        namespace=NS,
+        address_mode="pod",
+        leader_election=False,
+        retire_grace=5.0,
+        api_qps=0,
+    )
+    made = await make_controller(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(made.run(stop=stop))
+    yield made
+    stop.set()
+    await asyncio.wait_for(task, 20)
+    made.client.close()
+
+
+def gateway_config(kube: FakeKube, *, keep: bool = False, **cluster: Any) -> dict[str, Any]:
+    return {
+        "gateway": {"backend": "kubernetes", "stop_clusters_on_shutdown": not keep},
+        "backend": {
+            "kubernetes": {
+                "server": kube.url,
+                "namespace": NS,
+                "cluster_heartbeat_period": 1,
+                "api_qps": 0,
+            }
+        },
+        "cluster": {
+            "image": "dask:test",
+            "scheduler_cmd": [f"{BIN}/dask", "scheduler"],
+            "worker_cmd": [f"{BIN}/dask", "worker"],
+            "worker_memory": "1 GiB",
+            **cluster,
+        },
+    }
+
+
+def leftovers(kube: FakeKube) -> dict[str, list[str]]:
+    """Names of everything still in the fake's store in the namespace (read from the store,
+    not through the API, so RBAC does not hide anything)."""
+    found: dict[str, list[str]] = {}
+    for group, version, plural in (
+        ("", "v1", "pods"),
+        ("", "v1", "services"),
+        ("", "v1", "secrets"),
+        (crd.GROUP, crd.VERSION, crd.PLURAL),
+    ):
+        kind = kube.store.find_kind(group, version, plural)
+        assert kind is not None, plural
+        items, _ = kube.store.select(kind, NS, lambda obj: True)
+        if items:
+            found[plural] = [o["metadata"]["name"] for o in items]
+    return found
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def client_session(address: str, kube: FakeKube) -> dict[str, Any]:
+    """What a user does, with our (synchronous) client: new cluster, scale to 2, compute,
+    scale to 1 in the middle of a computation, shut down."""
+    from gateway_client import BasicAuth, Gateway
+
+    def slow_square(x: int) -> int:  # local: pickled by value, the workers cannot import us
+        import time as _time
+
+        _time.sleep(0.2)
+        return x * x
+
+    seen: dict[str, Any] = {}
+    with Gateway(address, auth=BasicAuth("alice", "")) as gateway:
+        cluster = gateway.new_cluster()
+        seen["name"] = cluster.name
+        with cluster.get_client(set_as_default=False) as client:
+            cluster.scale(2)
+            client.wait_for_workers(2, timeout=60)
+            seen["workers_at_2"] = len(client.scheduler_info()["workers"])
+            futures = client.map(slow_square, range(40))
+            time.sleep(0.5)
+            cluster.scale(1)
+            seen["results"] = client.gather(futures)
+            deadline = time.monotonic() + 60
+            while len(client.scheduler_info()["workers"]) != 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            seen["workers_at_1"] = len(client.scheduler_info()["workers"])
+            seen["pods_at_1"] = sorted(leftovers(kube).get("pods", []))
+        seen["listed"] = [c.name for c in gateway.list_clusters()]
+        cluster.shutdown()
+    return seen
+
+
+async def test_a_cluster_scales_computes_and_leaves_nothing_behind(
+    kube: FakeKube, kubelet: Kubelet, controller: Controller, make_gateway: Any
+) -> None:
+    gateway = await make_gateway(gateway_config(kube))
+    address = f"http://{gateway.public_address}{gateway.context.prefix}"
+    seen = await asyncio.to_thread(client_session, address, kube)
+    assert seen["workers_at_2"] == 2
+    assert seen["results"] == [x * x for x in range(40)]  # no task lost on scale-down
+    assert seen["workers_at_1"] == 1
+    resource = f"dask-{seen['name']}"
+    # Retired workers' pods are removed: the scheduler and one worker remain.
+    workers = [p for p in seen["pods_at_1"] if p.startswith(f"{resource}-worker-")]
+    assert len(workers) == 1, seen["pods_at_1"]
+    assert seen["listed"] == [seen["name"]]
+    await until(lambda: not leftovers(kube), "every object of the cluster to be deleted")
+    assert not gateway.context.routes.get("SNI", seen["name"])
+
+
+async def test_an_image_that_cannot_be_pulled_reaches_the_api_reason(
+    kube: FakeKube,
+    kubelet: Kubelet,
+    controller: Controller,
+    make_gateway: Any,
+    make_api_client: Any,
+) -> None:
+    gateway = await make_gateway(gateway_config(kube, image=BAD_IMAGE))
+    alice = make_api_client(gateway, "alice")
+    name = (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
+
+    async def failed() -> Any:
+        body = (await alice.get(f"/api/v1/clusters/{name}")).body
+        return body if body["status"] == "FAILED" else None
+
+    await until(failed, "the cluster to fail")
+    cluster = await gateway.backend.get_cluster(name)
+    assert cluster is not None
+    assert cluster.reason is not None
+    assert BAD_IMAGE in cluster.reason and "ErrImagePull" in cluster.reason, cluster.reason
+    await until(lambda: not leftovers(kube), "the failed cluster's objects to be deleted")
+
+
+async def test_a_restarted_gateway_finds_its_cluster_and_an_oom_kill_reaches_the_reason(
+    kube: FakeKube,
+    kubelet: Kubelet,
+    controller: Controller,
+    make_gateway: Any,
+    make_api_client: Any,
+) -> None:
+    first = await make_gateway(gateway_config(kube, keep=True))
+    alice = make_api_client(first, "alice")
+    name = (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
+    body = (await alice.get(f"/api/v1/clusters/{name}?wait")).body
+    await until(lambda: first.context.routes.get("SNI", name), "the first gateway's route")
+    assert body["status"] in ("PENDING", "RUNNING")
+    await first.stop()
+    second = await make_gateway(gateway_config(kube))
+    bob_view = make_api_client(second, "alice")
+
+    async def running() -> Any:
+        answer = (await bob_view.get(f"/api/v1/clusters/{name}")).body
+        return answer if answer["status"] == "RUNNING" else None
+
+    answer = await until(running, "the cluster to be running for the second gateway")
+    assert answer["tls_cert"]
+    assert second.context.routes.get("SNI", name)
+    # The dashboard loads through the restarted gateway's proxy (a route it rebuilt).
+    assert answer["dashboard_route"] == f"/clusters/{name}/status"
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.get(f"http://{second.public_address}{answer['dashboard_route']}") as resp,
+    ):
+        assert resp.status == 200
+        assert resp.content_type == "text/html"
+        assert "Bokeh" in await resp.text()
+    # The kernel's OOM killer ends the scheduler: the user is told why.
+    kubelet.oom_kill(NS, f"dask-{name}-scheduler")
+
+    async def failed() -> Any:
+        cluster = await second.backend.get_cluster(name)
+        return cluster if cluster is not None and cluster.status.name == "FAILED" else None
+
+    cluster = await until(failed, "the cluster to fail")
+    assert "OOMKilled" in (cluster.reason or ""), cluster.reason
+    assert not second.context.routes.get("SNI", name)
+    await until(lambda: not leftovers(kube), "the cluster's objects to be deleted")
