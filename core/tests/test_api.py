@@ -979,7 +979,7 @@ async def test_scale_without_limit_is_never_clamped(make_api: ApiFactory) -> Non
         ({"count": 2.5}, "count: expected a non-negative integer, got float 2.5"),
         ({"count": None}, "count: expected a non-negative integer, got null"),
         ({}, "count: required"),
-        ({"count": 1, "n": 2}, "unknown key 'n' in request body; expected count"),
+        ({"count": 1, "n": 2}, "unknown key 'n' in request body; expected count, group"),
         ("3", "request body must be a JSON object, got string"),
     ],
 )
@@ -1080,7 +1080,7 @@ async def test_adapt_above_the_limit_is_clamped(api: Api) -> None:
         ({"maximum": False}, "maximum: expected a non-negative integer or null, got bool"),
         ({"active": "yes"}, "active: expected a bool, got string 'yes'"),
         ({"minimum": 3, "maximum": 2}, "minimum: 3 is greater than maximum 2"),
-        ({"min": 3}, "unknown key 'min' in request body; expected active, maximum, minimum"),
+        ({"min": 3}, "unknown key 'min' in request body; expected active, group, maximum, minimum"),
     ],
 )
 async def test_bad_adapt_requests_are_422(api: Api, body: Any, needle: str) -> None:

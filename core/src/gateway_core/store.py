@@ -27,7 +27,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLA
 from sqlalchemy.pool import StaticPool
 
 from .migrations import SchemaError, prepare
-from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
+from .models import DEFAULT_GROUP, Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
 
 log = logging.getLogger("gateway.store")
 
@@ -68,6 +68,8 @@ clusters_table = sa.Table(
     # Sharing (migration 0003): nullable, NULL read as no one.
     sa.Column("shared_users", sa.JSON, nullable=True),
     sa.Column("shared_groups", sa.JSON, nullable=True),
+    # Worker groups (migration 0004): nullable, NULL read as no named group.
+    sa.Column("group_counts", sa.JSON, nullable=True),
 )
 
 workers_table = sa.Table(
@@ -87,6 +89,8 @@ workers_table = sa.Table(
     sa.Column("stop_time", sa.BigInteger, nullable=True),
     sa.Column("close_expected", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
+    # Worker groups (migration 0004): nullable, NULL read as the default group.
+    sa.Column("group", sa.String(64), nullable=True),
 )
 
 leases_table = sa.Table(
@@ -693,6 +697,7 @@ class Store:
             reason=row["reason"],
             shared_users=list(row.get("shared_users") or []),
             shared_groups=list(row.get("shared_groups") or []),
+            group_counts=dict(row.get("group_counts") or {}),
         )
 
 
@@ -763,6 +768,7 @@ def _worker_from_row(row: Mapping[Any, Any]) -> Worker:
         stop_time=row["stop_time"],
         close_expected=bool(row["close_expected"]),
         reason=row["reason"],
+        group=row.get("group") or DEFAULT_GROUP,
     )
 
 

@@ -18,6 +18,8 @@ class Heartbeat:
     dashboard_address: str = ""
     api_address: str = ""
     count: int | None = None
+    group_counts: dict[str, int] | None = None
+    """Workers wanted per named worker group (absent from agents that know no groups)."""
     active_workers: frozenset[str] = frozenset()
     closing_workers: frozenset[str] = frozenset()
     closed_workers: frozenset[str] = frozenset()
@@ -37,6 +39,13 @@ class Heartbeat:
         if count is not None and (type(count) is not int or count < 0):
             raise ValueError("count must be a non-negative integer")
         values["count"] = count
+        groups = msg.get("group_counts")
+        if groups is not None:
+            if not isinstance(groups, dict) or not all(
+                isinstance(k, str) and type(v) is int and v >= 0 for k, v in groups.items()
+            ):
+                raise ValueError("group_counts must map group names to non-negative integers")
+            values["group_counts"] = dict(groups)
         for name in ("active_workers", "closing_workers", "closed_workers"):
             names = msg.get(name) or []
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

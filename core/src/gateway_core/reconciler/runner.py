@@ -191,6 +191,11 @@ class Reconciler:
                 changes[field] = value
         if beat.count is not None and beat.count != cluster.count:
             changes["count"] = beat.count
+        if beat.group_counts is not None:
+            # Groups at 0 are dropped, so a cluster that never used groups keeps {}.
+            group_counts = {g: n for g, n in beat.group_counts.items() if n}
+            if group_counts != cluster.group_counts:
+                changes["group_counts"] = group_counts
         if changes:
             self.store.update_cluster(cluster, last_heartbeat=now, **changes)
         else:
