@@ -85,6 +85,7 @@ def test_enabled_worker_groups_limit_what_a_cluster_may_scale() -> None:
     ("groups", "problem"),
     [
         ({"GPU": {}}, "worker_groups.GPU: invalid group name 'GPU'"),
+        ({"a" * 17: {}}, f"worker_groups.{'a' * 17}: invalid group name"),
         ({"default": {}}, "worker_groups.default: 'default' is the name of the default group"),
         ({"gpu": {"worker_cores": 0}}, "worker_groups.gpu.worker_cores: must be at least 1"),
         ({"gpu": {"max_workers": -1}}, "worker_groups.gpu.max_workers: must be at least 0"),

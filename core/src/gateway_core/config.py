@@ -162,9 +162,10 @@ DEFAULT_GROUP = models.DEFAULT_GROUP
 """The name of the worker group every cluster has: the workers of the `[cluster]` settings
 (and the only group the original dask-gateway client knows)."""
 
-GROUP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
-"""Valid worker group names: 1-32 lower-case letters, digits and inner '-' (they go into
-worker names, job names and Kubernetes labels)."""
+GROUP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,14}[a-z0-9])?")
+"""Valid worker group names: 1-16 lower-case letters, digits and inner '-' (they go into
+worker names, job names and Kubernetes labels; a worker name, ``<32-hex cluster>-<group>-<10
+hex>``, then fits a 63-character DNS label)."""
 
 GROUP_OWN_KEYS = ("worker_cmd", "worker_cores", "worker_memory", "worker_threads", "environment")
 """The `WorkerGroup` settings that override the `[cluster]` setting of the same name."""
@@ -280,7 +281,7 @@ class ClusterConfig(CheckedConfig):
                 continue
             if not GROUP_NAME.fullmatch(name):
                 problems.append(
-                    f"{where}: invalid group name {name!r}; names are 1-32 lower-case letters, "
+                    f"{where}: invalid group name {name!r}; names are 1-16 lower-case letters, "
                     "digits or inner '-'"
                 )
                 continue
