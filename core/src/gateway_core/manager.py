@@ -15,7 +15,6 @@ import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-import attrs
 from attrs import define, field
 
 from .backends.base import SCHEDULER_COMPONENT, Backend
@@ -330,15 +329,16 @@ class ClusterManager:
                 if why is not None:
                     raise QuotaExceeded(f"cannot create the cluster: {why}")
 
-    async def _quota_room(self, cluster: Cluster) -> Room | None:
-        """The most workers the quotas leave ``cluster``; None when none limits it."""
+    async def _quota_room(self, cluster: Cluster, group: str = DEFAULT_GROUP) -> Room | None:
+        """The most workers of ``group`` the quotas leave ``cluster`` (its other groups'
+        workers counted at their own size); None when none limits it."""
         pools = self.quotas.pools(cluster.username)
         if not pools:
             return None
         clusters, shapes = await self._quota_clusters(_members(pools))
         if cluster.name not in shapes:
             shapes[cluster.name] = Shape.of(self.typed_config(cluster))
-        return self.quotas.room(cluster, clusters, shapes)
+        return self.quotas.room(cluster, clusters, shapes, group)
 
     async def quota(self, user: User, username: str | None = None) -> dict[str, Any]:
         """Usage and limits of ``username`` (the caller when None; another user's only for
@@ -561,12 +561,8 @@ class ClusterManager:
         self.quotas.note(user)
         async with self._quota_lock:  # grant, then record the grant, before the next request
             limit = self._group_limit(cluster, group)
-            room = await self._quota_room(cluster)
+            room = await self._quota_room(cluster, group)
             others = self._others(cluster, group)
-            if room is not None and group != DEFAULT_GROUP:
-                # The quota's room is for the whole cluster: the other groups' workers take
-                # their share of it first.
-                room = attrs.evolve(room, workers=max(0, room.workers - others))
             msg = None
             requested = count
             by_quota = room is not None and (limit is None or room.workers < limit)
@@ -626,10 +622,8 @@ class ClusterManager:
         self.quotas.note(user)
         async with self._quota_lock:
             limit = self._group_limit(cluster, group)
-            room = await self._quota_room(cluster)
+            room = await self._quota_room(cluster, group)
             others = self._others(cluster, group)
-            if room is not None and group != DEFAULT_GROUP:
-                room = attrs.evolve(room, workers=max(0, room.workers - others))
             if room is not None and (limit is None or room.workers < limit):
                 limit = room.workers
             else:
