@@ -139,6 +139,8 @@ class FakeCluster:
     owner: str = "alice"
     share_with_users: list[str] = field(default_factory=list)
     share_with_groups: list[str] = field(default_factory=list)
+    group_counts: dict[str, int] = field(default_factory=lambda: {"default": 0})
+    """Worker group → workers wanted; scale and adapt refuse a group not in it."""
 
     def to_json_v2(self) -> dict[str, Any]:
         """The v2 cluster JSON, as alice (the owner) or a sharee (another owner) sees it."""
@@ -147,6 +149,10 @@ class FakeCluster:
             **self.to_json(),
             "owner": self.owner,
             "access": "owner" if mine else "sharee",
+            "groups": {
+                g: {"count": n, "pending": 0, "running": n, "stopping": 0}
+                for g, n in self.group_counts.items()
+            },
             "share_with_users": list(self.share_with_users) if mine else None,
             "share_with_groups": list(self.share_with_groups) if mine else None,
         }
@@ -220,6 +226,7 @@ class FakeGateway:
         r.add_get("/api/v2/clusters", self.list_clusters)
         r.add_post("/api/v2/clusters", self.create)
         r.add_patch("/api/v2/clusters/{name}", self.patch)
+        r.add_get("/api/v2/clusters/{name}", self.get_cluster_v2)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -379,10 +386,21 @@ class FakeGateway:
             cluster.stop_time = int(time.time() * 1000)
         return web.Response(status=204)
 
-    async def _resize(self, request: web.Request, wanted: int | None) -> web.Response:
+    async def _resize(
+        self, request: web.Request, wanted: int | None, group: Any = None
+    ) -> web.Response:
         cluster = self._cluster(request)
         if cluster.status != "RUNNING":
             return web.json_response({"error": f"cluster is {cluster.status}"}, status=409)
+        group = "default" if group is None else group
+        if group not in cluster.group_counts:
+            known = ", ".join(cluster.group_counts)
+            return web.json_response(
+                {"error": f"group: no worker group {group!r}; its groups are {known}"},
+                status=422,
+            )
+        if wanted is not None:
+            cluster.group_counts[group] = min(wanted, cluster.max_workers)
         if wanted is not None and wanted > cluster.max_workers:
             msg = (
                 f"Scale request of {wanted} workers would exceed resource limits, "
@@ -395,10 +413,14 @@ class FakeGateway:
         count = (await _body(request)).get("count")
         if not isinstance(count, int) or count < 0:
             return web.json_response({"error": "count must be a non-negative integer"}, status=422)
-        return await self._resize(request, count)
+        return await self._resize(request, count, (await _body(request)).get("group"))
 
     async def adapt(self, request: web.Request) -> web.Response:
-        return await self._resize(request, (await _body(request)).get("maximum"))
+        body = await _body(request)
+        return await self._resize(request, body.get("maximum"), body.get("group"))
+
+    async def get_cluster_v2(self, request: web.Request) -> web.Response:
+        return web.json_response(self._cluster(request).to_json_v2())
 
     async def patch(self, request: web.Request) -> web.Response:
         cluster = self._cluster(request)

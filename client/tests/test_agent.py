@@ -38,6 +38,7 @@ HEARTBEAT_KEYS = {
     "dashboard_address",
     "api_address",
     "count",
+    "group_counts",
     "active_workers",
     "closing_workers",
     "closed_workers",
@@ -197,6 +198,7 @@ async def test_heartbeat_shape_and_cadence(sink: HeartbeatSink) -> None:
             "scheduler_address": s.address,
             "api_address": agent.api_address,
             "count": 0,
+            "group_counts": {},
             "active_workers": [],
             "closing_workers": [],
             "closed_workers": [],
@@ -332,6 +334,7 @@ async def test_scale_via_comm_updates_count(sink: HeartbeatSink) -> None:
         assert status == 200
         assert answer == {
             "ok": True,
+            "group": "default",
             "count": 3,
             "adaptive": False,
             "minimum": None,
@@ -380,6 +383,8 @@ async def test_comm_checks_the_token(sink: HeartbeatSink) -> None:
         (b'{"op": "adapt", "minimum": 4, "maximum": 2}', "minimum (4) must not exceed maximum (2)"),
         (b'{"op": "adapt", "maximum": -2}', "maximum must be a non-negative integer"),
         (b'{"op": "adapt", "active": "yes"}', 'active must be true or false, got "yes"'),
+        (b'{"op": "scale", "count": 1, "group": 3}', "group must be a worker group name, got 3"),
+        (b'{"op": "adapt", "group": ""}', 'group must be a worker group name, got ""'),
     ],
 )
 async def test_comm_rejects_bad_bodies(sink: HeartbeatSink, raw: bytes, problem: str) -> None:
@@ -444,6 +449,56 @@ async def test_scale_down_retires_idle_workers_first(sink: HeartbeatSink) -> Non
             assert await client.gather(data) == list(range(1000))
             assert list(s.workers) == [busy.address]
             await running.cancel()
+
+
+async def test_scale_down_of_a_group_retires_only_its_workers(sink: HeartbeatSink) -> None:
+    async with running_agent(sink.url) as agent:
+        s = agent.scheduler
+        status, answer = await comm(agent, {"op": "scale", "count": 2, "group": "gpu"})
+        assert (status, answer["group"], answer["count"]) == (200, "gpu", 2)
+        agent.scale(1)
+        cpu, gpu1, gpu2 = f"{CLUSTER}-ab12", f"{CLUSTER}-gpu-cd34", f"{CLUSTER}-gpu-ef56"
+        async with (
+            Worker(s.address, name=cpu, nthreads=1),
+            Worker(s.address, name=gpu1, nthreads=1),
+            Worker(s.address, name=gpu2, nthreads=1),
+        ):
+            beat = await sink.wait_for(lambda b: len(b["active_workers"]) == 3)
+            assert (beat["count"], beat["group_counts"]) == (1, {"gpu": 2})
+            assert agent.active_counts() == {"default": 1, "gpu": 2}
+            n = len(sink.beats)
+            status, _ = await comm(agent, {"op": "scale", "count": 1, "group": "gpu"})
+            assert status == 200
+            closed = await sink.wait_for(lambda b: len(b["closed_workers"]) == 1, after=n)
+            assert closed["closed_workers"][0] in (gpu1, gpu2)
+            assert cpu in closed["active_workers"]  # the default group keeps its worker
+            assert (closed["count"], closed["group_counts"]) == (1, {"gpu": 1})
+
+
+def test_adaptive_shares_the_schedulers_target_among_adaptive_groups() -> None:
+    class FakeScheduler:
+        wanted = 0
+
+        def adaptive_target(self) -> int:
+            return self.wanted
+
+    scheduler = FakeScheduler()
+    agent = GatewayAgent(scheduler=scheduler, settings=settings("http://127.0.0.1:9/api"))  # type: ignore[arg-type]
+    agent._stopped = True  # no adaptive task: checks run by hand
+    agent.scale(2, group="fixed")  # not adaptive: its 2 come off the scheduler's target
+    agent.adapt(minimum=1, maximum=3)
+    agent.adapt(minimum=0, maximum=2, group="gpu")
+    scheduler.wanted = 0
+    assert agent.desired_per_group() == {"default": 1, "gpu": 0}
+    scheduler.wanted = 5  # 3 after the fixed group: the default's minimum, then one each
+    assert agent.desired_per_group() == {"default": 2, "gpu": 1}
+    scheduler.wanted = 50  # each group stops at its own maximum
+    assert agent.desired_per_group() == {"default": 3, "gpu": 2}
+    agent._adapt_once({})
+    assert agent.targets == {"default": 3, "fixed": 2, "gpu": 2}
+    agent.scale(0, group="gpu")  # a scale request ends that group's adaptive scaling only
+    assert set(agent.bounds) == {"default"}
+    assert agent.desired_per_group() == {"default": 3}
 
 
 async def test_scale_to_zero_closes_every_worker(sink: HeartbeatSink) -> None:
@@ -514,7 +569,14 @@ async def test_adapt_clamps_the_target_at_once(sink: HeartbeatSink) -> None:
     async with running_agent(sink.url, adaptive_period=60.0) as agent:
         status, answer = await comm(agent, {"op": "adapt", "minimum": 2, "maximum": 4})
         assert status == 200
-        assert answer == {"ok": True, "count": 2, "adaptive": True, "minimum": 2, "maximum": 4}
+        assert answer == {
+            "ok": True,
+            "group": "default",
+            "count": 2,
+            "adaptive": True,
+            "minimum": 2,
+            "maximum": 4,
+        }
         await sink.wait_for(lambda b: b["count"] == 2)
         agent.scale(7)
         status, answer = await comm(agent, {"op": "adapt", "maximum": 5, "active": True})

@@ -69,6 +69,24 @@ def test_new_cluster_runs_scales_and_stops_on_exit(fake: FakeGateway, gateway: G
     assert deletes(fake, name) == 1
 
 
+def test_cluster_scales_and_adapts_worker_groups(fake: FakeGateway, gateway: Gateway) -> None:
+    with gateway.new_cluster() as cluster:
+        name = cluster.name
+        fake.clusters[name].group_counts["gpu"] = 0
+        cluster.scale(2, group="gpu")
+        cluster.adapt(minimum=0, maximum=4, group="gpu")
+        assert fake.requests_to("POST", f"/api/v1/clusters/{name}/scale")[-1].body == {
+            "count": 2,
+            "group": "gpu",
+        }
+        assert fake.requests_to("POST", f"/api/v1/clusters/{name}/adapt")[-1].body["group"] == (
+            "gpu"
+        )
+        assert cluster.worker_groups()["gpu"]["count"] == 4
+        with pytest.raises(ValueError, match="its groups are default, gpu"):
+            cluster.scale(1, group="fpga")
+
+
 def test_status_equals_the_original_clients_strings_and_distributeds_status(
     fake: FakeGateway, gateway: Gateway
 ) -> None:

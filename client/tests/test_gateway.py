@@ -184,6 +184,29 @@ def test_stop_scale_adapt(fake: FakeGateway, gateway: Gateway) -> None:
     gateway.stop_cluster("never-existed")  # idempotent: 204 for unknown names too
 
 
+def test_scale_and_adapt_a_worker_group(fake: FakeGateway, gateway: Gateway) -> None:
+    running(fake, "a")
+    fake.clusters["a"].group_counts["gpu"] = 0
+    gateway.scale_cluster("a", 2, group="gpu")
+    assert fake.requests_to("POST", "/api/v1/clusters/a/scale")[-1].body == {
+        "count": 2,
+        "group": "gpu",
+    }
+    gateway.adapt_cluster("a", minimum=1, maximum=3, group="gpu")
+    assert fake.requests_to("POST", "/api/v1/clusters/a/adapt")[-1].body == {
+        "minimum": 1,
+        "maximum": 3,
+        "active": True,
+        "group": "gpu",
+    }
+    gateway.scale_cluster("a", 1)
+    groups = gateway.worker_groups("a")
+    assert {g: c["count"] for g, c in groups.items()} == {"default": 1, "gpu": 3}
+    assert list(groups) == ["default", "gpu"]
+    with pytest.raises(ValueError, match="no worker group 'tpu'; its groups are default, gpu"):
+        gateway.scale_cluster("a", 1, group="tpu")
+
+
 def test_basic_auth_is_sent_first_then_the_cookie_replaces_it(
     fake: FakeGateway, gateway: Gateway
 ) -> None:

@@ -979,7 +979,7 @@ async def test_scale_without_limit_is_never_clamped(make_api: ApiFactory) -> Non
         ({"count": 2.5}, "count: expected a non-negative integer, got float 2.5"),
         ({"count": None}, "count: expected a non-negative integer, got null"),
         ({}, "count: required"),
-        ({"count": 1, "n": 2}, "unknown key 'n' in request body; expected count"),
+        ({"count": 1, "n": 2}, "unknown key 'n' in request body; expected count, group"),
         ("3", "request body must be a JSON object, got string"),
     ],
 )
@@ -1038,6 +1038,123 @@ async def test_scheduler_refusing_is_409(api: Api) -> None:
     )
 
 
+GROUPS_CONFIG: dict[str, Any] = {
+    **BASE_CONFIG,
+    "cluster": {
+        "cluster_max_workers": 4,
+        "worker_groups": {
+            "gpu": {"worker_cores": 4, "max_workers": 2, "environment": {"GPU": "1"}},
+            "highmem": {"worker_memory": "16 GiB"},
+        },
+    },
+    "options": {
+        **BASE_CONFIG["options"],
+        "groups": {
+            "type": "select",
+            "target": "enabled_worker_groups",
+            "options": [
+                {"key": "all", "value": ["gpu", "highmem"]},
+                {"key": "cpu-only", "value": []},
+            ],
+        },
+    },
+}
+
+
+async def test_scale_and_adapt_a_worker_group(make_api: ApiFactory) -> None:
+    api = await make_api(GROUPS_CONFIG)
+    name = await api.running()
+    resp = await api.call(
+        "POST", f"/api/v1/clusters/{name}/scale", json={"count": 1, "group": "gpu"}
+    )
+    assert await resp.json() == {"ok": True, "msg": None}
+    # The group's own limit (2), not the cluster's (4), and the message names the group.
+    resp = await api.call(
+        "POST", f"/api/v1/clusters/{name}/scale", json={"count": 3, "group": "gpu"}
+    )
+    answer = await resp.json()
+    assert answer["ok"] is False
+    assert "at most 2 in worker group gpu; scaling to 2 workers instead" in answer["msg"]
+    resp = await api.call(
+        "POST", f"/api/v1/clusters/{name}/adapt", json={"maximum": 9, "group": "highmem"}
+    )
+    assert (await resp.json())["ok"] is False
+    # The default group, named or not, is the v1 request exactly.
+    await api.call("POST", f"/api/v1/clusters/{name}/scale", json={"count": 2, "group": "default"})
+    assert api.backend.forwarded == [
+        (name, {"op": "scale", "count": 1, "group": "gpu"}),
+        (name, {"op": "scale", "count": 2, "group": "gpu"}),
+        (name, {"op": "adapt", "minimum": 0, "maximum": 4, "active": True, "group": "highmem"}),
+        (name, {"op": "scale", "count": 2}),
+    ]
+    assert api.observer.events[-2].detail["group"] == "highmem"
+
+
+async def test_unknown_worker_group_is_422_naming_the_groups(make_api: ApiFactory) -> None:
+    api = await make_api(GROUPS_CONFIG)
+    name = await api.running()
+    await api.refused(
+        "POST",
+        f"/api/v1/clusters/{name}/scale",
+        422,
+        f"cluster {name} has no worker group 'tpu'; its groups are default, gpu, highmem",
+        json={"count": 1, "group": "tpu"},
+    )
+    await api.refused(
+        "POST",
+        f"/api/v1/clusters/{name}/adapt",
+        422,
+        "group: expected a worker group name (one of default, gpu, highmem), got int 3",
+        json={"maximum": 1, "group": 3},
+    )
+    # A cluster whose options enable no named group has the default one only.
+    small = await api.running(groups="cpu-only")
+    await api.refused(
+        "POST",
+        f"/api/v1/clusters/{small}/scale",
+        422,
+        "no worker group 'gpu'; its groups are default",
+        json={"count": 1, "group": "gpu"},
+    )
+
+
+async def test_v2_cluster_reports_workers_per_group_and_v1_does_not(
+    make_api: ApiFactory,
+) -> None:
+    api = await make_api(GROUPS_CONFIG)
+    name = await api.running()
+    cluster = api.backend.clusters[name]
+    cluster.count = 1
+    cluster.group_counts = {"gpu": 2}
+    cluster.workers = {
+        "w1": Worker(name="w1", cluster_name=name, status=WorkerStatus.RUNNING),
+        "w2": Worker(name="w2", cluster_name=name, group="gpu", status=WorkerStatus.RUNNING),
+        "w3": Worker(name="w3", cluster_name=name, group="gpu"),
+        "w4": Worker(name="w4", cluster_name=name, group="gpu", status=WorkerStatus.STOPPED),
+    }
+    resp = await api.call("GET", f"/api/v2/clusters/{name}")
+    groups = (await resp.json())["groups"]
+    assert groups == {
+        "default": {"count": 1, "pending": 0, "running": 1, "stopping": 0},
+        "gpu": {"count": 2, "pending": 1, "running": 1, "stopping": 0},
+        "highmem": {"count": 0, "pending": 0, "running": 0, "stopping": 0},
+    }
+    resp = await api.call("GET", "/api/v2/clusters")
+    assert (await resp.json())[name]["groups"] == groups
+    # v1 keeps its exact keys: the original client refuses any other.
+    resp = await api.call("GET", f"/api/v1/clusters/{name}")
+    assert set(await resp.json()) == {
+        "name",
+        "dashboard_route",
+        "status",
+        "start_time",
+        "stop_time",
+        "options",
+        "tls_cert",
+        "tls_key",
+    }
+
+
 async def test_adapt_forwards_and_fills_in_the_limit(api: Api) -> None:
     name = await api.running()
     resp = await api.call(
@@ -1080,7 +1197,7 @@ async def test_adapt_above_the_limit_is_clamped(api: Api) -> None:
         ({"maximum": False}, "maximum: expected a non-negative integer or null, got bool"),
         ({"active": "yes"}, "active: expected a bool, got string 'yes'"),
         ({"minimum": 3, "maximum": 2}, "minimum: 3 is greater than maximum 2"),
-        ({"min": 3}, "unknown key 'min' in request body; expected active, maximum, minimum"),
+        ({"min": 3}, "unknown key 'min' in request body; expected active, group, maximum, minimum"),
     ],
 )
 async def test_bad_adapt_requests_are_422(api: Api, body: Any, needle: str) -> None:

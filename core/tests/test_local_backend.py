@@ -241,6 +241,58 @@ async def test_a_real_cluster_starts_warm_runs_a_worker_and_leaves_nothing(
     assert not any(_pid_alive(p) for p in pids)
 
 
+async def test_worker_groups_with_their_own_cores_scale_apart(
+    make_gateway: Any, tmp_path: Path, dask_on_path: None
+) -> None:
+    """Through this repository's client: a default group of 1-thread workers and a "wide"
+    group of 2-thread workers, scaled each on its own, seen by Dask, one scaled down."""
+    from gateway_client import BasicAuth, Gateway
+
+    config = config_for(
+        "unsafe-local",
+        tmp_path,
+        cluster={
+            "worker_cores": 1,
+            "worker_memory": "512 MiB",
+            "worker_groups": {"wide": {"worker_cores": 2, "environment": {"GW_GROUP": "wide"}}},
+        },
+    )
+    gw = await make_gateway(config, plugins=PLUGINS)
+    address = f"http://{gw.public_address}"
+    async with Gateway(address, auth=BasicAuth("alice", ""), asynchronous=True) as gateway:
+        cluster: Any = await gateway.new_cluster()
+        async with cluster:
+            await cluster.scale(1)
+            await cluster.scale(1, group="wide")
+            async with cluster.get_client(set_as_default=False) as client:
+
+                async def sees(wanted: list[int]) -> None:
+                    deadline = time.monotonic() + 60
+                    threads: dict[str, int] = {}
+                    while time.monotonic() < deadline:
+                        threads = await client.nthreads()
+                        if sorted(threads.values()) == wanted:
+                            return
+                        await asyncio.sleep(0.2)
+                    raise AssertionError(f"workers' threads {threads}, expected {wanted}")
+
+                await sees([1, 2])
+                record = gw.backend.store.get(cluster.name)
+                wide = [w for w in record.workers.values() if w.group == "wide"]
+                assert len(wide) == 1 and wide[0].name.startswith(f"{cluster.name}-wide-")
+                assert await client.submit(sum, [1, 2, 3]) == 6
+                groups = await cluster.worker_groups()
+                assert (groups["default"]["running"], groups["wide"]["running"]) == (1, 1)
+
+                await cluster.scale(0, group="wide")
+                await sees([1])
+                await eventually(
+                    lambda: wide[0].status == WorkerStatus.STOPPED, what="wide worker stopped"
+                )
+                assert record.count == 1 and record.group_counts == {}
+            await cluster.shutdown()
+
+
 async def test_a_real_scheduler_starts_cold_and_stops_on_request(
     make_gateway: Any, make_api_client: Any, tmp_path: Path, dask_on_path: None
 ) -> None:

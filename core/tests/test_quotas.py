@@ -177,6 +177,37 @@ async def test_scale_beyond_the_quota_scales_to_what_fits_and_says_so(
     assert await scale(api, second, 6) == {"ok": True, "msg": None}
 
 
+async def test_workers_of_a_group_count_at_their_own_size(new_api: ApiFactory) -> None:
+    api = await quota_api(
+        new_api,
+        {"default": {"max_cores": 12}},
+        worker_groups={"gpu": {"worker_cores": 4}},
+    )
+    name = await api.running()
+    api.backend.clusters[name].count = 3  # as a heartbeat reports it: 1 + 3 cores held
+    path = f"/api/v1/clusters/{name}/scale"
+    resp = await api.call("POST", path, json={"count": 5, "group": "gpu"})
+    answer = await resp.json()
+    assert answer["msg"] == (
+        "Asked for 5 workers but the quota of user alice allows 2: max_cores is 12 cores, "
+        "4 cores in use, 5 workers ask 20 cores more; scaling to 2 workers instead."
+    )
+    assert api.backend.forwarded[-1] == (name, {"op": "scale", "count": 2, "group": "gpu"})
+    api.backend.clusters[name].group_counts = {"gpu": 2}  # reported: 8 cores more
+    # The default group gets what the scheduler and the two 4-core workers leave.
+    answer = await scale(api, name, 10)
+    assert "allows 3: max_cores is 12 cores, 9 cores in use" in answer["msg"]
+    assert forwarded_count(api, name) == 3
+    # Another cluster's scheduler sees the GPU workers at 4 cores each: 1 + 3 + 8 = 12 held.
+    await api.refused(
+        "POST",
+        "/api/v1/clusters/",
+        409,
+        "max_cores is 12 cores, 12 cores in use",
+        json={"cluster_options": {}},
+    )
+
+
 async def test_the_cluster_limit_still_applies_under_a_looser_quota(new_api: ApiFactory) -> None:
     api = await quota_api(new_api, {"default": {"max_workers": 50}}, cluster_max_workers=4)
     name = await api.running()

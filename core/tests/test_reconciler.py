@@ -23,7 +23,7 @@ from gateway_core import hookspecs
 from gateway_core.backends.base import BackendUnavailable, ClusterConflict
 from gateway_core.backends.kit import cluster_env
 from gateway_core.backends.process import ProcessBackend
-from gateway_core.config import ClusterConfig, Command, Memory, load_config
+from gateway_core.config import ClusterConfig, Command, Memory, WorkerGroup, load_config
 from gateway_core.context import GatewayContext
 from gateway_core.events import ClusterEvent
 from gateway_core.hookcaller import GatewayHooks
@@ -264,6 +264,65 @@ async def test_scale_up_and_down_through_the_scheduler(
         cluster, {"op": "adapt", "minimum": 1, "maximum": 4, "active": True}
     )
     assert scheduler.adapt == {"minimum": 1, "maximum": 4, "active": True}
+
+
+async def test_worker_groups_scale_apart_with_their_own_settings(
+    make: Callable[..., Awaitable[Gateway]],
+) -> None:
+    gw = await make(worker_connect_delay=0.02)
+    cluster = await gw.start(
+        worker_cores=1,
+        environment={"A": "1"},
+        worker_groups={
+            "gpu": WorkerGroup(
+                worker_cores=4, worker_memory=Memory(8 << 30), environment={"B": "2"}
+            )
+        },
+    )
+    await until(lambda: cluster.status == ClusterStatus.RUNNING)
+    scheduler = gw.driver.schedulers[cluster.name]
+    await gw.scale(cluster, 2)
+    await gw.backend.forward_to_scheduler(cluster, {"op": "scale", "count": 1, "group": "gpu"})
+    await until(lambda: len(gw.running_workers(cluster)) == 3)
+    assert (cluster.count, cluster.group_counts) == (2, {"gpu": 1})
+    groups = {w.name: w.group for w in cluster.workers.values()}
+    assert sorted(groups.values()) == ["default", "default", "gpu"]
+    for name, group in groups.items():
+        settings = gw.driver.worker_settings[name]
+        if group == "gpu":
+            assert name.startswith(f"{cluster.name}-gpu-")
+            assert (settings.worker_cores, settings.threads) == (4, 4)
+            assert settings.worker_memory == 8 << 30
+            assert settings.environment == {"A": "1", "B": "2"}
+        else:
+            assert (settings.worker_cores, settings.environment) == (1, {"A": "1"})
+    assert cluster.workers_per_group() == {
+        "default": {"count": 2, "pending": 0, "running": 2, "stopping": 0},
+        "gpu": {"count": 1, "pending": 0, "running": 1, "stopping": 0},
+    }
+
+    # Scaling the group down retires its worker only; the default group keeps its two.
+    await gw.backend.forward_to_scheduler(cluster, {"op": "scale", "count": 0, "group": "gpu"})
+    await until(lambda: len(gw.running_workers(cluster)) == 2)
+    assert all(groups[w] == "default" for w in gw.running_workers(cluster))
+    assert cluster.group_counts == {}  # a group at 0 is dropped
+    assert sorted(scheduler.workers) == gw.running_workers(cluster)
+    assert gw.driver.calls["start_worker"] == 3
+
+
+async def test_surplus_pending_workers_of_a_group_are_stopped(
+    make: Callable[..., Awaitable[Gateway]],
+) -> None:
+    gw = await make(workers_connect=False)
+    cluster = await gw.start(worker_groups={"big": WorkerGroup(worker_cores=2)})
+    await until(lambda: cluster.status == ClusterStatus.RUNNING)
+    await gw.scale(cluster, 1)
+    await gw.backend.forward_to_scheduler(cluster, {"op": "scale", "count": 3, "group": "big"})
+    await until(lambda: gw.driver.calls["start_worker"] == 4)
+    await gw.backend.forward_to_scheduler(cluster, {"op": "scale", "count": 1, "group": "big"})
+    await until(lambda: gw.driver.calls["stop_worker"] == 2)
+    active = [w for w in cluster.workers.values() if w.target == WorkerStatus.RUNNING]
+    assert sorted(w.group for w in active) == ["big", "default"]
 
 
 async def test_surplus_pending_workers_are_stopped(

@@ -84,10 +84,13 @@ def test_round_trip_every_field(db_url: str) -> None:
         reason="why not",
         shared_users=["bob", "carol"],
         shared_groups=["physics"],
+        group_counts={"gpu": 2},
     )
     worker = Worker(name="c1-w1", cluster_name="c1", state={"job": "7"})
     store.create_worker(worker)
     store.update_worker(worker, status=WorkerStatus.RUNNING, close_expected=True, reason="r")
+    gpu = Worker(name="c1-gpu-w2", cluster_name="c1", group="gpu")
+    store.create_worker(gpu)
     store.close()
 
     again = Store(url=url, encrypt_keys=[key])
@@ -96,7 +99,9 @@ def test_round_trip_every_field(db_url: str) -> None:
     assert loaded.status is ClusterStatus.RUNNING and loaded.target is ClusterStatus.RUNNING
     assert loaded.token == cluster.token and loaded.tls_key == cluster.tls_key
     assert loaded.shared_users == ["bob", "carol"] and loaded.shared_groups == ["physics"]
-    assert loaded.workers == {"c1-w1": worker}
+    assert loaded.group_counts == {"gpu": 2}
+    assert loaded.workers == {"c1-w1": worker, "c1-gpu-w2": gpu}
+    assert loaded.workers["c1-gpu-w2"].group == "gpu" and loaded.workers["c1-w1"].group == "default"
     assert again.get("c1") is loaded
     again.delete_cluster("c1")
     assert again.get("c1") is None

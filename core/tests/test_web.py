@@ -18,7 +18,7 @@ from test_api import Api, ApiFactory, make_api  # noqa: F401 - the fixture
 from gateway_core.api.routes import AUTHN, MANAGER
 from gateway_core.auth.base import Authenticator, Unauthorized
 from gateway_core.auth.simple import SimpleAuthConfig
-from gateway_core.models import ClusterStatus, User
+from gateway_core.models import ClusterStatus, User, Worker
 from gateway_core.web.pages import SESSION, options_from_form
 
 pytestmark = pytest.mark.unit
@@ -269,8 +269,12 @@ async def test_cluster_page_scales_stops_and_shows_logs(web: Api) -> None:
     token = await log_in(web, "alice")
     web.backend.clusters[name].dashboard_address = "http://127.0.0.1:1"
     web.backend.logs[name] = {"scheduler": "scheduler says hello"}
+    web.backend.clusters[name].workers = {
+        f"{name}-gpu-1": Worker(name=f"{name}-gpu-1", cluster_name=name, group="gpu")
+    }
     html = await (await web.client.get(f"/ui/cluster/{name}")).text()
     assert "RUNNING" in html and f"/clusters/{name}/status" in html
+    assert f"<td>{name}-gpu-1</td><td>gpu</td><td>PENDING</td>" in html  # each worker's group
     assert re.search(r"Lifetime left</dt><dd>(8h|7h59m\d+s)</dd>", html), html
     home = await (await web.client.get("/")).text()
     assert re.search(r"<td>(8h|7h59m\d+s)</td>", home), home

@@ -21,9 +21,14 @@ class CommError(ValueError):
     """A ``/api/comm`` body the agent cannot act on; the message names the problem."""
 
 
+DEFAULT_GROUP = "default"
+"""The worker group of a request that names none (the original gateway's only group)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScaleOp:
     count: int
+    group: str = DEFAULT_GROUP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +36,7 @@ class AdaptOp:
     minimum: int | None
     maximum: int | None
     active: bool
+    group: str = DEFAULT_GROUP
 
 
 CommOp = ScaleOp | AdaptOp
@@ -44,6 +50,15 @@ def _count(body: dict[str, Any], key: str, *, required: bool) -> int | None:
         return None
     if type(value) is not int or value < 0:
         raise CommError(f"{key} must be a non-negative integer, got {json.dumps(value)}")
+    return value
+
+
+def _group(body: dict[str, Any]) -> str:
+    value = body.get("group")
+    if value is None:
+        return DEFAULT_GROUP
+    if not isinstance(value, str) or not value:
+        raise CommError(f"group must be a worker group name, got {json.dumps(value)}")
     return value
 
 
@@ -62,7 +77,7 @@ def parse_comm(raw: bytes) -> CommOp:
     if op == "scale":
         count = _count(body, "count", required=True)
         assert count is not None
-        return ScaleOp(count=count)
+        return ScaleOp(count=count, group=_group(body))
     if op == "adapt":
         minimum = _count(body, "minimum", required=False)
         maximum = _count(body, "maximum", required=False)
@@ -71,7 +86,7 @@ def parse_comm(raw: bytes) -> CommOp:
         active = body.get("active", True)
         if not isinstance(active, bool):
             raise CommError(f"active must be true or false, got {json.dumps(active)}")
-        return AdaptOp(minimum=minimum, maximum=maximum, active=active)
+        return AdaptOp(minimum=minimum, maximum=maximum, active=active, group=_group(body))
     if op is None:
         raise CommError("op is required: one of 'scale', 'adapt'")
     raise CommError(f"op must be one of 'scale', 'adapt', got {json.dumps(op)}")

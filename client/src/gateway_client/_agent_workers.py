@@ -1,7 +1,8 @@
 """The scheduler agent's record of workers by the names the gateway gave them.
 
 Owns `WorkerBook` (active, closing and closed names, and which closed names the gateway has
-acknowledged) and `choose_retirees`, the order in which workers are retired on scale down.
+acknowledged), `choose_retirees`, the order in which workers are retired on scale down, and
+`group_of_worker`, the worker group a gateway-made name belongs to.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class WorkerBook:
     def active_count(self) -> int:
         return len(self._names) - len(self._closing)
 
+    def active_names(self) -> list[str]:
+        """Names of the connected workers that are not being retired."""
+        return [n for n in self._names.values() if n not in self._closing]
+
     def report(self) -> WorkerReport:
         """The worker lists for the next heartbeat, each sorted."""
         connected = set(self._names.values())
@@ -93,6 +98,16 @@ class WorkerBook:
     def acknowledge(self, closed: Iterable[str]) -> None:
         """The gateway accepted a heartbeat listing ``closed``: stop reporting those names."""
         self._closed.difference_update(closed)
+
+
+def group_of_worker(cluster_name: str, name: str, default: str = "default") -> str:
+    """The worker group of a worker the gateway named: ``<cluster>-<hex>`` is in the default
+    group, ``<cluster>-<group>-<hex>`` in ``group``; any other name in the default group."""
+    rest = name.removeprefix(f"{cluster_name}-")
+    if rest == name:
+        return default
+    group, sep, _ = rest.rpartition("-")
+    return group if sep and group else default
 
 
 def choose_retirees(

@@ -54,8 +54,8 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ._agent_gateway import GatewayAnswer, GatewayAPI
-from ._agent_http import MAX_BODY_BYTES, AdaptOp, CommOp, ScaleOp, make_app
-from ._agent_workers import WorkerBook, choose_retirees
+from ._agent_http import DEFAULT_GROUP, MAX_BODY_BYTES, AdaptOp, CommOp, ScaleOp, make_app
+from ._agent_workers import WorkerBook, choose_retirees, group_of_worker
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -234,9 +234,11 @@ class GatewayAgent:
 
     ``await agent.start()`` registers a scheduler plugin, serves the HTTP API and starts
     heartbeating; ``await agent.stop()`` (also run when the scheduler closes) undoes all that.
-    ``target`` is the worker count the cluster should have, pending workers included: the
-    gateway starts and stops worker processes to match it, the agent only retires connected
-    workers beyond it and reports.
+    ``targets`` are the worker counts the cluster should have per worker group (``target``
+    the default group's), pending workers included: the gateway starts and stops worker
+    processes to match them, the agent only retires connected workers beyond them and
+    reports. Each group scales on its own, by request or adaptively within its own bounds
+    (``bounds``); a worker's group is read from the name the gateway gave it.
     """
 
     retire_retry_delay: float = 1.0
@@ -254,8 +256,10 @@ class GatewayAgent:
             timeout=settings.request_timeout,
         )
         self.book = WorkerBook()
-        self.target = 0
-        self.adaptive: AdaptiveBounds | None = None
+        self.targets: dict[str, int] = {DEFAULT_GROUP: 0}
+        """Workers wanted per worker group."""
+        self.bounds: dict[str, AdaptiveBounds] = {}
+        """The groups under adaptive scaling, with their bounds."""
         self.api_address = ""
         self.stop_requested = False
         """True once the idle timeout asked the gateway to stop the cluster."""
@@ -267,6 +271,28 @@ class GatewayAgent:
         self._shutdown: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
+
+    @property
+    def target(self) -> int:
+        """Workers wanted in the default group."""
+        return self.targets[DEFAULT_GROUP]
+
+    @property
+    def adaptive(self) -> AdaptiveBounds | None:
+        """The default group's adaptive bounds; None while it is not adaptive."""
+        return self.bounds.get(DEFAULT_GROUP)
+
+    def group_of(self, name: str) -> str:
+        """The worker group of the worker named ``name``."""
+        return group_of_worker(self.settings.cluster_name, name, DEFAULT_GROUP)
+
+    def active_counts(self) -> dict[str, int]:
+        """Connected workers not being retired, per worker group."""
+        counts: dict[str, int] = {}
+        for name in self.book.active_names():
+            group = self.group_of(name)
+            counts[group] = counts.get(group, 0) + 1
+        return counts
 
     @classmethod
     def of(cls, scheduler: Scheduler) -> GatewayAgent | None:
@@ -347,63 +373,78 @@ class GatewayAgent:
     # ------------------------------------------------------------------------------------------
     # Scale and adapt
 
-    def scale(self, count: int) -> dict[str, Any]:
-        """Set the target worker count, switching adaptive scaling off."""
-        self._adaptive_off()
-        self._set_target(count, why="scale request")
-        return self._status()
+    def scale(self, count: int, group: str = DEFAULT_GROUP) -> dict[str, Any]:
+        """Set the target worker count of ``group``, switching its adaptive scaling off."""
+        self._adaptive_off(group)
+        self._set_target(count, why="scale request", group=group)
+        return self._status(group)
 
     def adapt(
-        self, *, minimum: int | None = None, maximum: int | None = None, active: bool = True
+        self,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        active: bool = True,
+        group: str = DEFAULT_GROUP,
     ) -> dict[str, Any]:
-        """Switch adaptive scaling on within [minimum, maximum] (None: 0 and unbounded), or
-        off when not ``active`` (the target stays where it is)."""
+        """Switch adaptive scaling of ``group`` on within [minimum, maximum] (None: 0 and
+        unbounded), or off when not ``active`` (the target stays where it is)."""
         if not active:
-            self._adaptive_off()
-            return self._status()
+            self._adaptive_off(group)
+            return self._status(group)
         bounds = AdaptiveBounds(minimum=minimum or 0, maximum=maximum)
         if bounds.maximum is not None and bounds.minimum > bounds.maximum:
             raise ValueError(f"minimum ({minimum}) must not exceed maximum ({maximum})")
-        logger.info("Adaptive scaling on: minimum %s, maximum %s", bounds.minimum, maximum)
-        self.adaptive = bounds
-        self._set_target(bounds.clamp(self.target), why="adaptive bounds")
+        logger.info(
+            "Adaptive scaling on%s: minimum %s, maximum %s",
+            _of_group(group),
+            bounds.minimum,
+            maximum,
+        )
+        self.bounds[group] = bounds
+        self._set_target(
+            bounds.clamp(self.targets.get(group, 0)), why="adaptive bounds", group=group
+        )
         old = self._tasks.pop("adaptive", None)
         if old is not None:
             old.cancel()
         if not self._stopped:
             self._spawn("adaptive", self._adaptive_loop())
-        return self._status()
+        return self._status(group)
 
-    def _adaptive_off(self) -> None:
-        if self.adaptive is not None:
-            logger.info("Adaptive scaling off")
-        self.adaptive = None
-        task = self._tasks.pop("adaptive", None)
-        if task is not None:
-            task.cancel()
+    def _adaptive_off(self, group: str = DEFAULT_GROUP) -> None:
+        if self.bounds.pop(group, None) is not None:
+            logger.info("Adaptive scaling off%s", _of_group(group))
+        if not self.bounds:
+            task = self._tasks.pop("adaptive", None)
+            if task is not None:
+                task.cancel()
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self, group: str = DEFAULT_GROUP) -> dict[str, Any]:
+        bounds = self.bounds.get(group)
         return {
             "ok": True,
-            "count": self.target,
-            "adaptive": self.adaptive is not None,
-            "minimum": self.adaptive.minimum if self.adaptive else None,
-            "maximum": self.adaptive.maximum if self.adaptive else None,
+            "group": group,
+            "count": self.targets.get(group, 0),
+            "adaptive": bounds is not None,
+            "minimum": bounds.minimum if bounds else None,
+            "maximum": bounds.maximum if bounds else None,
         }
 
     def _handle_comm(self, op: CommOp) -> dict[str, Any]:
         if isinstance(op, ScaleOp):
-            return self.scale(op.count)
+            return self.scale(op.count, group=op.group)
         assert isinstance(op, AdaptOp)
-        return self.adapt(minimum=op.minimum, maximum=op.maximum, active=op.active)
+        return self.adapt(minimum=op.minimum, maximum=op.maximum, active=op.active, group=op.group)
 
-    def _set_target(self, count: int, *, why: str) -> None:
-        if count == self.target:
+    def _set_target(self, count: int, *, why: str, group: str = DEFAULT_GROUP) -> None:
+        before = self.targets.get(group, 0)
+        if count == before and group in self.targets:
             return
-        logger.info("Target %d -> %d workers (%s)", self.target, count, why)
-        self.target = count
+        logger.info("Target%s %d -> %d workers (%s)", _of_group(group), before, count, why)
+        self.targets[group] = count
         self._changed.set()
-        if self.book.active_count > count:
+        if self.active_counts().get(group, 0) > count:
             self._scale_down_wanted.set()
 
     async def _scale_down_loop(self) -> None:
@@ -424,12 +465,19 @@ class GatewayAgent:
                 retry = self.retire_retry_delay
 
     async def _retire_excess(self) -> None:
-        """Retire the connected workers beyond the target, cheapest first."""
-        excess = self.book.active_count - self.target
-        if excess <= 0:
-            return
-        known = [ws for ws in self.scheduler.workers.values() if self.book.name_of(ws.address)]
-        victims = choose_retirees(known, count=excess, book=self.book)
+        """Retire the connected workers beyond each group's target, cheapest first."""
+        counts = self.active_counts()
+        victims = []
+        for group, active in counts.items():
+            excess = active - self.targets.get(group, 0)
+            if excess <= 0:
+                continue
+            known = [
+                ws
+                for ws in self.scheduler.workers.values()
+                if (name := self.book.name_of(ws.address)) and self.group_of(name) == group
+            ]
+            victims.extend(choose_retirees(known, count=excess, book=self.book))
         if not victims:
             return
         names = [str(ws.name) for ws in victims]
@@ -470,29 +518,56 @@ class GatewayAgent:
         wait_count = self.settings.adaptive_wait_count or int(
             dask.config.get("distributed.adaptive.wait-count", 3)
         )
-        lower: deque[int] = deque(maxlen=max(1, wait_count))
+        lower: dict[str, deque[int]] = {}
         while True:
             try:
-                self._adapt_once(lower)
+                self._adapt_once(lower, wait_count)
             except Exception:  # try again next period
                 logger.exception("Adaptive scaling check failed")
             await asyncio.sleep(self.settings.adaptive_period)
 
-    def _adapt_once(self, lower: deque[int]) -> None:
-        bounds = self.adaptive
-        if bounds is None:
-            return
-        desired = bounds.clamp(self.scheduler.adaptive_target())
-        if desired > self.target:
-            lower.clear()
-            self._set_target(desired, why="adaptive")
-        elif desired < self.target:
-            lower.append(desired)
-            if len(lower) == lower.maxlen:
-                self._set_target(max(lower), why="adaptive")
-                lower.clear()
-        else:
-            lower.clear()
+    def desired_per_group(self) -> dict[str, int]:
+        """What adaptive scaling wants for each adaptive group now.
+
+        The scheduler's `adaptive_target` is the number of workers the whole cluster should
+        have; the targets of the groups that are not adaptive are taken off it first, and the
+        rest is shared among the adaptive groups: each gets its minimum, then one worker at a
+        time goes to each group in turn (default first, then the others in the order they
+        became adaptive) until the rest is spent or every group is at its maximum.
+        """
+        if not self.bounds:
+            return {}
+        fixed = sum(n for g, n in self.targets.items() if g not in self.bounds)
+        rest = max(0, self.scheduler.adaptive_target() - fixed)
+        groups = sorted(self.bounds, key=lambda g: g != DEFAULT_GROUP)
+        desired = {g: self.bounds[g].minimum for g in groups}
+        rest -= sum(desired.values())
+        while rest > 0:
+            open_groups = [g for g in groups if self.bounds[g].clamp(desired[g] + 1) > desired[g]]
+            if not open_groups:
+                break
+            for g in open_groups[:rest]:
+                desired[g] += 1
+            rest -= min(rest, len(open_groups))
+        return desired
+
+    def _adapt_once(self, lower: dict[str, deque[int]], wait_count: int = 3) -> None:
+        for group, desired in self.desired_per_group().items():
+            waiting = lower.setdefault(group, deque(maxlen=max(1, wait_count)))
+            target = self.targets.get(group, 0)
+            if desired > target:
+                waiting.clear()
+                self._set_target(desired, why="adaptive", group=group)
+            elif desired < target:
+                waiting.append(desired)
+                if len(waiting) == waiting.maxlen:
+                    self._set_target(max(waiting), why="adaptive", group=group)
+                    waiting.clear()
+            else:
+                waiting.clear()
+        for group in list(lower):
+            if group not in self.bounds:
+                del lower[group]
 
     # ------------------------------------------------------------------------------------------
     # Workers
@@ -501,9 +576,11 @@ class GatewayAgent:
         ws = self.scheduler.workers.get(address)
         if ws is None:
             return
-        self.book.joined(address=address, name=str(ws.name))
+        name = str(ws.name)
+        self.book.joined(address=address, name=name)
         self._changed.set()
-        if self.book.active_count > self.target:
+        group = self.group_of(name)
+        if self.active_counts().get(group, 0) > self.targets.get(group, 0):
             self._scale_down_wanted.set()
 
     def _worker_left(self, address: str) -> None:
@@ -520,6 +597,7 @@ class GatewayAgent:
             "dashboard_address": self.dashboard_address,
             "api_address": self.api_address,
             "count": self.target,
+            "group_counts": {g: n for g, n in self.targets.items() if g != DEFAULT_GROUP},
             "active_workers": workers.active,
             "closing_workers": workers.closing,
             "closed_workers": workers.closed,
@@ -630,6 +708,11 @@ class GatewayAgent:
                 answer.status,
                 f": {answer.reason}" if answer.reason else "",
             )
+
+
+def _of_group(group: str) -> str:
+    """`` of group gpu`` for a named group, nothing for the default one (log lines)."""
+    return "" if group == DEFAULT_GROUP else f" of group {group}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -331,17 +331,28 @@ class GatewayCluster:
 
     # -- scaling and clients ---------------------------------------------------------------------
 
-    def scale(self, n: int) -> Any:
-        """Ask for ``n`` workers (switches adaptive scaling off)."""
-        return self.gateway.scale_cluster(self._started_name(), n)
+    def scale(self, n: int, group: str | None = None) -> Any:
+        """Ask for ``n`` workers of worker group ``group`` (None: the default group);
+        switches that group's adaptive scaling off."""
+        return self.gateway.scale_cluster(self._started_name(), n, group=group)
 
     def adapt(
-        self, minimum: int | None = None, maximum: int | None = None, active: bool = True
+        self,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        active: bool = True,
+        group: str | None = None,
     ) -> Any:
-        """Scale between ``minimum`` and ``maximum`` workers by load; ``active=False`` stops."""
+        """Scale worker group ``group`` (None: the default group) between ``minimum`` and
+        ``maximum`` workers by load; ``active=False`` stops."""
         return self.gateway.adapt_cluster(
-            self._started_name(), minimum=minimum, maximum=maximum, active=active
+            self._started_name(), minimum=minimum, maximum=maximum, active=active, group=group
         )
+
+    def worker_groups(self) -> Any:
+        """Workers per worker group: name → ``{"count", "pending", "running", "stopping"}``
+        (see `Gateway.worker_groups`)."""
+        return self.gateway.worker_groups(self._started_name())
 
     def get_logs(
         self,

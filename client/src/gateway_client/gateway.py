@@ -538,15 +538,20 @@ class Gateway:
         if isinstance(answer, Mapping) and not answer.get("ok", True) and answer.get("msg"):
             warnings.warn(GatewayWarning(str(answer["msg"])), stacklevel=4)
 
-    async def _scale_cluster(self, cluster_name: str, n: int) -> None:
+    async def _scale_cluster(self, cluster_name: str, n: int, group: str | None = None) -> None:
+        body: dict[str, Any] = {"count": n}
+        if group is not None:
+            body["group"] = group  # only then: the original gateway refuses unknown keys
         answer = await self._http.request(
-            "POST", f"/api/v1/clusters/{cluster_name}/scale", json={"count": n}
+            "POST", f"/api/v1/clusters/{cluster_name}/scale", json=body
         )
         self._warn_if_clamped(answer)
 
-    def scale_cluster(self, cluster_name: str, n: int) -> Any:
-        """Ask for ``n`` workers; a GatewayWarning says when the gateway clamped the count."""
-        return self.sync(self._scale_cluster, cluster_name, n)
+    def scale_cluster(self, cluster_name: str, n: int, group: str | None = None) -> Any:
+        """Ask for ``n`` workers of worker group ``group`` (None: the default group); a
+        GatewayWarning says when the gateway clamped the count, ValueError names the groups
+        there are when ``group`` is not one of them."""
+        return self.sync(self._scale_cluster, cluster_name, n, group)
 
     async def _adapt_cluster(
         self,
@@ -554,11 +559,13 @@ class Gateway:
         minimum: int | None = None,
         maximum: int | None = None,
         active: bool = True,
+        group: str | None = None,
     ) -> None:
+        body: dict[str, Any] = {"minimum": minimum, "maximum": maximum, "active": active}
+        if group is not None:
+            body["group"] = group
         answer = await self._http.request(
-            "POST",
-            f"/api/v1/clusters/{cluster_name}/adapt",
-            json={"minimum": minimum, "maximum": maximum, "active": active},
+            "POST", f"/api/v1/clusters/{cluster_name}/adapt", json=body
         )
         self._warn_if_clamped(answer)
 
@@ -568,10 +575,28 @@ class Gateway:
         minimum: int | None = None,
         maximum: int | None = None,
         active: bool = True,
+        group: str | None = None,
     ) -> Any:
-        """Let the scheduler scale between ``minimum`` (default 0) and ``maximum`` (default
-        unbounded) by load; ``active=False`` switches adaptive scaling off.
+        """Let the scheduler scale worker group ``group`` (None: the default group) between
+        ``minimum`` (default 0) and ``maximum`` (default unbounded) by load; ``active=False``
+        switches adaptive scaling of that group off.
         """
         return self.sync(
-            self._adapt_cluster, cluster_name, minimum=minimum, maximum=maximum, active=active
+            self._adapt_cluster,
+            cluster_name,
+            minimum=minimum,
+            maximum=maximum,
+            active=active,
+            group=group,
         )
+
+    async def _worker_groups(self, cluster_name: str) -> dict[str, dict[str, int]]:
+        path = f"/api/v2/clusters/{quote(cluster_name, safe='')}"
+        report = self._report(await self._http.request("GET", path))
+        return dict(report.groups or {})
+
+    def worker_groups(self, cluster_name: str) -> Any:
+        """The cluster's worker groups: name → ``{"count": wanted, "pending": n,
+        "running": n, "stopping": n}``, the default group first (``GET
+        /api/v2/clusters/{name}``)."""
+        return self.sync(self._worker_groups, cluster_name)

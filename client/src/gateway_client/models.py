@@ -59,6 +59,16 @@ def _names(value: Any) -> tuple[str, ...] | None:
     return None if value is None else tuple(str(v) for v in value)
 
 
+def _groups(value: Any) -> dict[str, dict[str, int]] | None:
+    if not isinstance(value, dict):
+        return None
+    return {
+        str(name): {str(k): int(v) for k, v in counts.items() if isinstance(v, int)}
+        for name, counts in value.items()
+        if isinstance(counts, dict)
+    }
+
+
 def _from_ms(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value / 1000)
 
@@ -89,6 +99,9 @@ class ClusterReport:
     access: str | None = None
     share_with_users: tuple[str, ...] | None = None
     share_with_groups: tuple[str, ...] | None = None
+    groups: dict[str, dict[str, int]] | None = None
+    """v2 reports: per worker group, the workers wanted (``count``) and the active ones by
+    status (``pending``, ``running``, ``stopping``); None in v1 reports."""
 
     @classmethod
     def from_json(
@@ -113,6 +126,7 @@ class ClusterReport:
             access=msg.get("access"),
             share_with_users=_names(msg.get("share_with_users")),
             share_with_groups=_names(msg.get("share_with_groups")),
+            groups=_groups(msg.get("groups")),
         )
 
     @property

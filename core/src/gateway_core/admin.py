@@ -48,9 +48,10 @@ def cluster_summary(
     workers: dict[str, int] = {}
     for worker in cluster.workers.values():
         workers[worker.status.name] = workers.get(worker.status.name, 0) + 1
-    held = manager.quotas.workers_of(cluster) if cluster.status.is_active else 0
     usage = (
-        Shape.of(manager.typed_config(cluster)).usage(held) if cluster.status.is_active else None
+        manager.quotas.cluster_usage(cluster, Shape.of(manager.typed_config(cluster)))
+        if cluster.status.is_active
+        else None
     )
     out.update(
         username=cluster.username,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from attrs import define, field, fields
 from cattrs.cols import list_structure_factory, mapping_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from . import models
 from .units import format_duration, parse_duration, parse_memory
 
 T = TypeVar("T")
@@ -164,6 +166,44 @@ class CheckedConfig:
             raise ConfigError(problems)
 
 
+DEFAULT_GROUP = models.DEFAULT_GROUP
+"""The name of the worker group every cluster has: the workers of the `[cluster]` settings
+(and the only group the original dask-gateway client knows)."""
+
+GROUP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,14}[a-z0-9])?")
+"""Valid worker group names: 1-16 lower-case letters, digits and inner '-' (they go into
+worker names, job names and Kubernetes labels; a worker name, ``<32-hex cluster>-<group>-<10
+hex>``, then fits a 63-character DNS label)."""
+
+GROUP_OWN_KEYS = ("worker_cmd", "worker_cores", "worker_memory", "worker_threads", "environment")
+"""The `WorkerGroup` settings that override the `[cluster]` setting of the same name."""
+
+GROUP_FORBIDDEN_BACKEND_KEYS = frozenset({"worker_groups", "enabled_worker_groups"})
+"""Cluster settings a group's ``backend`` table may not override."""
+
+
+@define(kw_only=True, frozen=True)
+class WorkerGroup:
+    """One `[cluster.worker_groups.<name>]` table: a named kind of worker a cluster may scale
+    besides its default workers. Unset settings are the `[cluster]` ones."""
+
+    worker_cores: int | None = None
+    """CPU cores per worker of this group."""
+    worker_memory: Memory | None = None
+    """Memory per worker of this group."""
+    worker_threads: int | None = None
+    """Threads per worker; unset: as many as the group's cores."""
+    worker_cmd: Command | None = None
+    """Command starting a worker of this group."""
+    environment: dict[str, str] = field(factory=dict)
+    """Environment variables of this group's workers, merged over `[cluster] environment`."""
+    max_workers: int | None = None
+    """Workers of this group one cluster may have; unset: ``cluster_max_workers``."""
+    backend: dict[str, Any] = field(factory=dict)
+    """Backend extras: other settings of the backend's cluster config, for this group's
+    workers only (Slurm ``partition``, PBS ``queue``, Kubernetes ``image``...)."""
+
+
 @define(kw_only=True, frozen=True)
 class ClusterConfig(CheckedConfig):
     """`[cluster]`: what every cluster gets unless an option handler overrides it.
@@ -210,6 +250,12 @@ class ClusterConfig(CheckedConfig):
     lifetime_warning: Duration = Duration(600.0)
     """How long before ``max_lifetime`` a ``lifetime_warning`` cluster event is emitted; at
     most half the lifetime (a 10-minute lifetime warns after 5 minutes)."""
+    worker_groups: dict[str, WorkerGroup] = field(factory=dict)
+    """`[cluster.worker_groups.<name>]`: named worker groups besides the default one, each
+    with its own cores, memory, environment and backend extras (docs/worker-groups.md)."""
+    enabled_worker_groups: list[str] | None = None
+    """The named groups this cluster may scale; unset: all of ``worker_groups``. An option
+    targeting it lets users choose, or admins limit, the groups of a cluster."""
 
     def check(self) -> list[str]:
         """Problems with the settings this class declares (see `CheckedConfig`)."""
@@ -227,7 +273,108 @@ class ClusterConfig(CheckedConfig):
             problems.append("scheduler_cores: larger than cluster_max_cores")
         if self.max_lifetime is not None and self.max_lifetime <= 0:
             problems.append("max_lifetime: must be positive (leave it unset for no limit)")
+        problems.extend(self._group_problems())
         return problems
+
+    def _group_problems(self) -> list[str]:
+        problems: list[str] = []
+        known = set(_field_names(type(self)))
+        for name, group in self.worker_groups.items():
+            where = f"worker_groups.{name}"
+            if name == DEFAULT_GROUP:
+                problems.append(
+                    f"{where}: '{DEFAULT_GROUP}' is the name of the default group "
+                    "(the [cluster] settings); choose another name"
+                )
+                continue
+            if not GROUP_NAME.fullmatch(name):
+                problems.append(
+                    f"{where}: invalid group name {name!r}; names are 1-16 lower-case letters, "
+                    "digits or inner '-'"
+                )
+                continue
+            for key in ("worker_cores", "worker_threads", "max_workers"):
+                value = getattr(group, key)
+                if value is not None and value < (0 if key == "max_workers" else 1):
+                    least = 0 if key == "max_workers" else 1
+                    problems.append(f"{where}.{key}: must be at least {least}, got {value}")
+            for key in group.backend:
+                if key in GROUP_FORBIDDEN_BACKEND_KEYS or key in GROUP_OWN_KEYS:
+                    problems.append(
+                        f"{where}.backend.{key}: set it "
+                        + ("on the group itself" if key in GROUP_OWN_KEYS else "in [cluster]")
+                    )
+                elif key not in known:
+                    problems.append(f"{where}.backend.{key}: not a cluster setting of this backend")
+            if problems:
+                continue
+            try:
+                self.for_group(name)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if self.enabled_worker_groups is not None:
+            for i, name in enumerate(self.enabled_worker_groups):
+                if name != DEFAULT_GROUP and name not in self.worker_groups:
+                    problems.append(
+                        f"enabled_worker_groups[{i}]: no worker group {name!r}; "
+                        f"the groups are {', '.join(self.group_names(all_groups=True))}"
+                    )
+        return problems
+
+    def group_names(self, *, all_groups: bool = False) -> list[str]:
+        """The groups a cluster of this config may scale: ``default`` first, then the named
+        ones (those of ``enabled_worker_groups`` unless ``all_groups``), in declared order."""
+        named = list(self.worker_groups)
+        if not all_groups and self.enabled_worker_groups is not None:
+            named = [n for n in named if n in self.enabled_worker_groups]
+        return [DEFAULT_GROUP, *named]
+
+    def group(self, name: str) -> WorkerGroup:
+        """The named group ``name`` (KeyError naming the groups there are when it is not one
+        this cluster may scale)."""
+        if name == DEFAULT_GROUP or name not in self.group_names():
+            raise KeyError(
+                f"no worker group {name!r}; the groups are {', '.join(self.group_names())}"
+            )
+        return self.worker_groups[name]
+
+    def for_group(self, name: str) -> ClusterConfig:
+        """This config as the workers of group ``name`` see it: the group's settings (and its
+        backend extras) over the `[cluster]` ones, mappings of ``merged_keys`` merged. The
+        default group is this config itself. ConfigError when the result does not fit."""
+        if name == DEFAULT_GROUP:
+            return self
+        group = self.worker_groups[name]
+        data = unstructure(self)
+        data["worker_groups"] = {}
+        data["enabled_worker_groups"] = None
+        layer: dict[str, Any] = dict(group.backend)
+        for key in GROUP_OWN_KEYS:
+            value = getattr(group, key)
+            if value is not None and value != {}:
+                layer[key] = unstructure(value)
+        for key, value in layer.items():
+            below = data.get(key)
+            if (
+                key in self.merged_keys
+                and isinstance(value, Mapping)
+                and isinstance(below, Mapping)
+            ):
+                data[key] = {**below, **value}
+            else:
+                data[key] = value
+        if group.worker_cores is not None and group.worker_threads is None:
+            data["worker_threads"] = 0
+        return structure(data, type(self), path=f"worker_groups.{name}")
+
+    def group_max_workers(self, name: str) -> int | None:
+        """The most workers of group ``name`` one cluster may have (None: no limit): the
+        default group's is `max_workers`; a named group's its own ``max_workers``, else
+        ``cluster_max_workers``."""
+        if name == DEFAULT_GROUP:
+            return self.max_workers
+        group = self.group(name)
+        return group.max_workers if group.max_workers is not None else self.cluster_max_workers
 
     @property
     def lifetime_warning_at(self) -> float | None:
@@ -676,6 +823,10 @@ def _without(raw: dict[str, Any], paths: list[str]) -> dict[str, Any]:
         else:
             out.pop(top, None)
     return out
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 def _shallow(obj: Any) -> dict[str, Any]:

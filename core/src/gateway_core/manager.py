@@ -30,7 +30,7 @@ from .errors import (
     QuotaExceeded,
 )
 from .events import ClusterEvent
-from .models import Cluster, ClusterStatus, User
+from .models import DEFAULT_GROUP, Cluster, ClusterStatus, User
 from .options import Options, OptionsError
 from .quotas import Pool, QuotaBook, Room, Shape, counts, quota_json, refusal
 from .sharing import Access, access_of, is_sharee
@@ -329,15 +329,16 @@ class ClusterManager:
                 if why is not None:
                     raise QuotaExceeded(f"cannot create the cluster: {why}")
 
-    async def _quota_room(self, cluster: Cluster) -> Room | None:
-        """The most workers the quotas leave ``cluster``; None when none limits it."""
+    async def _quota_room(self, cluster: Cluster, group: str = DEFAULT_GROUP) -> Room | None:
+        """The most workers of ``group`` the quotas leave ``cluster`` (its other groups'
+        workers counted at their own size); None when none limits it."""
         pools = self.quotas.pools(cluster.username)
         if not pools:
             return None
         clusters, shapes = await self._quota_clusters(_members(pools))
         if cluster.name not in shapes:
             shapes[cluster.name] = Shape.of(self.typed_config(cluster))
-        return self.quotas.room(cluster, clusters, shapes)
+        return self.quotas.room(cluster, clusters, shapes, group)
 
     async def quota(self, user: User, username: str | None = None) -> dict[str, Any]:
         """Usage and limits of ``username`` (the caller when None; another user's only for
@@ -515,8 +516,40 @@ class ClusterManager:
             raw = cluster.config.get("cluster_max_workers")
             return raw if _is_count(raw) else None
 
-    async def scale(self, user: User, name: str, count: Any) -> dict[str, Any]:
-        """Ask the scheduler for ``count`` workers, clamped to the limit.
+    def check_group(self, cluster: Cluster, group: Any) -> str:
+        """The worker group a scale or adapt request names (None: the default group); 422
+        naming the group and the groups the cluster has when it is not one of them."""
+        if group is None or group == DEFAULT_GROUP:
+            return DEFAULT_GROUP
+        names = self.typed_config(cluster).group_names()
+        if not isinstance(group, str):
+            raise InvalidRequest(
+                f"group: expected a worker group name (one of {', '.join(names)}), "
+                f"got {_describe(group)}"
+            )
+        if group not in names:
+            shown = group if len(group) <= 40 else group[:40] + "..."
+            raise InvalidRequest(
+                f"group: cluster {cluster.name} has no worker group {shown!r}; "
+                f"its groups are {', '.join(names)}"
+            )
+        return group
+
+    def _group_limit(self, cluster: Cluster, group: str) -> int | None:
+        """The most workers of ``group`` the cluster may have (None: no limit)."""
+        if group == DEFAULT_GROUP:
+            return self.max_workers(cluster)
+        return self.typed_config(cluster).group_max_workers(group)
+
+    @staticmethod
+    def _others(cluster: Cluster, group: str) -> int:
+        """Workers the cluster wants in groups other than ``group``."""
+        total = cluster.count + sum(cluster.group_counts.values())
+        return total - cluster.count_of(group)
+
+    async def scale(self, user: User, name: str, count: Any, group: Any = None) -> dict[str, Any]:
+        """Ask the scheduler for ``count`` workers of worker group ``group`` (None: the
+        default group, the only one the original client knows), clamped to the limit.
 
         Returns the wire answer ``{"ok": bool, "msg": str | None}``; ``ok`` is false and ``msg``
         explains when the count was lowered.
@@ -524,10 +557,12 @@ class ClusterManager:
         if not _is_count(count):
             raise InvalidRequest(f"count: expected a non-negative integer, got {_describe(count)}")
         cluster = await self._running_cluster(user, name, "scale")
+        group = self.check_group(cluster, group)
         self.quotas.note(user)
         async with self._quota_lock:  # grant, then record the grant, before the next request
-            limit = self.max_workers(cluster)
-            room = await self._quota_room(cluster)
+            limit = self._group_limit(cluster, group)
+            room = await self._quota_room(cluster, group)
+            others = self._others(cluster, group)
             msg = None
             requested = count
             by_quota = room is not None and (limit is None or room.workers < limit)
@@ -539,23 +574,22 @@ class ClusterManager:
                 count = room.workers
             elif limit is not None and count > limit:
                 msg = (
-                    f"Asked for {count} workers but cluster {name} may have at most {limit}; "
-                    f"scaling to {limit} workers instead."
+                    f"Asked for {count} workers but cluster {name} may have at most {limit}"
+                    f"{_in_group(group)}; scaling to {limit} workers instead."
                 )
                 count = limit
-            previous = self._claim(name, count)
+            previous = self._claim(name, count + others)
+        op: dict[str, Any] = {"op": "scale", "count": count}
+        detail: dict[str, Any] = {"count": count, "requested": requested, "by": user.name}
+        if group != DEFAULT_GROUP:
+            op["group"] = detail["group"] = group
         try:
-            await self.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
+            await self.backend.forward_to_scheduler(cluster, op)
         except BaseException:
             self._unclaim(name, previous)
             raise
         self.context.emit(
-            ClusterEvent(
-                kind="scaled",
-                cluster_name=name,
-                username=cluster.username,
-                detail={"count": count, "requested": requested, "by": user.name},
-            )
+            ClusterEvent(kind="scaled", cluster_name=name, username=cluster.username, detail=detail)
         )
         return {"ok": msg is None, "msg": msg}
 
@@ -566,9 +600,11 @@ class ClusterManager:
         minimum: Any = None,
         maximum: Any = None,
         active: Any = True,
+        group: Any = None,
     ) -> dict[str, Any]:
-        """Configure adaptive scaling between ``minimum`` and ``maximum`` (None: 0 / no limit),
-        both clamped to the limit the same way as `scale`."""
+        """Configure adaptive scaling of worker group ``group`` (None: the default group)
+        between ``minimum`` and ``maximum`` (None: 0 / no limit), both clamped to the limit
+        the same way as `scale`."""
         problems = []
         for key, value in (("minimum", minimum), ("maximum", maximum)):
             if value is not None and not _is_count(value):
@@ -582,10 +618,12 @@ class ClusterManager:
         if problems:
             raise InvalidRequest("; ".join(problems))
         cluster = await self._running_cluster(user, name, "adapt")
+        group = self.check_group(cluster, group)
         self.quotas.note(user)
         async with self._quota_lock:
-            limit = self.max_workers(cluster)
-            room = await self._quota_room(cluster)
+            limit = self._group_limit(cluster, group)
+            room = await self._quota_room(cluster, group)
+            others = self._others(cluster, group)
             if room is not None and (limit is None or room.workers < limit):
                 limit = room.workers
             else:
@@ -596,7 +634,7 @@ class ClusterManager:
                 hi = limit if maximum is None else maximum
                 if lo > limit or hi > limit:
                     why = (
-                        f"the limit of {limit} workers of cluster {name}"
+                        f"the limit of {limit} workers of cluster {name}{_in_group(group)}"
                         if room is None
                         else f"what fits: {room.explain(max(lo, hi))}"
                     )
@@ -605,8 +643,11 @@ class ClusterManager:
                         f"minimum={min(lo, limit)}, maximum={min(hi, limit)} instead."
                     )
                 minimum, maximum = min(lo, limit), min(hi, limit)
-            previous = self._claim(name, maximum)
+            previous = self._claim(name, None if maximum is None else maximum + others)
         op = {"op": "adapt", "minimum": minimum, "maximum": maximum, "active": active}
+        detail = {"minimum": minimum, "maximum": maximum, "active": active, "by": user.name}
+        if group != DEFAULT_GROUP:
+            op["group"] = detail["group"] = group
         try:
             await self.backend.forward_to_scheduler(cluster, op)
         except BaseException:
@@ -614,10 +655,7 @@ class ClusterManager:
             raise
         self.context.emit(
             ClusterEvent(
-                kind="adapted",
-                cluster_name=name,
-                username=cluster.username,
-                detail={"minimum": minimum, "maximum": maximum, "active": active, "by": user.name},
+                kind="adapted", cluster_name=name, username=cluster.username, detail=detail
             )
         )
         return {"ok": msg is None, "msg": msg}
@@ -688,6 +726,11 @@ class ClusterManager:
             out["status"] = "pass" if out.get("status") == "pass" else "fail"
             return out
         return {"status": "pass"}
+
+
+def _in_group(group: str) -> str:
+    """`` in worker group gpu`` for a named group, nothing for the default one (messages)."""
+    return "" if group == DEFAULT_GROUP else f" in worker group {group}"
 
 
 def _log_components(cluster: Cluster, components: Sequence[str]) -> list[str]:

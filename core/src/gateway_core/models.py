@@ -71,6 +71,29 @@ def new_name() -> str:
     return secrets.token_hex(16)
 
 
+DEFAULT_GROUP = "default"
+"""The worker group of the `[cluster]` settings (`gateway_core.config.DEFAULT_GROUP`)."""
+
+
+def worker_name(cluster_name: str, group: str = DEFAULT_GROUP) -> str:
+    """A fresh name for a worker of ``group``: ``<cluster>-<hex>`` for the default group,
+    ``<cluster>-<group>-<hex>`` for a named one (the scheduler's agent reads the group back
+    with `group_of_worker`)."""
+    suffix = secrets.token_hex(5)
+    if group == DEFAULT_GROUP:
+        return f"{cluster_name}-{suffix}"
+    return f"{cluster_name}-{group}-{suffix}"
+
+
+def group_of_worker(cluster_name: str, name: str) -> str:
+    """The group a worker name made by `worker_name` belongs to (default for other names)."""
+    rest = name.removeprefix(f"{cluster_name}-")
+    if rest == name:
+        return DEFAULT_GROUP
+    group, sep, _ = rest.rpartition("-")
+    return group if sep and group else DEFAULT_GROUP
+
+
 def _frozen_groups(groups: Iterable[str]) -> frozenset[str]:
     """`User.groups` from any iterable of names (typed, so callers passing sets type-check)."""
     return frozenset(groups)
@@ -102,6 +125,8 @@ class Worker:
     stop_time: int | None = None
     close_expected: bool = False
     reason: str | None = None
+    group: str = DEFAULT_GROUP
+    """The worker group it belongs to (`ClusterConfig.worker_groups`)."""
 
 
 @define(kw_only=True)
@@ -123,6 +148,8 @@ class Cluster:
     status: ClusterStatus = ClusterStatus.PENDING
     target: ClusterStatus = ClusterStatus.RUNNING
     count: int = 0
+    group_counts: dict[str, int] = field(factory=dict)
+    """Workers wanted per named worker group (the default group's are ``count``)."""
     state: dict[str, Any] = field(factory=dict)
     scheduler_address: str = ""
     dashboard_address: str = ""
@@ -146,6 +173,26 @@ class Cluster:
     @property
     def active_workers(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.status.is_active]
+
+    def count_of(self, group: str) -> int:
+        """Workers of ``group`` the scheduler wants."""
+        return self.count if group == DEFAULT_GROUP else self.group_counts.get(group, 0)
+
+    def workers_per_group(self) -> dict[str, dict[str, int]]:
+        """Per group (the default one, the named ones with a count or workers): the workers
+        wanted (``count``) and the active ones by status (``pending``, ``running``,
+        ``stopping``); the v2 ``groups`` of a cluster."""
+        out: dict[str, dict[str, int]] = {
+            DEFAULT_GROUP: {"count": self.count, "pending": 0, "running": 0, "stopping": 0}
+        }
+        for group, count in self.group_counts.items():
+            out[group] = {"count": count, "pending": 0, "running": 0, "stopping": 0}
+        for worker in self.active_workers:
+            entry = out.setdefault(
+                worker.group, {"count": 0, "pending": 0, "running": 0, "stopping": 0}
+            )
+            entry[worker.status.name.lower()] += 1
+        return out
 
     def to_json(self, *, prefix: str = "") -> dict[str, Any]:
         """The cluster as the REST API shows it (PROTOCOL.md `<cluster>`); every key is v1."""

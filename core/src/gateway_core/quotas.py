@@ -11,21 +11,30 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import attrs
 from attrs import define, field
 
 from .config import QUOTA_KEYS, ClusterConfig, Quota, QuotasConfig
-from .models import Cluster, ClusterStatus, User, WorkerStatus
+from .models import DEFAULT_GROUP, Cluster, ClusterStatus, User, WorkerStatus
 from .units import format_memory
 
 
 @define(kw_only=True, frozen=True)
 class Shape:
-    """What one cluster takes: its scheduler, and each of its workers."""
+    """What one cluster takes: its scheduler, and each of its workers (of the default group;
+    ``groups``: the cores and memory of one worker of each named group).
+
+    ``held_*`` is what the cluster's other worker groups hold while one group is scaled
+    (`for_group`): counted with the scheduler, as what the scaled group cannot have."""
 
     scheduler_cores: float
     scheduler_memory: int
     worker_cores: float
     worker_memory: int
+    groups: Mapping[str, tuple[float, int]] = field(factory=dict)
+    held_workers: int = 0
+    held_cores: float = 0.0
+    held_memory: int = 0
 
     @classmethod
     def of(cls, config: ClusterConfig) -> Shape:
@@ -34,15 +43,57 @@ class Shape:
             scheduler_memory=int(config.scheduler_memory),
             worker_cores=config.worker_cores,
             worker_memory=int(config.worker_memory),
+            groups={
+                name: (
+                    group.worker_cores or config.worker_cores,
+                    int(group.worker_memory or config.worker_memory),
+                )
+                for name, group in config.worker_groups.items()
+            },
         )
 
+    def size_of(self, group: str) -> tuple[float, int]:
+        """Cores and memory of one worker of ``group`` (an unknown group: the default's)."""
+        return self.groups.get(group, (self.worker_cores, self.worker_memory))
+
     def usage(self, workers: int) -> Usage:
-        """One cluster of this shape with ``workers`` workers."""
+        """One cluster of this shape with ``workers`` workers (besides what it holds)."""
         return Usage(
             clusters=1,
-            workers=workers,
-            cores=self.scheduler_cores + workers * self.worker_cores,
-            memory=self.scheduler_memory + workers * self.worker_memory,
+            workers=self.held_workers + workers,
+            cores=self.scheduler_cores + self.held_cores + workers * self.worker_cores,
+            memory=self.scheduler_memory + self.held_memory + workers * self.worker_memory,
+        )
+
+    def cluster_usage(self, per_group: Mapping[str, int], extra: int = 0) -> Usage:
+        """The cluster with ``per_group`` workers (group → count), each of its group's size;
+        ``extra`` workers more (granted, not yet reported) of its largest size."""
+        total = self.usage(0)
+        for group, n in per_group.items():
+            cores, memory = self.size_of(group)
+            total = total + Usage(workers=n, cores=n * cores, memory=n * memory)
+        if extra:
+            cores = max(c for c, _ in [self.size_of(DEFAULT_GROUP), *self.groups.values()])
+            memory = max(m for _, m in [self.size_of(DEFAULT_GROUP), *self.groups.values()])
+            total = total + Usage(workers=extra, cores=extra * cores, memory=extra * memory)
+        return total
+
+    def for_group(self, group: str, per_group: Mapping[str, int]) -> Shape:
+        """This shape as seen when scaling ``group``: the workers of the other groups of
+        ``per_group`` held, one worker of ``group``'s size."""
+        held = Usage()
+        for other, n in per_group.items():
+            if other != group:
+                cores, memory = self.size_of(other)
+                held = held + Usage(workers=n, cores=n * cores, memory=n * memory)
+        cores, memory = self.size_of(group)
+        return attrs.evolve(
+            self,
+            worker_cores=cores,
+            worker_memory=memory,
+            held_workers=held.workers,
+            held_cores=held.cores,
+            held_memory=held.memory,
         )
 
 
@@ -167,15 +218,27 @@ class QuotaBook:
             pools.append(Pool(kind="group", name=group, quota=quota, members=members))
         return pools
 
+    def group_workers(self, cluster: Cluster) -> dict[str, int]:
+        """Workers a cluster holds or is about to, per worker group: the more of what its
+        scheduler wants and its active workers."""
+        active: dict[str, int] = {}
+        for w in cluster.workers.values():
+            if w.status.is_active and w.target == WorkerStatus.RUNNING:
+                active[w.group] = active.get(w.group, 0) + 1
+        groups = {DEFAULT_GROUP, *cluster.group_counts, *active}
+        return {g: max(cluster.count_of(g), active.get(g, 0)) for g in sorted(groups)}
+
     def workers_of(self, cluster: Cluster) -> int:
-        """Workers a cluster holds or is about to: the most of what its scheduler wants, what
-        the gateway last granted it, and its active workers."""
-        active = sum(
-            1
-            for w in cluster.workers.values()
-            if w.status.is_active and w.target == WorkerStatus.RUNNING
-        )
-        return max(cluster.count, active, self.claims.get(cluster.name, 0))
+        """Workers a cluster holds or is about to: those of `group_workers`, or what the
+        gateway last granted it when that is more."""
+        return max(sum(self.group_workers(cluster).values()), self.claims.get(cluster.name, 0))
+
+    def cluster_usage(self, cluster: Cluster, shape: Shape) -> Usage:
+        """What ``cluster`` holds: each group's workers at their own size, and what was granted
+        beyond them (not yet reported) at its largest size."""
+        per_group = self.group_workers(cluster)
+        extra = max(0, self.claims.get(cluster.name, 0) - sum(per_group.values()))
+        return shape.cluster_usage(per_group, extra)
 
     def usage(
         self,
@@ -192,17 +255,22 @@ class QuotaBook:
                 continue
             if not counts(cluster):
                 continue
-            total = total + shapes[cluster.name].usage(self.workers_of(cluster))
+            total = total + self.cluster_usage(cluster, shapes[cluster.name])
         return total
 
     def room(
-        self, cluster: Cluster, clusters: Iterable[Cluster], shapes: Mapping[str, Shape]
+        self,
+        cluster: Cluster,
+        clusters: Iterable[Cluster],
+        shapes: Mapping[str, Shape],
+        group: str = DEFAULT_GROUP,
     ) -> Room | None:
-        """The most workers ``cluster`` may have under every quota covering its user (the
-        tightest wins); None when no quota limits workers, cores or memory."""
+        """The most workers of ``group`` ``cluster`` may have under every quota covering its
+        user (the tightest wins), its other groups' workers counted as held; None when no
+        quota limits workers, cores or memory."""
         found: Room | None = None
         listed = list(clusters)
-        shape = shapes[cluster.name]
+        shape = shapes[cluster.name].for_group(group, self.group_workers(cluster))
         for pool in self.pools(cluster.username):
             others = self.usage(listed, pool.members, shapes, leave_out=cluster.name)
             fit, key = workers_that_fit(pool, others, shape)
@@ -243,13 +311,14 @@ def workers_that_fit(pool: Pool, others: Usage, shape: Shape) -> tuple[float, st
         if value < limit:
             limit, binding = value, key
 
+    held = shape.usage(0)  # the scheduler, and the cluster's other groups' workers
     if quota.max_workers is not None:
-        take(quota.max_workers - others.workers, "max_workers")
+        take(quota.max_workers - others.workers - held.workers, "max_workers")
     if quota.max_cores is not None and shape.worker_cores > 0:
-        spare = quota.max_cores - others.cores - shape.scheduler_cores
+        spare = quota.max_cores - others.cores - held.cores
         take(spare // shape.worker_cores, "max_cores")
     if quota.max_memory is not None and shape.worker_memory > 0:
-        spare_memory = quota.max_memory - others.memory - shape.scheduler_memory
+        spare_memory = quota.max_memory - others.memory - held.memory
         take(spare_memory // shape.worker_memory, "max_memory")
     return max(0.0, limit), binding
 
@@ -260,8 +329,8 @@ def clamp_message(
     """The part of a scale or adapt answer saying which quota lowered the count, with what
     is used (other clusters and this one's scheduler), what is asked and the limit."""
     limit = getattr(pool.quota, key)
-    scheduler = shape.usage(0)
-    used = others.get(key) + (0 if key == "max_workers" else scheduler.get(key))
+    scheduler = shape.usage(0)  # with what the cluster's other groups hold
+    used = others.get(key) + scheduler.get(key)
     wanted = shape.usage(asked).get(key) - scheduler.get(key)
     return (
         f"the quota of {pool.scope} allows {granted}: {key} is {show(key, limit)}, "

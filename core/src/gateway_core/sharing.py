@@ -7,11 +7,11 @@ caller's relation to a cluster (`access_of`) and the v2 cluster JSON (`cluster_j
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InvalidRequest
-from .models import Cluster, User
+from .models import DEFAULT_GROUP, Cluster, User
 
 SHARE_USERS = "share_with_users"
 SHARE_GROUPS = "share_with_groups"
@@ -103,12 +103,23 @@ def parse_sharing(body: Mapping[str, Any], *, required: bool) -> dict[str, list[
 
 
 def cluster_json_v2(
-    cluster: Cluster, *, prefix: str, access: Access | None = None
+    cluster: Cluster,
+    *,
+    prefix: str,
+    access: Access | None = None,
+    group_names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The cluster as the v2 routes show it: the v1 `<cluster>` keys, plus ``owner``,
-    ``access`` (`Access` value) and the sharing lists (null for sharees: who else it is
-    shared with is the owner's business)."""
+    ``access`` (`Access` value), the sharing lists (null for sharees: who else it is
+    shared with is the owner's business) and ``groups``: per worker group (the default one,
+    those of ``group_names``, and any other its workers belong to), the workers wanted
+    (``count``) and the active ones by status (`Cluster.workers_per_group`)."""
     out = cluster.to_json(prefix=prefix)
+    groups = cluster.workers_per_group()
+    out["groups"] = {
+        g: groups.get(g, {"count": 0, "pending": 0, "running": 0, "stopping": 0})
+        for g in dict.fromkeys([DEFAULT_GROUP, *group_names, *groups])
+    }
     out["owner"] = cluster.username
     out["access"] = None if access is None else access.value
     shows = access is not Access.SHAREE

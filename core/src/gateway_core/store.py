@@ -29,7 +29,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLA
 from sqlalchemy.pool import StaticPool
 
 from .migrations import SchemaError, prepare
-from .models import Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
+from .models import DEFAULT_GROUP, Cluster, ClusterStatus, Worker, WorkerStatus, now_ms
 
 log = logging.getLogger("gateway.store")
 
@@ -73,6 +73,8 @@ clusters_table = sa.Table(
     # Replica sync (migration 0004): ms since the epoch by the database's clock at the row's
     # last write; stamped on PostgreSQL only (NULL elsewhere: one gateway, nothing to sync).
     sa.Column("changed", sa.BigInteger, nullable=True, index=True),
+    # Worker groups (migration 0005): nullable, NULL read as no named group.
+    sa.Column("group_counts", sa.JSON, nullable=True),
 )
 
 workers_table = sa.Table(
@@ -93,6 +95,8 @@ workers_table = sa.Table(
     sa.Column("close_expected", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("changed", sa.BigInteger, nullable=True, index=True),
+    # Worker groups (migration 0005): nullable, NULL read as the default group.
+    sa.Column("group", sa.String(64), nullable=True),
 )
 
 leases_table = sa.Table(
@@ -929,6 +933,7 @@ class Store:
             reason=row["reason"],
             shared_users=list(row.get("shared_users") or []),
             shared_groups=list(row.get("shared_groups") or []),
+            group_counts=dict(row.get("group_counts") or {}),
         )
 
 
@@ -1001,6 +1006,7 @@ def _worker_from_row(row: Mapping[Any, Any]) -> Worker:
         stop_time=row["stop_time"],
         close_expected=bool(row["close_expected"]),
         reason=row["reason"],
+        group=row.get("group") or DEFAULT_GROUP,
     )
 
 

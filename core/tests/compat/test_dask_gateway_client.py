@@ -66,6 +66,10 @@ worker_memory = "512 MiB"
 scheduler_memory = "512 MiB"
 {cluster_extra}
 
+# A named worker group the original client knows nothing of: its requests stay on the default.
+[cluster.worker_groups.spare]
+worker_cores = 1
+
 [options.worker_cores]
 type = "int"
 default = 1
@@ -143,6 +147,9 @@ def test_the_original_client_runs_the_whole_flow(server: str) -> None:
             assert set(marks.values()) == {"from-the-original-client"}
             threads = client.nthreads()
             assert sorted(threads.values()) == [2, 2]
+            groups = api_call(server, "GET", f"/api/v2/clusters/{cluster.name}", "alice")["groups"]
+            assert (groups["default"]["count"], groups["default"]["running"]) == (2, 2)
+            assert groups["spare"]["count"] == 0
 
             listed = gateway.list_clusters()
             assert [c.name for c in listed] == [cluster.name]

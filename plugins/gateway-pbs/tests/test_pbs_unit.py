@@ -99,6 +99,36 @@ def test_a_worker_on_a_shared_file_system_has_no_stagein_and_no_empty_options() 
     ]
 
 
+def test_a_worker_of_a_group_goes_to_the_groups_queue_with_its_resources() -> None:
+    d = driver()
+    c = cluster(
+        queue="workq",
+        worker_cores=1,
+        worker_groups={
+            "big": {
+                "worker_cores": 16,
+                "worker_memory": "64 GiB",
+                "environment": {"BIG": "yes"},
+                "backend": {"queue": "bigmem", "project": "p7"},
+            }
+        },
+    )
+    w = Worker(name="abc123-big-w9", cluster_name="abc123", group="big")
+    settings = d.worker_config(c, w)
+    sub = d.submission(c, settings, worker=w, staging_dir="/s/abc123", script="x")
+    assert sub.argv[sub.argv.index("-q") + 1] == "bigmem"
+    assert sub.argv[sub.argv.index("-P") + 1] == "p7"
+    assert sub.argv[sub.argv.index("-l") + 1] == resource_list(
+        settings.worker_resource_list, cores=16, memory=64 << 30
+    )
+    assert "ncpus=16" in sub.argv[sub.argv.index("-l") + 1]
+    script = d.job_script(c, settings, worker=w, staging_dir="/s/abc123")
+    assert "export BIG=yes\n" in script and "--nthreads 16" in script
+    plain = Worker(name="abc123-w1", cluster_name="abc123")
+    default = d.submission(c, d.worker_config(c, plain), worker=plain, staging_dir="/s", script="")
+    assert default.argv[default.argv.index("-q") + 1] == "workq" and "-P" not in default.argv
+
+
 def test_resource_list_templates_are_the_sites_to_shape() -> None:
     d = driver()
     c = cluster(worker_resource_list="nodes=1:ppn={cores},mem={memory},walltime=01:00:00")

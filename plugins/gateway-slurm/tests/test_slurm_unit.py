@@ -77,6 +77,37 @@ def test_a_worker_job_has_the_worker_settings_and_no_empty_options() -> None:
     ]
 
 
+def test_a_worker_of_a_group_goes_to_the_groups_partition_with_its_resources() -> None:
+    d = driver()
+    c = cluster(
+        partition="cpu",
+        qos="normal",
+        worker_cores=1,
+        environment={"A": "1"},
+        worker_groups={
+            "gpu": {
+                "worker_cores": 8,
+                "worker_memory": "32 GiB",
+                "environment": {"CUDA_MODULE": "12"},
+                "backend": {"partition": "gpu", "worker_setup": "module load cuda"},
+            }
+        },
+    )
+    w = Worker(name="abc123-gpu-w9", cluster_name="abc123", group="gpu")
+    settings = d.worker_config(c, w)
+    sub = d.submission(c, settings, worker=w, staging_dir="/s/abc123", script="x")
+    assert "--partition=gpu" in sub.argv and "--qos=normal" in sub.argv
+    assert "--cpus-per-task=8" in sub.argv and "--mem=32768M" in sub.argv
+    script = d.job_script(c, settings, worker=w, staging_dir="/s/abc123")
+    assert "export A=1\n" in script and "export CUDA_MODULE=12\n" in script
+    assert "module load cuda" in script
+    assert "--nthreads 8 --memory-limit 34359738368" in script
+    # The default group's workers keep the cluster's partition.
+    plain = Worker(name="abc123-w1", cluster_name="abc123")
+    default = d.submission(c, d.worker_config(c, plain), worker=plain, staging_dir="/s", script="")
+    assert "--partition=cpu" in default.argv and "--cpus-per-task=1" in default.argv
+
+
 def test_memory_is_given_in_whole_mebibytes_rounded_up() -> None:
     assert slurm_memory(2 * 2**30) == "2048M"
     assert slurm_memory(2**20 + 1) == "2M"

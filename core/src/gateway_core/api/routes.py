@@ -292,7 +292,12 @@ async def list_clusters_v2(request: web.Request) -> web.Response:
     prefix = request.app[CONTEXT].prefix
     return web.json_response(
         {
-            c.name: cluster_json_v2(c, prefix=prefix, access=manager.access_of(user, c))
+            c.name: cluster_json_v2(
+                c,
+                prefix=prefix,
+                access=manager.access_of(user, c),
+                group_names=manager.typed_config(c).group_names(),
+            )
             for c in clusters
         }
     )
@@ -319,7 +324,12 @@ async def get_cluster_v2(request: web.Request) -> web.Response:
     cluster = await manager.get_cluster(user, name, wait=wait)
     prefix = request.app[CONTEXT].prefix
     return web.json_response(
-        cluster_json_v2(cluster, prefix=prefix, access=manager.access_of(user, cluster))
+        cluster_json_v2(
+            cluster,
+            prefix=prefix,
+            access=manager.access_of(user, cluster),
+            group_names=manager.typed_config(cluster).group_names(),
+        )
     )
 
 
@@ -334,7 +344,12 @@ async def patch_cluster(request: web.Request) -> web.Response:
     cluster = await manager.share_cluster(user, name, sharing)
     prefix = request.app[CONTEXT].prefix
     return web.json_response(
-        cluster_json_v2(cluster, prefix=prefix, access=manager.access_of(user, cluster))
+        cluster_json_v2(
+            cluster,
+            prefix=prefix,
+            access=manager.access_of(user, cluster),
+            group_names=manager.typed_config(cluster).group_names(),
+        )
     )
 
 
@@ -347,22 +362,25 @@ async def delete_cluster(request: web.Request) -> web.Response:
 
 async def scale_cluster(request: web.Request) -> web.Response:
     name = cluster_name(request)
-    body = await json_object(request, allowed={"count"})
+    body = await json_object(request, allowed={"count", "group"})
     if "count" not in body:
         raise InvalidRequest("count: required (the number of workers wanted)")
-    answer = await request.app[MANAGER].scale(_user(request), name, body["count"])
+    answer = await request.app[MANAGER].scale(
+        _user(request), name, body["count"], group=body.get("group")
+    )
     return web.json_response(answer)
 
 
 async def adapt_cluster(request: web.Request) -> web.Response:
     name = cluster_name(request)
-    body = await json_object(request, allowed={"minimum", "maximum", "active"})
+    body = await json_object(request, allowed={"minimum", "maximum", "active", "group"})
     answer = await request.app[MANAGER].adapt(
         _user(request),
         name,
         minimum=body.get("minimum"),
         maximum=body.get("maximum"),
         active=body.get("active", True),
+        group=body.get("group"),
     )
     return web.json_response(answer)
 

@@ -14,7 +14,7 @@ import abc
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
-from ..config import BackendConfig, ClusterConfig, structure
+from ..config import DEFAULT_GROUP, BackendConfig, ClusterConfig, structure
 from ..errors import BackendUnavailable, ClusterConflict
 from ..sharing import is_sharee
 
@@ -219,6 +219,20 @@ class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
                 cluster.config, self.cluster_config_class, path="cluster"
             )
         return cast("ClusterConfigT", cluster.typed_config)
+
+    def worker_config(self, cluster: Cluster, worker: Worker) -> ClusterConfigT:
+        """The config ``worker`` starts with: `cluster_config` with the settings of the
+        worker's group over it (its cores, memory, environment and backend extras; the
+        default group's is `cluster_config` itself). Use it in ``start_worker``."""
+        settings = self.cluster_config(cluster)
+        if worker.group == DEFAULT_GROUP:
+            return settings
+        if worker.group not in settings.worker_groups:
+            raise RuntimeError(
+                f"worker {worker.name}: cluster {cluster.name} has no worker group "
+                f"{worker.group!r} (its groups: {', '.join(settings.group_names(all_groups=True))})"
+            )
+        return cast("ClusterConfigT", settings.for_group(worker.group))
 
     async def setup(self) -> None:
         """Prepare (check commands exist, open sessions). Called once before any operation."""

@@ -615,11 +615,19 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         """The certificate and key paths as the jobs see them."""
         return os.path.join(staging_dir, CERT_FILE), os.path.join(staging_dir, KEY_FILE)
 
-    def job_env(self, cluster: Cluster, *, role: str, staging_dir: str) -> dict[str, str]:
-        """The variables a ``role`` job exports: the inherited ones, ``[cluster] environment``,
-        then what the gateway needs (API URL, token, cluster name, TLS files; these win)."""
+    def job_env(
+        self,
+        cluster: Cluster,
+        *,
+        role: str,
+        staging_dir: str,
+        settings: ClusterConfig | None = None,
+    ) -> dict[str, str]:
+        """The variables a ``role`` job exports: the inherited ones, ``[cluster] environment``
+        (that of ``settings`` when given: a worker's group config), then what the gateway
+        needs (API URL, token, cluster name, TLS files; these win)."""
         env = inherited_env(self.config.inherited_environment)
-        env.update(cluster_env(cluster, self.context))
+        env.update(cluster_env(cluster, self.context, settings=settings))
         env.update(tls_env(role, *self.tls_paths(cluster, staging_dir)))
         for name in env:
             if not _ENV_NAME.fullmatch(name):
@@ -653,7 +661,7 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     ) -> str:
         """The job script: exports, the setup script, then ``exec`` of the Dask command."""
         role = "scheduler" if worker is None else "worker"
-        env = self.job_env(cluster, role=role, staging_dir=staging_dir)
+        env = self.job_env(cluster, role=role, staging_dir=staging_dir, settings=settings)
         what = f"worker {worker.name}" if worker is not None else "scheduler"
         lines = [
             "#!/bin/sh",
@@ -759,7 +767,7 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         if not _SAFE_NAME.fullmatch(worker.name):
             raise RuntimeError(f"refusing the unsafe worker name {worker.name!r}")
         user = await self.account(cluster)
-        settings = self.cluster_config(cluster)
+        settings = self.worker_config(cluster, worker)  # its group's partition, cores, env
         script = self.job_script(cluster, settings, worker=worker, staging_dir=staging_dir)
         sub = self.submission(
             cluster, settings, worker=worker, staging_dir=staging_dir, script=script

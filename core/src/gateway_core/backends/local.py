@@ -245,12 +245,18 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
         )
 
     def process_env(
-        self, cluster: Cluster, *, role: str, workdir: str, run_as: RunAs | None
+        self,
+        cluster: Cluster,
+        *,
+        role: str,
+        workdir: str,
+        run_as: RunAs | None,
+        settings: ClusterConfig | None = None,
     ) -> dict[str, str]:
         """Environment of a ``role`` ("scheduler" or "worker") process: the inherited
         variables (``PATH`` ending with the gateway's own ``bin``), the user's identity, the
-        config's ``environment``, then what the gateway needs (API URL, token, cluster name,
-        TLS files; these win)."""
+        config's ``environment`` (of ``settings`` when given: a worker's group config), then
+        what the gateway needs (API URL, token, cluster name, TLS files; these win)."""
         env = inherited_env(self.config.inherited_environment)
         # An unactivated venv (`/venv/bin/gateway serve`) leaves its bin off PATH: append it,
         # so `dask` is found there when nothing earlier on PATH provides it.
@@ -262,7 +268,7 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
             # too instead of spawning a fresh interpreter; scale(4) measured 7 s -> 1.5-3.5 s.
             # `[cluster] environment` may set it back to "spawn".
             env[NANNY_START_VAR] = "fork"
-        env.update(cluster_env(cluster, self.context))
+        env.update(cluster_env(cluster, self.context, settings=settings))
         cert, key = os.path.join(workdir, CERT_FILE), os.path.join(workdir, KEY_FILE)
         env.update(tls_env(role, cert, key))
         return env
@@ -316,10 +322,12 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
             raise RuntimeError(f"cluster {cluster.name} has no working directory")
         if not cluster.scheduler_address:
             raise RuntimeError(f"cluster {cluster.name} has no scheduler address yet")
-        settings = self.cluster_config(cluster)
+        settings = self.worker_config(cluster, worker)
         run_as = await self.owner.account(cluster)
         argv = self.worker_command(cluster, worker, settings)
-        env = self.process_env(cluster, role="worker", workdir=workdir, run_as=run_as)
+        env = self.process_env(
+            cluster, role="worker", workdir=workdir, run_as=run_as, settings=settings
+        )
         log_name = f"worker-{worker.name}.log"
         ref, method = await self._launch(
             argv=argv, env=env, workdir=workdir, log_name=log_name, run_as=run_as

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import TYPE_CHECKING
 
-from ..models import ClusterStatus, Worker, WorkerStatus, now_ms
+from ..models import DEFAULT_GROUP, ClusterStatus, Worker, WorkerStatus, now_ms, worker_name
 from .credentials import issue_credentials
 from .runtime import cancel_start
 from .shared import describe, run_start_operation
@@ -121,37 +120,42 @@ class ClusterMachine:
     # Scaling
 
     def _scale_workers(self, cluster: Cluster) -> None:
-        """Create workers up to ``cluster.count``; stop surplus workers that are still pending
-        (running ones are retired by the scheduler, which then reports them closed)."""
+        """Per worker group: create workers up to its count (``cluster.count`` for the default
+        group, ``cluster.group_counts`` for named ones); stop surplus workers that are still
+        pending (running ones are retired by the scheduler, which then reports them closed)."""
         shared = self.shared
-        wanted = [
-            w
-            for w in cluster.workers.values()
-            if w.target == WorkerStatus.RUNNING and w.status.is_active
-        ]
-        missing = cluster.count - len(wanted)
-        if missing > 0:
+        wanted_by_group: dict[str, list[Worker]] = {DEFAULT_GROUP: []}
+        wanted_by_group.update({g: [] for g in cluster.group_counts})
+        for w in cluster.workers.values():
+            if w.target == WorkerStatus.RUNNING and w.status.is_active:
+                wanted_by_group.setdefault(w.group, []).append(w)
+        missing = {g: cluster.count_of(g) - len(ws) for g, ws in wanted_by_group.items()}
+        if any(n > 0 for n in missing.values()):
             loop = asyncio.get_running_loop()
             runtime = shared.runtimes.find(cluster.name)
             hold = 0.0 if runtime is None else runtime.worker_hold
             if loop.time() < hold:
                 shared.enqueue(cluster.name, hold - loop.time())
-                return
-            for _ in range(missing):
-                worker = Worker(
-                    name=f"{cluster.name}-{secrets.token_hex(5)}", cluster_name=cluster.name
+                missing = {g: n for g, n in missing.items() if n < 0}
+        for group, n in missing.items():
+            if n > 0:
+                for _ in range(n):
+                    worker = Worker(
+                        name=worker_name(cluster.name, group),
+                        cluster_name=cluster.name,
+                        group=group,
+                    )
+                    shared.store.create_worker(worker)
+                    shared.queue.put((cluster.name, worker.name))
+            elif n < 0:
+                pending = sorted(
+                    (w for w in wanted_by_group[group] if w.status == WorkerStatus.PENDING),
+                    key=lambda w: w.start_time,
+                    reverse=True,
                 )
-                shared.store.create_worker(worker)
-                shared.queue.put((cluster.name, worker.name))
-        elif missing < 0:
-            pending = sorted(
-                (w for w in wanted if w.status == WorkerStatus.PENDING),
-                key=lambda w: w.start_time,
-                reverse=True,
-            )
-            for worker in pending[:-missing]:
-                shared.store.update_worker(worker, target=WorkerStatus.STOPPED)
-                shared.queue.put((cluster.name, worker.name))
+                for worker in pending[:-n]:
+                    shared.store.update_worker(worker, target=WorkerStatus.STOPPED)
+                    shared.queue.put((cluster.name, worker.name))
 
     # ---------------------------------------------------------------------------------------
     # Stopping

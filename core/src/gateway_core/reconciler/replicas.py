@@ -472,16 +472,10 @@ class Replicas:
 
     def record_heartbeat(self, cluster: Cluster, beat: Heartbeat, now: float) -> None:
         """Store what a heartbeat for another replica's cluster says, for its owner to read:
-        addresses and count at once; liveness at most every quarter of the heartbeat timeout
-        (one write behind, no driver call, no event)."""
+        addresses and counts (per group too) at once; liveness at most every quarter of the
+        heartbeat timeout (one write behind, no driver call, no event)."""
         store = self.store
-        changes: dict[str, Any] = {}
-        for f in ("scheduler_address", "dashboard_address", "api_address"):
-            value = getattr(beat, f)
-            if value and value != getattr(cluster, f):
-                changes[f] = value
-        if beat.count is not None and beat.count != cluster.count:
-            changes["count"] = beat.count
+        changes = beat.changes_for(cluster)
         quiet = self.reconciler.config.heartbeat_timeout / 4
         if changes or cluster.last_heartbeat is None or now - cluster.last_heartbeat > quiet:
             store.update_cluster(cluster, last_heartbeat=now, **changes)

@@ -238,13 +238,7 @@ class Reconciler:
         if self.replicas is not None and not self.replicas.owns(name):
             self.replicas.record_heartbeat(cluster, beat, now)  # for the owner to read
             return
-        changes: dict[str, Any] = {}
-        for field in ("scheduler_address", "dashboard_address", "api_address"):
-            value = getattr(beat, field)
-            if value and value != getattr(cluster, field):
-                changes[field] = value
-        if beat.count is not None and beat.count != cluster.count:
-            changes["count"] = beat.count
+        changes = beat.changes_for(cluster)
         if changes:
             self.store.update_cluster(cluster, last_heartbeat=now, **changes)
         else:

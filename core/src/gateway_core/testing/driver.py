@@ -65,7 +65,8 @@ class InProcessDriver(ClusterDriver[InProcessConfig, ClusterConfig]):
     failure reason; check_clusters says dead), ``dead_workers``, ``check_clusters_errors`` and
     ``check_workers_errors`` (that many next checks raise). ``calls`` counts every operation,
     ``call_times`` records (monotonic time, operation, name), ``check_batches`` the size of
-    every check_clusters batch. Pass ``schedulers=`` (another driver's) to adopt running fake
+    every check_clusters batch, ``worker_settings`` the config each worker started with
+    (`worker_config`: its group's). Pass ``schedulers=`` (another driver's) to adopt running fake
     schedulers across a simulated gateway restart.
     """
 
@@ -83,6 +84,7 @@ class InProcessDriver(ClusterDriver[InProcessConfig, ClusterConfig]):
             scheduler.send = functools.partial(self._deliver, name)
         self.backend: Backend | None = None
         self.calls: collections.Counter[str] = collections.Counter()
+        self.worker_settings: dict[str, ClusterConfig] = {}
         self.call_times: list[tuple[float, str, str]] = []
         self.check_batches: list[int] = []
         self.dead_clusters: dict[str, str] = {}
@@ -177,6 +179,7 @@ class InProcessDriver(ClusterDriver[InProcessConfig, ClusterConfig]):
         self, cluster: Cluster, worker: Worker
     ) -> AsyncIterator[dict[str, Any]]:
         cfg = self.config
+        self.worker_settings[worker.name] = self.worker_config(cluster, worker)
         if self._worker_failures_left > 0:
             self._worker_failures_left -= 1
             raise RuntimeError("fake worker start failure")

@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..models import DEFAULT_GROUP, group_of_worker
+
 log = logging.getLogger("gateway.testing.fake_scheduler")
 
 Sender = Callable[[dict[str, Any]], Awaitable[None]]
@@ -60,6 +62,8 @@ class FakeScheduler:
         self.worker_timeout = worker_timeout
         self.host = host
         self.count = 0
+        self.group_counts: dict[str, int] = {}
+        """Workers wanted per named worker group."""
         self.adapt: dict[str, Any] | None = None
         self.comm_log: list[dict[str, Any]] = []
         self.workers: dict[str, float | None] = {}
@@ -144,17 +148,23 @@ class FakeScheduler:
             "dashboard_address": self.dashboard_address,
             "api_address": self.api_address,
             "count": self.count,
+            "group_counts": dict(self.group_counts),
             "active_workers": sorted(self.workers),
             "closing_workers": [],
             "closed_workers": sorted(self.closed),
         }
 
-    def scale(self, count: int) -> None:
-        """Want ``count`` workers; retire the surplus of connected ones (reported closed)."""
-        self.count = count
-        surplus = len(self.workers) - count
+    def scale(self, count: int, group: str = DEFAULT_GROUP) -> None:
+        """Want ``count`` workers of ``group``; retire the surplus of its connected ones
+        (reported closed)."""
+        if group == DEFAULT_GROUP:
+            self.count = count
+        else:
+            self.group_counts[group] = count
+        members = sorted(w for w in self.workers if group_of_worker(self.name, w) == group)
+        surplus = len(members) - count
         if surplus > 0:
-            for worker in sorted(self.workers)[-surplus:]:
+            for worker in members[-surplus:]:
                 self.retired.add(worker)
                 self.disconnect_worker(worker)
         self.poke()
@@ -258,10 +268,15 @@ class FakeScheduler:
             count = msg.get("count")
             if type(count) is not int or count < 0:
                 return web.json_response({"error": "count must be an int >= 0"}, status=422)
+            group = msg.get("group", DEFAULT_GROUP)
+            if not isinstance(group, str):
+                return web.json_response({"error": "group must be a string"}, status=422)
             self.adapt = None
-            self.scale(count)
+            self.scale(count, group)
         elif op == "adapt":
             self.adapt = {k: msg.get(k) for k in ("minimum", "maximum", "active")}
+            if "group" in msg:
+                self.adapt["group"] = msg["group"]
             self.poke()
         else:
             return web.json_response({"error": f"unknown op {op!r}"}, status=400)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ...config import ClusterConfig
     from ...context import GatewayContext
     from ...models import Cluster
 
@@ -61,11 +62,15 @@ def with_gateway_bin(path: str | None) -> str:
     return os.pathsep.join([*entries, ours])
 
 
-def cluster_env(cluster: Cluster, context: GatewayContext) -> dict[str, str]:
+def cluster_env(
+    cluster: Cluster, context: GatewayContext, *, settings: ClusterConfig | None = None
+) -> dict[str, str]:
     """Environment for a cluster's scheduler and workers: the cluster config's
-    ``environment``, then what the gateway's scheduler agent needs to reach the API (the API
-    URL, the cluster's token and name; these win)."""
-    env = {str(k): str(v) for k, v in (cluster.config.get("environment") or {}).items()}
+    ``environment`` (that of ``settings`` when given: a worker's `Driver.worker_config`, with
+    its group's variables), then what the gateway's scheduler agent needs to reach the API
+    (the API URL, the cluster's token and name; these win)."""
+    source = cluster.config.get("environment") if settings is None else settings.environment
+    env = {str(k): str(v) for k, v in (source or {}).items()}
     env.update(
         {
             "DASK_GATEWAY_API_URL": context.api_url,
