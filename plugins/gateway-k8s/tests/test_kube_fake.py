@@ -373,6 +373,23 @@ def test_owner_references_garbage_collect_dependents(core: Any, custom: Any) -> 
     assert core.list_namespaced_secret(NS).items == []
 
 
+def test_a_dependent_created_after_its_owner_is_gone_is_collected(core: Any, custom: Any) -> None:
+    """A controller acting on a stale cache may create a pod for a deleted owner: the create
+    answers (as the API server's does), and the garbage collector then deletes the pod."""
+    owner = custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, cluster("c"))
+    ref = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "name": "c",
+        "uid": owner["metadata"]["uid"],
+    }
+    custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "c")
+    created = core.create_namespaced_pod(NS, pod("late", ownerReferences=[ref]))
+    assert created.metadata.name == "late"
+    core.create_namespaced_pod(NS, pod("ownerless"))
+    assert [p.metadata.name for p in core.list_namespaced_pod(NS).items] == ["ownerless"]
+
+
 def test_finalizers_delay_deletion(core: Any) -> None:
     core.create_namespaced_pod(NS, pod("p", finalizers=["daskgateway.dev/cleanup"]))
     core.delete_namespaced_pod("p", NS)

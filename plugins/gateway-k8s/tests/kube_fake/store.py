@@ -428,7 +428,16 @@ class Store:
             self._bump(obj)
             self.objects[(kind.key, namespace, name)] = obj
             self._record(kind, "ADDED", copy.deepcopy(obj), None)
-            return copy.deepcopy(obj)
+            created = copy.deepcopy(obj)
+            # The garbage collector also deletes a dependent created after all its owners were
+            # gone (a controller acting on a stale cache); the create itself still succeeds.
+            owners = {ref.get("uid") for ref in meta.get("ownerReferences", [])}
+            if owners:
+                live = {o["metadata"]["uid"] for o in self.objects.values()}
+                if not owners & live:
+                    with contextlib.suppress(ApiError):
+                        self.delete(kind, namespace, name)
+            return created
 
     def _defaults(self, kind: Kind, obj: Obj) -> None:
         if kind.key == "/pods":
