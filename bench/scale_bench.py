@@ -166,6 +166,7 @@ class Schedulers:
             "workers": int(body["workers"]),
             "offset": 0,
             "tokens": {},
+            "locks": {},
             "known": collections.defaultdict(set),
             "new": collections.defaultdict(set),
             "registered": 0,
@@ -209,7 +210,16 @@ class Schedulers:
         task.add_done_callback(self.tasks.discard)
 
     async def beat(self, t: dict[str, Any], name: str, *, first: bool) -> None:
+        # One heartbeat at a time per cluster, as from one scheduler: an older list of
+        # workers arriving after a newer one would look like workers gone.
+        lock = t["locks"].setdefault(name, asyncio.Lock())
+        async with lock:
+            await self._beat(t, name, first=first)
+
+    async def _beat(self, t: dict[str, Any], name: str, *, first: bool) -> None:
         new = set() if first else t["new"].pop(name, set())
+        if not first and not new:
+            return
         # Every heartbeat lists every worker started so far, as a scheduler's does.
         t["known"][name] |= new
         workers = sorted(t["known"][name])
