@@ -211,17 +211,19 @@ def bench(session: nox.Session) -> None:
 
     ``nox -s bench`` runs every ``bench/*_bench.py``; ``nox -s bench -- proxy cluster`` only
     those named. Each script's own options: ``python bench/<name>_bench.py --help``.
-    slurm_bench.py needs root and a running Slurm (plugins/gateway-slurm/ci/start-slurm.sh).
+    slurm_bench.py needs root and a running Slurm (plugins/gateway-slurm/ci/start-slurm.sh);
+    scale_bench.py's PostgreSQL row runs core/ci/start-postgres.sh (run it once with --install).
     """
     session.install(
         "./proxy[fast]",
         "./client",
-        "./core[local]",
+        "./core[local,postgres]",  # postgres: scale_bench's PostgreSQL row
         "./plugins/gateway-slurm",
         "./plugins/gateway-yarn",  # cluster_bench's YARN row, on the simulator in its tests
         "trustme",  # the benchmarks' TLS certificates
-        "dask-gateway-server",  # the original server, and the Go proxy in its wheel
-        "dask-gateway",
+        "dask-gateway-server==2026.3.0",  # the original server, and the Go proxy in its wheel
+        "dask-gateway==2026.3.0",
+        "py-spy",  # scale_bench's profile of our gateway
     )
     scripts = {p.name.removesuffix("_bench.py"): p for p in (ROOT / "bench").glob("*_bench.py")}
     chosen = session.posargs or sorted(scripts)

@@ -843,11 +843,16 @@ async def test_cluster_env_and_config_round_trip(make: Callable[..., Awaitable[G
     assert config.cluster_max_cores == 8.0
 
 
-def test_the_testing_hooks_register_the_inprocess_backend() -> None:
+def test_the_testing_hooks_register_the_inprocess_and_simulated_backends() -> None:
+    from gateway_core.testing.simulated import SimulatedConfig, SimulatedDriver
+
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(hookspecs)
     pm.register(testing_hooks)
     (specs,) = pm.hook.gateway_register_backends()
-    (spec,) = specs
-    assert spec.name == "inprocess"
+    by_name = {spec.name: spec for spec in specs}
+    assert sorted(by_name) == ["inprocess", "simulated"]
+    spec = by_name["inprocess"]
     assert spec.driver is InProcessDriver and spec.config is InProcessConfig
+    spec = by_name["simulated"]
+    assert spec.driver is SimulatedDriver and spec.config is SimulatedConfig
