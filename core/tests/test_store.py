@@ -365,6 +365,53 @@ async def test_a_failed_write_is_logged_loudly_and_later_writes_go_on(
     again.close()
 
 
+async def test_writes_queued_meanwhile_commit_together_and_a_bad_one_loses_only_itself(
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "WRITE_RETRY_DELAY", 0.001)
+    key = make_key()
+    store = Store(url=db_url, encrypt_keys=[key])
+    gate = threading.Event()
+    commits: list[int] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(conn: object, cursor: object, statement: str, *args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        if "INSERT INTO workers" in statement and "bad" in str(args[0]):
+            raise sqlalchemy.exc.OperationalError(statement, (), Exception("disk I/O error"))
+
+    @sqlalchemy.event.listens_for(store.engine, "commit")
+    def count(conn: object) -> None:
+        commits.append(1)
+
+    cluster = make_cluster()
+    store.create_cluster(cluster)  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    for n in range(1, 101):  # queued meanwhile: one batch
+        store.update_cluster(cluster, count=n)
+    store.create_worker(Worker(name="c1-bad", cluster_name="c1"))
+    store.create_worker(Worker(name="c1-good", cluster_name="c1"))
+    gate.set()
+    await store.flush()
+    # The first write, then the batch fails on the bad worker and is written one by one.
+    lost = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lost) == 1 and "LOST WRITE: new worker c1-bad" in lost[0].getMessage()
+    assert store.failed_writes == 1
+    writes_one_by_one = len(commits)
+    caplog.clear()
+    commits.clear()
+    for n in range(101, 201):
+        store.update_cluster(cluster, count=n)
+    await store.flush()
+    # 100 changes queued while the writer was busy or idle: far fewer commits than changes.
+    assert 1 <= len(commits) < 20, (len(commits), writes_one_by_one)
+    await store.aclose()
+    again = Store(url=db_url, encrypt_keys=[key])
+    (loaded,) = again.load()
+    assert loaded.count == 200 and sorted(loaded.workers) == ["c1-good"]
+    again.close()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

@@ -208,6 +208,11 @@ WRITE_ATTEMPTS = 5
 WRITE_RETRY_DELAY = 0.1
 """Seconds before the first retry of a write; each next one waits twice as long."""
 
+WRITE_BATCH = 200
+"""Most queued writes the writer commits in one transaction. Each commit of a file or server
+database waits for the disk, so committing what piled up meanwhile together lets creates and
+scales go as fast as the database can take a batch, not one commit per change."""
+
 
 class Store:
     """Every cluster (with its workers) in memory; each change written behind, in order.
@@ -539,21 +544,57 @@ class Store:
         self._writes.put(_Write(what=what, steps=tuple(steps), number=self._submitted))
 
     def _write_loop(self) -> None:
-        """The writer thread: apply queued writes in order until `close`."""
+        """The writer thread: apply queued writes in order until `close`, committing the
+        writes queued meanwhile (up to `WRITE_BATCH`, never across a flush) together."""
         while True:
-            item = self._writes.get()
+            item: _Write | _Barrier | None = self._writes.get()
+            taken = 1
+            batch: list[_Write] = []
+            after: _Barrier | None = None
+            stop = False
             try:
-                if item is None:
-                    return
-                if isinstance(item, _Barrier):
-                    item.release()
-                else:
+                while True:
+                    if item is None:
+                        stop = True
+                        break
+                    if isinstance(item, _Barrier):
+                        after = item
+                        break
+                    batch.append(item)
+                    if len(batch) >= WRITE_BATCH:
+                        break
                     try:
-                        self._apply(item)
+                        item = self._writes.get_nowait()
+                    except queue.Empty:
+                        break
+                    taken += 1
+                if batch:
+                    try:
+                        self._apply_batch(batch)
                     finally:
-                        self._written = item.number
+                        self._written = batch[-1].number
+                if after is not None:
+                    after.release()
             finally:
-                self._writes.task_done()
+                for _ in range(taken):
+                    self._writes.task_done()
+            if stop:
+                return
+
+    def _apply_batch(self, batch: list[_Write]) -> None:
+        """Commit ``batch`` in one transaction; when that fails, apply each write on its own
+        (with its retries), so one bad write is the only one lost."""
+        if len(batch) > 1:
+            try:
+                with self._serial, self.engine.begin() as conn:
+                    for write in batch:
+                        for statement, params in write.steps:
+                            conn.execute(statement, params)
+                return
+            except Exception as exc:  # noqa: BLE001 - retried below, one write at a time
+                log.debug("A batch of %d writes failed (%s); one by one now", len(batch), exc)
+        for write in batch:
+            self._apply(write)
 
     def _apply(self, write: _Write) -> None:
         delay = WRITE_RETRY_DELAY
