@@ -126,13 +126,21 @@ def tests(session: nox.Session, package: str) -> None:
 def compat(session: nox.Session) -> None:
     """The original `dask-gateway` client (PyPI) runs the user flow against this server."""
     session.install(
-        "./proxy", "./client", "./core[local,testing]", "./plugins/gateway-yarn", "dask-gateway"
+        "./proxy",
+        "./client",
+        "./core[local,testing]",
+        "./plugins/gateway-yarn",
+        "./plugins/gateway-k8s",
+        "kubernetes-validate",  # imported by gateway-k8s's test_chart.py, collected here too
+        "dask-gateway",
     )
+    _helm(session)  # gateway-k8s: its fake API server enforces the chart's rendered Roles
     # The original client's objects raise from __del__ when collected after their event loop
     # closed (upstream behaviour, not this server's); pytest's unraisable-exception plugin
     # would turn that noise into an INTERNALERROR, so it is off for this session only.
-    # core: the whole flow on unsafe-local; gateway-yarn: a YARN cluster on its simulator.
-    for folder in ("core", "plugins/gateway-yarn"):
+    # core: the whole flow on unsafe-local; gateway-yarn: a YARN cluster on its simulator;
+    # gateway-k8s: a cluster through the kubernetes backend on the fake API server and kubelet.
+    for folder in ("core", "plugins/gateway-yarn", "plugins/gateway-k8s"):
         session.chdir(ROOT / folder)
         session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)
 

@@ -1,5 +1,6 @@
 """Fixtures of the gateway-k8s tests: the fake API server (tests/kube_fake) serving the
-DaskCluster CRD, and `kubernetes` client objects talking to it.
+DaskCluster CRD, `kubernetes` client objects talking to it, and the Helm chart rendered once
+per session (its Roles are the RBAC the end-to-end tests run under).
 
 There is no real Kubernetes here: every test runs against the fake.
 """
@@ -11,6 +12,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+from helm_chart import find_helm, render, roles
 from kube_fake import FakeKube
 
 from gateway_k8s import crd
@@ -36,3 +38,16 @@ def custom(kube: FakeKube) -> Iterator[Any]:
     client = kube.api_client()
     yield kubernetes.client.CustomObjectsApi(client)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def chart_objects() -> list[dict[str, Any]]:
+    """The chart rendered once per session with its default values (`helm template`); without
+    helm, fails under CI and skips elsewhere, naming the install script."""
+    return render(find_helm())
+
+
+@pytest.fixture(scope="session")
+def chart_roles(chart_objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The chart's rendered Roles (gateway, controller, controller-leader-election)."""
+    return roles(chart_objects)

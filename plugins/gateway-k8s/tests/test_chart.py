@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,41 +26,32 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
+from helm_chart import (
+    CHART,
+    FULLNAME,
+    INSTALL_SCRIPT,
+    NS,
+    PLUGIN,
+    RELEASE,
+    Obj,
+    find_helm,
+    helm_run,
+    one,
+    render,
+)
 from kube_fake import FakeKube
 from kubernetes.client.exceptions import ApiException
 from kubernetes_validate import utils as kube_validate
 
-from gateway_k8s import crd
+from gateway_k8s import crd, rbac
 
-PLUGIN = Path(__file__).resolve().parents[1]
-CHART = PLUGIN / "chart"
 OPTIONS = PLUGIN / "tests" / "chart_values" / "options.yaml"
-INSTALL_SCRIPT = "plugins/gateway-k8s/ci/install-helm.sh"
-NS = "dask"
-RELEASE = "rel"
-FULLNAME = "rel-gateway-k8s"
 
-Obj = dict[str, Any]
-
-# The grants, as (API group, resource) -> verbs, that the plugin README documents.
-GATEWAY_GRANTS: dict[tuple[str, str], set[str]] = {
-    ("daskgateway.dev", "daskclusters"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "secrets"): {"get"},
-    ("", "services"): {"get", "list", "watch"},
-    ("", "endpoints"): {"get", "list", "watch"},
-    ("", "events"): {"get", "list", "watch"},
-}
-CONTROLLER_GRANTS: dict[tuple[str, str], set[str]] = {
-    ("daskgateway.dev", "daskclusters"): {"get", "list", "watch", "patch"},
-    ("daskgateway.dev", "daskclusters/status"): {"get", "patch", "update"},
-    ("", "pods"): {"get", "list", "watch", "create", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "delete"},
-    ("", "secrets"): {"get", "list", "watch", "create", "delete"},
-    ("", "events"): {"create", "list", "watch"},
-}
-LEASE_GRANTS: dict[tuple[str, str], set[str]] = {
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
-}
+# The grants, as (API group, resource) -> verbs: what the code uses, from its one source
+# (gateway_k8s.rbac); the chart's Roles must grant exactly these.
+GATEWAY_GRANTS = rbac.grants(rbac.GATEWAY_RULES)
+CONTROLLER_GRANTS = rbac.grants(rbac.CONTROLLER_RULES)
+LEASE_GRANTS = rbac.grants(rbac.LEADER_ELECTION_RULES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,58 +59,19 @@ LEASE_GRANTS: dict[tuple[str, str], set[str]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def find_helm() -> str:
-    """The helm binary ($HELM, else helm on PATH); without one, fail under CI, else skip."""
-    helm = os.environ.get("HELM") or shutil.which("helm")
-    if helm and Path(helm).is_file():
-        return helm
-    message = (
-        f"helm is not installed: run `{INSTALL_SCRIPT}` (puts helm 3 in /usr/local/bin, "
-        "or in the directory given) or set $HELM"
-    )
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def helm() -> str:
     return find_helm()
 
 
-def helm_run(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
-
-
-def render(helm: str, *args: str) -> list[Obj]:
-    """`helm template` of the chart (CRDs included) as a list of objects."""
-    done = helm_run(
-        helm, "template", RELEASE, str(CHART), "--namespace", NS, "--include-crds", *args
-    )
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-
-
 @pytest.fixture(scope="module")
-def default_objects(helm: str) -> list[Obj]:
-    return render(helm)
+def default_objects(chart_objects: list[Obj]) -> list[Obj]:
+    return chart_objects
 
 
 @pytest.fixture(scope="module")
 def option_objects(helm: str) -> list[Obj]:
     return render(helm, "--values", str(OPTIONS))
-
-
-def one(objects: list[Obj], kind: str, name: str, namespace: str | None = None) -> Obj:
-    found = [
-        o
-        for o in objects
-        if o["kind"] == kind
-        and o["metadata"]["name"] == name
-        and (namespace is None or o["metadata"].get("namespace") == namespace)
-    ]
-    assert len(found) == 1, f"expected one {kind} {name}, got {len(found)}"
-    return found[0]
 
 
 def kinds(objects: list[Obj]) -> list[tuple[str, str]]:
@@ -529,8 +480,24 @@ def test_default_toml(default_objects: list[Obj]) -> None:
         "api_url": f"http://{FULLNAME}.{NS}.svc:80/api",
     }
     assert toml["proxy"] == {"address": ":8000", "prefix": ""}
-    assert toml["backend"] == {"kubernetes": {}}
+    # Clusters go to the release's namespace (not the backend's own default, `default`).
+    assert toml["backend"] == {"kubernetes": {"namespace": NS}}
     assert_config_valid(toml)
+
+
+@pytest.mark.integration
+def test_clusters_go_to_the_release_namespace_unless_the_values_say(helm: str) -> None:
+    def namespace(*args: str) -> Any:
+        done = helm_run(helm, "template", RELEASE, str(CHART), *args)
+        assert done.returncode == 0, done.stderr
+        objects = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+        return gateway_toml(objects)["backend"]["kubernetes"].get("namespace")
+
+    assert namespace("--namespace", "team-a") == "team-a"
+    # helm template without --namespace renders the release in "default", and says so.
+    assert namespace() == "default"
+    override = "gateway.config.backend.kubernetes.namespace=dask-users"
+    assert namespace("--namespace", "team-a", "--set", override) == "dask-users"
 
 
 @pytest.mark.integration
@@ -661,7 +628,7 @@ def test_existing_secret(helm: str) -> None:
 
 
 @pytest.mark.integration
-def test_roles_grant_exactly_the_documented_matrix(default_objects: list[Obj]) -> None:
+def test_roles_grant_exactly_the_rules_of_gateway_k8s_rbac(default_objects: list[Obj]) -> None:
     assert grants(one(default_objects, "Role", f"{FULLNAME}-gateway")) == GATEWAY_GRANTS
     assert grants(one(default_objects, "Role", f"{FULLNAME}-controller")) == CONTROLLER_GRANTS
     lease = one(default_objects, "Role", f"{FULLNAME}-controller-leader-election")
@@ -680,13 +647,45 @@ def test_roles_grant_exactly_the_documented_matrix(default_objects: list[Obj]) -
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NS}]
 
 
+def readme_rbac_rows() -> list[tuple[str, str, str, set[str]]]:
+    """The README's RBAC table as (component, API group, resource, verbs), in order."""
+    text = (PLUGIN / "README.md").read_text()
+    header = "| component | API group | resource | verbs | why |\n|---|---|---|---|---|\n"
+    assert text.count(header) == 1, "the README has one RBAC table"
+    rows = []
+    for line in text.split(header, 1)[1].splitlines():
+        if not line.startswith("|"):
+            break
+        component, group, resource, verbs, why = (c.strip() for c in line.strip("|").split("|"))
+        assert why, line
+        group = "" if group == "core" else group.strip("`")
+        rows.append((component, group, resource.strip("`"), {v.strip() for v in verbs.split(",")}))
+    return rows
+
+
+@pytest.mark.unit
+def test_the_readme_rbac_table_is_gateway_k8s_rbac() -> None:
+    expected = [
+        (component, group, resource, set(rule["verbs"]))
+        for component, rules in (
+            ("gateway", rbac.GATEWAY_RULES),
+            ("controller", rbac.CONTROLLER_RULES),
+            ("controller", rbac.LEADER_ELECTION_RULES),
+        )
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    ]
+    assert readme_rbac_rows() == expected
+
+
 @pytest.mark.unit
 def test_every_rule_is_justified_in_a_comment() -> None:
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     blocks = re.findall(r'define "gateway-k8s\.\w+Rules" -}}\n(.*?)\{\{- ', helpers, re.S)
     rules = [rule for block in blocks for rule in re.split(r"^- ", block, flags=re.M)[1:]]
-    # Every rule of the three templates is looked at: controller 6, lease 1, gateway 4.
-    assert len(rules) == 11
+    # Every rule of the three templates is looked at: controller 6, lease 1, gateway 2.
+    assert len(rules) == 9
     for rule in rules:
         (verbs,) = re.findall(r"verbs: \[(.*)\]", rule)
         comments = " ".join(re.findall(r"#\s*(.*)", rule))
@@ -879,6 +878,7 @@ def served_gateway(helm: str, tmp_path: Path) -> Iterator[tuple[str, list[Obj]]]
     toml_text = toml_text.replace('backend = "kubernetes"', 'backend = "unsafe-local"')
     toml_text = toml_text.replace('address = ":8000"', f'address = "127.0.0.1:{port}"')
     toml_text = toml_text.replace("[backend.kubernetes]", "[backend.unsafe-local]")
+    toml_text = re.sub(r"(?m)^namespace = .*$", "", toml_text)  # a key of the kubernetes backend
     toml_text = re.sub(r"(?m)^api_url = .*$", "", toml_text)
     (tmp_path / "gateway.toml").write_text(toml_text)
     secrets = secret_data(objects)

@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 from kube_fake import FakeKube
 from kube_fake.kubelet import Kubelet
+from kube_fake.rbac import rules_of
 
 from gateway_k8s import crd
 from gateway_k8s.config import KubeControllerConfig
 from gateway_k8s.controller import Controller
-from gateway_k8s.rbac import CONTROLLER_RULES, GATEWAY_RULES, role_rules
 from gateway_k8s.runner import make_controller
 
 pytestmark = pytest.mark.integration
@@ -42,10 +42,11 @@ KUBELET_RULES = [
 
 
 @pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    """The fake API server granting only what `gateway_k8s.rbac` declares (and the kubelet's
-    needs): a request of the gateway or the controller beyond it fails the test."""
-    rules = role_rules(GATEWAY_RULES) + role_rules(CONTROLLER_RULES) + KUBELET_RULES
+def kube(chart_roles: dict[str, dict[str, Any]]) -> Iterator[FakeKube]:
+    """The fake API server granting only what the Helm chart's rendered Roles grant (the
+    gateway's, the controller's and its leader election Role; plus the kubelet's needs): a
+    request of the gateway or the controller beyond them fails the test."""
+    rules = [rule for role in chart_roles.values() for rule in rules_of(role)] + KUBELET_RULES
     fake = FakeKube(crds=[crd.crd()], role=rules)
     with fake.running():
         yield fake
@@ -249,3 +250,46 @@ async def test_a_restarted_gateway_finds_its_cluster_and_an_oom_kill_reaches_the
     assert "OOMKilled" in (cluster.reason or ""), cluster.reason
     assert not second.context.routes.get("SNI", name)
     await until(lambda: not leftovers(kube), "the cluster's objects to be deleted")
+
+
+def original_client_session(address: str) -> dict[str, Any]:
+    """The same user flow with the original `dask-gateway` client (PyPI): new cluster, scale
+    to 2, compute, shut down."""
+    from dask_gateway import BasicAuth, Gateway
+
+    seen: dict[str, Any] = {}
+    with Gateway(address, auth=BasicAuth("alice", "")) as gateway:
+        cluster = gateway.new_cluster()
+        seen["name"] = cluster.name
+        try:
+            cluster.scale(2)
+            with cluster.get_client(set_as_default=False) as client:
+                client.wait_for_workers(2, timeout=60)
+                seen["workers"] = len(client.scheduler_info()["workers"])
+                seen["total"] = client.submit(sum, client.map(lambda x: x * x, range(10))).result()
+            seen["listed"] = [c.name for c in gateway.list_clusters()]
+        finally:
+            cluster.shutdown()
+        seen["after"] = [c.name for c in gateway.list_clusters()]
+    return seen
+
+
+@pytest.mark.compat
+async def test_the_original_client_runs_a_kubernetes_cluster(
+    kube: FakeKube, kubelet: Kubelet, controller: Controller, make_gateway: Any
+) -> None:
+    try:
+        import dask_gateway  # noqa: F401
+    except ImportError:
+        message = "the compat tier needs the original client: run it with `nox -s compat`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    gateway = await make_gateway(gateway_config(kube))
+    address = f"http://{gateway.public_address}{gateway.context.prefix}"
+    seen = await asyncio.to_thread(original_client_session, address)
+    assert seen["workers"] == 2
+    assert seen["total"] == 285
+    assert seen["listed"] == [seen["name"]]
+    assert seen["after"] == []
+    await until(lambda: not leftovers(kube), "every object of the cluster to be deleted")

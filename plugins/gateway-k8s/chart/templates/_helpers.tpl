@@ -70,7 +70,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $proxy "tcp_address" (printf ":%v" $v.tcpPort) -}}
 {{- end -}}
 {{- $auth := dict $v.auth.name (deepCopy $v.auth.config) -}}
-{{- $base := dict "gateway" $gateway "proxy" $proxy "auth" $auth "metrics" (dict "public" $v.metrics.public) -}}
+{{- /* Clusters go to the release's namespace unless gateway.config says otherwise. */ -}}
+{{- $backend := dict "kubernetes" (dict "namespace" .Release.Namespace) -}}
+{{- $base := dict "gateway" $gateway "proxy" $proxy "auth" $auth "metrics" (dict "public" $v.metrics.public) "backend" $backend -}}
 {{- toYaml (mergeOverwrite $base (deepCopy $v.config)) -}}
 {{- end -}}
 
@@ -134,47 +136,45 @@ sub-table under its own [a.b] header. Null values are left out (TOML has none). 
 {{ end -}}
 
 {{/*
-RBAC rules. Each rule says why each verb is granted; the plugin README has the same matrix and
-tests/test_chart.py checks the rendered Roles grant exactly these.
+RBAC rules: exactly what the code uses, as listed (with the same reasons) in
+src/gateway_k8s/rbac.py; tests/test_chart.py checks the rendered Roles grant exactly those
+rules, and the end-to-end tests run the fake API server with the rendered Roles.
 */}}
 
 {{- define "gateway-k8s.controllerRules" -}}
 - apiGroups: [daskgateway.dev]
   resources: [daskclusters]
-  # get/list/watch: the controller's informer on DaskClusters (list, then watch from the
-  #   list's resourceVersion; relist on 410).
-  # patch: its finalizer and annotations on a DaskCluster (never the spec users asked for).
-  verbs: [get, list, watch, patch]
+  # list/watch: the controller's informer on DaskClusters (list, then watch from the list's
+  #   resourceVersion; relist on 410). It never writes a DaskCluster's spec or metadata.
+  verbs: [list, watch]
 - apiGroups: [daskgateway.dev]
   resources: [daskclusters/status]
-  # get: read the status subresource before a conflict-checked write.
-  # patch/update: write the observed state (phase, reason, scheduler address, per-group
-  #   counts, conditions); update carries a resourceVersion, so a stale writer gets 409.
-  verbs: [get, patch, update]
+  # patch: the observed state (phase, reason, addresses, per-group counts), a merge patch of
+  #   the status subresource.
+  verbs: [patch]
 - apiGroups: [""]
   resources: [pods]
-  # get/list/watch: the pod informer (scheduler and worker pods, by label).
+  # list/watch: the pod informer (scheduler and worker pods, by label).
   # create: the scheduler pod and worker pods of each cluster.
   # delete: worker pods after the scheduler retired them, and pods of a stopped cluster.
-  verbs: [get, list, watch, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
-  # get/list/watch: the Service informer (one scheduler Service per cluster).
-  # create: the scheduler's Service (the proxy routes to it).
-  # delete: the Service of a stopped cluster (ownerReferences cover a deleted DaskCluster).
-  verbs: [get, list, watch, create, delete]
+  # list/watch: the Service informer (one scheduler Service per cluster).
+  # create: the scheduler's Service (the proxy routes to it). Deleting goes through the
+  #   ownerReference to the DaskCluster.
+  verbs: [list, watch, create]
 - apiGroups: [""]
   resources: [secrets]
-  # get/list/watch: the cluster credentials Secrets (TLS key and certificate, API token).
-  # create: one credentials Secret per cluster.
-  # delete: the Secret of a stopped cluster.
-  verbs: [get, list, watch, create, delete]
+  # list/watch: the informer on the clusters' credentials Secrets (by label).
+  # create: one credentials Secret per cluster (TLS key and certificate, API token).
+  # get: a credentials Secret that already existed (409 on create) is read back by name.
+  verbs: [get, list, watch, create]
 - apiGroups: [""]
   resources: [events]
-  # create: events on a DaskCluster (scheduler started, worker retired, failures).
-  # list/watch: kubelet events of cluster pods (image pull errors, OOM kills, scheduling
-  #   failures) become the cluster's failure reason.
-  verbs: [create, list, watch]
+  # list: kubelet events of a scheduler pod stuck before its container runs (image pull
+  #   errors, scheduling failures) become the cluster's reason.
+  verbs: [list]
 {{- with .Values.rbac.controllerExtraRules }}
 # Added by the values (rbac.controllerExtraRules).
 {{ toYaml . }}
@@ -194,26 +194,19 @@ tests/test_chart.py checks the rendered Roles grant exactly these.
 {{- define "gateway-k8s.gatewayRules" -}}
 - apiGroups: [daskgateway.dev]
   resources: [daskclusters]
-  # get/list/watch: the clusters are the gateway's state (a restarted or second replica reads
-  #   them back; watch keeps the API and proxy routes current).
+  # list/watch: the clusters are the gateway's state (a restarted or second replica reads
+  #   them back; the watch keeps the API and the proxy's routes current).
   # create: a user's new cluster.
-  # patch: scale, adapt and worker groups change the spec (merge patch).
+  # patch: the scheduler's target in spec.worker.replicas (scale, adapt, worker groups) and
+  #   sharing in an annotation (merge patch).
   # delete: a user stops a cluster (ownerReferences remove its pods, Service and Secret).
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
-  # get: a cluster's credentials Secret, for its TLS files and token given to the client and
-  #   checked on the scheduler's heartbeat. No list or watch: it is read by name only.
+  # get: a cluster's credentials Secret, by name and once, for its TLS files and token (given
+  #   to the client, checked on the scheduler's heartbeat). No list or watch: the other
+  #   Secrets of the namespace stay unread.
   verbs: [get]
-- apiGroups: [""]
-  resources: [services, endpoints]
-  # get/list/watch: where each scheduler Service is and whether its pod is ready, for the
-  #   proxy's routes (dashboards and gateway:// traffic). Read only.
-  verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [events]
-  # get/list/watch: events of a cluster's objects, for the reason shown by the API. Read only.
-  verbs: [get, list, watch]
 {{- with .Values.rbac.gatewayExtraRules }}
 # Added by the values (rbac.gatewayExtraRules).
 {{ toYaml . }}

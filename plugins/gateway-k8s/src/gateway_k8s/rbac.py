@@ -1,7 +1,8 @@
 """The API permissions the gateway and the controller use, one rule per need with its reason.
 
-Owns `GATEWAY_RULES` and `CONTROLLER_RULES` (Role rules, as the chart's Roles must grant them);
-the tests feed them to the fake API server, which refuses everything else.
+Owns `GATEWAY_RULES`, `CONTROLLER_RULES` and `LEADER_ELECTION_RULES`: the one source the Helm
+chart's Roles are checked against (tests/test_chart.py: the rendered Roles grant exactly these),
+and the README's RBAC table lists.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ CONTROLLER_RULES: list[Rule] = [
     ),
     _rule("", "secrets", ["get"], "a credentials Secret that already existed (409 on create)"),
     _rule("", "events", ["list"], "why a scheduler pod is stuck before its container runs"),
+]
+
+# The controller's, in its own namespace only (the chart's `-leader-election` Role), even when
+# the rules above are granted cluster-wide.
+LEADER_ELECTION_RULES: list[Rule] = [
     _rule("coordination.k8s.io", "leases", ["get", "create", "update"], "leader election"),
 ]
 
@@ -55,3 +61,13 @@ CONTROLLER_RULES: list[Rule] = [
 def role_rules(rules: list[Rule]) -> list[Rule]:
     """``rules`` as a Role's ``rules`` (without the reasons)."""
     return [{k: v for k, v in rule.items() if k != "why"} for rule in rules]
+
+
+def grants(rules: list[Rule]) -> dict[tuple[str, str], set[str]]:
+    """``rules`` as (API group, resource) -> verbs, rules on one resource joined."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
