@@ -207,6 +207,11 @@ rules, and the end-to-end tests run the fake API server with the rendered Roles.
   #   to the client, checked on the scheduler's heartbeat). No list or watch: the other
   #   Secrets of the namespace stay unread.
   verbs: [get]
+- apiGroups: [""]
+  resources: [pods/log]
+  # get: the logs route (API and web UI): the end of a cluster's scheduler and worker
+  #   containers' output, by pod name. No get, list or watch of pods themselves.
+  verbs: [get]
 {{- with .Values.rbac.gatewayExtraRules }}
 # Added by the values (rbac.gatewayExtraRules).
 {{ toYaml . }}

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from gateway_core.models import Cluster, ClusterStatus, User, new_name
 from gateway_core.reconciler.heartbeat import Heartbeat
 from gateway_core.reconciler.routes import ClusterRoutes
 
-from . import objects
+from . import logs, objects
 from .config import KubeBackendConfig, KubeClusterConfig
 from .kube import CLUSTERS, SECRETS, Informer, KubeClient, KubeError, load_api_client
 
@@ -76,6 +76,8 @@ class KubeBackend(Backend):
         self.routes = ClusterRoutes(context=context)
         self.stopped: dict[str, Cluster] = {}
         self.heartbeats: dict[str, float] = {}
+        self.workers = logs.WorkerNames()
+        self.pod_logs: logs.PodLogs | None = None
         self._changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
 
@@ -87,6 +89,7 @@ class KubeBackend(Backend):
             load_api_client, server=c.server, kubeconfig=c.kubeconfig, context=c.context
         )
         self.client = KubeClient(api, threads=c.api_threads, qps=c.api_qps, burst=c.api_burst)
+        self.pod_logs = logs.PodLogs(self.client)
         self.clusters = Informer(
             self.client,
             CLUSTERS,
@@ -160,6 +163,7 @@ class KubeBackend(Backend):
             shared_users=list(sharing.get("users") or []),
             shared_groups=list(sharing.get("groups") or []),
         )
+        cluster.workers = self.workers.of(name)
         return cluster
 
     async def _load_credentials(self, objs: list[dict[str, Any]]) -> None:
@@ -190,6 +194,7 @@ class KubeBackend(Backend):
         name = objects.cluster_name(obj["metadata"]["name"])
         if type_ == "DELETED":
             self.credentials.pop(name, None)
+            self.workers.forget(name)  # a stopped cluster's record keeps its own copy
         else:
             await self._load_credentials([obj])
         record = self._record(obj)
@@ -346,6 +351,7 @@ class KubeBackend(Backend):
         except ValueError as exc:
             raise ClusterConflict(f"bad heartbeat: {exc}") from None
         self.heartbeats[name] = time.time()
+        self.workers.record(name, beat)
         patch: dict[str, Any] = {}
         replicas = int((obj["spec"].get("worker") or {}).get("replicas") or 0)
         if beat.count is not None and beat.count != replicas:
@@ -360,6 +366,25 @@ class KubeBackend(Backend):
             )
             self.clusters.put(updated)
             self._changed.set()
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The ends of the scheduler's and workers' container logs (`pods/log`), while their
+        pods exist (a stopped cluster's pods are gone, and so are their logs)."""
+        obj = self._resource(cluster.name)
+        if obj is None or cluster.name in self.stopped:
+            gone = "(no log: the cluster stopped and its pods were deleted)"
+            return dict.fromkeys(components, gone)
+        assert self.pod_logs is not None
+        return await logs.cluster_logs(
+            self.pod_logs,
+            namespace=obj["metadata"]["namespace"],
+            resource=obj["metadata"]["name"],
+            components=components,
+            tail=tail,
+            max_bytes=max_bytes,
+        )
 
     async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
         op = msg.get("op", "request")
