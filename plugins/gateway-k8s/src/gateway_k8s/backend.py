@@ -50,7 +50,8 @@ def _ms(timestamp: str | None) -> int:
 
 
 class KubeBackend(Backend):
-    """Every cluster is a DaskCluster in ``[backend.kubernetes] namespace``; the controller
+    """Every cluster is a DaskCluster in ``[backend.kubernetes] namespace``, or the namespace
+    its ``[cluster] namespace`` template gives (`gateway_k8s.namespaces`); the controller
     (`gateway k8s controller`) turns it into pods. Nothing but stopped clusters' last words is
     kept in memory, so a restarted gateway (or a second replica) finds every cluster again."""
 
@@ -69,6 +70,9 @@ class KubeBackend(Backend):
         )
         assert isinstance(config, KubeBackendConfig)
         self.kconfig: KubeBackendConfig = config
+        self.policy = config.policy
+        self.namespace_of: dict[str, str] = {}
+        """The namespace of each cluster's DaskCluster (cluster names are unique across them)."""
         self.client: KubeClient | None = None
         self.clusters: Informer | None = None
         self.credentials: dict[str, tuple[str, bytes, bytes]] = {}
@@ -93,9 +97,10 @@ class KubeBackend(Backend):
         self.clusters = Informer(
             self.client,
             CLUSTERS,
-            namespace=c.namespace,
+            namespace=self.policy.watch_namespace,
             labels=objects.SELECTOR,
             handler=self._on_cluster,
+            accept=self.policy.allows,
         )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
@@ -106,8 +111,9 @@ class KubeBackend(Backend):
             async with asyncio.timeout(30):
                 await self.clusters.synced.wait()
         except TimeoutError:
+            where = self.policy.watch_namespace or "any"
             raise BackendUnavailable(
-                f"cannot list DaskClusters in namespace {c.namespace!r} within 30 s"
+                f"cannot list DaskClusters in {where!r} namespace within 30 s"
             ) from None
 
     async def cleanup(self) -> None:
@@ -125,7 +131,8 @@ class KubeBackend(Backend):
 
     def _resource(self, name: str) -> dict[str, Any] | None:
         assert self.clusters is not None
-        return self.clusters.get(self.kconfig.namespace, objects.resource_name(name))
+        namespace = self.namespace_of.get(name, self.kconfig.namespace)
+        return self.clusters.get(namespace, objects.resource_name(name))
 
     def _record(self, obj: dict[str, Any]) -> Cluster:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -193,9 +200,11 @@ class KubeBackend(Backend):
         a resource that failed or stopped is remembered, then deleted."""
         name = objects.cluster_name(obj["metadata"]["name"])
         if type_ == "DELETED":
+            self.namespace_of.pop(name, None)
             self.credentials.pop(name, None)
             self.workers.forget(name)  # a stopped cluster's record keeps its own copy
         else:
+            self.namespace_of[name] = obj["metadata"]["namespace"]
             await self._load_credentials([obj])
         record = self._record(obj)
         if type_ != "DELETED" and record.status == ClusterStatus.RUNNING:
@@ -268,12 +277,7 @@ class KubeBackend(Backend):
     ) -> str:
         assert self.client is not None and self.clusters is not None
         assert isinstance(config, KubeClusterConfig)
-        namespace = self.kconfig.namespace
-        if config.namespace and config.namespace != namespace:
-            raise ClusterConflict(
-                f"cluster namespace {config.namespace!r}: this gateway manages clusters in "
-                f"namespace {namespace!r} only"
-            )
+        namespace = self.policy.for_cluster(config.namespace, user.name)
         name = new_name()
         env = {str(k): str(v) for k, v in config.environment.items()}
         env.update(
@@ -297,6 +301,7 @@ class KubeBackend(Backend):
             created = await self.client.create(CLUSTERS, namespace, body)
         except KubeError as exc:
             raise BackendUnavailable(f"cannot create the cluster's resources: {exc}") from None
+        self.namespace_of[name] = namespace
         self.clusters.put(created)
         log.info("Created DaskCluster %s/%s for %s", namespace, body["metadata"]["name"], user.name)
         return name
@@ -318,7 +323,9 @@ class KubeBackend(Backend):
         self.stopped.setdefault(name, record)
         self.routes.delete(record)
         try:
-            await self.client.delete(CLUSTERS, self.kconfig.namespace, objects.resource_name(name))
+            await self.client.delete(
+                CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"]
+            )
         except KubeError as exc:
             raise BackendUnavailable(f"cannot delete cluster {name}: {exc}") from None
 
@@ -336,7 +343,7 @@ class KubeBackend(Backend):
         }
         patch = {"metadata": {"annotations": {objects.ANNOTATION_SHARING: json.dumps(sharing)}}}
         updated = await self.client.patch(
-            CLUSTERS, self.kconfig.namespace, obj["metadata"]["name"], patch
+            CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"], patch
         )
         assert self.clusters is not None
         self.clusters.put(updated)

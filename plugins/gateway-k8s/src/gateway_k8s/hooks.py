@@ -105,6 +105,7 @@ def gateway_register_commands(cli: click.Group) -> None:
             "kubeconfig",
             "context",
             "namespace",
+            "namespaces",
             "api_qps",
             "api_burst",
             "api_threads",

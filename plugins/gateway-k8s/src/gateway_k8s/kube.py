@@ -260,7 +260,9 @@ class Informer:
     """A cache of one kind (in one namespace, or all with ""), kept current by list then
     watch from the list's resourceVersion; a 410 Gone (compaction) relists. ``handler(type,
     obj)`` is called on the event loop for every change (ADDED, MODIFIED, DELETED; a relist
-    reports what changed meanwhile). The watch runs in the client's pool, one thread."""
+    reports what changed meanwhile). The watch runs in the client's pool, one thread.
+    ``accept(namespace)``, when given, keeps only objects of the namespaces it accepts (the
+    others are neither cached nor reported)."""
 
     watch_timeout = 60
 
@@ -272,8 +274,10 @@ class Informer:
         namespace: str = "",
         labels: str = "",
         handler: Handler | None = None,
+        accept: Callable[[str], bool] | None = None,
     ) -> None:
         self.client = client
+        self.accept = accept
         self.resource = resource
         self.namespace = namespace
         self.labels = labels
@@ -315,6 +319,9 @@ class Informer:
         if old is None or _rv(old) < _rv(obj):
             self.cache[key] = obj
 
+    def _accepts(self, obj: Obj) -> bool:
+        return self.accept is None or self.accept(_key(obj)[0])
+
     async def _emit(self, type_: str, obj: Obj) -> None:
         if self.handler is None:
             return
@@ -327,7 +334,7 @@ class Informer:
 
     async def _relist(self) -> str:
         items, version = await self.client.list(self.resource, self.namespace, labels=self.labels)
-        fresh = {_key(o): o for o in items}
+        fresh = {_key(o): o for o in items if self._accepts(o)}
         for key, gone in list(self.cache.items()):
             if key not in fresh:
                 del self.cache[key]
@@ -409,7 +416,7 @@ class Informer:
                         int(obj.get("code") or 500), obj.get("reason", ""), obj.get("message", "")
                     )
                 version = obj.get("metadata", {}).get("resourceVersion") or version
-                if type_ == "BOOKMARK":
+                if type_ == "BOOKMARK" or not self._accepts(obj):
                     continue
                 if type_ == "DELETED":
                     self.cache.pop(_key(obj), None)
