@@ -712,6 +712,47 @@ def test_cluster_wide_and_extra_rules(helm: str, option_objects: list[Obj]) -> N
     assert grants(one(option_objects, "Role", f"{FULLNAME}-controller", NS)) == CONTROLLER_GRANTS
 
 
+@pytest.mark.integration
+def test_per_user_namespaces(helm: str) -> None:
+    """perUserNamespaces: the template and the allowed namespaces in gateway.toml, and
+    ClusterRoles with exactly the rules of gateway_k8s.rbac (the informers list and watch all
+    namespaces); the Lease stays a Role in the release's namespace."""
+    objects = render(
+        helm,
+        "--set",
+        "perUserNamespaces.enabled=true",
+        "--set-json",
+        'perUserNamespaces.allowed=["dask-*","team-a"]',
+    )
+    toml = gateway_toml(objects)
+    assert toml["cluster"]["namespace"] == "dask-{username}"
+    assert toml["backend"]["kubernetes"] == {"namespace": NS, "namespaces": ["dask-*", "team-a"]}
+    assert_config_valid(toml)
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Role"] == [
+        f"{FULLNAME}-controller-leader-election"
+    ]
+    gateway = one(objects, "ClusterRole", f"{NS}-{FULLNAME}-gateway")
+    controller = one(objects, "ClusterRole", f"{NS}-{FULLNAME}-controller")
+    assert grants(gateway) == GATEWAY_GRANTS and grants(controller) == CONTROLLER_GRANTS
+    for component in ("gateway", "controller"):
+        binding = one(objects, "ClusterRoleBinding", f"{NS}-{FULLNAME}-{component}")
+        assert binding["roleRef"]["kind"] == "ClusterRole"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"{FULLNAME}-{component}", "namespace": NS}
+        ]
+    validate_strict(objects)
+    # A template that is not a namespace name fails the config check, naming it.
+    bad = render(
+        helm,
+        "--set",
+        "perUserNamespaces.enabled=true",
+        "--set",
+        "perUserNamespaces.template=Dask_{username}",
+    )
+    problems = config_problems(gateway_toml(bad))
+    assert any("'Dask_{username}' is not a namespace name" in p for p in problems), problems
+
+
 def role_yaml(objects: list[Obj], *names: str) -> str:
     return yaml.safe_dump_all([one(objects, "Role", name) for name in names])
 
