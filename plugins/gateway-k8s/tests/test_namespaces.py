@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_chart
 import kubernetes
 import pytest
+import yaml
 from kube_fake import FakeKube
 from kube_fake.kubelet import Kubelet
 
@@ -25,12 +27,12 @@ from gateway_core.hookspecs import hookimpl
 from gateway_k8s import crd, objects
 from gateway_k8s.config import KubeBackendConfig, KubeClusterConfig, KubeControllerConfig
 from gateway_k8s.controller import Controller
+from gateway_k8s.kube import CLUSTERS, KubeClient, KubeError, load_api_client
 from gateway_k8s.namespaces import NamespacePolicy, render, template_problems, username_label
-from gateway_k8s.rbac import CONTROLLER_RULES, GATEWAY_RULES, LEADER_ELECTION_RULES, role_rules
 from gateway_k8s.runner import make_controller
 
 pytestmark = pytest.mark.unit
-HOME = "dask"
+HOME = helm_chart.NS  # the release's namespace: the Lease's, and the clusters' by default
 KUBELET_RULES = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "get", "delete"]},
     {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
@@ -92,10 +94,31 @@ def test_config_checks_name_bad_values() -> None:
 # --- two users, two namespaces, on the fake ---------------------------------------------------
 
 
+def rbac_yaml(objects: list[dict[str, Any]]) -> str:
+    """The rendered chart's Roles and ClusterRoles as the fake's RBAC (each Role in its own
+    namespace only), plus a ClusterRole with what the simulated kubelet needs."""
+    docs = [o for o in objects if o["kind"] in ("Role", "ClusterRole")]
+    kubelet = {"kind": "ClusterRole", "metadata": {"name": "kubelet"}, "rules": KUBELET_RULES}
+    return yaml.safe_dump_all([*docs, kubelet])
+
+
+@pytest.fixture(scope="module")
+def per_user_chart() -> list[dict[str, Any]]:
+    """The chart rendered with perUserNamespaces.enabled (helm: fails under CI without it)."""
+    return helm_chart.render(
+        helm_chart.find_helm(),
+        "--set",
+        "perUserNamespaces.enabled=true",
+        "--set-json",
+        'perUserNamespaces.allowed=["dask-*","team-*"]',
+    )
+
+
 @pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    rules = role_rules(GATEWAY_RULES + CONTROLLER_RULES + LEADER_ELECTION_RULES) + KUBELET_RULES
-    fake = FakeKube(crds=[crd.crd()], role=rules)
+def kube(per_user_chart: list[dict[str, Any]]) -> Iterator[FakeKube]:
+    """The fake API server granting what the per-user chart's ClusterRoles (and its Lease
+    Role, in the release's namespace) grant, and the kubelet's needs."""
+    fake = FakeKube(crds=[crd.crd()], role=rbac_yaml(per_user_chart))
     with fake.running():
         yield fake
 
@@ -257,3 +280,34 @@ async def test_a_cluster_in_a_namespace_not_allowed_is_left_alone(
     assert names_in(kube, "elsewhere", "", "pods") == []
     assert names_in(kube, "elsewhere", "", "secrets") == []
     assert ("elsewhere", "dask-" + "e" * 32) not in controller.clusters.cache
+
+
+async def test_the_default_charts_roles_do_not_reach_other_namespaces(
+    chart_objects: list[dict[str, Any]],
+) -> None:
+    """Why per-user namespaces switch to ClusterRoles: the default chart's Roles grant in the
+    release's namespace only, so listing across namespaces, or creating a DaskCluster in a
+    user's namespace, is refused (the fake scopes each Role to its namespace)."""
+    fake = FakeKube(crds=[crd.crd()], role=rbac_yaml(chart_objects))
+    with fake.running():
+        client = KubeClient(load_api_client(server=fake.url), threads=3)
+        try:
+            await client.list(CLUSTERS, HOME)  # in the release's namespace: granted
+            with pytest.raises(KubeError) as denied:
+                await client.list(CLUSTERS, None)
+            assert denied.value.status == 403 and "at the cluster scope" in str(denied.value)
+            body = objects.cluster_resource(
+                name="f" * 32,
+                namespace="dask-alice",
+                username="alice",
+                config=KubeClusterConfig(),
+                env={},
+                options_json="{}",
+                config_json="{}",
+            )
+            with pytest.raises(KubeError) as denied:
+                await client.create(CLUSTERS, "dask-alice", body)
+            assert denied.value.status == 403
+            assert 'in the namespace "dask-alice"' in str(denied.value)
+        finally:
+            client.close()

@@ -111,9 +111,11 @@ class KubeBackend(Backend):
             async with asyncio.timeout(30):
                 await self.clusters.synced.wait()
         except TimeoutError:
-            where = self.policy.watch_namespace or "any"
+            where = self.policy.watch_namespace
+            scope = f"namespace {where!r}" if where else "all namespaces"
+            why = f": {self.clusters.last_error}" if self.clusters.last_error else ""
             raise BackendUnavailable(
-                f"cannot list DaskClusters in {where!r} namespace within 30 s"
+                f"cannot list DaskClusters in {scope} within 30 s{why}"
             ) from None
 
     async def cleanup(self) -> None:

@@ -287,6 +287,8 @@ class Informer:
         self.relists = 0
         self.resource_version = ""
         """Where the next watch starts; empty: list first."""
+        self.last_error = ""
+        """Why the last list or watch failed (empty once one worked)."""
         self._task: asyncio.Task[None] | None = None
         self._response: Any = None
         self._stopping = threading.Event()
@@ -358,6 +360,7 @@ class Informer:
                     self.relists += 1
                 self.resource_version = await self._watch(self.resource_version)
                 delay = 0.2
+                self.last_error = ""
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a watch that fails is started again
@@ -367,6 +370,7 @@ class Informer:
                 if is_gone(exc):
                     log.info("Watch of %s expired (410 Gone): relisting", self.resource.plural)
                     continue
+                self.last_error = str(exc) or type(exc).__name__
                 log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -49,7 +49,8 @@ class FakeKube:
 
     `crds`: CustomResourceDefinitions served from the start (more can be POSTed);
     `role`: a Role (dict, YAML text or rules list) whose rules every request must satisfy
-    (None: everything allowed); `user`: the name 403 messages give; `history_seconds`: how long
+    (None: everything allowed; a Role naming its namespace grants there only, see
+    `rbac.scoped_rules_of`); `user`: the name 403 messages give; `history_seconds`: how long
     watch history is kept before compaction; `bookmark_interval`: BOOKMARK period for watches
     that allow them; `graceful_pod_deletion`: running pods stay Terminating until their kubelet
     deletes them (with a kubelet only).
@@ -160,11 +161,12 @@ class FakeKube:
             verb = self._verb(request, req)
             resource = req.kind.plural + (f"/{req.subresource}" if req.subresource else "")
             if self.role is not None and not rbac.allows(
-                rbac.rules_of(self.role),
+                rbac.scoped_rules_of(self.role),
                 verb=verb,
                 group=req.group,
                 resource=resource,
                 name=req.name,
+                namespace=req.namespace,
             ):
                 raise self._forbidden(req, verb, resource)
             if verb == "watch":
@@ -189,7 +191,7 @@ class FakeKube:
             return web.json_response(failure.status(), status=500)
 
     def _forbidden(self, req: Request, verb: str, resource: str) -> ApiError:
-        where = f' in the namespace "{req.namespace}"' if req.namespace else ""
+        where = f' in the namespace "{req.namespace}"' if req.namespace else " at the cluster scope"
         named = f' "{req.name}"' if req.name else ""
         details: Obj = {"kind": req.kind.plural, "group": req.group}
         if req.name:
