@@ -684,8 +684,8 @@ def test_every_rule_is_justified_in_a_comment() -> None:
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     blocks = re.findall(r'define "gateway-k8s\.\w+Rules" -}}\n(.*?)\{\{- ', helpers, re.S)
     rules = [rule for block in blocks for rule in re.split(r"^- ", block, flags=re.M)[1:]]
-    # Every rule of the three templates is looked at: controller 6, lease 1, gateway 2.
-    assert len(rules) == 9
+    # Every rule of the three templates is looked at: controller 6, lease 1, gateway 3.
+    assert len(rules) == 10
     for rule in rules:
         (verbs,) = re.findall(r"verbs: \[(.*)\]", rule)
         comments = " ".join(re.findall(r"#\s*(.*)", rule))
@@ -710,6 +710,47 @@ def test_cluster_wide_and_extra_rules(helm: str, option_objects: list[Obj]) -> N
     extended = grants(one(option_objects, "Role", f"{FULLNAME}-gateway", NS))
     assert extended == {**GATEWAY_GRANTS, ("", "configmaps"): {"get"}}
     assert grants(one(option_objects, "Role", f"{FULLNAME}-controller", NS)) == CONTROLLER_GRANTS
+
+
+@pytest.mark.integration
+def test_per_user_namespaces(helm: str) -> None:
+    """perUserNamespaces: the template and the allowed namespaces in gateway.toml, and
+    ClusterRoles with exactly the rules of gateway_k8s.rbac (the informers list and watch all
+    namespaces); the Lease stays a Role in the release's namespace."""
+    objects = render(
+        helm,
+        "--set",
+        "perUserNamespaces.enabled=true",
+        "--set-json",
+        'perUserNamespaces.allowed=["dask-*","team-a"]',
+    )
+    toml = gateway_toml(objects)
+    assert toml["cluster"]["namespace"] == "dask-{username}"
+    assert toml["backend"]["kubernetes"] == {"namespace": NS, "namespaces": ["dask-*", "team-a"]}
+    assert_config_valid(toml)
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Role"] == [
+        f"{FULLNAME}-controller-leader-election"
+    ]
+    gateway = one(objects, "ClusterRole", f"{NS}-{FULLNAME}-gateway")
+    controller = one(objects, "ClusterRole", f"{NS}-{FULLNAME}-controller")
+    assert grants(gateway) == GATEWAY_GRANTS and grants(controller) == CONTROLLER_GRANTS
+    for component in ("gateway", "controller"):
+        binding = one(objects, "ClusterRoleBinding", f"{NS}-{FULLNAME}-{component}")
+        assert binding["roleRef"]["kind"] == "ClusterRole"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"{FULLNAME}-{component}", "namespace": NS}
+        ]
+    validate_strict(objects)
+    # A template that is not a namespace name fails the config check, naming it.
+    bad = render(
+        helm,
+        "--set",
+        "perUserNamespaces.enabled=true",
+        "--set",
+        "perUserNamespaces.template=Dask_{username}",
+    )
+    problems = config_problems(gateway_toml(bad))
+    assert any("'Dask_{username}' is not a namespace name" in p for p in problems), problems
 
 
 def role_yaml(objects: list[Obj], *names: str) -> str:
@@ -762,7 +803,11 @@ def attempt(client: Any, group: str, resource: str, verb: str) -> int:
 
 def assert_enforced(role: str, granted: dict[tuple[str, str], set[str]]) -> None:
     """Every verb on every resource the chart knows: 403 exactly when not granted."""
-    resources = [*((g, r) for g, r in RESOURCES), ("daskgateway.dev", "daskclusters/status")]
+    resources = [
+        *((g, r) for g, r in RESOURCES),
+        ("daskgateway.dev", "daskclusters/status"),
+        ("", "pods/log"),
+    ]
     fake = FakeKube(crds=[crd.crd()], role=role)
     with fake.running():
         client = fake.api_client()
@@ -771,6 +816,8 @@ def assert_enforced(role: str, granted: dict[tuple[str, str], set[str]]) -> None
                 for verb in ALL_VERBS:
                     if resource.endswith("/status") and verb in ("list", "watch", "create"):
                         continue  # not verbs of a subresource
+                    if resource == "pods/log" and verb != "get":
+                        continue  # the only verb of pods/log
                     status = attempt(client, group, resource, verb)
                     allowed = verb in granted.get((group, resource), set())
                     where = f"{verb} {group or 'core'}/{resource}: {status}"

@@ -293,3 +293,46 @@ async def test_the_original_client_runs_a_kubernetes_cluster(
     assert seen["listed"] == [seen["name"]]
     assert seen["after"] == []
     await until(lambda: not leftovers(kube), "every object of the cluster to be deleted")
+
+
+async def test_the_logs_of_a_running_cluster_through_the_api(
+    kube: FakeKube,
+    kubelet: Kubelet,
+    controller: Controller,
+    make_gateway: Any,
+    make_api_client: Any,
+) -> None:
+    """The logs route reads the scheduler's and the worker's pods' logs (`pods/log`, which the
+    chart grants the gateway): what the real processes printed."""
+    gateway = await make_gateway(gateway_config(kube))
+    alice = make_api_client(gateway, "alice")
+    name = (await alice.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
+
+    async def running() -> Any:
+        body = (await alice.get(f"/api/v1/clusters/{name}")).body
+        return body["status"] == "RUNNING"
+
+    await until(running, "the cluster to run")
+    await alice.post(f"/api/v1/clusters/{name}/scale", json={"count": 1})
+
+    async def worker_logs() -> Any:
+        answer = await alice.get(f"/api/v2/clusters/{name}/logs?tail=200")
+        assert answer.status == 200, answer.body
+        workers = [c for c in answer.body if c != "scheduler"]
+        if workers and "Registered to" in answer.body[workers[0]]:
+            return answer.body
+        return None
+
+    logs = await until(worker_logs, "the worker's log to show it registered")
+    assert "Scheduler at:" in logs["scheduler"], logs["scheduler"]
+    (worker,) = (c for c in logs if c != "scheduler")
+    assert worker.startswith(f"dask-{name}-worker-")
+    assert len(logs) == 2
+    # The scheduler's alone, and its last line only.
+    answer = await alice.get(f"/api/v2/clusters/{name}/logs?component=scheduler&tail=1")
+    assert list(answer.body) == ["scheduler"] and answer.body["scheduler"].count("\n") == 0
+    assert answer.body["scheduler"] and answer.body["scheduler"] in logs["scheduler"]
+    await alice.delete(f"/api/v1/clusters/{name}")
+    answer = await alice.get(f"/api/v2/clusters/{name}/logs?component=scheduler")
+    assert answer.body == {"scheduler": "(no log: the cluster stopped and its pods were deleted)"}
+    await until(lambda: not leftovers(kube), "every object of the cluster to be deleted")

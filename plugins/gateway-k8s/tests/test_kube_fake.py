@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -629,3 +630,103 @@ def test_namespaces_and_their_deletion(core: Any) -> None:
     core.delete_namespace("user-alice")
     assert core.list_namespaced_pod("user-alice").items == []
     assert len(core.list_namespaced_pod(NS).items) == 1
+
+
+# --- pods/log ---------------------------------------------------------------------------------
+
+
+def running_pod(
+    kube: FakeKube, core: Any, tmp: Path, name: str, containers: list[str], output: bytes
+) -> str:
+    """A pod whose containers run (status written as a kubelet would), the first one's output
+    ``output`` (a file in ``tmp``, registered as a kubelet registers it); its uid."""
+    body = pod(name)
+    body["spec"]["containers"] = [
+        {"name": c, "image": "python", "command": ["sleep"]} for c in containers
+    ]
+    created = core.create_namespaced_pod(NS, body)
+    running = [
+        {
+            "name": c,
+            "image": "python",
+            "imageID": "",
+            "ready": True,
+            "restartCount": 0,
+            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+        }
+        for c in containers
+    ]
+    core.patch_namespaced_pod_status(
+        name, NS, {"status": {"phase": "Running", "containerStatuses": running}}
+    )
+    path = tmp / f"{name}.log"
+    path.write_bytes(output)
+    kube.container_logs[(created.metadata.uid, containers[0])] = path
+    return str(created.metadata.uid)
+
+
+def test_pod_log_tail_lines_and_limit_bytes(kube: FakeKube, core: Any, tmp_path: Path) -> None:
+    output = b"".join(f"line {i}\n".encode() for i in range(1, 11))
+    running_pod(kube, core, tmp_path, "one", ["main"], output)
+    assert core.read_namespaced_pod_log("one", NS) == output.decode()
+    assert core.read_namespaced_pod_log("one", NS, tail_lines=2) == "line 9\nline 10\n"
+    assert core.read_namespaced_pod_log("one", NS, tail_lines=0) == ""
+    # The real order: tail first, then the limit from the start of what is left.
+    assert core.read_namespaced_pod_log("one", NS, tail_lines=2, limit_bytes=4) == "line"
+    assert core.read_namespaced_pod_log("one", NS, limit_bytes=6) == "line 1"
+    assert core.read_namespaced_pod_log("one", NS, container="main", tail_lines=1) == "line 10\n"
+    # Plain text, not JSON.
+    response = core.read_namespaced_pod_log("one", NS, tail_lines=1, _preload_content=False)
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert response.data == b"line 10\n"
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod_log("one", NS, tail_lines=-1)
+    assert caught.value.status == 422 and "tailLines" in status_of(caught.value)["message"]
+
+
+def test_pod_log_errors(kube: FakeKube, core: Any, tmp_path: Path) -> None:
+    running_pod(kube, core, tmp_path, "two", ["main", "sidecar"], b"hello\n")
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod_log("two", NS)
+    assert caught.value.status == 400
+    assert status_of(caught.value)["message"] == (
+        "a container name must be specified for pod two, choose one of: [main sidecar]"
+    )
+    assert core.read_namespaced_pod_log("two", NS, container="main") == "hello\n"
+    # The sidecar runs but wrote nothing.
+    assert core.read_namespaced_pod_log("two", NS, container="sidecar") == ""
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod_log("two", NS, container="nope")
+    assert caught.value.status == 400
+    assert status_of(caught.value)["message"] == "container nope is not valid for pod two"
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod_log("two", NS, container="main", previous=True)
+    assert caught.value.status == 400
+    assert "previous terminated container" in status_of(caught.value)["message"]
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod_log("absent", NS)
+    assert caught.value.status == 404
+    assert status_of(caught.value)["reason"] == "NotFound"
+    # A container that has not started has no log yet.
+    core.create_namespaced_pod(NS, pod("pending"))
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod_log("pending", NS)
+    assert caught.value.status == 400
+    assert status_of(caught.value)["message"] == (
+        'container "main" in pod "pending" is waiting to start: ContainerCreating'
+    )
+
+
+def test_pod_log_rbac() -> None:
+    fake = FakeKube(role=[{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "create"]}])
+    with fake.running():
+        client = fake.api_client()
+        try:
+            api = kubernetes.client.CoreV1Api(client)
+            api.create_namespaced_pod(NS, pod("p"))
+            with pytest.raises(ApiException) as caught:
+                api.read_namespaced_pod_log("p", NS)
+            assert caught.value.status == 403
+            assert 'cannot get resource "pods/log"' in status_of(caught.value)["message"]
+        finally:
+            client.close()

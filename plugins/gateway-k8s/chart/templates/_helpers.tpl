@@ -73,6 +73,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- /* Clusters go to the release's namespace unless gateway.config says otherwise. */ -}}
 {{- $backend := dict "kubernetes" (dict "namespace" .Release.Namespace) -}}
 {{- $base := dict "gateway" $gateway "proxy" $proxy "auth" $auth "metrics" (dict "public" $v.metrics.public) "backend" $backend -}}
+{{- /* Per-user namespaces: the template, and the namespaces it may give. */ -}}
+{{- if .Values.perUserNamespaces.enabled -}}
+{{- $_ := set $backend.kubernetes "namespaces" .Values.perUserNamespaces.allowed -}}
+{{- $_ := set $base "cluster" (dict "namespace" .Values.perUserNamespaces.template) -}}
+{{- end -}}
 {{- toYaml (mergeOverwrite $base (deepCopy $v.config)) -}}
 {{- end -}}
 
@@ -207,10 +212,21 @@ rules, and the end-to-end tests run the fake API server with the rendered Roles.
   #   to the client, checked on the scheduler's heartbeat). No list or watch: the other
   #   Secrets of the namespace stay unread.
   verbs: [get]
+- apiGroups: [""]
+  resources: [pods/log]
+  # get: the logs route (API and web UI): the end of a cluster's scheduler and worker
+  #   containers' output, by pod name. No get, list or watch of pods themselves.
+  verbs: [get]
 {{- with .Values.rbac.gatewayExtraRules }}
 # Added by the values (rbac.gatewayExtraRules).
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/* "true" when the gateway's and the controller's rules are ClusterRoles: rbac.clusterWide,
+or per-user namespaces (their informers list and watch all namespaces). */}}
+{{- define "gateway-k8s.clusterWide" -}}
+{{- if or .Values.rbac.clusterWide .Values.perUserNamespaces.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/* The namespaces that get namespaced Roles: the release's, then rbac.namespaces. */}}

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from gateway_core.models import Cluster, ClusterStatus, User, new_name
 from gateway_core.reconciler.heartbeat import Heartbeat
 from gateway_core.reconciler.routes import ClusterRoutes
 
-from . import objects
+from . import logs, objects
 from .config import KubeBackendConfig, KubeClusterConfig
 from .kube import CLUSTERS, SECRETS, Informer, KubeClient, KubeError, load_api_client
 
@@ -50,7 +50,8 @@ def _ms(timestamp: str | None) -> int:
 
 
 class KubeBackend(Backend):
-    """Every cluster is a DaskCluster in ``[backend.kubernetes] namespace``; the controller
+    """Every cluster is a DaskCluster in ``[backend.kubernetes] namespace``, or the namespace
+    its ``[cluster] namespace`` template gives (`gateway_k8s.namespaces`); the controller
     (`gateway k8s controller`) turns it into pods. Nothing but stopped clusters' last words is
     kept in memory, so a restarted gateway (or a second replica) finds every cluster again."""
 
@@ -69,6 +70,9 @@ class KubeBackend(Backend):
         )
         assert isinstance(config, KubeBackendConfig)
         self.kconfig: KubeBackendConfig = config
+        self.policy = config.policy
+        self.namespace_of: dict[str, str] = {}
+        """The namespace of each cluster's DaskCluster (cluster names are unique across them)."""
         self.client: KubeClient | None = None
         self.clusters: Informer | None = None
         self.credentials: dict[str, tuple[str, bytes, bytes]] = {}
@@ -76,6 +80,8 @@ class KubeBackend(Backend):
         self.routes = ClusterRoutes(context=context)
         self.stopped: dict[str, Cluster] = {}
         self.heartbeats: dict[str, float] = {}
+        self.workers = logs.WorkerNames()
+        self.pod_logs: logs.PodLogs | None = None
         self._changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
 
@@ -87,12 +93,14 @@ class KubeBackend(Backend):
             load_api_client, server=c.server, kubeconfig=c.kubeconfig, context=c.context
         )
         self.client = KubeClient(api, threads=c.api_threads, qps=c.api_qps, burst=c.api_burst)
+        self.pod_logs = logs.PodLogs(self.client)
         self.clusters = Informer(
             self.client,
             CLUSTERS,
-            namespace=c.namespace,
+            namespace=self.policy.watch_namespace,
             labels=objects.SELECTOR,
             handler=self._on_cluster,
+            accept=self.policy.allows,
         )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
@@ -103,8 +111,11 @@ class KubeBackend(Backend):
             async with asyncio.timeout(30):
                 await self.clusters.synced.wait()
         except TimeoutError:
+            where = self.policy.watch_namespace
+            scope = f"namespace {where!r}" if where else "all namespaces"
+            why = f": {self.clusters.last_error}" if self.clusters.last_error else ""
             raise BackendUnavailable(
-                f"cannot list DaskClusters in namespace {c.namespace!r} within 30 s"
+                f"cannot list DaskClusters in {scope} within 30 s{why}"
             ) from None
 
     async def cleanup(self) -> None:
@@ -122,7 +133,8 @@ class KubeBackend(Backend):
 
     def _resource(self, name: str) -> dict[str, Any] | None:
         assert self.clusters is not None
-        return self.clusters.get(self.kconfig.namespace, objects.resource_name(name))
+        namespace = self.namespace_of.get(name, self.kconfig.namespace)
+        return self.clusters.get(namespace, objects.resource_name(name))
 
     def _record(self, obj: dict[str, Any]) -> Cluster:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -160,6 +172,7 @@ class KubeBackend(Backend):
             shared_users=list(sharing.get("users") or []),
             shared_groups=list(sharing.get("groups") or []),
         )
+        cluster.workers = self.workers.of(name)
         return cluster
 
     async def _load_credentials(self, objs: list[dict[str, Any]]) -> None:
@@ -189,8 +202,11 @@ class KubeBackend(Backend):
         a resource that failed or stopped is remembered, then deleted."""
         name = objects.cluster_name(obj["metadata"]["name"])
         if type_ == "DELETED":
+            self.namespace_of.pop(name, None)
             self.credentials.pop(name, None)
+            self.workers.forget(name)  # a stopped cluster's record keeps its own copy
         else:
+            self.namespace_of[name] = obj["metadata"]["namespace"]
             await self._load_credentials([obj])
         record = self._record(obj)
         if type_ != "DELETED" and record.status == ClusterStatus.RUNNING:
@@ -263,12 +279,7 @@ class KubeBackend(Backend):
     ) -> str:
         assert self.client is not None and self.clusters is not None
         assert isinstance(config, KubeClusterConfig)
-        namespace = self.kconfig.namespace
-        if config.namespace and config.namespace != namespace:
-            raise ClusterConflict(
-                f"cluster namespace {config.namespace!r}: this gateway manages clusters in "
-                f"namespace {namespace!r} only"
-            )
+        namespace = self.policy.for_cluster(config.namespace, user.name)
         name = new_name()
         env = {str(k): str(v) for k, v in config.environment.items()}
         env.update(
@@ -292,6 +303,7 @@ class KubeBackend(Backend):
             created = await self.client.create(CLUSTERS, namespace, body)
         except KubeError as exc:
             raise BackendUnavailable(f"cannot create the cluster's resources: {exc}") from None
+        self.namespace_of[name] = namespace
         self.clusters.put(created)
         log.info("Created DaskCluster %s/%s for %s", namespace, body["metadata"]["name"], user.name)
         return name
@@ -313,7 +325,9 @@ class KubeBackend(Backend):
         self.stopped.setdefault(name, record)
         self.routes.delete(record)
         try:
-            await self.client.delete(CLUSTERS, self.kconfig.namespace, objects.resource_name(name))
+            await self.client.delete(
+                CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"]
+            )
         except KubeError as exc:
             raise BackendUnavailable(f"cannot delete cluster {name}: {exc}") from None
 
@@ -331,7 +345,7 @@ class KubeBackend(Backend):
         }
         patch = {"metadata": {"annotations": {objects.ANNOTATION_SHARING: json.dumps(sharing)}}}
         updated = await self.client.patch(
-            CLUSTERS, self.kconfig.namespace, obj["metadata"]["name"], patch
+            CLUSTERS, obj["metadata"]["namespace"], obj["metadata"]["name"], patch
         )
         assert self.clusters is not None
         self.clusters.put(updated)
@@ -346,6 +360,7 @@ class KubeBackend(Backend):
         except ValueError as exc:
             raise ClusterConflict(f"bad heartbeat: {exc}") from None
         self.heartbeats[name] = time.time()
+        self.workers.record(name, beat)
         patch: dict[str, Any] = {}
         replicas = int((obj["spec"].get("worker") or {}).get("replicas") or 0)
         if beat.count is not None and beat.count != replicas:
@@ -360,6 +375,25 @@ class KubeBackend(Backend):
             )
             self.clusters.put(updated)
             self._changed.set()
+
+    async def cluster_logs(
+        self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int
+    ) -> dict[str, str]:
+        """The ends of the scheduler's and workers' container logs (`pods/log`), while their
+        pods exist (a stopped cluster's pods are gone, and so are their logs)."""
+        obj = self._resource(cluster.name)
+        if obj is None or cluster.name in self.stopped:
+            gone = "(no log: the cluster stopped and its pods were deleted)"
+            return dict.fromkeys(components, gone)
+        assert self.pod_logs is not None
+        return await logs.cluster_logs(
+            self.pod_logs,
+            namespace=obj["metadata"]["namespace"],
+            resource=obj["metadata"]["name"],
+            components=components,
+            tail=tail,
+            max_bytes=max_bytes,
+        )
 
     async def forward_to_scheduler(self, cluster: Cluster, msg: dict[str, Any]) -> None:
         op = msg.get("op", "request")

@@ -13,6 +13,8 @@ from attrs import define, field
 
 from gateway_core.config import BackendConfig, ClusterConfig, Memory
 
+from .namespaces import NamespacePolicy, pattern_problems, template_problems
+
 IMAGE_PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 # A DNS-1123 label, what namespaces must be.
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -36,7 +38,13 @@ class ApiSettings(BackendConfig):
     context: str = ""
     """Context of the kubeconfig; empty: its current context."""
     namespace: str = "default"
-    """Namespace of the DaskCluster resources (and their pods, Services and Secrets)."""
+    """Namespace of the DaskCluster resources (and their pods, Services and Secrets) whose
+    `[cluster] namespace` is empty."""
+    namespaces: list[str] = field(factory=list)
+    """More namespaces clusters may run in: names, or patterns with ``*`` (``dask-*``), that
+    a cluster's ``namespace`` (a template such as ``dask-{username}``) must give. Not empty:
+    the gateway and the controller watch all namespaces (ClusterRoles) and keep what is in
+    these."""
     api_threads: int = 8
     """Threads running blocking client calls (each open watch holds one)."""
     api_qps: float = 50.0
@@ -48,6 +56,7 @@ class ApiSettings(BackendConfig):
         problems = _namespace_problem("namespace", self.namespace)
         if not self.namespace:
             problems.append("namespace: must not be empty")
+        problems += pattern_problems("namespaces", self.namespaces)
         if self.api_threads < 3:
             problems.append(f"api_threads: must be at least 3, got {self.api_threads}")
         if self.api_qps < 0:
@@ -55,6 +64,10 @@ class ApiSettings(BackendConfig):
         if self.api_burst < 1:
             problems.append("api_burst: must be at least 1")
         return problems
+
+    @property
+    def policy(self) -> NamespacePolicy:
+        return NamespacePolicy(default=self.namespace, allowed=tuple(self.namespaces))
 
 
 @define(kw_only=True, frozen=True)
@@ -93,7 +106,9 @@ class KubeClusterConfig(ClusterConfig):
     image_pull_secrets: list[dict[str, str]] = field(factory=list)
     """Secrets to pull the image with: ``[{"name": "my-registry"}]``."""
     namespace: str = ""
-    """Namespace of the cluster; empty: the backend's. Must be the backend's today."""
+    """Namespace of the cluster, or a template naming ``{username}`` (``dask-{username}``:
+    the user's name made a DNS label); empty: the backend's. It must be the backend's
+    namespace or one of its ``namespaces``."""
     scheduler_cores_limit: float = 0.0
     """CPU limit of the scheduler; 0: ``scheduler_cores``."""
     scheduler_memory_limit: Memory = Memory(0)
@@ -137,7 +152,7 @@ class KubeClusterConfig(ClusterConfig):
         for i, secret in enumerate(self.image_pull_secrets):
             if set(secret) != {"name"} or not secret["name"]:
                 problems.append(f'image_pull_secrets[{i}]: must be {{"name": "<secret>"}}')
-        problems += _namespace_problem("namespace", self.namespace)
+        problems += template_problems("namespace", self.namespace)
         for name in ("scheduler_cores_limit", "worker_cores_limit"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must not be negative")

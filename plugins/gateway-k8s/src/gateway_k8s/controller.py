@@ -364,16 +364,31 @@ class Controller:
     def __init__(self, *, config: KubeControllerConfig, client: KubeClient) -> None:
         self.config = config
         self.client = client
-        ns = config.namespace
-        self.clusters = Informer(client, CLUSTERS, namespace=ns, handler=self._on_cluster)
+        # One namespace, or all of them (one watch per kind) keeping the allowed ones: see
+        # gateway_k8s.namespaces. Pods, Services and Secrets go in their cluster's namespace.
+        policy = config.policy
+        ns, accept = policy.watch_namespace, policy.allows
+        self.clusters = Informer(
+            client, CLUSTERS, namespace=ns, handler=self._on_cluster, accept=accept
+        )
         self.pods = Informer(
-            client, PODS, namespace=ns, labels=objects.SELECTOR, handler=self._on_pod
+            client, PODS, namespace=ns, labels=objects.SELECTOR, handler=self._on_pod, accept=accept
         )
         self.services = Informer(
-            client, SERVICES, namespace=ns, labels=objects.SELECTOR, handler=self._on_child
+            client,
+            SERVICES,
+            namespace=ns,
+            labels=objects.SELECTOR,
+            handler=self._on_child,
+            accept=accept,
         )
         self.secrets = Informer(
-            client, SECRETS, namespace=ns, labels=objects.SELECTOR, handler=self._on_child
+            client,
+            SECRETS,
+            namespace=ns,
+            labels=objects.SELECTOR,
+            handler=self._on_child,
+            accept=accept,
         )
         self.queue = WorkQueue()
         self.expectations = Expectations(timeout=config.expectations_timeout)

@@ -44,7 +44,9 @@ def gateway_register_commands(cli: click.Group) -> None:
         envvar="GATEWAY_CONFIG",
         default="",
         help="The gateway's TOML: [backend.kubernetes] server, kubeconfig, context, namespace "
-        "and api_* are the defaults of the options below (env GATEWAY_CONFIG).",
+        "and api_* are the defaults of the options below, and its namespaces (more namespaces "
+        "clusters may run in; then all namespaces are watched) is read too (env "
+        "GATEWAY_CONFIG).",
     )
     @click.option("--server", default=None, help="API server URL used without credentials.")
     @click.option("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster).")
@@ -105,6 +107,7 @@ def gateway_register_commands(cli: click.Group) -> None:
             "kubeconfig",
             "context",
             "namespace",
+            "namespaces",
             "api_qps",
             "api_burst",
             "api_threads",

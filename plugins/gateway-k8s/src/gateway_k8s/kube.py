@@ -260,7 +260,9 @@ class Informer:
     """A cache of one kind (in one namespace, or all with ""), kept current by list then
     watch from the list's resourceVersion; a 410 Gone (compaction) relists. ``handler(type,
     obj)`` is called on the event loop for every change (ADDED, MODIFIED, DELETED; a relist
-    reports what changed meanwhile). The watch runs in the client's pool, one thread."""
+    reports what changed meanwhile). The watch runs in the client's pool, one thread.
+    ``accept(namespace)``, when given, keeps only objects of the namespaces it accepts (the
+    others are neither cached nor reported)."""
 
     watch_timeout = 60
 
@@ -272,8 +274,10 @@ class Informer:
         namespace: str = "",
         labels: str = "",
         handler: Handler | None = None,
+        accept: Callable[[str], bool] | None = None,
     ) -> None:
         self.client = client
+        self.accept = accept
         self.resource = resource
         self.namespace = namespace
         self.labels = labels
@@ -283,6 +287,8 @@ class Informer:
         self.relists = 0
         self.resource_version = ""
         """Where the next watch starts; empty: list first."""
+        self.last_error = ""
+        """Why the last list or watch failed (empty once one worked)."""
         self._task: asyncio.Task[None] | None = None
         self._response: Any = None
         self._stopping = threading.Event()
@@ -315,6 +321,9 @@ class Informer:
         if old is None or _rv(old) < _rv(obj):
             self.cache[key] = obj
 
+    def _accepts(self, obj: Obj) -> bool:
+        return self.accept is None or self.accept(_key(obj)[0])
+
     async def _emit(self, type_: str, obj: Obj) -> None:
         if self.handler is None:
             return
@@ -327,7 +336,7 @@ class Informer:
 
     async def _relist(self) -> str:
         items, version = await self.client.list(self.resource, self.namespace, labels=self.labels)
-        fresh = {_key(o): o for o in items}
+        fresh = {_key(o): o for o in items if self._accepts(o)}
         for key, gone in list(self.cache.items()):
             if key not in fresh:
                 del self.cache[key]
@@ -351,6 +360,7 @@ class Informer:
                     self.relists += 1
                 self.resource_version = await self._watch(self.resource_version)
                 delay = 0.2
+                self.last_error = ""
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a watch that fails is started again
@@ -360,6 +370,7 @@ class Informer:
                 if is_gone(exc):
                     log.info("Watch of %s expired (410 Gone): relisting", self.resource.plural)
                     continue
+                self.last_error = str(exc) or type(exc).__name__
                 log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -409,7 +420,7 @@ class Informer:
                         int(obj.get("code") or 500), obj.get("reason", ""), obj.get("message", "")
                     )
                 version = obj.get("metadata", {}).get("resourceVersion") or version
-                if type_ == "BOOKMARK":
+                if type_ == "BOOKMARK" or not self._accepts(obj):
                     continue
                 if type_ == "DELETED":
                     self.cache.pop(_key(obj), None)

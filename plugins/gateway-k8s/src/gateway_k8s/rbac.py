@@ -34,6 +34,13 @@ GATEWAY_RULES: list[Rule] = [
         "a cluster's token and TLS credentials, by name (read once; no list: other Secrets "
         "of the namespace stay unread)",
     ),
+    _rule(
+        "",
+        "pods/log",
+        ["get"],
+        "the logs route: the end of a cluster's scheduler and worker containers' output, by "
+        "pod name (no pods get, list or watch: the gateway never reads the pods themselves)",
+    ),
 ]
 
 CONTROLLER_RULES: list[Rule] = [

@@ -10,7 +10,9 @@ Mapping to the real thing (documented, since a process is not a container):
   occurrence of a container's `volumeMounts[].mountPath` in its command, args and env values is
   rewritten to that directory;
 - the process inherits this process's environment (PATH, the venv) with the pod's env on top;
-  its stdout and stderr go to `<workdir>/<namespace>/<pod>/log`;
+  its stdout and stderr go to `<workdir>/<namespace>/<pod>/log`, which the fake API server
+  serves as the container's `pods/log` (only the first container runs; others have no
+  status, so their log is "waiting to start", as a container that never started);
 - `$(VAR)` in command and args is the container's env variable VAR (`$$` is `$`), as the
   kubelet expands it;
 - restartPolicy is treated as Never: an exit ends the pod (Succeeded on 0, else Failed);
@@ -301,7 +303,9 @@ class Kubelet:
         started = _now()
         if command is not None:
             argv, env = command
-            log = (pod.directory / "log").open("wb")
+            path = pod.directory / "log"
+            log = path.open("wb")
+            self.kube.container_logs[(pod.uid, name)] = path
             pod.process = subprocess.Popen(
                 argv,
                 env=env,

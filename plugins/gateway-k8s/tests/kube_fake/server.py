@@ -1,5 +1,6 @@
 """The fake Kubernetes API server's HTTP side (aiohttp, in a thread of its own): discovery, the
-REST verbs, list and watch, patches, subresources, RBAC and schema checks, Status errors.
+REST verbs, list and watch, patches, subresources (pods' logs too), RBAC and schema checks,
+Status errors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -47,7 +49,8 @@ class FakeKube:
 
     `crds`: CustomResourceDefinitions served from the start (more can be POSTed);
     `role`: a Role (dict, YAML text or rules list) whose rules every request must satisfy
-    (None: everything allowed); `user`: the name 403 messages give; `history_seconds`: how long
+    (None: everything allowed; a Role naming its namespace grants there only, see
+    `rbac.scoped_rules_of`); `user`: the name 403 messages give; `history_seconds`: how long
     watch history is kept before compaction; `bookmark_interval`: BOOKMARK period for watches
     that allow them; `graceful_pod_deletion`: running pods stay Terminating until their kubelet
     deletes them (with a kubelet only).
@@ -66,6 +69,8 @@ class FakeKube:
     _thread: threading.Thread | None = field(init=False, default=None)
     _runner: web.AppRunner | None = field(init=False, default=None)
     _closing: bool = field(init=False, default=False)
+    container_logs: dict[tuple[str, str], Path] = field(init=False, factory=dict)
+    """(pod uid, container name) -> the file a kubelet writes the container's output to."""
 
     def __attrs_post_init__(self) -> None:
         self.store = Store(
@@ -156,15 +161,25 @@ class FakeKube:
             verb = self._verb(request, req)
             resource = req.kind.plural + (f"/{req.subresource}" if req.subresource else "")
             if self.role is not None and not rbac.allows(
-                rbac.rules_of(self.role),
+                rbac.scoped_rules_of(self.role),
                 verb=verb,
                 group=req.group,
                 resource=resource,
                 name=req.name,
+                namespace=req.namespace,
             ):
                 raise self._forbidden(req, verb, resource)
             if verb == "watch":
                 return await self._watch(request, req)
+            if req.subresource == "log":
+                if verb != "get":
+                    raise ApiError(
+                        405,
+                        "MethodNotAllowed",
+                        "the server does not allow this method on the requested resource",
+                    )
+                text = await asyncio.to_thread(self._pod_log, request, req)
+                return web.Response(body=text, content_type="text/plain", charset="utf-8")
             body = await self._dispatch(request, req, verb)
             status = 201 if verb == "create" else 200
             return web.json_response(body, status=status)
@@ -176,7 +191,7 @@ class FakeKube:
             return web.json_response(failure.status(), status=500)
 
     def _forbidden(self, req: Request, verb: str, resource: str) -> ApiError:
-        where = f' in the namespace "{req.namespace}"' if req.namespace else ""
+        where = f' in the namespace "{req.namespace}"' if req.namespace else " at the cluster scope"
         named = f' "{req.name}"' if req.name else ""
         details: Obj = {"kind": req.kind.plural, "group": req.group}
         if req.name:
@@ -299,7 +314,9 @@ class FakeKube:
         name = rest[1] if len(rest) > 1 else None
         sub = rest[2] if len(rest) > 2 else ""
         if sub and not (
-            (sub == "status" and kind.status_subresource) or (sub == "scale" and kind.scale)
+            (sub == "status" and kind.status_subresource)
+            or (sub == "scale" and kind.scale)
+            or (sub == "log" and kind.key == "/pods")
         ):
             raise not_found
         return Request(
@@ -489,6 +506,77 @@ class FakeKube:
                     ],
                 },
             )
+
+    # --- pods/log -------------------------------------------------------------------------
+
+    @staticmethod
+    def _count_param(request: web.Request, name: str) -> int | None:
+        raw = request.query.get(name)
+        if raw is None:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0 or (name == "limitBytes" and value == 0):
+            least = 1 if name == "limitBytes" else 0
+            raise ApiError(
+                422,
+                "Invalid",
+                f'PodLogOptions "" is invalid: {name}: Invalid value: {raw!r}: must be '
+                f"greater than or equal to {least}",
+            )
+        return value
+
+    def _pod_log(self, request: web.Request, req: Request) -> bytes:
+        """What the kubelet has of a container's output: the last ``tailLines`` lines, then at
+        most ``limitBytes`` bytes from their start (the real order: tail first, then the
+        limit). The errors are the real server's: 404 for a missing pod, 400 for a pod with
+        several containers and none named, a container it does not have, a container not
+        started yet, or ``previous`` (this kubelet never restarts a container)."""
+        pod = self.store.get(req.kind, req.namespace or "", req.name or "")
+        name = pod["metadata"]["name"]
+        containers = [c["name"] for c in pod["spec"].get("containers") or []]
+        container = request.query.get("container") or ""
+        tail = self._count_param(request, "tailLines")
+        limit = self._count_param(request, "limitBytes")
+        if not container:
+            if len(containers) != 1:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f"a container name must be specified for pod {name}, choose one of: "
+                    f"[{' '.join(containers)}]",
+                )
+            container = containers[0]
+        if container not in containers:
+            raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        if _flag(request.query.get("previous")):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'previous terminated container "{container}" in pod "{name}" not found',
+            )
+        statuses = {s["name"]: s for s in (pod.get("status") or {}).get("containerStatuses") or []}
+        state = (statuses.get(container) or {}).get("state") or {}
+        if not state.get("running") and not state.get("terminated"):
+            why = (state.get("waiting") or {}).get("reason") or "ContainerCreating"
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'container "{container}" in pod "{name}" is waiting to start: {why}',
+            )
+        path = self.container_logs.get((pod["metadata"]["uid"], container))
+        data = b""
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                data = path.read_bytes()
+        if tail is not None:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-tail:]) if tail else b""
+        if limit is not None:
+            data = data[:limit]
+        return data
 
     # --- scale subresource ----------------------------------------------------------------
 
