@@ -9,13 +9,36 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from attrs import define, field
+from attrs import define, field, fields
 
-from gateway_core.config import BackendConfig, ClusterConfig, Memory
+from gateway_core.config import (
+    GROUP_FORBIDDEN_BACKEND_KEYS,
+    GROUP_OWN_KEYS,
+    BackendConfig,
+    ClusterConfig,
+    Memory,
+)
 
 IMAGE_PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 # A DNS-1123 label, what namespaces must be.
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+GROUP_BACKEND_KEYS = (
+    "image",
+    "image_pull_policy",
+    "worker_cores_limit",
+    "worker_memory_limit",
+    "worker_extra_container_config",
+    "worker_extra_pod_config",
+    "worker_extra_pod_labels",
+    "worker_extra_pod_annotations",
+    "node_selector",
+    "tolerations",
+)
+"""The `[cluster]` settings a worker group's ``backend`` table may set on Kubernetes: what
+shapes one worker pod (the other cluster settings are the scheduler's, or the whole
+cluster's)."""
 
 
 def _namespace_problem(key: str, value: str) -> list[str]:
@@ -147,6 +170,36 @@ class KubeClusterConfig(ClusterConfig):
         for i, toleration in enumerate(self.tolerations):
             if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
                 problems.append(f"tolerations[{i}].operator: must be Equal or Exists")
+        problems += self._group_backend_problems()
+        return problems
+
+    def _group_backend_problems(self) -> list[str]:
+        """Group extras core accepts (settings of this class) that mean nothing for one
+        worker's pod. Keys core refuses itself (unknown ones, the group's own) are left to it."""
+        problems: list[str] = []
+        known = {a.name for a in fields(type(self))}
+        for name, group in self.worker_groups.items():
+            for key in group.backend:
+                if (
+                    key not in known
+                    or key in GROUP_BACKEND_KEYS
+                    or key in GROUP_OWN_KEYS
+                    or key in GROUP_FORBIDDEN_BACKEND_KEYS
+                ):
+                    continue
+                if key in ("image_pull_secrets", "service_account"):
+                    why = (
+                        "it applies to every pod of the cluster; set it in [cluster], or give "
+                        "the group's pods their own through worker_extra_pod_config"
+                    )
+                elif key.startswith("scheduler_"):
+                    why = "a scheduler setting; a group has workers only"
+                else:
+                    why = "a setting of the whole cluster, not of one worker"
+                problems.append(
+                    f"worker_groups.{name}.backend.{key}: not a per-group setting on Kubernetes "
+                    f"({why}); a group's backend table may set {', '.join(GROUP_BACKEND_KEYS)}"
+                )
         return problems
 
 
