@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from kube_fake import FakeKube
 
+from gateway_core.config import ConfigError, structure
 from gateway_k8s import crd, objects
+from gateway_k8s.config import KubeClusterConfig
 from gateway_k8s.rbac import GATEWAY_RULES, role_rules
 
 pytestmark = pytest.mark.unit
@@ -305,8 +307,6 @@ async def test_group_targets_reach_the_groups_replicas_and_their_counts_the_api(
 async def test_bad_group_extras_are_refused_naming_the_key_and_nothing_is_lost(
     gateway_only: FakeKube, make_gateway: Any, make_api_client: Any, backend: Any, problem: str
 ) -> None:
-    from gateway_core.config import ConfigError
-
     kube = gateway_only
     first = await make_gateway(
         {**config(kube), "gateway": {"backend": "kubernetes", "stop_clusters_on_shutdown": False}}
@@ -322,3 +322,23 @@ async def test_bad_group_extras_are_refused_naming_the_key_and_nothing_is_lost(
     )
     # The running cluster's resource is untouched.
     assert len(stored(kube, crd.GROUP, crd.VERSION, crd.PLURAL)) == 1
+
+
+@pytest.mark.parametrize(
+    ("cluster", "problem"),
+    [
+        # A group with more cores than [cluster] inherits the cluster's lower limit.
+        (
+            {"worker_cores_limit": 2, "worker_groups": {"big": {"worker_cores": 8}}},
+            "cluster.worker_groups.big.worker_cores_limit: 2 is below worker_cores 8",
+        ),
+        (
+            {"worker_memory": "4 GiB", "worker_memory_limit": "2 GiB"},
+            f"cluster.worker_memory_limit: {2 * 2**30} is below worker_memory {4 * 2**30}",
+        ),
+    ],
+)
+def test_a_limit_below_its_request_is_refused(cluster: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        structure({"image": "dask:test", **cluster}, KubeClusterConfig, path="cluster")
+    assert any(p.startswith(problem) for p in raised.value.problems), raised.value.problems

@@ -167,6 +167,21 @@ class KubeClusterConfig(ClusterConfig):
         for name in ("scheduler_memory_limit", "worker_memory_limit"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must not be negative")
+        for role, what in (
+            ("scheduler", "cores"),
+            ("scheduler", "memory"),
+            ("worker", "cores"),
+            ("worker", "memory"),
+        ):
+            limit, request = getattr(self, f"{role}_{what}_limit"), getattr(self, f"{role}_{what}")
+            if limit > 0 and limit < request:
+                # Kubernetes refuses a pod whose limit is below its request; a worker group
+                # with more cores or memory than [cluster] meets this with the cluster's limit.
+                shown = (f"{limit:g}", f"{request:g}") if what == "cores" else (limit, request)
+                problems.append(
+                    f"{role}_{what}_limit: {shown[0]} is below {role}_{what} {shown[1]} "
+                    "(Kubernetes refuses such pods); raise it, or 0 for the request itself"
+                )
         for i, toleration in enumerate(self.tolerations):
             if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
                 problems.append(f"tolerations[{i}].operator: must be Equal or Exists")
