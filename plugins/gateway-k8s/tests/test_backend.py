@@ -342,3 +342,27 @@ def test_a_limit_below_its_request_is_refused(cluster: dict[str, Any], problem: 
     with pytest.raises(ConfigError) as raised:
         structure({"image": "dask:test", **cluster}, KubeClusterConfig, path="cluster")
     assert any(p.startswith(problem) for p in raised.value.problems), raised.value.problems
+
+
+async def test_an_option_that_breaks_a_group_is_refused_and_nothing_is_created(
+    gateway_only: FakeKube, make_gateway: Any, make_api_client: Any
+) -> None:
+    kube = gateway_only
+    settings = config(kube, worker_groups={"big": {"worker_cores": 8}})
+    settings["options"] = {"worker_cores_limit": {"type": "int", "default": 0, "min": 0}}
+    gateway = await make_gateway(settings)
+    alice = make_api_client(gateway, "alice")
+    # 2 cores would do for the default group, not for the 8-core group that inherits it.
+    answer = await alice.post(
+        "/api/v1/clusters/", json={"cluster_options": {"worker_cores_limit": 2}}
+    )
+    assert answer.status == 422, answer.body
+    assert "worker_groups.big.worker_cores_limit: 2 is below worker_cores 8" in str(answer.body)
+    assert stored(kube, crd.GROUP, crd.VERSION, crd.PLURAL) == []
+    answer = await alice.post(
+        "/api/v1/clusters/", json={"cluster_options": {"worker_cores_limit": 8}}
+    )
+    assert answer.status == 201, answer.body
+    [resource] = stored(kube, crd.GROUP, crd.VERSION, crd.PLURAL)
+    big = resource["spec"]["workerGroups"]["big"]["resources"]
+    assert big["requests"]["cpu"] == "8" and big["limits"]["cpu"] == "8"
