@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from attrs import define, field
 
 from gateway_core.backends.base import Backend
 from gateway_core.config import ClusterConfig, unstructure
 from gateway_core.errors import BackendUnavailable, ClusterConflict
-from gateway_core.models import Cluster, ClusterStatus, User, new_name
+from gateway_core.models import DEFAULT_GROUP, Cluster, ClusterStatus, User, new_name
 from gateway_core.reconciler.heartbeat import Heartbeat
 from gateway_core.reconciler.routes import ClusterRoutes
 
@@ -47,6 +48,56 @@ def _ms(timestamp: str | None) -> int:
         return int(time.time() * 1000)
     moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def _replicas_patch(spec: dict[str, Any], beat: Heartbeat) -> dict[str, Any]:
+    """The change to a DaskCluster's spec a heartbeat asks for: the default group's target in
+    ``worker.replicas``, each named group's in ``workerGroups.<group>.replicas`` (a group the
+    agent has no target for wants none: its targets start at 0). Groups the spec does not
+    have are not the cluster's (the API refuses to scale them) and are ignored."""
+    out: dict[str, Any] = {}
+    replicas = int((spec.get("worker") or {}).get("replicas") or 0)
+    if beat.count is not None and beat.count != replicas:
+        out["worker"] = {"replicas": beat.count}
+    if beat.group_counts is not None:
+        groups: dict[str, Any] = {}
+        for group, template in (spec.get("workerGroups") or {}).items():
+            wanted = beat.group_counts.get(group, 0)
+            if wanted != int(template.get("replicas") or 0):
+                groups[group] = {"replicas": wanted}
+        unknown = sorted(set(beat.group_counts) - set(spec.get("workerGroups") or {}))
+        if unknown:
+            log.warning("Heartbeat names worker groups the cluster lacks: %s", unknown)
+        if groups:
+            out["workerGroups"] = groups
+    return out
+
+
+@define(kw_only=True)
+class KubeCluster(Cluster):
+    """A cluster as its DaskCluster shows it: no worker records (the gateway reads no pods),
+    the controller's counts per group (``status.groups``) instead."""
+
+    observed: dict[str, dict[str, int]] = field(factory=dict)
+    """Per group, the controller's ``requested``, ``pending`` and ``running`` worker pods."""
+
+    def workers_per_group(self) -> dict[str, dict[str, int]]:
+        """Per group, the workers the scheduler wants (``count``) and the pods the controller
+        saw: those beyond what it was asked for are ``stopping`` (not started ones first: the
+        controller deletes those first, running ones the scheduler retires)."""
+        out: dict[str, dict[str, int]] = {}
+        for group in dict.fromkeys([DEFAULT_GROUP, *self.group_counts, *self.observed]):
+            seen = self.observed.get(group, {})
+            pending, running = seen.get("pending", 0), seen.get("running", 0)
+            excess = max(0, pending + running - seen.get("requested", 0))
+            stop_pending = min(excess, pending)
+            out[group] = {
+                "count": self.count_of(group),
+                "pending": pending - stop_pending,
+                "running": running - (excess - stop_pending),
+                "stopping": excess,
+            }
+        return out
 
 
 class KubeBackend(Backend):
@@ -152,7 +203,7 @@ class KubeBackend(Backend):
         address = status.get("schedulerAddress") or ""
         host = address.rpartition("://")[2].rpartition(":")[0]
         sharing = json.loads(annotations.get(objects.ANNOTATION_SHARING) or "{}")
-        cluster = Cluster(
+        cluster = KubeCluster(
             name=name,
             username=spec.get("user", ""),
             token=token,
@@ -161,6 +212,15 @@ class KubeBackend(Backend):
             status=phase,
             target=ClusterStatus.RUNNING if phase.is_active else phase,
             count=int((spec.get("worker") or {}).get("replicas") or 0),
+            group_counts={
+                group: int(template.get("replicas") or 0)
+                for group, template in (spec.get("workerGroups") or {}).items()
+                if template.get("replicas")
+            },
+            observed={
+                str(group): {k: int(v or 0) for k, v in (counts or {}).items()}
+                for group, counts in (status.get("groups") or {}).items()
+            },
             scheduler_address=address if phase == ClusterStatus.RUNNING else "",
             dashboard_address=status.get("dashboardAddress") or "",
             api_address=f"http://{host}:{objects.API_PORT}" if host else "",
@@ -281,21 +341,18 @@ class KubeBackend(Backend):
         assert isinstance(config, KubeClusterConfig)
         namespace = self.policy.for_cluster(config.namespace, user.name)
         name = new_name()
-        env = {str(k): str(v) for k, v in config.environment.items()}
-        env.update(
-            {
-                "DASK_GATEWAY_API_URL": self.context.api_url,
-                "DASK_GATEWAY_CLUSTER_NAME": name,
-                "DASK_GATEWAY_HEARTBEAT_PERIOD": str(self.kconfig.cluster_heartbeat_period),
-                "DASK_GATEWAY_ADAPTIVE_PERIOD": f"{config.adaptive_period:g}",
-            }
-        )
+        gateway_env = {
+            "DASK_GATEWAY_API_URL": self.context.api_url,
+            "DASK_GATEWAY_CLUSTER_NAME": name,
+            "DASK_GATEWAY_HEARTBEAT_PERIOD": str(self.kconfig.cluster_heartbeat_period),
+            "DASK_GATEWAY_ADAPTIVE_PERIOD": f"{config.adaptive_period:g}",
+        }
         body = objects.cluster_resource(
             name=name,
             namespace=namespace,
             username=user.name,
             config=config,
-            env=env,
+            gateway_env=gateway_env,
             options_json=json.dumps(options),
             config_json=json.dumps(unstructure(config)),
         )
@@ -351,7 +408,8 @@ class KubeBackend(Backend):
         self.clusters.put(updated)
 
     async def on_cluster_heartbeat(self, name: str, msg: dict[str, Any]) -> None:
-        """The scheduler's target count becomes the default group's ``replicas``."""
+        """The scheduler's target count becomes the default group's ``replicas``, its target
+        per named group (``group_counts``) that group's ``replicas``."""
         obj = self._resource(name)
         if obj is None or name in self.stopped:
             raise ClusterConflict(f"Cluster {name} is not running")
@@ -362,9 +420,9 @@ class KubeBackend(Backend):
         self.heartbeats[name] = time.time()
         self.workers.record(name, beat)
         patch: dict[str, Any] = {}
-        replicas = int((obj["spec"].get("worker") or {}).get("replicas") or 0)
-        if beat.count is not None and beat.count != replicas:
-            patch["spec"] = {"worker": {"replicas": beat.count}}
+        spec_patch = _replicas_patch(obj["spec"], beat)
+        if spec_patch:
+            patch["spec"] = spec_patch
         if objects.ANNOTATION_REGISTERED not in (obj["metadata"].get("annotations") or {}):
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             patch["metadata"] = {"annotations": {objects.ANNOTATION_REGISTERED: stamp}}

@@ -9,15 +9,38 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from attrs import define, field
+from attrs import define, field, fields
 
-from gateway_core.config import BackendConfig, ClusterConfig, Memory
+from gateway_core.config import (
+    GROUP_FORBIDDEN_BACKEND_KEYS,
+    GROUP_OWN_KEYS,
+    BackendConfig,
+    ClusterConfig,
+    Memory,
+)
 
 from .namespaces import NamespacePolicy, pattern_problems, template_problems
 
 IMAGE_PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 # A DNS-1123 label, what namespaces must be.
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+GROUP_BACKEND_KEYS = (
+    "image",
+    "image_pull_policy",
+    "worker_cores_limit",
+    "worker_memory_limit",
+    "worker_extra_container_config",
+    "worker_extra_pod_config",
+    "worker_extra_pod_labels",
+    "worker_extra_pod_annotations",
+    "node_selector",
+    "tolerations",
+)
+"""The `[cluster]` settings a worker group's ``backend`` table may set on Kubernetes: what
+shapes one worker pod (the other cluster settings are the scheduler's, or the whole
+cluster's)."""
 
 
 def _namespace_problem(key: str, value: str) -> list[str]:
@@ -159,9 +182,54 @@ class KubeClusterConfig(ClusterConfig):
         for name in ("scheduler_memory_limit", "worker_memory_limit"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must not be negative")
+        for role, what in (
+            ("scheduler", "cores"),
+            ("scheduler", "memory"),
+            ("worker", "cores"),
+            ("worker", "memory"),
+        ):
+            limit, request = getattr(self, f"{role}_{what}_limit"), getattr(self, f"{role}_{what}")
+            if limit > 0 and limit < request:
+                # Kubernetes refuses a pod whose limit is below its request; a worker group
+                # with more cores or memory than [cluster] meets this with the cluster's limit.
+                shown = (f"{limit:g}", f"{request:g}") if what == "cores" else (limit, request)
+                problems.append(
+                    f"{role}_{what}_limit: {shown[0]} is below {role}_{what} {shown[1]} "
+                    "(Kubernetes refuses such pods); raise it, or 0 for the request itself"
+                )
         for i, toleration in enumerate(self.tolerations):
             if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
                 problems.append(f"tolerations[{i}].operator: must be Equal or Exists")
+        problems += self._group_backend_problems()
+        return problems
+
+    def _group_backend_problems(self) -> list[str]:
+        """Group extras core accepts (settings of this class) that mean nothing for one
+        worker's pod. Keys core refuses itself (unknown ones, the group's own) are left to it."""
+        problems: list[str] = []
+        known = {a.name for a in fields(type(self))}
+        for name, group in self.worker_groups.items():
+            for key in group.backend:
+                if (
+                    key not in known
+                    or key in GROUP_BACKEND_KEYS
+                    or key in GROUP_OWN_KEYS
+                    or key in GROUP_FORBIDDEN_BACKEND_KEYS
+                ):
+                    continue
+                if key in ("image_pull_secrets", "service_account"):
+                    why = (
+                        "it applies to every pod of the cluster; set it in [cluster], or give "
+                        "the group's pods their own through worker_extra_pod_config"
+                    )
+                elif key.startswith("scheduler_"):
+                    why = "a scheduler setting; a group has workers only"
+                else:
+                    why = "a setting of the whole cluster, not of one worker"
+                problems.append(
+                    f"worker_groups.{name}.backend.{key}: not a per-group setting on Kubernetes "
+                    f"({why}); a group's backend table may set {', '.join(GROUP_BACKEND_KEYS)}"
+                )
         return problems
 
 

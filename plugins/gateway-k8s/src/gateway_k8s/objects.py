@@ -59,9 +59,13 @@ def scheduler_name(resource: str) -> str:
 
 
 def worker_pod_name(resource: str, group: str) -> str:
-    suffix = secrets.token_hex(3)
-    middle = "worker" if group == crd.DEFAULT_GROUP else f"{group}-worker"
-    return f"{resource}-{middle}-{suffix}"
+    """A new worker pod's name, which is also its Dask worker name: the default group's
+    ``<resource>-worker-<hex>``; a named group's ``<cluster>-<group>-<hex>``, the worker names
+    of every backend, from which the scheduler's agent reads the worker's group (to it, a name
+    not of that form is a default group worker)."""
+    if group == crd.DEFAULT_GROUP:
+        return f"{resource}-worker-{secrets.token_hex(3)}"
+    return f"{cluster_name(resource)}-{group}-{secrets.token_hex(5)}"
 
 
 def labels(resource: str, component: str, group: str = "") -> dict[str, str]:
@@ -106,43 +110,12 @@ def _env(values: dict[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in values.items()]
 
 
-def cluster_resource(
-    *,
-    name: str,
-    namespace: str,
-    username: str,
-    config: KubeClusterConfig,
-    env: dict[str, str],
-    options_json: str,
-    config_json: str,
-) -> Obj:
-    """The DaskCluster for a new gateway cluster: the scheduler and default worker group from
-    ``config``, ``env`` for both (how to reach the gateway, ``[cluster] environment``)."""
-    common: Obj = {"image": config.image, "env": _env(env)}
-    if config.image_pull_policy:
-        common["imagePullPolicy"] = config.image_pull_policy
-    if config.node_selector:
-        common["nodeSelector"] = dict(config.node_selector)
-    if config.tolerations:
-        common["tolerations"] = copy.deepcopy(config.tolerations)
-    scheduler: Obj = {
-        **copy.deepcopy(common),
-        "resources": _resources(
-            config.scheduler_cores,
-            config.scheduler_memory,
-            config.scheduler_cores_limit,
-            config.scheduler_memory_limit,
-        ),
-        "labels": dict(config.scheduler_extra_pod_labels),
-        "annotations": dict(config.scheduler_extra_pod_annotations),
-        "extraPodConfig": copy.deepcopy(config.scheduler_extra_pod_config),
-        "extraContainerConfig": {
-            "command": list(config.scheduler_cmd),
-            **copy.deepcopy(config.scheduler_extra_container_config),
-        },
-    }
-    worker: Obj = {
-        **copy.deepcopy(common),
+def _worker_template(config: KubeClusterConfig, gateway_env: dict[str, str]) -> Obj:
+    """The pod template of one worker group, from ``config`` as its workers see it (the
+    cluster's config for the default group, ``config.for_group(name)`` for a named one)."""
+    template: Obj = {
+        "image": config.image,
+        "env": _env(_environment(config, gateway_env)),
         "replicas": 0,
         "threads": config.threads,
         "resources": _resources(
@@ -159,7 +132,70 @@ def cluster_resource(
             **copy.deepcopy(config.worker_extra_container_config),
         },
     }
-    spec: Obj = {"user": username, "scheduler": scheduler, "worker": worker}
+    _placement(template, config)
+    return template
+
+
+def _environment(config: KubeClusterConfig, gateway_env: dict[str, str]) -> dict[str, str]:
+    """``[cluster] environment`` (a group's merged over it), then how to reach the gateway."""
+    env = {str(k): str(v) for k, v in config.environment.items()}
+    env.update(gateway_env)
+    return env
+
+
+def _placement(template: Obj, config: KubeClusterConfig) -> None:
+    if config.image_pull_policy:
+        template["imagePullPolicy"] = config.image_pull_policy
+    if config.node_selector:
+        template["nodeSelector"] = dict(config.node_selector)
+    if config.tolerations:
+        template["tolerations"] = copy.deepcopy(config.tolerations)
+
+
+def cluster_resource(
+    *,
+    name: str,
+    namespace: str,
+    username: str,
+    config: KubeClusterConfig,
+    gateway_env: dict[str, str],
+    options_json: str,
+    config_json: str,
+) -> Obj:
+    """The DaskCluster for a new gateway cluster: the scheduler and default worker group from
+    ``config``, a `spec.workerGroups` entry for each named group the cluster may scale (its
+    workers' config: `KubeClusterConfig.for_group`), every pod's environment ``[cluster]
+    environment`` (a group's merged over it) and ``gateway_env`` (how to reach the gateway)."""
+    scheduler: Obj = {
+        "image": config.image,
+        "env": _env(_environment(config, gateway_env)),
+        "resources": _resources(
+            config.scheduler_cores,
+            config.scheduler_memory,
+            config.scheduler_cores_limit,
+            config.scheduler_memory_limit,
+        ),
+        "labels": dict(config.scheduler_extra_pod_labels),
+        "annotations": dict(config.scheduler_extra_pod_annotations),
+        "extraPodConfig": copy.deepcopy(config.scheduler_extra_pod_config),
+        "extraContainerConfig": {
+            "command": list(config.scheduler_cmd),
+            **copy.deepcopy(config.scheduler_extra_container_config),
+        },
+    }
+    _placement(scheduler, config)
+    spec: Obj = {
+        "user": username,
+        "scheduler": scheduler,
+        "worker": _worker_template(config, gateway_env),
+    }
+    groups: Obj = {}
+    for group in config.group_names()[1:]:
+        group_config = config.for_group(group)
+        assert isinstance(group_config, KubeClusterConfig)
+        groups[group] = _worker_template(group_config, gateway_env)
+    if groups:
+        spec["workerGroups"] = groups
     if config.image_pull_secrets:
         spec["imagePullSecrets"] = copy.deepcopy(config.image_pull_secrets)
     if config.service_account:
