@@ -1,30 +1,23 @@
-"""What the end-to-end tests share: the fake API server under the chart's RBAC, the simulated
-kubelet running real Dask processes, the controller in this process, and waiting helpers.
+"""Shared pieces of the end-to-end tests (test_end_to_end.py, test_end_to_end_faults.py): the
+RBAC they run under, the gateway's configuration, waiting, and what is left in the fake.
 
-Imported by `test_end_to_end.py` and `test_end_to_end_groups.py`: importing `e2e_kube`,
-`e2e_kubelet` and `e2e_controller` gives a module the fixtures `kube` (which overrides
-conftest's everything-allowed one), `kubelet` and `controller`.
+The fixtures built on them (`chart_kube`, `kubelet`, `controller`) are in conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 from kube_fake import FakeKube
-from kube_fake.kubelet import Kubelet
 from kube_fake.rbac import rules_of
 
 from gateway_k8s import crd
-from gateway_k8s.config import KubeControllerConfig
-from gateway_k8s.controller import Controller
-from gateway_k8s.runner import make_controller
 
 NS = "dask"
 BIN = os.path.dirname(sys.executable)
@@ -40,42 +33,30 @@ KUBELET_RULES = [
 ]
 
 
-@pytest.fixture(name="kube")
-def e2e_kube(chart_roles: dict[str, dict[str, Any]]) -> Iterator[FakeKube]:
-    """The fake API server granting only what the Helm chart's rendered Roles grant (the
-    gateway's, the controller's and its leader election Role; plus the kubelet's needs): a
-    request of the gateway or the controller beyond them fails the test."""
-    rules = [rule for role in chart_roles.values() for rule in rules_of(role)] + KUBELET_RULES
-    fake = FakeKube(crds=[crd.crd()], role=rules)
-    with fake.running():
-        yield fake
+def chart_rules(chart_roles: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the Helm chart's rendered Roles grant (the gateway's, the controller's and its
+    leader election Role), plus the kubelet's needs."""
+    return [rule for role in chart_roles.values() for rule in rules_of(role)] + KUBELET_RULES
 
 
-@pytest.fixture(name="kubelet")
-def e2e_kubelet(kube: FakeKube, tmp_path: Path) -> Iterator[Kubelet]:
-    with Kubelet(
-        kube=kube, workdir=tmp_path / "kubelet", failing_images={BAD_IMAGE}
-    ).running() as k:
-        yield k
-
-
-@pytest.fixture(name="controller")
-async def e2e_controller(kube: FakeKube) -> AsyncIterator[Controller]:
-    config = KubeControllerConfig(
-        server=kube.url,
-        namespace=NS,
-        address_mode="pod",
-        leader_election=False,
-        retire_grace=5.0,
-        api_qps=0,
-    )
-    made = await make_controller(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(made.run(stop=stop))
-    yield made
-    stop.set()
-    await asyncio.wait_for(task, 20)
-    made.client.close()
+def without(
+    rules: list[dict[str, Any]], group: str, resource: str, verb: str
+) -> list[dict[str, Any]]:
+    """``rules`` with ``verb`` on ``resource`` (of API ``group``) no longer granted by any rule
+    (a rule naming other resources too is split)."""
+    out: list[dict[str, Any]] = []
+    for rule in rules:
+        covers = group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+        if not covers or verb not in rule.get("verbs", []):
+            out.append(rule)
+            continue
+        others = [r for r in rule["resources"] if r != resource]
+        if others:
+            out.append({**copy.deepcopy(rule), "resources": others})
+        verbs = [v for v in rule["verbs"] if v != verb]
+        if verbs:
+            out.append({**copy.deepcopy(rule), "resources": [resource], "verbs": verbs})
+    return out
 
 
 def gateway_config(kube: FakeKube, *, keep: bool = False, **cluster: Any) -> dict[str, Any]:
@@ -99,6 +80,14 @@ def gateway_config(kube: FakeKube, *, keep: bool = False, **cluster: Any) -> dic
     }
 
 
+def stored(kube: FakeKube, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+    """The objects of a kind in the namespace, read from the store (RBAC hides nothing)."""
+    kind = kube.store.find_kind(group, version, plural)
+    assert kind is not None, plural
+    items, _ = kube.store.select(kind, NS, lambda obj: True)
+    return items
+
+
 def leftovers(kube: FakeKube) -> dict[str, list[str]]:
     """Names of everything still in the fake's store in the namespace (read from the store,
     not through the API, so RBAC does not hide anything)."""
@@ -109,12 +98,19 @@ def leftovers(kube: FakeKube) -> dict[str, list[str]]:
         ("", "v1", "secrets"),
         (crd.GROUP, crd.VERSION, crd.PLURAL),
     ):
-        kind = kube.store.find_kind(group, version, plural)
-        assert kind is not None, plural
-        items, _ = kube.store.select(kind, NS, lambda obj: True)
+        items = stored(kube, group, version, plural)
         if items:
             found[plural] = [o["metadata"]["name"] for o in items]
     return found
+
+
+def worker_pods(kube: FakeKube, resource: str) -> list[dict[str, Any]]:
+    """The worker pods of the DaskCluster ``resource`` in the store."""
+    return [
+        p
+        for p in stored(kube, "", "v1", "pods")
+        if p["metadata"]["name"].startswith(f"{resource}-worker-")
+    ]
 
 
 async def until(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
@@ -128,3 +124,15 @@ async def until(check: Callable[[], Any], what: str, timeout: float = 60.0) -> A
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.2)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """`until` for threads (the synchronous client's side of a test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)

@@ -1,6 +1,7 @@
 """The controller against the fake API server and a kubelet that marks pods running without
 starting processes: worker pods follow `replicas`, a replaced controller (its expectations
-lost) creates nothing twice, and excess workers no scheduler retires are deleted in the end.
+lost) creates nothing twice, excess workers no scheduler retires are deleted in the end, and
+a running cluster whose worker pods RBAC refuses shows why and heals once they are granted.
 """
 
 from __future__ import annotations
@@ -260,3 +261,60 @@ async def test_workers_failing_in_a_row_fail_the_cluster_instead_of_looping(
             stop.set()
             await asyncio.wait_for(task, 20)
             controller.client.close()
+
+
+async def test_a_running_cluster_whose_worker_pods_are_refused_runs_on_with_the_reason(
+    kube: FakeKube, kubelet: Kubelet, client: KubeClient
+) -> None:
+    """RBAC (or a quota) refuses creating worker pods of a running cluster: it keeps running,
+    its reason names the refused verb and resource, and once the create is granted again the
+    retried reconcile makes the worker and clears the reason."""
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c5", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice", "worker": {"replicas": 0}},
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+    )
+
+    async def status() -> dict[str, Any]:
+        return (await client.get(CLUSTERS, NS, "dask-c5") or {}).get("status") or {}
+
+    async def running() -> dict[str, Any] | None:
+        current = await status()
+        return current if current.get("phase") == "Running" else None
+
+    controller, stop, task = await start(kube)
+    try:
+        await until(running, "the cluster to run")
+        everything_but_creating_pods = [
+            {"apiGroups": ["*"], "resources": ["*"], "verbs": ["get", "list", "watch", "update"]},
+            {"apiGroups": ["*"], "resources": ["*"], "verbs": ["patch", "delete"]},
+            {
+                "apiGroups": ["*"],
+                "resources": ["services", "secrets", "events"],
+                "verbs": ["create"],
+            },
+        ]
+        kube.role = everything_but_creating_pods
+        await client.patch(CLUSTERS, NS, "dask-c5", {"spec": {"worker": {"replicas": 1}}})
+
+        async def refused() -> dict[str, Any] | None:
+            current = await status()
+            return current if "may not create pods" in (current.get("reason") or "") else None
+
+        stuck = await until(refused, "the refusal to be the reason")
+        assert stuck["phase"] == "Running"
+        assert 'cannot create resource "pods"' in stuck["reason"], stuck["reason"]
+        kube.role = None  # granted again
+        healed = await until(
+            lambda: _status_running(status(), 1), "the worker once granted", timeout=45
+        )
+        assert "reason" not in healed, healed
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        controller.client.close()

@@ -14,22 +14,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from e2e_support import (  # noqa: F401 - the fixtures kube, kubelet and controller
-    BAD_IMAGE,
-    NS,
-    e2e_controller,
-    e2e_kube,
-    e2e_kubelet,
-    gateway_config,
-    leftovers,
-    until,
-)
+from e2e_support import BAD_IMAGE, NS, gateway_config, leftovers, until
 from kube_fake import FakeKube
 from kube_fake.kubelet import Kubelet
 
 from gateway_k8s.controller import Controller
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def kube(chart_kube: FakeKube) -> FakeKube:
+    """The fake under the chart's Roles (conftest's `chart_kube`); `kubelet` and
+    `controller` (conftest) run against it."""
+    return chart_kube
 
 
 def client_session(address: str, kube: FakeKube) -> dict[str, Any]:

@@ -14,21 +14,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from e2e_support import (  # noqa: F401 - the fixtures kube, kubelet and controller
-    NS,
-    e2e_controller,
-    e2e_kube,
-    e2e_kubelet,
-    gateway_config,
-    leftovers,
-    until,
-)
+from e2e_support import NS, gateway_config, leftovers, until
 from kube_fake import FakeKube
 from kube_fake.kubelet import Kubelet
 
 from gateway_k8s.controller import Controller
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def kube(chart_kube: FakeKube) -> FakeKube:
+    """The fake under the chart's Roles (conftest's `chart_kube`); `kubelet` and
+    `controller` (conftest) run against it."""
+    return chart_kube
+
+
 GROUP = "special"
 RESOURCE = "special"
 """The Dask worker resource the group's workers have. Dask lower-cases the names it reads

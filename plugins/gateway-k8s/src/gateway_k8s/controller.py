@@ -488,6 +488,12 @@ class Controller:
             key = await self.queue.get()
             try:
                 again = await self.reconcile(key)
+            except KubeError as exc:
+                if exc.status == 403 and await self._refused(key, exc):
+                    self.queue.forget(key)
+                else:
+                    delay = self.queue.retry(key)
+                    log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
             except Exception as exc:  # noqa: BLE001 - retried with backoff
                 delay = self.queue.retry(key)
                 log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
@@ -497,6 +503,42 @@ class Controller:
                     self.queue.add_after(key, again)
             finally:
                 self.queue.done(key)
+
+    async def _refused(self, key: Key, exc: KubeError) -> bool:
+        """The API server refused a request (403: RBAC, a quota, a PodSecurity admission):
+        say so in the cluster's ``status.reason``, naming the verb and resource. A cluster
+        that is not running yet fails at once (True: not retried): it cannot start, its
+        user is waiting, and a fix (a Role, a quota) takes an administrator. A running
+        cluster keeps running (its scheduler holds the user's work) with the reason shown,
+        and is retried with backoff (False), so a fixed Role or a freed quota heals it."""
+        namespace, resource = key
+        what = f"{exc.verb} {exc.resource}".strip() or "make a request"
+        reason = f"the controller may not {what} in namespace {namespace!r}: {exc.message}"
+        log.error("Cluster %s/%s: %s", namespace, resource, reason)
+        owner = self.clusters.get(namespace, resource)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return True
+        status = dict(owner.get("status") or {})
+        running = status.get("phase") == "Running"
+        status.update(reason=reason if running else f"cannot start: {reason}")
+        if not running:
+            status["phase"] = "Failed"
+        try:
+            await self._write_status(owner, status)
+        except KubeError as error:
+            log.error("Cannot record why cluster %s/%s is stuck: %s", namespace, resource, error)
+            return False
+        if running:
+            return False
+        with contextlib.suppress(KubeError):
+            pods = [
+                p
+                for p in self.pods.items()
+                if (p["metadata"].get("labels") or {}).get(objects.LABEL_CLUSTER) == resource
+                and p["metadata"]["namespace"] == namespace
+            ]
+            await self._delete_pods(key, pods)
+        return True
 
     # --- reconciling ---------------------------------------------------------------------
 
@@ -606,11 +648,18 @@ class Controller:
     async def _last_warning(self, namespace: str, pod: str) -> str:
         """The newest Warning event of ``pod`` ("reason: message"), "" if none: what a pod
         stuck before its container runs (a volume that cannot be mounted) has to say."""
-        answer = await self.client.request(
-            "GET",
-            EVENTS.path(namespace),
-            query={"fieldSelector": f"involvedObject.name={pod},type=Warning"},
-        )
+        try:
+            answer = await self.client.request(
+                "GET",
+                EVENTS.path(namespace),
+                query={"fieldSelector": f"involvedObject.name={pod},type=Warning"},
+            )
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            # Only a diagnostic: a Role without it must not fail the cluster.
+            log.warning("Cannot read the events of pod %s/%s: %s", namespace, pod, exc)
+            return ""
         items = sorted(
             answer.get("items") or [],
             key=lambda e: (

@@ -31,13 +31,18 @@ JSON_PATCH = "application/json-patch+json"
 
 class KubeError(Exception):
     """A request the API server refused: ``status`` (HTTP code), ``reason`` and ``message``
-    from its Status object."""
+    from its Status object; ``verb`` and ``resource`` (``pods``, ``daskclusters/status``) of
+    the request, when known, so a refusal can say what was refused."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, *, verb: str = "", resource: str = ""
+    ) -> None:
         super().__init__(f"{message} ({status} {reason})" if message else f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.verb = verb
+        self.resource = resource
 
 
 @define(kw_only=True, frozen=True)
@@ -162,7 +167,7 @@ class KubeClient:
             _request_timeout=timeout,
         )
         if not 200 <= response.status < 300:
-            raise _error(response)
+            raise _error(response, *_verb_and_resource(method, path, query))
         return response
 
     def _json(self, *args: Any) -> Any:
@@ -236,14 +241,36 @@ class KubeClient:
         return answer.get("items") or [], answer["metadata"].get("resourceVersion", "")
 
 
-def _error(response: Any) -> KubeError:
+def _verb_and_resource(method: str, path: str, query: dict[str, Any] | None) -> tuple[str, str]:
+    """The RBAC verb and resource of a request (``("create", "pods")``,
+    ``("patch", "daskclusters/status")``), as the API server authorizes it."""
+    parts = path.strip("/").split("/")
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    if not rest:
+        return method.lower(), ""
+    named = len(rest) > 1
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    if method == "GET":
+        if str((query or {}).get("watch", "")).lower() in ("true", "1"):
+            return "watch", resource
+        return ("get" if named else "list"), resource
+    verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+    verb = verbs.get(method, method.lower())
+    if method == "DELETE" and not named:
+        verb = "deletecollection"
+    return verb, resource
+
+
+def _error(response: Any, verb: str = "", resource: str = "") -> KubeError:
     data = response.read()
     reason, message = response.reason or "", ""
     with contextlib.suppress(ValueError, AttributeError):
         status = json.loads(data)
         reason = status.get("reason") or reason
         message = status.get("message") or ""
-    return KubeError(response.status, reason, message)
+    return KubeError(response.status, reason, message, verb=verb, resource=resource)
 
 
 def is_gone(exc: BaseException) -> bool:

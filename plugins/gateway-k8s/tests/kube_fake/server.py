@@ -62,6 +62,11 @@ class FakeKube:
     history_seconds: float = 300.0
     graceful_pod_deletion: bool = False
     bookmark_interval: float = 1.0
+    delays: dict[tuple[str, str], float] = field(factory=dict)
+    """Seconds to hold requests of a (verb, resource), e.g. ``("create", "pods")``, before
+    serving them; a request whose client goes away meanwhile is dropped unserved (counted in
+    `dropped`): a fault test can kill a client with a request in flight. Changeable live."""
+    dropped: int = field(init=False, default=0)
     store: Store = field(init=False)
     url: str = field(init=False, default="")
     requests: int = field(init=False, default=0)
@@ -149,6 +154,11 @@ class FakeKube:
     def compact(self) -> None:
         self.store.compact()
 
+    def expire_watches(self) -> int:
+        """Compact and end every open watch with a 410 Expired ERROR event (see
+        `Store.expire_watches`); the number of watches ended."""
+        return self.store.expire_watches()
+
     # --- HTTP -----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -169,6 +179,10 @@ class FakeKube:
                 namespace=req.namespace,
             ):
                 raise self._forbidden(req, verb, resource)
+            delay = self.delays.get((verb, resource))
+            if delay and not await self._held(request, delay):
+                self.dropped += 1
+                return web.Response(status=503)  # nobody reads it: the client is gone
             if verb == "watch":
                 return await self._watch(request, req)
             if req.subresource == "log":
@@ -189,6 +203,18 @@ class FakeKube:
             logging.getLogger(__name__).exception("the fake API server failed")
             failure = ApiError(500, "InternalError", f"the fake API server failed: {error!r}")
             return web.json_response(failure.status(), status=500)
+
+    @staticmethod
+    async def _held(request: web.Request, seconds: float) -> bool:
+        """Hold ``request`` for ``seconds``; False if its client went away meanwhile."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            await asyncio.sleep(0.02)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return False
+        return True
 
     def _forbidden(self, req: Request, verb: str, resource: str) -> ApiError:
         where = f' in the namespace "{req.namespace}"' if req.namespace else " at the cluster scope"

@@ -323,6 +323,23 @@ class Store:
             self.events.clear()
             self.compacted_rv = self.rv
 
+    def expire_watches(self) -> int:
+        """Compact, then end every open watch with an ERROR event carrying a 410 Expired
+        Status, as a real API server does to a watcher its watch cache dropped: every watcher
+        must relist (a watch from its last resourceVersion would be 410 too). The number of
+        watches ended."""
+        with self.lock:
+            self.compact()
+            gone = ApiError(
+                410, "Expired", f"too old resource version: the history before {self.rv} is gone"
+            ).status()
+            for watcher in self.watchers:
+                watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, ("ERROR", gone))
+                watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, None)
+            ended = len(self.watchers)
+            self.watchers.clear()
+            return ended
+
     def _bump(self, obj: Obj) -> None:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
