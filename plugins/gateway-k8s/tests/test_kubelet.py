@@ -89,7 +89,8 @@ def test_pod_runs_with_env_secrets_and_its_own_ip(core: Any, kubelet: Kubelet) -
     printed = json.loads(wait_for(lambda: log.exists() and log.read_text(), "the pod's output"))
     pod = core.read_namespaced_pod("sched", NS)
     assert printed["NAME"] == "sched" and printed["TOKEN"] == "s3cret" and printed["PLAIN"] == "x"
-    assert printed["IP"] == pod.status.pod_ip and pod.status.pod_ip.startswith("127.0.")
+    assert printed["IP"] == pod.status.pod_ip
+    assert pod.status.pod_ip.startswith("127.") and pod.status.pod_ip != pod.status.host_ip
     assert printed["file"] == "CERT"
     assert {c.type: c.status for c in pod.status.conditions} == {
         "PodScheduled": "True",

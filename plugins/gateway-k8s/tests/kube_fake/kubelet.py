@@ -4,8 +4,9 @@ local process and reports the pod's phase, conditions, container states and even
 Mapping to the real thing (documented, since a process is not a container):
 - the image is not pulled; an image named in `failing_images` stays waiting in ErrImagePull,
   then ImagePullBackOff, and the pod stays Pending;
-- each pod gets its own loopback address 127.0.x.y as `status.podIP` (env `fieldRef` too), so
-  several schedulers can each listen on port 8786;
+- each pod gets its own loopback address 127.n.x.y as `status.podIP` (env `fieldRef` too), so
+  several schedulers can each listen on port 8786; `n` is drawn at random (16-254) per kubelet,
+  so test runs side by side on one machine rarely want the same addresses;
 - Secret volumes are written to `<workdir>/<namespace>/<pod>/volumes/<volume>/`, and every
   occurrence of a container's `volumeMounts[].mountPath` in its command, args and env values is
   rewritten to that directory;
@@ -29,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -85,6 +87,7 @@ class Kubelet:
     failing_images: set[str] = field(factory=set)
     pods: dict[str, PodProcess] = field(factory=dict)  # by uid
     _next_ip: int = 0
+    _net: int = field(factory=lambda: random.randrange(16, 255))
     _stop: threading.Event = field(factory=threading.Event)
     _threads: list[threading.Thread] = field(factory=list)
     _lock: threading.Lock = field(factory=threading.Lock)
@@ -190,7 +193,7 @@ class Kubelet:
                 namespace=obj["metadata"]["namespace"],
                 name=obj["metadata"]["name"],
                 uid=uid,
-                ip=f"127.0.{1 + (n - 1) // 254}.{1 + (n - 1) % 254}",
+                ip=f"127.{self._net}.{1 + (n - 1) // 254}.{1 + (n - 1) % 254}",
                 directory=self.workdir / obj["metadata"]["namespace"] / obj["metadata"]["name"],
             )
             self.pods[uid] = pod
