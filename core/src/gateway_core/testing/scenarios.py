@@ -119,6 +119,11 @@ class BackendSetup:
     """True: clusters run as the requesting user's own account; the scenarios ask as throwaway
     accounts (`make_user`, root only) and check every process's uid. False: any user name
     works and processes run as the gateway's account."""
+    record: Callable[[Any, str], Cluster] | None = None
+    """(gateway, cluster name) → the gateway's record of the cluster, whose ``status``,
+    ``reason`` and ``workers`` follow the cluster as the scenarios wait on them. None: the
+    store's record (``gateway.backend.store.get``), for backends built on `ProcessBackend`; a
+    backend keeping its clusters elsewhere (a Kubernetes resource) gives a live view of them."""
     live_jobs: Callable[[Cluster], Mapping[str, LiveJob]] | None = None
     """Job id → `LiveJob`: what the infrastructure still runs (not ended) for the cluster, found
     by the cluster's and its workers' names, not only by the state the driver stored."""
@@ -299,6 +304,13 @@ class ScenarioRun:
             return user.pw_name, user.pw_uid
         return f"user{secrets.token_hex(3)}", os.getuid()
 
+    def record(self, gateway: Any, name: str) -> Cluster:
+        """The gateway's record of cluster ``name`` (`BackendSetup.record`)."""
+        if self.setup.record is not None:
+            return self.setup.record(gateway, name)
+        cluster: Cluster = gateway.backend.store.get(name)
+        return cluster
+
     def live(self, cluster: Cluster) -> Mapping[str, LiveJob]:
         assert self.setup.live_jobs is not None
         return self.setup.live_jobs(cluster)
@@ -331,7 +343,7 @@ class ScenarioRun:
         gateway = await self.make_gateway(self.setup.config_with(backend=backend))
         api = self.make_api_client(gateway, username)
         name = (await api.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
-        cluster: Cluster = gateway.backend.store.get(name)
+        cluster = self.record(gateway, name)
         await eventually(
             lambda: cluster.status == ClusterStatus.RUNNING, what="the cluster running"
         )
@@ -411,7 +423,7 @@ class BackendScenarios:
                     seen["scheduler_uid"] = client.run_on_scheduler(os.getuid)
                     seen["worker_uids"] = sorted(client.run(os.getuid).values())
                     seen["task_uid"] = client.submit(os.getuid, pure=False).result(timeout=60)
-                    record = gateway.backend.store.get(cluster.name)
+                    record = scenario.record(gateway, cluster.name)
                     seen["record"] = record
                     seen["jobs"] = jobs = scenario.live(record)
                     seen["files"] = scenario.files_left(record)
@@ -583,7 +595,7 @@ class BackendScenarios:
         nobody = f"nosuchuser{secrets.token_hex(3)}"
         api = scenario.make_api_client(gateway, nobody)
         name = (await api.post("/api/v1/clusters/", json={"cluster_options": {}})).body["name"]
-        cluster: Cluster = gateway.backend.store.get(name)
+        cluster = scenario.record(gateway, name)
         await eventually(lambda: cluster.status == ClusterStatus.FAILED, what="the cluster failed")
         assert cluster.reason and nobody in cluster.reason, cluster.reason
         _matches(cluster.reason, setup.unknown_user_reason, "the cluster's reason")

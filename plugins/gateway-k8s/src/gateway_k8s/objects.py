@@ -313,6 +313,9 @@ def _pod(
         "ports": ports,
         "resources": template.get("resources") or {},
         "volumeMounts": [{"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True}],
+        # A process that exits with an error leaves the end of its output in the container's
+        # `state.terminated.message`, which the controller puts in the cluster's reason.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if template.get("imagePullPolicy"):
         container["imagePullPolicy"] = template["imagePullPolicy"]

@@ -17,6 +17,9 @@ Mapping to the real thing (documented, since a process is not a container):
 - `$(VAR)` in command and args is the container's env variable VAR (`$$` is `$`), as the
   kubelet expands it;
 - restartPolicy is treated as Never: an exit ends the pod (Succeeded on 0, else Failed);
+- a container with `terminationMessagePolicy: FallbackToLogsOnError` that exits non-zero gets
+  the end of its log (80 lines, 2048 bytes at most) as `state.terminated.message`; nothing
+  reads `/dev/termination-log` (the `File` policy's message stays empty);
 - deleting a pod sends SIGTERM to its process group, then SIGKILL after the grace period
   (the deletion's, else `terminationGracePeriodSeconds`, default 30), as the kubelet does; with
   `FakeKube(graceful_pod_deletion=True)` the pod stays Terminating until then, and the kubelet
@@ -50,6 +53,16 @@ Obj = dict[str, Any]
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _log_tail(path: Path) -> str:
+    """What the kubelet keeps of a failed container's log as its termination message
+    (``FallbackToLogsOnError``): the last 80 lines, at most the last 2048 bytes."""
+    try:
+        data = path.read_bytes()[-2048:]
+    except OSError:
+        return ""
+    return b"".join(data.splitlines(keepends=True)[-80:]).decode(errors="replace")
 
 
 @define(kw_only=True, eq=False)
@@ -351,18 +364,19 @@ class Kubelet:
             reason = "Completed" if code == 0 else "Error"
             if code < 0:
                 code = 128 - code  # killed by a signal: 128 + its number
+        ended: Obj = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": started,
+            "finishedAt": _now(),
+        }
+        if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            ended["message"] = _log_tail(pod.directory / "log")
         terminated = {
             **running,
             "ready": False,
             "started": False,
-            "state": {
-                "terminated": {
-                    "exitCode": code,
-                    "reason": reason,
-                    "startedAt": started,
-                    "finishedAt": _now(),
-                }
-            },
+            "state": {"terminated": ended},
         }
         self._status(
             pod,
