@@ -361,6 +361,12 @@ class Controller:
     resync_period = 5.0
     """Seconds before a cluster that is not settled (pending, scaling) is looked at again."""
 
+    batch_period = 0.5
+    """Seconds a cluster waits after an event of one of its pods, Services or Secrets before it
+    is reconciled: its pods change in bursts (its workers start together), and one reconcile
+    (and at most one status write) then covers the whole burst, as the Job controller batches
+    its pod updates. Events of the DaskCluster itself are acted on at once."""
+
     def __init__(self, *, config: KubeControllerConfig, client: KubeClient) -> None:
         self.config = config
         self.client = client
@@ -416,12 +422,12 @@ class Controller:
             self.expectations.deleted(key, name)
         else:
             self.expectations.created(key, name)
-        self.queue.add(key)
+        self.queue.add_after(key, self.batch_period)
 
     def _on_child(self, type_: str, obj: Obj) -> None:
         key = self._owner_key(obj)
         if key is not None:
-            self.queue.add(key)
+            self.queue.add_after(key, self.batch_period)
 
     # --- running -------------------------------------------------------------------------
 
