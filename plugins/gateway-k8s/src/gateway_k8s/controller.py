@@ -346,6 +346,16 @@ def _ended(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def _age(pod: Obj) -> float:
+    """Seconds since the pod was created (whole seconds, as the API gives them); infinite
+    when it has no readable creationTimestamp."""
+    try:
+        moment = datetime.strptime(_created(pod), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return float("inf")
+    return time.time() - moment.timestamp()
+
+
 def _created(pod: Obj) -> str:
     return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
 
@@ -366,6 +376,10 @@ class Controller:
     is reconciled: its pods change in bursts (its workers start together), and one reconcile
     (and at most one status write) then covers the whole burst, as the Job controller batches
     its pod updates. Events of the DaskCluster itself are acted on at once."""
+
+    warnings_after = 2.0
+    """Seconds a scheduler pod that is not ready has existed before its Warning events are
+    listed for the pending reason (one list per resync after that, none on its first events)."""
 
     def __init__(self, *, config: KubeControllerConfig, client: KubeClient) -> None:
         self.config = config
@@ -565,7 +579,13 @@ class Controller:
                     return None
             else:
                 if "reason" not in new_status:
-                    warning = await self._last_warning(namespace, scheduler_pod)
+                    # A pod just made has no warnings yet: its events are listed once it has
+                    # waited `warnings_after` (the resync comes back to it), not on every event.
+                    warning = (
+                        await self._last_warning(namespace, scheduler_pod)
+                        if _age(scheduler) >= self.warnings_after
+                        else ""
+                    )
                     new_status["reason"] = (
                         f"the scheduler is starting; last warning: {warning}"
                         if warning
