@@ -375,7 +375,8 @@ class Controller:
     """Seconds a cluster waits after an event of one of its pods, Services or Secrets before it
     is reconciled: its pods change in bursts (its workers start together), and one reconcile
     (and at most one status write) then covers the whole burst, as the Job controller batches
-    its pod updates. Events of the DaskCluster itself are acted on at once."""
+    its pod updates. Events of the DaskCluster itself, and pod events that show trouble (a
+    deleted or ended pod, a failure reason), are acted on at once."""
 
     warnings_after = 2.0
     """Seconds a scheduler pod that is not ready has existed before its Warning events are
@@ -436,7 +437,10 @@ class Controller:
             self.expectations.deleted(key, name)
         else:
             self.expectations.created(key, name)
-        self.queue.add_after(key, self.batch_period)
+        if type_ == "DELETED" or _ended(obj) or failure_reason(obj, what="") is not None:
+            self.queue.add(key)  # trouble is acted on at once; progress waits for its batch
+        else:
+            self.queue.add_after(key, self.batch_period)
 
     def _on_child(self, type_: str, obj: Obj) -> None:
         key = self._owner_key(obj)
