@@ -221,6 +221,8 @@ def bench(session: nox.Session) -> None:
     those named. Each script's own options: ``python bench/<name>_bench.py --help``.
     slurm_bench.py needs root and a running Slurm (plugins/gateway-slurm/ci/start-slurm.sh);
     scale_bench.py's PostgreSQL row runs core/ci/start-postgres.sh (run it once with --install).
+    k8s_bench.py runs the original's Kubernetes controller from a venv of its own
+    (``--original-venv``, made with pip when missing), never this one.
     """
     session.install(
         "./proxy[fast]",
@@ -228,6 +230,7 @@ def bench(session: nox.Session) -> None:
         "./core[local,postgres]",  # postgres: scale_bench's PostgreSQL row
         "./plugins/gateway-slurm",
         "./plugins/gateway-yarn",  # cluster_bench's YARN row, on the simulator in its tests
+        "./plugins/gateway-k8s",  # k8s_bench: our controller, on the fake API server in its tests
         "trustme",  # the benchmarks' TLS certificates
         "dask-gateway-server==2026.3.0",  # the original server, and the Go proxy in its wheel
         "dask-gateway==2026.3.0",

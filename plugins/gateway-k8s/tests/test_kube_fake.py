@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -730,3 +732,87 @@ def test_pod_log_rbac() -> None:
             assert 'cannot get resource "pods/log"' in status_of(caught.value)["message"]
         finally:
             client.close()
+
+
+def test_endpoints_carry_the_services_labels_and_follow_pod_label_changes(core: Any) -> None:
+    labels = {"gateway.dask.org/instance": "i1", "app.kubernetes.io/component": "sched"}
+    for name, role in (("a", "scheduler"), ("b", "worker")):
+        core.create_namespaced_service(
+            NS,
+            {
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "clusterIP": "None" if name == "a" else "",
+                    "selector": {"role": role},
+                    "ports": [{"port": 8786}],
+                },
+            },
+        )
+    # As the endpoints controller: the Service's labels, and the headless mark on a headless one.
+    listed = core.list_endpoints_for_all_namespaces(
+        label_selector="gateway.dask.org/instance=i1"
+    ).items
+    assert sorted(e.metadata.name for e in listed) == ["a", "b"]
+    a, b = (core.read_namespaced_endpoints(n, NS) for n in ("a", "b"))
+    assert a.metadata.labels == {**labels, "service.kubernetes.io/headless": ""}
+    assert b.metadata.labels == labels
+    core.create_namespaced_pod(NS, pod("p", {"role": "scheduler"}))
+    core.patch_namespaced_pod_status(
+        "p",
+        NS,
+        {"status": {"podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}},
+    )
+    b_version = core.read_namespaced_endpoints("b", NS).metadata.resource_version
+    assert [x.ip for x in core.read_namespaced_endpoints("a", NS).subsets[0].addresses] == [
+        "127.0.0.9"
+    ]
+    # A pod event leaves the Endpoints of Services that do not select it alone.
+    assert core.read_namespaced_endpoints("b", NS).metadata.resource_version == b_version
+    # Relabelled: it leaves one Service's Endpoints and joins the other's.
+    core.patch_namespaced_pod("p", NS, {"metadata": {"labels": {"role": "worker"}}})
+    assert core.read_namespaced_endpoints("a", NS).subsets is None
+    assert [x.ip for x in core.read_namespaced_endpoints("b", NS).subsets[0].addresses] == [
+        "127.0.0.9"
+    ]
+    core.patch_namespaced_service("a", NS, {"metadata": {"labels": {"extra": "1"}}})
+    assert core.read_namespaced_endpoints("a", NS).metadata.labels["extra"] == "1"
+
+
+def test_request_counts_by_user_agent_verb_and_resource(kube: FakeKube) -> None:
+    client = kube.api_client()
+    client.user_agent = "counting-test/1"
+    core = kubernetes.client.CoreV1Api(client)
+    custom = kubernetes.client.CustomObjectsApi(client)
+    try:
+        core.create_namespaced_pod(NS, pod("p"))
+        core.read_namespaced_pod("p", NS)
+        core.list_namespaced_pod(NS)
+        core.patch_namespaced_pod_status("p", NS, {"status": {"phase": "Running"}})
+        core.delete_namespaced_pod("p", NS)
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, cluster("c"))
+        custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, NS, PLURAL, "c", {"status": {"phase": "Pending"}}
+        )
+        unknown = urllib.request.Request(
+            f"{kube.url}/apis/nothing.example/v1/things",
+            headers={"User-Agent": "counting-test/1"},
+        )
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(unknown, timeout=30)
+    finally:
+        client.close()
+    counts = {
+        (verb, resource): n
+        for (agent, verb, resource), n in kube.request_counts().items()
+        if agent == "counting-test/1"
+    }
+    assert counts == {
+        ("create", "pods"): 1,
+        ("get", "pods"): 1,
+        ("list", "pods"): 1,
+        ("patch", "pods/status"): 1,
+        ("delete", "pods"): 1,
+        ("create", f"{PLURAL}.{GROUP}"): 1,
+        ("patch", f"{PLURAL}.{GROUP}/status"): 1,
+        ("unknown", "/apis/nothing.example/v1/things"): 1,
+    }

@@ -346,6 +346,16 @@ def _ended(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def _age(pod: Obj) -> float:
+    """Seconds since the pod was created (whole seconds, as the API gives them); infinite
+    when it has no readable creationTimestamp."""
+    try:
+        moment = datetime.strptime(_created(pod), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return float("inf")
+    return time.time() - moment.timestamp()
+
+
 def _created(pod: Obj) -> str:
     return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
 
@@ -360,6 +370,17 @@ class Controller:
 
     resync_period = 5.0
     """Seconds before a cluster that is not settled (pending, scaling) is looked at again."""
+
+    batch_period = 0.5
+    """Seconds a cluster waits after an event of one of its pods, Services or Secrets before it
+    is reconciled: its pods change in bursts (its workers start together), and one reconcile
+    (and at most one status write) then covers the whole burst, as the Job controller batches
+    its pod updates. Events of the DaskCluster itself, and pod events that show trouble (a
+    deleted or ended pod, a failure reason), are acted on at once."""
+
+    warnings_after = 2.0
+    """Seconds a scheduler pod that is not ready has existed before its Warning events are
+    listed for the pending reason (one list per resync after that, none on its first events)."""
 
     def __init__(self, *, config: KubeControllerConfig, client: KubeClient) -> None:
         self.config = config
@@ -431,12 +452,15 @@ class Controller:
             self.expectations.deleted(key, name)
         else:
             self.expectations.created(key, name)
-        self.queue.add(key)
+        if type_ == "DELETED" or _ended(obj) or failure_reason(obj, what="") is not None:
+            self.queue.add(key)  # trouble is acted on at once; progress waits for its batch
+        else:
+            self.queue.add_after(key, self.batch_period)
 
     def _on_child(self, type_: str, obj: Obj) -> None:
         key = self._owner_key(obj)
         if key is not None:
-            self.queue.add(key)
+            self.queue.add_after(key, self.batch_period)
 
     # --- running -------------------------------------------------------------------------
 
@@ -616,7 +640,13 @@ class Controller:
                     return None
             else:
                 if "reason" not in new_status:
-                    warning = await self._last_warning(namespace, scheduler_pod)
+                    # A pod just made has no warnings yet: its events are listed once it has
+                    # waited `warnings_after` (the resync comes back to it), not on every event.
+                    warning = (
+                        await self._last_warning(namespace, scheduler_pod)
+                        if _age(scheduler) >= self.warnings_after
+                        else ""
+                    )
                     new_status["reason"] = (
                         f"the scheduler is starting; last warning: {warning}"
                         if warning

@@ -50,6 +50,9 @@ from .server import FakeKube
 
 Obj = dict[str, Any]
 
+USER_AGENT = "kubelet/fake (kube_fake)"
+"""The kubelet's User-Agent, so the server's request counts tell its requests apart."""
+
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -102,6 +105,7 @@ class Kubelet:
 
     def start(self) -> Kubelet:
         self._client = self.kube.api_client()
+        self._client.user_agent = USER_AGENT
         thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
         thread.start()
         self._threads.append(thread)

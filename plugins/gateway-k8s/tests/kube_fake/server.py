@@ -6,6 +6,7 @@ Status errors.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import json
@@ -70,6 +71,10 @@ class FakeKube:
     store: Store = field(init=False)
     url: str = field(init=False, default="")
     requests: int = field(init=False, default=0)
+    _counts: collections.Counter[tuple[str, str, str]] = field(
+        init=False, factory=collections.Counter
+    )
+    _counts_lock: threading.Lock = field(init=False, factory=threading.Lock)
     _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
     _thread: threading.Thread | None = field(init=False, default=None)
     _runner: web.AppRunner | None = field(init=False, default=None)
@@ -159,6 +164,19 @@ class FakeKube:
         `Store.expire_watches`); the number of watches ended."""
         return self.store.expire_watches()
 
+    def request_counts(self) -> dict[tuple[str, str, str], int]:
+        """Requests so far by (User-Agent, verb, resource): the verb as RBAC names it (get,
+        list, watch, create, update, patch, delete, deletecollection; `discovery` for the
+        discovery paths, `unknown` for a path nothing serves), the resource as `pods`,
+        `daskclusters.daskgateway.dev/status`, the path for discovery; a snapshot."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def _count(self, request: web.Request, verb: str, resource: str) -> None:
+        agent = request.headers.get("User-Agent", "")
+        with self._counts_lock:
+            self._counts[(agent, verb, resource)] += 1
+
     # --- HTTP -----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -166,10 +184,20 @@ class FakeKube:
         try:
             discovery = self._discovery(request.path)
             if discovery is not None:
+                self._count(request, "discovery", request.path)
                 return web.json_response(discovery)
-            req = self._route(request.path)
-            verb = self._verb(request, req)
+            try:
+                req = self._route(request.path)
+                verb = self._verb(request, req)
+            except ApiError:
+                self._count(request, "unknown", request.path)
+                raise
             resource = req.kind.plural + (f"/{req.subresource}" if req.subresource else "")
+            self._count(
+                request,
+                verb,
+                req.kind.qualified + (f"/{req.subresource}" if req.subresource else ""),
+            )
             if self.role is not None and not rbac.allows(
                 rbac.scoped_rules_of(self.role),
                 verb=verb,

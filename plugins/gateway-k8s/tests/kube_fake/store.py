@@ -204,6 +204,12 @@ def now_iso() -> str:
 
 
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a Service's (equality) selector matches these pod labels."""
+    return all(labels.get(key) == value for key, value in selector.items())
 
 
 @define(kw_only=True)
@@ -243,78 +249,105 @@ class Store:
         for watcher in list(self.watchers):
             watcher.offer(event)
         if self.endpoints_controller and kind.key in ("/pods", "/services"):
-            self._sync_endpoints(kind, type_, obj)
+            self._sync_endpoints(kind, type_, obj, prev)
         cutoff = time.monotonic() - self.history_seconds
         while self.events and self.events[0].at < cutoff:
             self.compacted_rv = self.events.pop(0).rv
 
-    def _sync_endpoints(self, kind: Kind, type_: str, obj: Obj) -> None:
+    def _sync_endpoints(self, kind: Kind, type_: str, obj: Obj, prev: Obj | None) -> None:
+        """Keep the Endpoints of the Services a pod event concerns (those whose selector
+        matches the pod before or after it) or of the Service itself, in step."""
         namespace = obj["metadata"].get("namespace", "")
-        endpoints = self.kinds["/endpoints"]
-        if kind.key == "/services" and type_ == "DELETED":
-            if ("/endpoints", namespace, obj["metadata"]["name"]) in self.objects:
-                self.delete(endpoints, namespace, obj["metadata"]["name"])
+        if kind.key == "/services":
+            name = obj["metadata"]["name"]
+            if type_ == "DELETED":
+                if ("/endpoints", namespace, name) in self.objects:
+                    self.delete(self.kinds["/endpoints"], namespace, name)
+                return
+            self._sync_service_endpoints(self.objects[("/services", namespace, name)])
             return
-        pods = [o for (k, ns, _), o in self.objects.items() if k == "/pods" and ns == namespace]
-        services = [
-            o for (k, ns, _), o in self.objects.items() if k == "/services" and ns == namespace
-        ]
-        for service in services:
-            selector = (service.get("spec") or {}).get("selector")
-            if not selector:
+        touched = [obj["metadata"].get("labels") or {}]
+        if prev is not None:
+            touched.append(prev["metadata"].get("labels") or {})
+        for (key, ns, _), service in list(self.objects.items()):
+            if key != "/services" or ns != namespace:
                 continue
-            ready: list[Obj] = []
-            not_ready: list[Obj] = []
-            for pod in pods:
-                meta, status = pod["metadata"], pod.get("status") or {}
-                labels = meta.get("labels") or {}
-                if meta.get("deletionTimestamp") or not status.get("podIP"):
-                    continue
-                if any(labels.get(key) != value for key, value in selector.items()):
-                    continue
-                address = {
-                    "ip": status["podIP"],
-                    "targetRef": {
-                        "kind": "Pod",
-                        "name": meta["name"],
-                        "namespace": namespace,
-                        "uid": meta["uid"],
-                    },
-                }
-                is_ready = any(
-                    c.get("type") == "Ready" and c.get("status") == "True"
-                    for c in status.get("conditions") or []
-                )
-                (ready if is_ready else not_ready).append(address)
-            ports = []
-            for port in service["spec"].get("ports") or []:
-                target = port.get("targetPort", port["port"])
-                entry = {
-                    "port": target if isinstance(target, int) else port["port"],
-                    "protocol": port.get("protocol", "TCP"),
-                }
-                if port.get("name"):
-                    entry["name"] = port["name"]
-                ports.append(entry)
-            subset: Obj = {}
-            if ready:
-                subset["addresses"] = sorted(ready, key=lambda a: a["ip"])
-            if not_ready:
-                subset["notReadyAddresses"] = sorted(not_ready, key=lambda a: a["ip"])
-            subsets = [{**subset, "ports": ports}] if subset else []
-            name = service["metadata"]["name"]
-            current = self.objects.get(("/endpoints", namespace, name))
-            if current is None:
-                body: Obj = {"metadata": {"name": name}}
-                if subsets:
-                    body["subsets"] = subsets
-                self.create(endpoints, namespace, body)
-            elif current.get("subsets", []) != subsets:
-                new = copy.deepcopy(current)
-                new["subsets"] = subsets
-                if not subsets:
-                    del new["subsets"]
-                self.update(endpoints, namespace, name, new)
+            selector = (service.get("spec") or {}).get("selector")
+            if selector and any(_selects(selector, labels) for labels in touched):
+                self._sync_service_endpoints(service)
+
+    def _sync_service_endpoints(self, service: Obj) -> None:
+        """One Service's Endpoints: named after it, with its labels (and
+        `service.kubernetes.io/headless` for a headless one), as the endpoints controller."""
+        selector = (service.get("spec") or {}).get("selector")
+        if not selector:
+            return
+        namespace = service["metadata"].get("namespace", "")
+        endpoints = self.kinds["/endpoints"]
+        ready: list[Obj] = []
+        not_ready: list[Obj] = []
+        for (key, ns, _), pod in self.objects.items():
+            if key != "/pods" or ns != namespace:
+                continue
+            meta, status = pod["metadata"], pod.get("status") or {}
+            if meta.get("deletionTimestamp") or not status.get("podIP"):
+                continue
+            if not _selects(selector, meta.get("labels") or {}):
+                continue
+            address = {
+                "ip": status["podIP"],
+                "targetRef": {
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "namespace": namespace,
+                    "uid": meta["uid"],
+                },
+            }
+            is_ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or []
+            )
+            (ready if is_ready else not_ready).append(address)
+        ports = []
+        for port in service["spec"].get("ports") or []:
+            target = port.get("targetPort", port["port"])
+            entry = {
+                "port": target if isinstance(target, int) else port["port"],
+                "protocol": port.get("protocol", "TCP"),
+            }
+            if port.get("name"):
+                entry["name"] = port["name"]
+            ports.append(entry)
+        subset: Obj = {}
+        if ready:
+            subset["addresses"] = sorted(ready, key=lambda a: a["ip"])
+        if not_ready:
+            subset["notReadyAddresses"] = sorted(not_ready, key=lambda a: a["ip"])
+        subsets = [{**subset, "ports": ports}] if subset else []
+        labels = dict(service["metadata"].get("labels") or {})
+        if service["spec"].get("clusterIP") == "None":
+            labels[HEADLESS_LABEL] = ""
+        name = service["metadata"]["name"]
+        current = self.objects.get(("/endpoints", namespace, name))
+        if current is None:
+            body: Obj = {"metadata": {"name": name}}
+            if labels:
+                body["metadata"]["labels"] = labels
+            if subsets:
+                body["subsets"] = subsets
+            self.create(endpoints, namespace, body)
+        elif (
+            current.get("subsets", []) != subsets
+            or (current["metadata"].get("labels") or {}) != labels
+        ):
+            new = copy.deepcopy(current)
+            new["subsets"] = subsets
+            if not subsets:
+                del new["subsets"]
+            new["metadata"]["labels"] = labels
+            if not labels:
+                del new["metadata"]["labels"]
+            self.update(endpoints, namespace, name, new)
 
     def compact(self) -> None:
         """Forget every past event, as etcd's compaction does: watches from any earlier
