@@ -262,7 +262,7 @@ async def test_a_cluster_in_a_namespace_not_allowed_is_left_alone(
                 namespace=namespace,
                 username="erin",
                 config=KubeClusterConfig(),
-                env={},
+                gateway_env={},
                 options_json="{}",
                 config_json="{}",
             )
@@ -301,7 +301,7 @@ async def test_the_default_charts_roles_do_not_reach_other_namespaces(
                 namespace="dask-alice",
                 username="alice",
                 config=KubeClusterConfig(),
-                env={},
+                gateway_env={},
                 options_json="{}",
                 config_json="{}",
             )
