@@ -179,6 +179,13 @@ class ReplicaSet:
                 found[worker] = ref
         return found
 
+    def worker_states(self, name: str) -> dict[str, tuple[str, str]]:
+        """Each worker of cluster ``name`` -> (status name, target name), as stored."""
+        rows = self._query(
+            "SELECT name, status, target FROM workers WHERE cluster_name = :n", n=name
+        )
+        return {w: (WorkerStatus(s).name, WorkerStatus(t).name) for w, s, t in rows}
+
     def rows(self) -> dict[str, tuple[str, int]]:
         """Every cluster row: name -> (status name, count)."""
         from gateway_core.models import ClusterStatus
