@@ -15,6 +15,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attrs import define
+from attrs import define, field
 from replicaset import Replica, ReplicaSet, processes_in, replica_set, wait_for
 
 from gateway_core.backends.kit import read_stat
@@ -34,6 +35,9 @@ each, every worker a nanny and its worker process)."""
 MAX_CLUSTERS = 16
 """Clusters made in all (each stays in the database, stopped or not, to be checked)."""
 MAX_WORKERS = 2
+TAKEOVER_BOUND = LEASE_TTL * 4 / 3 + 2.0
+"""The stated bound (4/3 x lease_ttl: expiry, plus the third of it between looks), with 2 s
+for the database and a loaded machine."""
 SETTLE_TIMEOUT = 240.0
 """How long the end state may take once the chaos stops (takeovers, worker starts and the
 heartbeat grace on a loaded two-core machine)."""
@@ -62,11 +66,24 @@ class Wanted:
 
 
 @define(kw_only=True)
+class Kill:
+    """A SIGKILL and the shards its victim held: taken over once each is held by a live
+    replica (another, or the victim restarted)."""
+
+    victim: Replica
+    at: float
+    shards: set[str]
+    took: float | None = None
+
+
+@define(kw_only=True)
 class Chaos:
     replicas: ReplicaSet
     rng: random.Random
     wanted: dict[str, Wanted]
     journal: list[str]
+    kills: list[Kill] = field(factory=list)
+    watching: threading.Event = field(factory=threading.Event)
 
     def note(self, what: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {what}"
@@ -132,8 +149,26 @@ class Chaos:
         if len(alive) < 2:
             return  # never all at once
         victim = self.rng.choice(alive)
-        assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+        self.sigkill(victim)
         self.note(f"SIGKILL {victim.name}")
+
+    def sigkill(self, victim: Replica) -> None:
+        held = {s for s, holder in self.replicas.holders().items() if holder == victim.replica_id}
+        assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+        self.kills.append(Kill(victim=victim, at=time.monotonic(), shards=held))
+
+    def watch_takeovers(self) -> None:
+        """In a thread until `watching` is cleared: when each kill's shards were taken over."""
+        while self.watching.is_set():
+            pending = [k for k in self.kills if k.took is None]
+            if pending:
+                holders = self.replicas.holders()
+                now = time.monotonic()
+                live = {r.replica_id for r in self.alive()}
+                for kill in pending:
+                    if all(holders.get(s) in live for s in kill.shards):
+                        kill.took = now - kill.at
+            time.sleep(0.1)
 
     def kill_owner(self) -> None:
         """SIGKILL the replica reconciling a random active cluster (maybe mid-start, mid-scale
@@ -146,7 +181,7 @@ class Chaos:
         owner = self.replicas.owner(target.name)
         if owner is None or not owner.alive():
             return
-        assert owner.stop(signal.SIGKILL) == -signal.SIGKILL
+        self.sigkill(owner)
         self.note(f"SIGKILL {owner.name} (owner of {target.name})")
 
     def restart(self) -> None:
@@ -178,11 +213,26 @@ def run_chaos(replicas: ReplicaSet, *, seconds: float, seed: int) -> Chaos:
         replica.start()
     names = [name for name, _ in STEPS]
     weights = [weight for _, weight in STEPS]
+    chaos.watching.set()
+    watcher = threading.Thread(target=chaos.watch_takeovers, daemon=True)
+    watcher.start()
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        step: Callable[[], None] = getattr(chaos, chaos.rng.choices(names, weights)[0])
-        step()
-        time.sleep(chaos.rng.uniform(0.2, 1.5))
+    try:
+        while time.monotonic() < end:
+            step: Callable[[], None] = getattr(chaos, chaos.rng.choices(names, weights)[0])
+            step()
+            time.sleep(chaos.rng.uniform(0.2, 1.5))
+        # The last kill's shards are taken over (or its victim is back) within the bound.
+        wait_for(
+            "the last kill's shards are taken over",
+            lambda: all(k.took is not None for k in chaos.kills),
+            timeout=TAKEOVER_BOUND * 2,
+        )
+    finally:
+        chaos.watching.clear()
+        watcher.join()
+    took = [round(k.took, 1) for k in chaos.kills if k.took is not None]
+    chaos.note(f"takeovers after {len(took)} SIGKILLs took (s): {took}")
     for replica in chaos.dead():
         replica.start()
         chaos.note(f"restart {replica.name} (end of chaos)")
@@ -287,6 +337,16 @@ def _describe(pid: int) -> str:
     return f"ppid {st.ppid if st else '?'}: {cmd}"
 
 
+def check_takeovers(chaos: Chaos) -> None:
+    """Every SIGKILLed replica's shards were held by a live replica within `TAKEOVER_BOUND`."""
+    slow = [
+        (k.victim.name, k.took) for k in chaos.kills if k.took is None or k.took > TAKEOVER_BOUND
+    ]
+    assert not slow, f"takeovers slower than {TAKEOVER_BOUND:g} s: {slow}\n" + "\n".join(
+        chaos.journal
+    )
+
+
 def check_settled(chaos: Chaos) -> None:
     """Wait (up to `SETTLE_TIMEOUT`) until nothing differs from what was last asked; fail
     naming the differences and the seed's journal otherwise."""
@@ -362,6 +422,8 @@ def test_chaos_on_three_replicas_ends_as_last_asked(three: ReplicaSet) -> None:
 
     chaos = run_chaos(three, seconds=chaos_seconds(75), seed=chaos_seed())
     assert chaos.wanted, "the chaos made no cluster"
+    assert chaos.kills, "the chaos killed no replica"
+    check_takeovers(chaos)
     check_settled(chaos)
     assert chaos.active(), "the chaos left no cluster running"
     for wanted in chaos.active():

@@ -16,6 +16,7 @@ from test_chaos import (
     chaos_seconds,
     chaos_seed,
     check_settled,
+    check_takeovers,
     compute,
     finish,
     other_than_starter,
@@ -37,6 +38,7 @@ def test_the_original_client_computes_through_another_replica_after_chaos(
         pytest.fail("the compat tier needs the original client: run it with `nox -s compat`")
     with replica_set(tmp_path, postgres_url, ("a", "b", "c"), lease_ttl=LEASE_TTL) as three:
         chaos = run_chaos(three, seconds=chaos_seconds(60), seed=chaos_seed())
+        check_takeovers(chaos)
         check_settled(chaos)
         active = chaos.active()
         assert active, "the chaos left no cluster running"
