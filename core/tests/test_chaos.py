@@ -67,8 +67,9 @@ class Wanted:
 
 @define(kw_only=True)
 class Kill:
-    """A SIGKILL and the shards its victim held: taken over once each is held by a live
-    replica (another, or the victim restarted)."""
+    """A SIGKILL and the shards its victim held. A shard is taken over once another replica
+    holds it (none can before the victim's lease expires) or the victim, restarted, took it
+    back; `took` is when the last one was."""
 
     victim: Replica
     at: float
@@ -162,11 +163,18 @@ class Chaos:
         while self.watching.is_set():
             pending = [k for k in self.kills if k.took is None]
             if pending:
+                back = {k.victim.name: k.victim.alive() for k in pending}
                 holders = self.replicas.holders()
                 now = time.monotonic()
-                live = {r.replica_id for r in self.alive()}
                 for kill in pending:
-                    if all(holders.get(s) in live for s in kill.shards):
+                    victim = kill.victim.replica_id
+                    kill.shards -= {
+                        s
+                        for s in kill.shards
+                        if holders.get(s) not in (None, victim)
+                        or (holders.get(s) == victim and back[kill.victim.name])
+                    }
+                    if not kill.shards:
                         kill.took = now - kill.at
             time.sleep(0.1)
 
