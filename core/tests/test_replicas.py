@@ -353,3 +353,34 @@ async def test_a_replica_that_joins_gets_half_the_shards_and_carries_on_their_cl
             await b.backend.cleanup()
         await a.backend.cleanup()
         await a.driver.shutdown()
+
+
+@pytest.mark.system
+def test_shards_nobody_took_for_a_round_are_taken_past_the_fair_share(postgres_url: str) -> None:
+    """The chaos test's finding (seed 11): replica b died; a, restarted meanwhile, registered
+    (so the survivor's fair share stayed at half) and died before taking anything; the
+    survivor, at its share, left b's expired shards alone until a's registration expired too:
+    6.4 s for lease_ttl 3, past the bound. A shard free at two looks in a row is now taken."""
+    from types import SimpleNamespace
+
+    from gateway_core.reconciler.replicas import REPLICA_PREFIX, Replicas
+    from gateway_core.store import Store
+
+    store = Store(url=postgres_url, encrypt_keys=[base64.b64encode(os.urandom(32)).decode()])
+    try:
+        dead = [store.acquire_lease(shard_lease(s), "dead", 60) for s in range(SHARDS // 2)]
+        store.acquire_lease(REPLICA_PREFIX + "ghost", "ghost", 60)  # registered, holds nothing
+        survivor = Replicas(
+            reconciler=SimpleNamespace(store=store),  # type: ignore[arg-type]
+            replica_id="survivor",
+            lease_ttl=60,
+            sync_period=1,
+        )
+        assert sorted(survivor.take()) == list(range(SHARDS // 2, SHARDS))  # its fair share
+        for lease in dead:  # "dead" is gone: its leases expire
+            assert lease is not None and store.release_lease(lease)
+        assert survivor.take() == []  # at its share, and the ghost may yet take them
+        assert sorted(survivor.take()) == list(range(SHARDS // 2))  # nobody did: taken
+        assert len(survivor.held) == SHARDS
+    finally:
+        store.close()
