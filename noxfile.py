@@ -128,7 +128,8 @@ def compat(session: nox.Session) -> None:
     session.install(
         "./proxy",
         "./client",
-        "./core[local,testing]",
+        # postgres: the chaos test's replicas share PostgreSQL (.ci/run starts it before nox).
+        "./core[local,testing,postgres]",
         "./plugins/gateway-yarn",
         "./plugins/gateway-k8s",
         "kubernetes-validate",  # imported by gateway-k8s's test_chart.py, collected here too
@@ -138,8 +139,9 @@ def compat(session: nox.Session) -> None:
     # The original client's objects raise from __del__ when collected after their event loop
     # closed (upstream behaviour, not this server's); pytest's unraisable-exception plugin
     # would turn that noise into an INTERNALERROR, so it is off for this session only.
-    # core: the whole flow on unsafe-local; gateway-yarn: a YARN cluster on its simulator;
-    # gateway-k8s: a cluster through the kubernetes backend on the fake API server and kubelet.
+    # core: the whole flow on unsafe-local, and on three replicas after chaos (PostgreSQL);
+    # gateway-yarn: a YARN cluster on its simulator; gateway-k8s: a cluster through the
+    # kubernetes backend on the fake API server and kubelet.
     for folder in ("core", "plugins/gateway-yarn", "plugins/gateway-k8s"):
         session.chdir(ROOT / folder)
         session.run(*PYTEST, "-m", "compat", "-p", "no:unraisableexception", *session.posargs)

@@ -694,6 +694,27 @@ def test_the_config_refuses_bad_values() -> None:
 # The fork server
 
 
+def test_a_fork_server_whose_gateway_died_while_it_started_exits_quietly() -> None:
+    """The chaos test's finding: a gateway SIGKILLed while its fork server imported left a
+    BrokenPipeError traceback in its log when the server said it was ready; now it just ends."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.close()  # the gateway is gone before the server reports
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway_core.backends.forkserver", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        theirs.close()
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 async def test_the_fork_server_refuses_to_start_with_threads(tmp_path: Path) -> None:
     script(
         tmp_path,

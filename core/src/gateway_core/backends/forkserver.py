@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not problem and _thread_count() > 1:
         problem = f"{_thread_count()} threads are running after the imports"
     if problem:
-        _send_line(ctl, {"error": problem})
+        _tell_gateway(ctl, {"error": problem})
         return 1
     for logger in [logging.root, *logging.root.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
@@ -333,8 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for h in logger.handlers
                 if type(h) is logging.StreamHandler and h.stream is sys.stderr
             )
-    _send_line(ctl, {"ready": True, "pid": os.getpid()})
+    if not _tell_gateway(ctl, {"ready": True, "pid": os.getpid()}):
+        return 0
     return _serve(ctl)
+
+
+def _tell_gateway(ctl: socket.socket, msg: dict[str, Any]) -> bool:
+    """Send ``msg`` on the control socket; False (quietly) when the gateway is already gone
+    (killed while the template imported: nothing is left to serve, and no traceback)."""
+    try:
+        _send_line(ctl, msg)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
 
 
 def _serve(ctl: socket.socket) -> int:

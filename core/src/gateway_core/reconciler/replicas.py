@@ -107,6 +107,8 @@ class Replicas:
         self.surplus = 0
         """Shards above this replica's fair share while another live replica is short of
         its own (from the last `take`): given back by `hand_over`."""
+        self._free_before: set[int] = set()
+        """The shards free (unheld or expired) at the previous `take`."""
         self._sync_lock = asyncio.Lock()
 
     # ---------------------------------------------------------------------------------------
@@ -137,9 +139,10 @@ class Replicas:
         return False
 
     def take(self) -> list[int]:
-        """Register this replica and take its fair share of the free shards (the shards
-        taken); note the surplus to give back when another replica is short. Three statements,
-        plus one per shard tried. Blocks on the database: at start or off the event loop."""
+        """Register this replica and take its fair share of the free shards, and any shard
+        found free at the previous call too, whatever the share (the shards taken); note the
+        surplus to give back when another replica is short. Three statements, plus one per
+        shard tried. Blocks on the database: at start or off the event loop."""
         ttl = self.lease_ttl
         store = self.store
         store.acquire_lease(REPLICA_PREFIX + self.replica_id, self.replica_id, ttl)
@@ -153,18 +156,21 @@ class Replicas:
             counts[holder] = counts.get(holder, 0) + 1
         short = any(counts.get(r, 0) < fair - 1 for r in live if r != self.replica_id)
         self.surplus = max(0, len(self.held) - fair) if short else 0
-        if len(self.held) >= fair:
-            return []
         free = [
             i
             for i in range(SHARDS)
             if i not in self.held and taken.get(shard_lease(i), self.replica_id) == self.replica_id
         ]
+        # Free at this look and the previous one: no replica took it for a whole round (the
+        # one whose share it is died too, or registered and died before taking anything).
+        # Taken whatever the fair share, so the takeover bound holds; hand-overs rebalance.
+        orphaned = set(free) & self._free_before
+        self._free_before = set(free)
         random.shuffle(free)  # replicas starting together do not all race for the same ones
         gained: list[int] = []
         for shard in free:
-            if len(self.held) >= fair:
-                break
+            if len(self.held) >= fair and shard not in orphaned:
+                continue
             lease = store.acquire_lease(shard_lease(shard), self.replica_id, ttl)
             if lease is not None:
                 self.held[shard] = lease
