@@ -318,3 +318,63 @@ async def test_a_running_cluster_whose_worker_pods_are_refused_runs_on_with_the_
         stop.set()
         await asyncio.wait_for(task, 20)
         controller.client.close()
+
+
+async def test_excess_workers_of_a_named_group_are_asked_of_its_scheduler_by_group(
+    kube: FakeKube, kubelet: Kubelet, client: KubeClient
+) -> None:
+    """After ``retire_grace`` the controller asks the scheduler's agent to retire a named
+    group's excess workers, naming the group in the scale message (as the API does): without
+    it the agent would scale the default group."""
+    from aiohttp import web
+
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c4", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {
+            "user": "alice",
+            "worker": {"replicas": 0},
+            "workerGroups": {"big": {"replicas": 2}},
+        },
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t4", cert=b"c", key=b"k")
+    )
+
+    async def status() -> dict[str, Any]:
+        return (await client.get(CLUSTERS, NS, "dask-c4") or {}).get("status") or {}
+
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    async def comm(request: web.Request) -> web.Response:
+        asked.append((request.headers.get("Authorization", ""), await request.json()))
+        return web.json_response({})
+
+    controller, stop, task = await start(kube)
+    runner: web.AppRunner | None = None
+    try:
+        await until(lambda: _status_running(status(), 2), "the group's two workers running")
+        scheduler = await client.get(PODS, NS, "dask-c4-scheduler")
+        assert scheduler is not None
+        app = web.Application()
+        app.router.add_post("/api/comm", comm)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, scheduler["status"]["podIP"], objects.API_PORT).start()
+        await client.patch(
+            CLUSTERS, NS, "dask-c4", {"spec": {"workerGroups": {"big": {"replicas": 1}}}}
+        )
+
+        async def was_asked() -> bool:
+            return bool(asked)
+
+        await until(was_asked, "the scheduler to be asked to retire")
+        assert asked[0] == ("token t4", {"op": "scale", "count": 1, "group": "big"})
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        controller.client.close()

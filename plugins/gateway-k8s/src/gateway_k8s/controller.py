@@ -845,7 +845,7 @@ class Controller:
                 log.warning("Deleting worker %s: not retired in time", pod["metadata"]["name"])
                 await self._delete_pod(key, pod)
             return
-        if now - since < self.config.retire_grace or group != crd.DEFAULT_GROUP:
+        if now - since < self.config.retire_grace:
             return
         if self._retire_asked.get(slot) == wanted:
             return
@@ -853,10 +853,13 @@ class Controller:
         token = objects.secret_value(secret, objects.TOKEN_KEY).decode()
         url = f"http://{scheduler['status']['podIP']}:{objects.API_PORT}/api/comm"
         assert self._session is not None
+        op: dict[str, Any] = {"op": "scale", "count": wanted}
+        if group != crd.DEFAULT_GROUP:
+            op["group"] = group  # the agent's scale message names a named group as the API does
         try:
             async with self._session.post(
                 url,
-                json={"op": "scale", "count": wanted},
+                json=op,
                 headers={"Authorization": f"token {token}"},
             ) as resp:
                 if resp.status < 400:
