@@ -412,6 +412,42 @@ async def test_writes_queued_meanwhile_commit_together_and_a_bad_one_loses_only_
     again.close()
 
 
+async def test_flushes_waiting_together_share_one_commit_and_none_returns_early(
+    db_url: str, connect: sqlalchemy.Engine
+) -> None:
+    """Group commit: the writes and `flush` barriers queued while the writer was busy are
+    one transaction, every barrier released after it; no flush returns before its write is
+    committed (read back by another connection)."""
+    store = Store(url=db_url, encrypt_keys=[make_key()])
+    gate = threading.Event()
+    commits: list[int] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(*args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+
+    @sqlalchemy.event.listens_for(store.engine, "commit")
+    def count(conn: object) -> None:
+        commits.append(1)
+
+    store.create_cluster(make_cluster("c0"))  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    flushes = []
+    for i in range(1, 41):  # 40 creates, each flushed, as 40 concurrent API creates do
+        store.create_cluster(make_cluster(f"c{i}"))
+        flushes.append(asyncio.ensure_future(store.flush()))
+    await asyncio.sleep(0.05)
+    assert not any(f.done() for f in flushes)  # nothing is committed yet
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*flushes), 30)
+    # The held write, then the 40 creates and their 40 barriers: one more commit, not 40.
+    assert len(commits) == 2
+    with connect.connect() as conn:
+        stored = conn.execute(sqlalchemy.text("SELECT count(*) FROM clusters")).scalar_one()
+    assert stored == 41
+    await store.aclose()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

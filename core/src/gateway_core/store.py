@@ -210,8 +210,9 @@ WRITE_RETRY_DELAY = 0.1
 
 WRITE_BATCH = 200
 """Most queued writes the writer commits in one transaction. Each commit of a file or server
-database waits for the disk, so committing what piled up meanwhile together lets creates and
-scales go as fast as the database can take a batch, not one commit per change."""
+database waits for the disk, so committing what piled up meanwhile together (and releasing
+every `Store.flush` waiting among them after that one commit) lets creates and scales go as
+fast as the database can take a batch, not one commit per change or per flush."""
 
 
 class Store:
@@ -276,6 +277,9 @@ class Store:
         self._cursor: int | None = None
         self.failed_writes = 0
         """Writes given up on since the store was built (each logged at ERROR)."""
+        self.commits = 0
+        """Batches of writes the writer has applied (one transaction each, unless one failed
+        and its writes were retried one by one) since the store was built."""
         # In memory the writer and lease calls share one connection: one at a time.
         self._serial: threading.Lock | contextlib.nullcontext[None] = (
             contextlib.nullcontext() if self.persistent else threading.Lock()
@@ -545,12 +549,15 @@ class Store:
 
     def _write_loop(self) -> None:
         """The writer thread: apply queued writes in order until `close`, committing the
-        writes queued meanwhile (up to `WRITE_BATCH`, never across a flush) together."""
+        writes queued meanwhile (up to `WRITE_BATCH`) together, and releasing the `flush`
+        barriers among them once that commit is done: concurrent flushes share one commit
+        (group commit), and no barrier is released before every write queued ahead of it is
+        committed (or given up on and logged)."""
         while True:
             item: _Write | _Barrier | None = self._writes.get()
             taken = 1
             batch: list[_Write] = []
-            after: _Barrier | None = None
+            barriers: list[_Barrier] = []
             stop = False
             try:
                 while True:
@@ -558,11 +565,11 @@ class Store:
                         stop = True
                         break
                     if isinstance(item, _Barrier):
-                        after = item
-                        break
-                    batch.append(item)
-                    if len(batch) >= WRITE_BATCH:
-                        break
+                        barriers.append(item)
+                    else:
+                        batch.append(item)
+                        if len(batch) >= WRITE_BATCH:
+                            break
                     try:
                         item = self._writes.get_nowait()
                     except queue.Empty:
@@ -573,8 +580,9 @@ class Store:
                         self._apply_batch(batch)
                     finally:
                         self._written = batch[-1].number
-                if after is not None:
-                    after.release()
+                        self.commits += 1
+                for barrier in barriers:
+                    barrier.release()
             finally:
                 for _ in range(taken):
                     self._writes.task_done()
