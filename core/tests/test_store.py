@@ -448,6 +448,57 @@ async def test_flushes_waiting_together_share_one_commit_and_none_returns_early(
     await store.aclose()
 
 
+async def test_a_batch_sends_its_new_workers_and_their_updates_as_one_statement_each(
+    db_url: str,
+) -> None:
+    """Consecutive inserts of workers, and consecutive updates of the same worker fields, in
+    one batch go to the database as one executemany each, in their order; what is stored is
+    what each write said."""
+    key = make_key()
+    store = Store(url=db_url, encrypt_keys=[key])
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+    await store.flush()
+    gate = threading.Event()
+    statements: list[tuple[str, bool]] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(
+        conn: object,
+        cursor: object,
+        statement: str,
+        params: object,
+        context: object,
+        executemany: bool,
+    ) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        statements.append((" ".join(statement.split()[:3]), executemany))
+
+    store.update_cluster(cluster, count=10)  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    workers = [Worker(name=f"c1-w{i}", cluster_name="c1") for i in range(10)]
+    for worker in workers:
+        store.create_worker(worker)
+    for i, worker in enumerate(workers):
+        store.update_worker(worker, state={"pid": i})
+    for worker in workers:
+        store.update_worker(worker, status=WorkerStatus.RUNNING)
+    gate.set()
+    await store.flush()
+    assert statements[1:] == [
+        ("INSERT INTO workers", True),
+        ("UPDATE workers SET", True),
+        ("UPDATE workers SET", True),
+    ]
+    await store.aclose()
+    again = Store(url=db_url, encrypt_keys=[key])
+    (loaded,) = again.load()
+    assert {w.name: (w.status, w.state) for w in loaded.workers.values()} == {
+        f"c1-w{i}": (WorkerStatus.RUNNING, {"pid": i}) for i in range(10)
+    }
+    again.close()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -297,6 +297,9 @@ class Store:
         self.shared = self.engine.dialect.name == "postgresql"
         """Whether several gateways may share this database: rows carry a ``changed`` stamp,
         and `fetch_changes` reads what changed (PostgreSQL only)."""
+        self._insert_cluster = self._stamp(clusters_table.insert())
+        self._insert_worker = self._stamp(workers_table.insert())
+        self._worker_updates: dict[tuple[str, ...], Any] = {}
 
     # ---------------------------------------------------------------------------------------
     # Reading
@@ -398,10 +401,8 @@ class Store:
         """Insert ``cluster`` (and any workers it already holds)."""
         if cluster.name in self._clusters:
             raise StoreError(f"cluster {cluster.name} already exists")
-        steps: list[_Step] = [(self._stamp(clusters_table.insert()), self._cluster_row(cluster))]
-        steps.extend(
-            (self._stamp(workers_table.insert()), _worker_row(w)) for w in cluster.workers.values()
-        )
+        steps: list[_Step] = [(self._insert_cluster, self._cluster_row(cluster))]
+        steps.extend((self._insert_worker, _worker_row(w)) for w in cluster.workers.values())
         self._submit(f"new cluster {cluster.name}", steps, cluster=cluster.name)
         self._clusters[cluster.name] = cluster
         self._index(cluster)
@@ -449,7 +450,7 @@ class Store:
             raise StoreError(f"worker {worker.name} already exists")
         self._submit(
             f"new worker {worker.name}",
-            [(self._stamp(workers_table.insert()), _worker_row(worker))],
+            [(self._insert_worker, _worker_row(worker))],
             cluster=worker.cluster_name,
         )
         cluster.workers[worker.name] = worker
@@ -464,16 +465,20 @@ class Store:
         for name, value in changes.items():
             setattr(worker, name, value)
         values = _worker_row(worker, only=changes)
-        statement = (
-            workers_table.update()
-            .where(workers_table.c.cluster_name == worker.cluster_name)
-            .where(workers_table.c.name == worker.name)
-        )
-        self._submit(
-            f"worker {worker.name}",
-            [(self._stamp(statement.values(**values)), None)],
-            cluster=worker.cluster_name,
-        )
+        fields = tuple(sorted(values))
+        statement = self._worker_updates.get(fields)
+        if statement is None:
+            # One statement per set of fields, with bound parameters: compiled once, and
+            # consecutive updates of the same fields go to the database as one executemany.
+            statement = self._worker_updates[fields] = self._stamp(
+                workers_table.update()
+                .where(workers_table.c.cluster_name == sa.bindparam("w_cluster"))
+                .where(workers_table.c.name == sa.bindparam("w_name"))
+                .values({f: sa.bindparam(f) for f in fields})
+            )
+        values["w_cluster"] = worker.cluster_name
+        values["w_name"] = worker.name
+        self._submit(f"worker {worker.name}", [(statement, values)], cluster=worker.cluster_name)
 
     def delete_worker(self, worker: Worker) -> None:
         """Remove one worker record."""
@@ -595,9 +600,8 @@ class Store:
         if len(batch) > 1:
             try:
                 with self._serial, self.engine.begin() as conn:
-                    for write in batch:
-                        for statement, params in write.steps:
-                            conn.execute(statement, params)
+                    for statement, params in _grouped(step for w in batch for step in w.steps):
+                        conn.execute(statement, params)
                 return
             except Exception as exc:  # noqa: BLE001 - retried below, one write at a time
                 log.debug("A batch of %d writes failed (%s); one by one now", len(batch), exc)
@@ -984,6 +988,33 @@ class Store:
             shared_groups=list(row.get("shared_groups") or []),
             group_counts=dict(row.get("group_counts") or {}),
         )
+
+
+def _grouped(steps: Iterable[_Step]) -> Iterator[_Step]:
+    """``steps`` in order, each run of consecutive steps with the same statement object and
+    parameters of the same keys merged into one step with a list of parameters (one
+    executemany: a batch's new workers, or its workers' state updates, in one go)."""
+    statement: Any = None
+    group: list[dict[str, Any]] = []
+    keys: Any = None
+    for step, params in steps:
+        if (
+            params is not None
+            and step is statement
+            and isinstance(params, dict)
+            and params.keys() == keys
+        ):
+            group.append(params)
+            continue
+        if statement is not None:
+            yield statement, group if len(group) > 1 else group[0]
+            statement, group, keys = None, [], None
+        if params is None or not isinstance(params, dict):
+            yield step, params
+            continue
+        statement, group, keys = step, [params], params.keys()
+    if statement is not None:
+        yield statement, group if len(group) > 1 else group[0]
 
 
 def _drop(index: dict[Any, _Bucket], key: Any, name: str) -> None:
