@@ -300,6 +300,7 @@ class Store:
         self._insert_cluster = self._stamp(clusters_table.insert())
         self._insert_worker = self._stamp(workers_table.insert())
         self._worker_updates: dict[tuple[str, ...], Any] = {}
+        self._cluster_updates: dict[tuple[str, ...], Any] = {}
 
     # ---------------------------------------------------------------------------------------
     # Reading
@@ -429,12 +430,17 @@ class Store:
         values = self._cluster_row(cluster, only=changes)
         if not values:
             return  # only columns this database lacks changed
-        statement = clusters_table.update().where(clusters_table.c.name == cluster.name)
-        self._submit(
-            f"cluster {cluster.name}",
-            [(self._stamp(statement.values(**values)), None)],
-            cluster=cluster.name,
-        )
+        fields = tuple(sorted(values))
+        statement = self._cluster_updates.get(fields)
+        if statement is None:
+            # As for workers: compiled once per set of fields, like updates run as one.
+            statement = self._cluster_updates[fields] = self._stamp(
+                clusters_table.update()
+                .where(clusters_table.c.name == sa.bindparam("c_name"))
+                .values({f: sa.bindparam(f) for f in fields})
+            )
+        values["c_name"] = cluster.name
+        self._submit(f"cluster {cluster.name}", [(statement, values)], cluster=cluster.name)
 
     def delete_cluster(self, cluster: Cluster | str) -> None:
         """Remove a cluster and its workers; unknown names are ignored."""
