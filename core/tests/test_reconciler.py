@@ -856,3 +856,55 @@ def test_the_testing_hooks_register_the_inprocess_and_simulated_backends() -> No
     assert spec.driver is InProcessDriver and spec.config is InProcessConfig
     spec = by_name["simulated"]
     assert spec.driver is SimulatedDriver and spec.config is SimulatedConfig
+
+
+async def test_settled_workers_are_batched_per_cluster_and_a_dead_one_is_still_found(
+    make: Callable[..., Awaitable[Gateway]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker check's per-period work: clusters whose workers are all settled add them
+    without the per-worker Python test (`_checkable`); a worker in transition makes its
+    cluster take that test; a dead settled worker is still replaced."""
+    from gateway_core.reconciler import checks as checks_module
+
+    gw = await make(worker_status_period=3600.0)
+    clusters = [await gw.running() for _ in range(3)]
+    for cluster in clusters:
+        await gw.scale(cluster, 3)
+    await until(lambda: all(len(gw.running_workers(c)) == 3 for c in clusters))
+    await until(lambda: not any(gw.backend.reconciler.runtimes.starting(c.name) for c in clusters))
+    per_worker: list[str] = []
+    original = checks_module._checkable
+
+    def counted(worker: Any, runtime: Any) -> bool:
+        per_worker.append(worker.name)
+        return original(worker, runtime)
+
+    monkeypatch.setattr(checks_module, "_checkable", counted)
+    asked: list[list[str]] = []
+    answer_dead: set[str] = set()
+
+    async def check(batch: Sequence[Any]) -> list[bool]:
+        asked.append(sorted(w.name for _, w in batch))
+        return [w.name not in answer_dead for _, w in batch]
+
+    gw.driver.check_workers = check  # type: ignore[method-assign]
+    checks = gw.backend.reconciler.checks
+    await checks.workers_alive()
+    every = sorted(w for c in clusters for w in gw.running_workers(c))
+    assert asked == [every] and per_worker == []  # all 9 asked, none tested one by one
+
+    # A pending worker in the first cluster: that cluster alone goes worker by worker.
+    first = clusters[0]
+    pending = sorted(first.workers)[0]
+    first.workers[pending].status = WorkerStatus.PENDING
+    await checks.workers_alive()
+    assert sorted(per_worker) == sorted(first.workers) and asked[-1] == every
+    first.workers[pending].status = WorkerStatus.RUNNING
+
+    per_worker.clear()
+    victim = gw.running_workers(clusters[1])[0]
+    answer_dead.add(victim)
+    await checks.workers_alive()
+    assert per_worker == []
+    assert clusters[1].workers[victim].target == WorkerStatus.FAILED
+    await until(lambda: clusters[1].workers[victim].status == WorkerStatus.FAILED)

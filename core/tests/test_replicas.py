@@ -228,6 +228,57 @@ async def test_a_replica_whose_lease_was_taken_starts_no_worker(postgres_url: st
 
 
 @pytest.mark.system
+async def test_fences_asking_together_share_one_statement_and_a_later_one_sends_its_own(
+    postgres_url: str,
+) -> None:
+    from test_reconciler import Gateway
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    gw = Gateway(
+        gateway={
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": "replica-a",
+            "lease_ttl": 60.0,
+            "stop_clusters_on_shutdown": False,
+        }
+    )
+    await gw.backend.setup()
+    try:
+        replicas = gw.backend.reconciler.replicas
+        assert replicas is not None
+        store = gw.backend.store
+        asked: list[str] = []
+        held = store.lease_held
+
+        def counted(lease: Any, **kw: Any) -> bool:
+            asked.append(lease.name)
+            return held(lease, **kw)
+
+        store.lease_held = counted  # type: ignore[method-assign]
+        name = "c" * 32
+        # Ten fences in one turn of the loop (a cluster's workers starting together): one
+        # statement for all of them.
+        assert await asyncio.gather(*(replicas.fence(name) for _ in range(10))) == [True] * 10
+        assert asked == [shard_lease(shard_of(name))]
+        # Once the statement was sent, a fence gets a statement of its own, which sees the
+        # lease taken by another replica meanwhile.
+        lease = replicas.held[shard_of(name)]
+        first = asyncio.ensure_future(replicas.fence(name))
+        await asyncio.sleep(0)  # the shared check has started: its statement is on its way
+        stolen = await asyncio.to_thread(
+            store.acquire_lease, lease.name, "replica-b", 60.0, now=lease.expires + 1
+        )
+        assert stolen is not None
+        assert await replicas.fence(name) is False
+        await first
+        assert len(asked) == 3
+    finally:
+        await gw.backend.cleanup()
+        await gw.driver.shutdown()
+
+
+@pytest.mark.system
 async def test_the_owner_learns_through_the_database_what_another_replica_was_told(
     postgres_url: str,
 ) -> None:

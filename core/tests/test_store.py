@@ -412,6 +412,93 @@ async def test_writes_queued_meanwhile_commit_together_and_a_bad_one_loses_only_
     again.close()
 
 
+async def test_flushes_waiting_together_share_one_commit_and_none_returns_early(
+    db_url: str, connect: sqlalchemy.Engine
+) -> None:
+    """Group commit: the writes and `flush` barriers queued while the writer was busy are
+    one transaction, every barrier released after it; no flush returns before its write is
+    committed (read back by another connection)."""
+    store = Store(url=db_url, encrypt_keys=[make_key()])
+    gate = threading.Event()
+    commits: list[int] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(*args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+
+    @sqlalchemy.event.listens_for(store.engine, "commit")
+    def count(conn: object) -> None:
+        commits.append(1)
+
+    store.create_cluster(make_cluster("c0"))  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    flushes = []
+    for i in range(1, 41):  # 40 creates, each flushed, as 40 concurrent API creates do
+        store.create_cluster(make_cluster(f"c{i}"))
+        flushes.append(asyncio.ensure_future(store.flush()))
+    await asyncio.sleep(0.05)
+    assert not any(f.done() for f in flushes)  # nothing is committed yet
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*flushes), 30)
+    # The held write, then the 40 creates and their 40 barriers: one more commit, not 40.
+    assert len(commits) == 2
+    with connect.connect() as conn:
+        stored = conn.execute(sqlalchemy.text("SELECT count(*) FROM clusters")).scalar_one()
+    assert stored == 41
+    await store.aclose()
+
+
+async def test_a_batch_sends_its_new_workers_and_their_updates_as_one_statement_each(
+    db_url: str,
+) -> None:
+    """Consecutive inserts of workers, and consecutive updates of the same worker fields, in
+    one batch go to the database as one executemany each, in their order; what is stored is
+    what each write said."""
+    key = make_key()
+    store = Store(url=db_url, encrypt_keys=[key])
+    cluster = make_cluster()
+    store.create_cluster(cluster)
+    await store.flush()
+    gate = threading.Event()
+    statements: list[tuple[str, bool]] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(
+        conn: object,
+        cursor: object,
+        statement: str,
+        params: object,
+        context: object,
+        executemany: bool,
+    ) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        statements.append((" ".join(statement.split()[:3]), executemany))
+
+    store.update_cluster(cluster, count=10)  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    workers = [Worker(name=f"c1-w{i}", cluster_name="c1") for i in range(10)]
+    for worker in workers:
+        store.create_worker(worker)
+    for i, worker in enumerate(workers):
+        store.update_worker(worker, state={"pid": i})
+    for worker in workers:
+        store.update_worker(worker, status=WorkerStatus.RUNNING)
+    gate.set()
+    await store.flush()
+    assert statements[1:] == [
+        ("INSERT INTO workers", True),
+        ("UPDATE workers SET", True),
+        ("UPDATE workers SET", True),
+    ]
+    await store.aclose()
+    again = Store(url=db_url, encrypt_keys=[key])
+    (loaded,) = again.load()
+    assert {w.name: (w.status, w.state) for w in loaded.workers.values()} == {
+        f"c1-w{i}": (WorkerStatus.RUNNING, {"pid": i}) for i in range(10)
+    }
+    again.close()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

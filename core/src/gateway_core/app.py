@@ -7,6 +7,7 @@ start/stop order), `serve`, which the `gateway serve` command runs, and `Startup
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -283,6 +284,11 @@ async def run_until_stopped(config: Config) -> None:
             f"the gateway cannot start: {type(exc).__name__}: {reason} "
             "(`gateway serve --debug` shows where)"
         ) from exc
+    # What start-up loaded (every stored cluster and worker, the plugins) lives as long as
+    # the process: moved out of the collector's generations, a full collection no longer
+    # walks it (at 10,000 clusters x 10 workers one walk held the event loop about 0.3 s).
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
     finally:

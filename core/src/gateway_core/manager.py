@@ -253,7 +253,12 @@ class ClusterManager:
         config = await self.resolve_config(user, form, normalized)
         async with self._quota_lock:  # two creates must not both take the last room
             await self._check_create_quota(user, config)
-            name = await self.backend.start_cluster(user=user, options=normalized, config=config)
+            name, durable = await self.backend.begin_cluster(
+                user=user, options=normalized, config=config
+            )
+        # Counted by the quotas from here on; made durable outside the lock, so that the
+        # creates waiting meanwhile share one commit instead of taking turns.
+        await durable()
         if sharing:
             await self.backend.set_sharing(
                 name,

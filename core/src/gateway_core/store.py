@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -210,8 +210,9 @@ WRITE_RETRY_DELAY = 0.1
 
 WRITE_BATCH = 200
 """Most queued writes the writer commits in one transaction. Each commit of a file or server
-database waits for the disk, so committing what piled up meanwhile together lets creates and
-scales go as fast as the database can take a batch, not one commit per change."""
+database waits for the disk, so committing what piled up meanwhile together (and releasing
+every `Store.flush` waiting among them after that one commit) lets creates and scales go as
+fast as the database can take a batch, not one commit per change or per flush."""
 
 
 class Store:
@@ -276,6 +277,9 @@ class Store:
         self._cursor: int | None = None
         self.failed_writes = 0
         """Writes given up on since the store was built (each logged at ERROR)."""
+        self.commits = 0
+        """Batches of writes the writer has applied (one transaction each, unless one failed
+        and its writes were retried one by one) since the store was built."""
         # In memory the writer and lease calls share one connection: one at a time.
         self._serial: threading.Lock | contextlib.nullcontext[None] = (
             contextlib.nullcontext() if self.persistent else threading.Lock()
@@ -293,6 +297,10 @@ class Store:
         self.shared = self.engine.dialect.name == "postgresql"
         """Whether several gateways may share this database: rows carry a ``changed`` stamp,
         and `fetch_changes` reads what changed (PostgreSQL only)."""
+        self._insert_cluster = self._stamp(clusters_table.insert())
+        self._insert_worker = self._stamp(workers_table.insert())
+        self._worker_updates: dict[tuple[str, ...], Any] = {}
+        self._cluster_updates: dict[tuple[str, ...], Any] = {}
 
     # ---------------------------------------------------------------------------------------
     # Reading
@@ -394,10 +402,8 @@ class Store:
         """Insert ``cluster`` (and any workers it already holds)."""
         if cluster.name in self._clusters:
             raise StoreError(f"cluster {cluster.name} already exists")
-        steps: list[_Step] = [(self._stamp(clusters_table.insert()), self._cluster_row(cluster))]
-        steps.extend(
-            (self._stamp(workers_table.insert()), _worker_row(w)) for w in cluster.workers.values()
-        )
+        steps: list[_Step] = [(self._insert_cluster, self._cluster_row(cluster))]
+        steps.extend((self._insert_worker, _worker_row(w)) for w in cluster.workers.values())
         self._submit(f"new cluster {cluster.name}", steps, cluster=cluster.name)
         self._clusters[cluster.name] = cluster
         self._index(cluster)
@@ -424,12 +430,17 @@ class Store:
         values = self._cluster_row(cluster, only=changes)
         if not values:
             return  # only columns this database lacks changed
-        statement = clusters_table.update().where(clusters_table.c.name == cluster.name)
-        self._submit(
-            f"cluster {cluster.name}",
-            [(self._stamp(statement.values(**values)), None)],
-            cluster=cluster.name,
-        )
+        fields = tuple(sorted(values))
+        statement = self._cluster_updates.get(fields)
+        if statement is None:
+            # As for workers: compiled once per set of fields, like updates run as one.
+            statement = self._cluster_updates[fields] = self._stamp(
+                clusters_table.update()
+                .where(clusters_table.c.name == sa.bindparam("c_name"))
+                .values({f: sa.bindparam(f) for f in fields})
+            )
+        values["c_name"] = cluster.name
+        self._submit(f"cluster {cluster.name}", [(statement, values)], cluster=cluster.name)
 
     def delete_cluster(self, cluster: Cluster | str) -> None:
         """Remove a cluster and its workers; unknown names are ignored."""
@@ -445,7 +456,7 @@ class Store:
             raise StoreError(f"worker {worker.name} already exists")
         self._submit(
             f"new worker {worker.name}",
-            [(self._stamp(workers_table.insert()), _worker_row(worker))],
+            [(self._insert_worker, _worker_row(worker))],
             cluster=worker.cluster_name,
         )
         cluster.workers[worker.name] = worker
@@ -460,16 +471,20 @@ class Store:
         for name, value in changes.items():
             setattr(worker, name, value)
         values = _worker_row(worker, only=changes)
-        statement = (
-            workers_table.update()
-            .where(workers_table.c.cluster_name == worker.cluster_name)
-            .where(workers_table.c.name == worker.name)
-        )
-        self._submit(
-            f"worker {worker.name}",
-            [(self._stamp(statement.values(**values)), None)],
-            cluster=worker.cluster_name,
-        )
+        fields = tuple(sorted(values))
+        statement = self._worker_updates.get(fields)
+        if statement is None:
+            # One statement per set of fields, with bound parameters: compiled once, and
+            # consecutive updates of the same fields go to the database as one executemany.
+            statement = self._worker_updates[fields] = self._stamp(
+                workers_table.update()
+                .where(workers_table.c.cluster_name == sa.bindparam("w_cluster"))
+                .where(workers_table.c.name == sa.bindparam("w_name"))
+                .values({f: sa.bindparam(f) for f in fields})
+            )
+        values["w_cluster"] = worker.cluster_name
+        values["w_name"] = worker.name
+        self._submit(f"worker {worker.name}", [(statement, values)], cluster=worker.cluster_name)
 
     def delete_worker(self, worker: Worker) -> None:
         """Remove one worker record."""
@@ -545,12 +560,15 @@ class Store:
 
     def _write_loop(self) -> None:
         """The writer thread: apply queued writes in order until `close`, committing the
-        writes queued meanwhile (up to `WRITE_BATCH`, never across a flush) together."""
+        writes queued meanwhile (up to `WRITE_BATCH`) together, and releasing the `flush`
+        barriers among them once that commit is done: concurrent flushes share one commit
+        (group commit), and no barrier is released before every write queued ahead of it is
+        committed (or given up on and logged)."""
         while True:
             item: _Write | _Barrier | None = self._writes.get()
             taken = 1
             batch: list[_Write] = []
-            after: _Barrier | None = None
+            barriers: list[_Barrier] = []
             stop = False
             try:
                 while True:
@@ -558,11 +576,11 @@ class Store:
                         stop = True
                         break
                     if isinstance(item, _Barrier):
-                        after = item
-                        break
-                    batch.append(item)
-                    if len(batch) >= WRITE_BATCH:
-                        break
+                        barriers.append(item)
+                    else:
+                        batch.append(item)
+                        if len(batch) >= WRITE_BATCH:
+                            break
                     try:
                         item = self._writes.get_nowait()
                     except queue.Empty:
@@ -573,8 +591,9 @@ class Store:
                         self._apply_batch(batch)
                     finally:
                         self._written = batch[-1].number
-                if after is not None:
-                    after.release()
+                        self.commits += 1
+                for barrier in barriers:
+                    barrier.release()
             finally:
                 for _ in range(taken):
                     self._writes.task_done()
@@ -587,9 +606,8 @@ class Store:
         if len(batch) > 1:
             try:
                 with self._serial, self.engine.begin() as conn:
-                    for write in batch:
-                        for statement, params in write.steps:
-                            conn.execute(statement, params)
+                    for statement, params in _grouped(step for w in batch for step in w.steps):
+                        conn.execute(statement, params)
                 return
             except Exception as exc:  # noqa: BLE001 - retried below, one write at a time
                 log.debug("A batch of %d writes failed (%s); one by one now", len(batch), exc)
@@ -976,6 +994,33 @@ class Store:
             shared_groups=list(row.get("shared_groups") or []),
             group_counts=dict(row.get("group_counts") or {}),
         )
+
+
+def _grouped(steps: Iterable[_Step]) -> Iterator[_Step]:
+    """``steps`` in order, each run of consecutive steps with the same statement object and
+    parameters of the same keys merged into one step with a list of parameters (one
+    executemany: a batch's new workers, or its workers' state updates, in one go)."""
+    statement: Any = None
+    group: list[dict[str, Any]] = []
+    keys: Any = None
+    for step, params in steps:
+        if (
+            params is not None
+            and step is statement
+            and isinstance(params, dict)
+            and params.keys() == keys
+        ):
+            group.append(params)
+            continue
+        if statement is not None:
+            yield statement, group if len(group) > 1 else group[0]
+            statement, group, keys = None, [], None
+        if params is None or not isinstance(params, dict):
+            yield step, params
+            continue
+        statement, group, keys = step, [params], params.keys()
+    if statement is not None:
+        yield statement, group if len(group) > 1 else group[0]
 
 
 def _drop(index: dict[Any, _Bucket], key: Any, name: str) -> None:

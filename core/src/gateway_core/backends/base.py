@@ -11,7 +11,7 @@ Both interfaces also have optional operations with defaults (`ClusterDriver.fail
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 from ..config import DEFAULT_GROUP, BackendConfig, ClusterConfig, structure
@@ -44,6 +44,10 @@ mid-start still knows e.g. the job id it must cancel)."""
 SCHEDULER_COMPONENT = "scheduler"
 """The log component naming a cluster's scheduler (`Backend.cluster_logs`); any other
 component is the name of one of its workers."""
+
+
+async def _nothing_to_wait_for() -> None:
+    return None
 
 
 class Backend(abc.ABC):
@@ -116,6 +120,20 @@ class Backend(abc.ABC):
     ) -> str:
         """Create a cluster for ``user`` with resolved ``config``; return its new name at once
         (starting goes on in the background)."""
+
+    async def begin_cluster(
+        self, *, user: User, options: dict[str, Any], config: ClusterConfig
+    ) -> tuple[str, Callable[[], Awaitable[None]]]:
+        """`start_cluster` in two steps, for the caller's quota lock: create the cluster, so
+        that `list_clusters` counts it from now on, and return its name with a function whose
+        awaitable returns once the cluster is durable (its name may be handed out only then).
+        The API holds its quota lock for the first step only, so concurrent creates wait for
+        durability together (`ProcessBackend`: one commit of the store for all of them).
+
+        The default calls `start_cluster`, durable when it returns: nothing more to wait for.
+        """
+        name = await self.start_cluster(user=user, options=options, config=config)
+        return name, _nothing_to_wait_for
 
     @abc.abstractmethod
     async def stop_cluster(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
@@ -172,6 +172,15 @@ class ProcessBackend(Backend):
     async def start_cluster(
         self, *, user: User, options: dict[str, Any], config: ClusterConfig
     ) -> str:
+        name, durable = await self.begin_cluster(user=user, options=options, config=config)
+        await durable()
+        return name
+
+    async def begin_cluster(
+        self, *, user: User, options: dict[str, Any], config: ClusterConfig
+    ) -> tuple[str, Callable[[], Awaitable[None]]]:
+        """The record in memory (counted by `list_clusters` at once) and its write queued;
+        `Store.flush` makes it durable: awaited by concurrent creates, it is one commit."""
         cluster = Cluster(
             name=new_name(),
             username=user.name,
@@ -183,8 +192,7 @@ class ProcessBackend(Backend):
         self.store.create_cluster(cluster)
         log.info("Created cluster %s for %s", cluster.name, user.name)
         self.reconciler.enqueue(cluster.name)
-        await self.store.flush()  # durable before its name is handed out
-        return cluster.name
+        return cluster.name, self.store.flush  # durable before its name is handed out
 
     async def stop_cluster(
         self, name: str, *, failed: bool = False, reason: str | None = None

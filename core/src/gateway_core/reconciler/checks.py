@@ -5,10 +5,13 @@ Owns `Checks`: each method is one period's pass, run by `Reconciler` on its own 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from itertools import compress, repeat
+from operator import attrgetter, not_
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from ..config import ConfigError
 from ..models import ClusterStatus, WorkerStatus, now_ms
@@ -16,13 +19,18 @@ from ..units import format_duration
 
 if TYPE_CHECKING:
     from ..metrics import GatewayMetrics
-    from ..models import Cluster
+    from ..models import Cluster, Worker
+    from .runtime import ClusterRuntime, WorkerRuntime
     from .shared import Shared
     from .workers import WorkerMachine
 
 log = logging.getLogger("gateway.reconciler")
 
 T = TypeVar("T")
+
+YIELD_EVERY = 500
+"""Clusters a periodic pass visits between two returns to the event loop (each slice a few
+milliseconds), so that requests are answered while it goes over thousands of clusters."""
 
 
 class Checks:
@@ -40,7 +48,9 @@ class Checks:
         cfg = shared.config
         now_s = time.time()
         now = now_ms()
-        for cluster in list(shared.store.clusters.values()):
+        for i, cluster in enumerate(shared.store.clusters_with_status(_STARTING_OR_RUNNING)):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # let requests in: the loop is never held for long
             if cluster.target != ClusterStatus.RUNNING or not shared.owns(cluster.name):
                 continue
             if self._lifetime(cluster, now):
@@ -69,6 +79,8 @@ class Checks:
                     ),
                 )
                 continue
+            if WorkerStatus.PENDING not in map(_STATUS, cluster.workers.values()):
+                continue  # searched in C: no Python step per worker when none is pending
             for worker in list(cluster.workers.values()):
                 if (
                     worker.status == WorkerStatus.PENDING
@@ -133,10 +145,10 @@ class Checks:
                 and runtime.start is None
             ):
                 batch.append(c)
-        for cluster, ok in await _ask(
+        for cluster in await _ask(
             shared.driver.check_clusters, batch, "cluster", shared.context.metrics
         ):
-            if ok or cluster.target != ClusterStatus.RUNNING or not cluster.status.is_active:
+            if cluster.target != ClusterStatus.RUNNING or not cluster.status.is_active:
                 continue
             reason: str | None = None
             try:
@@ -150,28 +162,34 @@ class Checks:
 
     async def workers_alive(self) -> None:
         """One batched `ClusterDriver.check_workers` call for every started worker of running
-        clusters; a dead worker is replaced."""
+        clusters; a dead worker is replaced.
+
+        The batch is built cluster by cluster: a cluster whose workers are all settled (RUNNING
+        or finished, none starting) adds its running ones in a few passes made in C
+        (`_settled_workers`); only a cluster with a worker in transition visits its workers
+        one by one in Python (`_checkable`). The driver's answers are searched for the dead in
+        C as well, so a period over 100,000 settled workers costs per cluster, not per worker.
+        """
         shared = self.shared
-        batch = []
-        for c in shared.store.clusters.values():
-            if c.target != ClusterStatus.RUNNING or c.status != ClusterStatus.RUNNING:
+        runtimes = shared.runtimes
+        batch: list[tuple[Cluster, Worker]] = []
+        for i, c in enumerate(shared.store.clusters_with_status(_RUNNING_ONLY)):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # let requests in: the loop is never held for long
+            if c.target != ClusterStatus.RUNNING or not c.workers or not shared.owns(c.name):
                 continue
-            if not shared.owns(c.name):
+            runtime = runtimes.find(c.name)
+            if runtime is None:
                 continue
-            for w in c.workers.values():
-                runtime = shared.runtimes.find_worker(c.name, w.name)
-                if (
-                    w.target == WorkerStatus.RUNNING
-                    and w.status in (WorkerStatus.PENDING, WorkerStatus.RUNNING)
-                    and runtime is not None
-                    and runtime.started
-                    and runtime.start is None
-                ):
-                    batch.append((c, w))
-        for (cluster, worker), ok in await _ask(
+            settled = _settled_workers(c, runtime)
+            if settled is not None:
+                batch.extend(zip(repeat(c, len(settled)), settled, strict=True))
+            else:
+                batch.extend((c, w) for w in c.workers.values() if _checkable(w, runtime))
+        for cluster, worker in await _ask(
             shared.driver.check_workers, batch, "worker", shared.context.metrics
         ):
-            if ok or worker.target != WorkerStatus.RUNNING or not worker.status.is_active:
+            if worker.target != WorkerStatus.RUNNING or not worker.status.is_active:
                 continue
             if cluster.target != ClusterStatus.RUNNING:
                 continue
@@ -197,10 +215,11 @@ async def _ask(
     batch: Sequence[T],
     what: str,
     metrics: GatewayMetrics,
-) -> list[tuple[T, bool]]:
-    """Each item of ``batch`` with the driver's answer (alive or not), from one batched call;
-    empty when there is nothing to ask, or when the driver cannot answer (logged: the check
-    waits a period, and nothing is failed for it)."""
+) -> list[T]:
+    """The items of ``batch`` the driver answered dead, from one batched call; empty when
+    there is nothing to ask, or when the driver cannot answer (logged: the check waits a
+    period, and nothing is failed for it). The answers are searched in C: a period where
+    all are alive costs no Python step per item."""
     if not batch:
         return []
     try:
@@ -212,4 +231,55 @@ async def _ask(
     if len(alive) != len(batch):
         log.error("check_%ss answered %d results for %d %ss", what, len(alive), len(batch), what)
         return []
-    return list(zip(batch, alive, strict=True))
+    return list(compress(batch, map(not_, alive)))
+
+
+_RUNNING_ONLY = (ClusterStatus.RUNNING,)
+_STARTING_OR_RUNNING = (ClusterStatus.PENDING, ClusterStatus.RUNNING)
+_STATUS = attrgetter("status")
+_TARGET = attrgetter("target")
+_NAME = attrgetter("name")
+_STARTED = attrgetter("started")
+_START = attrgetter("start")
+_IS_RUNNING = WorkerStatus.RUNNING.__eq__
+
+
+def _checkable(worker: Worker, runtime: ClusterRuntime) -> bool:
+    """Whether ``worker`` is asked about: meant to run, PENDING or RUNNING, started by this
+    process (or resumed), and no start operation of it running now."""
+    if worker.target != WorkerStatus.RUNNING or worker.status not in _LIVE:
+        return False
+    found = runtime.workers.get(worker.name)
+    return found is not None and found.started and found.start is None
+
+
+_LIVE = (WorkerStatus.PENDING, WorkerStatus.RUNNING)
+
+
+def _settled_workers(cluster: Cluster, runtime: ClusterRuntime) -> list[Worker] | None:
+    """The workers of ``cluster`` to ask about when every one of them is settled: RUNNING
+    with target RUNNING, started and with no start operation running, or finished (STOPPED,
+    FAILED). None when any is in transition (then `_checkable` decides worker by worker).
+
+    Gives what `_checkable` would select, by whole-list passes (``map``, ``count``,
+    ``compress``) that run in C: no Python step per worker.
+    """
+    workers = list(cluster.workers.values())
+    statuses = list(map(_STATUS, workers))
+    running = statuses.count(WorkerStatus.RUNNING)
+    finished = statuses.count(WorkerStatus.STOPPED) + statuses.count(WorkerStatus.FAILED)
+    if running + finished != len(workers):
+        return None  # a worker is PENDING or STOPPING
+    if finished:
+        workers = list(compress(workers, map(_IS_RUNNING, statuses)))
+    if list(map(_TARGET, workers)).count(WorkerStatus.RUNNING) != running:
+        return None  # a running worker is being stopped
+    found = list(map(runtime.workers.get, map(_NAME, workers)))
+    if None in found:
+        return None  # not started by this process (yet)
+    runtimes = cast("list[WorkerRuntime]", found)
+    if list(map(_STARTED, runtimes)).count(True) != running:
+        return None
+    if list(map(_START, runtimes)).count(None) != running:
+        return None  # a start operation still runs
+    return workers

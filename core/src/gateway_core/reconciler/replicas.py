@@ -110,6 +110,8 @@ class Replicas:
         self._free_before: set[int] = set()
         """The shards free (unheld or expired) at the previous `take`."""
         self._sync_lock = asyncio.Lock()
+        self._fence_checks: dict[tuple[str, int], asyncio.Future[bool]] = {}
+        """Lease checks asked for and not sent yet, by lease name and token (`_still_held`)."""
 
     # ---------------------------------------------------------------------------------------
     # Ownership
@@ -127,7 +129,7 @@ class Replicas:
         the shard is dropped from this replica's reconciler and the call must not be made."""
         shard = shard_of(name)
         lease = self.held.get(shard)
-        if lease is not None and await asyncio.to_thread(self.store.lease_held, lease):
+        if lease is not None and await self._still_held(lease):
             return True
         log.warning(
             "Fenced: replica %s no longer holds shard %d; not acting on cluster %s",
@@ -137,6 +139,22 @@ class Replicas:
         )
         self.lose([shard])
         return False
+
+    async def _still_held(self, lease: Lease) -> bool:
+        """`Store.lease_held` for ``lease``, one statement shared by the fences that ask in
+        the same turn of the event loop (a cluster's workers starting together): the statement
+        is sent only after every one of them asked, so its answer is no older than any of
+        their questions. A fence asking once it was sent waits for a statement of its own."""
+        key = (lease.name, lease.token)
+        pending = self._fence_checks.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._check_lease(key, lease))
+            self._fence_checks[key] = pending
+        return await asyncio.shield(pending)
+
+    async def _check_lease(self, key: tuple[str, int], lease: Lease) -> bool:
+        del self._fence_checks[key]  # from here on, a new question gets a new statement
+        return await asyncio.to_thread(self.store.lease_held, lease)
 
     def take(self) -> list[int]:
         """Register this replica and take its fair share of the free shards, and any shard
