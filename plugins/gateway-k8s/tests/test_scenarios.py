@@ -10,75 +10,33 @@ gateway's back, and the scenarios that do not apply, with the reason. Integratio
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
 import re
 import signal
-import sys
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import BAD_IMAGE, NS, gateway_config
 from kube_fake import FakeKube
 from kube_fake.kubelet import Kubelet
-from kube_fake.rbac import rules_of
 
 from gateway_core.models import Cluster, ClusterStatus, WorkerStatus
 from gateway_core.testing.scenarios import BackendScenarios, BackendSetup, LiveJob
 from gateway_k8s import crd, objects
 from gateway_k8s.backend import KubeBackend
-from gateway_k8s.config import KubeControllerConfig
 from gateway_k8s.controller import Controller
-from gateway_k8s.runner import make_controller
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
-NS = "dask"
-BIN = os.path.dirname(sys.executable)
-BAD_IMAGE = "registry.invalid/no-such:image"
 ENDED = ("Failed", "Succeeded")
 
-# What the simulated kubelet itself needs (it shares the fake's one identity), as in
-# test_end_to_end.py.
-KUBELET_RULES = [
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "get", "delete"]},
-    {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-]
-
 
 @pytest.fixture
-def kube(chart_roles: dict[str, dict[str, Any]]) -> Iterator[FakeKube]:
-    """The fake API server granting the chart's rendered Roles (and the kubelet's needs)."""
-    rules = [rule for role in chart_roles.values() for rule in rules_of(role)] + KUBELET_RULES
-    fake = FakeKube(crds=[crd.crd()], role=rules)
-    with fake.running():
-        yield fake
-
-
-@pytest.fixture
-def kubelet(kube: FakeKube, tmp_path: Path) -> Iterator[Kubelet]:
-    with Kubelet(
-        kube=kube, workdir=tmp_path / "kubelet", failing_images={BAD_IMAGE}
-    ).running() as k:
-        yield k
-
-
-@pytest.fixture
-async def controller(kube: FakeKube) -> AsyncIterator[Controller]:
-    config = KubeControllerConfig(
-        server=kube.url, namespace=NS, address_mode="pod", leader_election=False, api_qps=0
-    )
-    made = await make_controller(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(made.run(stop=stop))
-    yield made
-    stop.set()
-    await asyncio.wait_for(task, 20)
-    made.client.close()
+def kube(chart_kube: FakeKube) -> FakeKube:
+    """The fake under the chart's Roles (conftest's `chart_kube`); `kubelet` and
+    `controller` (conftest) run against it."""
+    return chart_kube
 
 
 def pods_of(kube: FakeKube, name: str) -> list[dict[str, Any]]:
@@ -244,24 +202,7 @@ def gateway_backend_setup(kube: FakeKube, kubelet: Kubelet, controller: Controll
 
     return BackendSetup(
         backend="kubernetes",
-        config={
-            "gateway": {"backend": "kubernetes"},
-            "backend": {
-                "kubernetes": {
-                    "server": kube.url,
-                    "namespace": NS,
-                    "cluster_heartbeat_period": 1,
-                    "api_qps": 0,
-                }
-            },
-            "cluster": {
-                "image": "dask:test",
-                "scheduler_cmd": [f"{BIN}/dask", "scheduler"],
-                "worker_cmd": [f"{BIN}/dask", "worker"],
-                "scheduler_memory": "1 G",
-                "worker_memory": "768 M",
-            },
-        },
+        config=gateway_config(kube, scheduler_memory="1 G", worker_memory="768 M"),
         not_applicable={
             "unknown_user": "pods run as their image's user under the cluster's service "
             "account, never as the requesting user's account: any user name works",
