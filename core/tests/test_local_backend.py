@@ -281,8 +281,17 @@ async def test_worker_groups_with_their_own_cores_scale_apart(
                 wide = [w for w in record.workers.values() if w.group == "wide"]
                 assert len(wide) == 1 and wide[0].name.startswith(f"{cluster.name}-wide-")
                 assert await client.submit(sum, [1, 2, 3]) == 6
-                groups = await cluster.worker_groups()
-                assert (groups["default"]["running"], groups["wide"]["running"]) == (1, 1)
+
+                # Dask sees a worker a moment before the gateway does: the scheduler's agent
+                # reports it in its next heartbeat (sent on the change, after a 0.1 s gather).
+                async def both_running() -> bool:
+                    groups = await cluster.worker_groups()
+                    return (groups["default"]["running"], groups["wide"]["running"]) == (1, 1)
+
+                deadline = time.monotonic() + 30
+                while not await both_running():
+                    assert time.monotonic() < deadline, await cluster.worker_groups()
+                    await asyncio.sleep(0.1)
 
                 await cluster.scale(0, group="wide")
                 await sees([1])
