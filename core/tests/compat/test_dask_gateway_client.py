@@ -147,7 +147,16 @@ def test_the_original_client_runs_the_whole_flow(server: str) -> None:
             assert set(marks.values()) == {"from-the-original-client"}
             threads = client.nthreads()
             assert sorted(threads.values()) == [2, 2]
-            groups = api_call(server, "GET", f"/api/v2/clusters/{cluster.name}", "alice")["groups"]
+            # The gateway hears of the workers in the agent's next heartbeat, which follows
+            # Dask's own view by a moment (0.1 s gather plus the request).
+            deadline = time.monotonic() + 30
+            while True:
+                groups = api_call(server, "GET", f"/api/v2/clusters/{cluster.name}", "alice")[
+                    "groups"
+                ]
+                if groups["default"]["running"] == 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             assert (groups["default"]["count"], groups["default"]["running"]) == (2, 2)
             assert groups["spare"]["count"] == 0
 
