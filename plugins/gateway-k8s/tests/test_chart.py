@@ -324,6 +324,10 @@ def test_default_controller_deployment(default_objects: list[Obj]) -> None:
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     # The controller has no use for the store's keys or the proxy token.
     assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in env.values())
+    # Readiness names what the API server refuses (gateway_k8s.controller's /readyz).
+    assert env["GATEWAY_K8S_HEALTH_ADDRESS"]["value"] == ":8081"
+    assert controller["ports"] == [{"name": "health", "containerPort": 8081}]
+    assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 @pytest.mark.integration

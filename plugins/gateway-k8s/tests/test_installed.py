@@ -57,10 +57,11 @@ def test_config_classes_name_every_bad_setting() -> None:
     from gateway_k8s.config import KubeClusterConfig, KubeControllerConfig
 
     with pytest.raises(ConfigError) as info:
-        KubeControllerConfig(namespace="Not_A_Namespace", parallelism=0)
+        KubeControllerConfig(namespace="Not_A_Namespace", parallelism=0, health_address="8081")
     assert info.value.problems == [
         "namespace: 'Not_A_Namespace' is not a namespace name (lower-case letters, digits, '-')",
         "parallelism: must be at least 1",
+        "health_address: '8081' is not host:port (':8081' for every address)",
     ]
     with pytest.raises(ConfigError) as info:
         KubeClusterConfig(

@@ -8,6 +8,7 @@ proxy routes fed from the resources' status, and the scheduler heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -131,6 +132,12 @@ class KubeBackend(Backend):
         self.routes = ClusterRoutes(context=context)
         self.stopped: dict[str, Cluster] = {}
         self.heartbeats: dict[str, float] = {}
+        self.refused: dict[str, str] = {}
+        """Per cluster, why its credentials Secret may not be read (a 403 to ``get secrets``,
+        naming verb, resource and namespace): its reason."""
+        self.refused_reads: dict[str, str] = {}
+        """Per namespace, the last refused read of a Secret there, until one works: logged
+        at ERROR once, listed by `health`."""
         self.workers = logs.WorkerNames()
         self.pod_logs: logs.PodLogs | None = None
         self._changed = asyncio.Event()
@@ -158,16 +165,41 @@ class KubeBackend(Backend):
             timeout=aiohttp.ClientTimeout(total=self.comm_timeout),
         )
         self.clusters.start()
+        where = self.policy.watch_namespace
+        scope = f"namespace {where!r}" if where else "all namespaces"
         try:
             async with asyncio.timeout(30):
-                await self.clusters.synced.wait()
+                # A refusal (403) is final until an administrator grants it: said at once.
+                while not self.clusters.synced.is_set() and self.clusters.refused is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.clusters.synced.wait(), 0.2)
         except TimeoutError:
-            where = self.policy.watch_namespace
-            scope = f"namespace {where!r}" if where else "all namespaces"
             why = f": {self.clusters.last_error}" if self.clusters.last_error else ""
             raise BackendUnavailable(
                 f"cannot list DaskClusters in {scope} within 30 s{why}"
             ) from None
+        refused = self.clusters.refused
+        if refused is not None and not self.clusters.synced.is_set():
+            raise BackendUnavailable(
+                f"the gateway may not {refused.verb} {refused.resource} in {scope}: "
+                f"{refused.message or refused}"
+            )
+
+    def health(self) -> dict[str, Any]:
+        """Fails while the DaskClusters may not be listed or watched (the gateway's view of
+        every cluster is stale); a refused read of a cluster's Secret is listed (that
+        cluster is unusable, the others are fine)."""
+        out: dict[str, Any] = {"status": "pass"}
+        refused = self.clusters.refused if self.clusters is not None else None
+        if refused is not None:
+            out["status"] = "fail"
+            out["reason"] = (
+                f"the gateway may not {refused.verb} {refused.resource}: "
+                f"{refused.message or refused}"
+            )
+        if self.refused_reads:
+            out["refused"] = [self.refused_reads[ns] for ns in sorted(self.refused_reads)]
+        return out
 
     async def cleanup(self) -> None:
         if self.context.config.gateway.stop_clusters_on_shutdown and self.clusters is not None:
@@ -228,7 +260,7 @@ class KubeBackend(Backend):
             tls_key=key,
             start_time=_ms(meta.get("creationTimestamp")),
             last_heartbeat=self.heartbeats.get(name),
-            reason=status.get("reason") or None,
+            reason=status.get("reason") or self.refused.get(name) or None,
             shared_users=list(sharing.get("users") or []),
             shared_groups=list(sharing.get("groups") or []),
         )
@@ -243,7 +275,27 @@ class KubeBackend(Backend):
 
         async def load(obj: dict[str, Any]) -> None:
             meta = obj["metadata"]
-            secret = await client.get(SECRETS, meta["namespace"], objects.secret_name(meta["name"]))
+            name = objects.cluster_name(meta["name"])
+            try:
+                secret = await client.get(
+                    SECRETS, meta["namespace"], objects.secret_name(meta["name"])
+                )
+            except KubeError as exc:
+                if exc.status != 403:
+                    raise
+                namespace = meta["namespace"]
+                why = (
+                    f"the gateway may not {exc.verb} {exc.resource} in namespace "
+                    f"{namespace!r}: {exc.message or exc}"
+                )
+                if namespace not in self.refused_reads:  # once, not for every cluster
+                    log.error("Cannot read cluster credentials: %s", why)
+                self.refused_reads[namespace] = why
+                self.refused[name] = why
+                return
+            self.refused.pop(name, None)
+            if self.refused_reads.pop(meta["namespace"], None) is not None:
+                log.info("Reading credentials in namespace %r is granted again", meta["namespace"])
             if secret is not None:
                 self.credentials[objects.cluster_name(meta["name"])] = (
                     objects.secret_value(secret, objects.TOKEN_KEY).decode(),
@@ -264,11 +316,23 @@ class KubeBackend(Backend):
         if type_ == "DELETED":
             self.namespace_of.pop(name, None)
             self.credentials.pop(name, None)
+            self.refused.pop(name, None)
             self.workers.forget(name)  # a stopped cluster's record keeps its own copy
         else:
             self.namespace_of[name] = obj["metadata"]["namespace"]
             await self._load_credentials([obj])
         record = self._record(obj)
+        if (
+            type_ != "DELETED"
+            and name in self.refused
+            and record.status == ClusterStatus.PENDING
+            and name not in self.stopped
+        ):
+            # Without its token no scheduler of it can reach the gateway, nor a client the
+            # scheduler: it cannot start, and its user is waiting (as for refused creates).
+            await self.stop_cluster(name, failed=True, reason=f"cannot start: {self.refused[name]}")
+            self._changed.set()
+            return
         if type_ != "DELETED" and record.status == ClusterStatus.RUNNING:
             self.routes.put(record)
         else:

@@ -264,6 +264,10 @@ class KubeControllerConfig(ApiSettings):
     fails, instead of replacing them for ever; 0: no limit."""
     expectations_timeout: float = 300.0
     """Seconds an unobserved create or delete is expected before it is forgotten."""
+    health_address: str = ""
+    """``host:port`` serving ``/healthz`` and ``/readyz`` (``:8081``: every address); empty:
+    none. Readiness fails, naming the verb and resource, while a list, watch or status write
+    is refused."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
@@ -273,4 +277,11 @@ class KubeControllerConfig(ApiSettings):
             problems.append("worker_failure_limit: must not be negative")
         if self.renew_period * 2 > self.lease_duration:
             problems.append("renew_period: must be at most half of lease_duration")
+        if self.health_address:
+            port = self.health_address.rpartition(":")[2]
+            if ":" not in self.health_address or not port.isdigit() or int(port) > 65535:
+                problems.append(
+                    f"health_address: {self.health_address!r} is not host:port (':8081' for "
+                    "every address)"
+                )
         return problems

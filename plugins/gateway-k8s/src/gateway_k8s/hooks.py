@@ -79,6 +79,14 @@ def gateway_register_commands(cli: click.Group) -> None:
         help="Schedulers reached through their Service's DNS name, or their pod IP.",
     )
     @click.option("--api-qps", default=None, type=float, help="API requests a second [50].")
+    @click.option(
+        "--health-address",
+        envvar="GATEWAY_K8S_HEALTH_ADDRESS",
+        default="",
+        help="host:port of /healthz and /readyz (':8081': every address; env "
+        "GATEWAY_K8S_HEALTH_ADDRESS); readiness names what the API server refuses. "
+        "Default: none.",
+    )
     @click.option("--log-level", default="INFO", show_default=True)
     def controller(**options: Any) -> None:
         """Reconcile DaskCluster resources into scheduler and worker pods."""
@@ -133,6 +141,7 @@ def gateway_register_commands(cli: click.Group) -> None:
                 renew_period=options["renew_period"],
                 leader_election=not options["no_leader_election"],
                 address_mode=options["address_mode"],
+                health_address=options["health_address"],
             )
         except ConfigError as exc:
             raise click.UsageError("; ".join(exc.problems)) from None

@@ -316,6 +316,12 @@ class Informer:
         """Where the next watch starts; empty: list first."""
         self.last_error = ""
         """Why the last list or watch failed (empty once one worked)."""
+        self.refused: KubeError | None = None
+        """The API server's 403 to this informer's list or watch while it lasts (a Role
+        without the verb): logged at ERROR once, cleared (logged at INFO) once that verb
+        works again. The controller's readiness and its clusters' reasons name it."""
+        self.on_refused: Callable[[], None] | None = None
+        """Called when a refusal starts (the controller then tells its clusters)."""
         self._task: asyncio.Task[None] | None = None
         self._response: Any = None
         self._stopping = threading.Event()
@@ -361,8 +367,31 @@ class Informer:
         except Exception:
             log.exception("Handling %s %s failed", type_, self.resource.plural)
 
+    def _refusal(self, exc: KubeError) -> None:
+        first = self.refused is None or (self.refused.verb, self.refused.resource) != (
+            exc.verb,
+            exc.resource,
+        )
+        self.refused = exc
+        if first:  # once, not at every retry: the fix takes an administrator
+            log.error(
+                "The API server refuses to let this process %s %s: %s",
+                exc.verb or "read",
+                exc.resource or self.resource.plural,
+                exc.message or exc,
+            )
+            if self.on_refused is not None:
+                self.on_refused()
+
+    def _granted(self, verb: str) -> None:
+        """A ``verb`` request worked: a refusal of it is over."""
+        if self.refused is not None and self.refused.verb == verb:
+            log.info("%s %s is granted again", verb, self.refused.resource)
+            self.refused = None
+
     async def _relist(self) -> str:
         items, version = await self.client.list(self.resource, self.namespace, labels=self.labels)
+        self._granted("list")
         fresh = {_key(o): o for o in items if self._accepts(o)}
         for key, gone in list(self.cache.items()):
             if key not in fresh:
@@ -398,7 +427,10 @@ class Informer:
                     log.info("Watch of %s expired (410 Gone): relisting", self.resource.plural)
                     continue
                 self.last_error = str(exc) or type(exc).__name__
-                log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
+                if isinstance(exc, KubeError) and exc.status == 403:
+                    self._refusal(exc)
+                else:
+                    log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -436,11 +468,13 @@ class Informer:
             while True:
                 item = await queue.get()
                 if item is None:
+                    self._granted("watch")
                     return version
                 if isinstance(item, Exception):
                     if self._stopping.is_set():
                         return version
                     raise item
+                self._granted("watch")
                 type_, obj = item.get("type"), item.get("object") or {}
                 if type_ == "ERROR":
                     raise KubeError(
