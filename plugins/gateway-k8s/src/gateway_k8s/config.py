@@ -49,6 +49,37 @@ def _namespace_problem(key: str, value: str) -> list[str]:
     return []
 
 
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+RESERVED_PREFIXES = ("app.kubernetes.io/", "daskgateway.dev/")
+"""Label and annotation keys the plugin sets itself (selectors depend on them)."""
+
+
+def _metadata_problems(key: str, entries: dict[str, str], *, values: bool = False) -> list[str]:
+    """Keys (and, for labels, values) Kubernetes would refuse, and keys of ours."""
+    problems: list[str] = []
+    for name, value in entries.items():
+        prefix, _, base = str(name).rpartition("/")
+        if not _LABEL_NAME.match(base) or (prefix and not _LABEL_PREFIX.match(prefix)):
+            problems.append(
+                f"{key}: {name!r} is not a label or annotation key ([prefix/]name, the name "
+                "at most 63 letters, digits, '-', '_', '.')"
+            )
+        elif name.startswith(RESERVED_PREFIXES):
+            problems.append(
+                f"{key}: {name!r} is the plugin's own (keys under "
+                f"{', '.join(RESERVED_PREFIXES)} are set by it)"
+            )
+        if not isinstance(value, str):
+            problems.append(f"{key}.{name}: must be a string, got {value!r}")
+        elif values and value and not _LABEL_NAME.match(value):
+            problems.append(
+                f"{key}.{name}: {value!r} is not a label value (at most 63 letters, digits, "
+                "'-', '_', '.', starting and ending with a letter or digit)"
+            )
+    return problems
+
+
 @define(kw_only=True, frozen=True)
 class ApiSettings(BackendConfig):
     """How to reach the API server, shared by the gateway and the controller."""
@@ -120,6 +151,8 @@ class KubeClusterConfig(ClusterConfig):
         "worker_extra_pod_labels",
         "worker_extra_pod_annotations",
         "node_selector",
+        "common_labels",
+        "common_annotations",
     }
 
     image: str = "daskgateway/dask-gateway:latest"
@@ -162,6 +195,12 @@ class KubeClusterConfig(ClusterConfig):
     """Tolerations of every pod of the cluster, as in a pod spec."""
     service_account: str = ""
     """Service account of the cluster's pods; empty: the namespace's default."""
+    common_labels: dict[str, str] = field(factory=dict)
+    """Labels of every object made for the cluster: its DaskCluster, Secret, Service and
+    pods (under a pod's own extra labels; ours, ``app.kubernetes.io/*`` and
+    ``daskgateway.dev/*``, may not be set)."""
+    common_annotations: dict[str, str] = field(factory=dict)
+    """Annotations of every object made for the cluster (as ``common_labels``)."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
@@ -200,6 +239,8 @@ class KubeClusterConfig(ClusterConfig):
         for i, toleration in enumerate(self.tolerations):
             if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
                 problems.append(f"tolerations[{i}].operator: must be Equal or Exists")
+        problems += _metadata_problems("common_labels", self.common_labels, values=True)
+        problems += _metadata_problems("common_annotations", self.common_annotations)
         problems += self._group_backend_problems()
         return problems
 
