@@ -318,7 +318,15 @@ def test_default_controller_deployment(default_objects: list[Obj]) -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == f"{FULLNAME}-controller"
     controller = container(deployment)
-    assert [*controller["command"], *controller["args"]] == ["gateway", "k8s", "controller"]
+    assert [*controller["command"], *controller["args"]] == [
+        "gateway",
+        "k8s",
+        "controller",
+        "--queue-backoff-base=0.05",
+        "--queue-backoff-max=30",
+        "--api-backoff-base=0.2",
+        "--api-backoff-max=10",
+    ]
     env = {e["name"]: e for e in controller["env"]}
     assert env["GATEWAY_CONFIG"]["value"] == "/etc/gateway-k8s/gateway.toml"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -396,6 +404,24 @@ def test_a_changed_config_rolls_the_pods(helm: str, default_objects: list[Obj]) 
     [
         ("gateway.replicas=0", "gateway.replicas: must be at least 1"),
         ("gateway.config.cluster.bad=null", None),
+        (
+            "controller.backoff.queueBase=0",
+            "controller.backoff.queueBase: must be a number of seconds above 0, got 0",
+        ),
+        (
+            "controller.backoff.apiBase=soon",
+            "controller.backoff.apiBase: must be a number of seconds above 0, got soon",
+        ),
+        (
+            "controller.backoff.queueMax=0.01",
+            "controller.backoff.queueMax: must be a number of seconds from queueBase (0.05) "
+            "to 3600, got 0.01",
+        ),
+        (
+            "controller.backoff.apiMax=7200",
+            "controller.backoff.apiMax: must be a number of seconds from apiBase (0.2) to "
+            "3600, got 7200",
+        ),
     ],
 )
 def test_bad_values(helm: str, setting: str, message: str | None) -> None:

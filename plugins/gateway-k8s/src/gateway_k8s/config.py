@@ -305,6 +305,17 @@ class KubeControllerConfig(ApiSettings):
     fails, instead of replacing them for ever; 0: no limit."""
     expectations_timeout: float = 300.0
     """Seconds an unobserved create or delete is expected before it is forgotten."""
+    queue_backoff_base: float = 0.05
+    """Seconds before a cluster whose reconcile failed is reconciled again; doubled at each
+    failure in a row, up to ``queue_backoff_max``."""
+    queue_backoff_max: float = 30.0
+    """The longest wait between reconciles of a failing cluster (a refused create of a
+    running cluster's pods is retried this often once the backoff reached it)."""
+    api_backoff_base: float = 0.2
+    """Seconds before a failed list or watch is tried again (not a 410 Gone, which relists at
+    once); doubled at each failure in a row, up to ``api_backoff_max``."""
+    api_backoff_max: float = 10.0
+    """The longest wait between tries of a failing list or watch."""
     health_address: str = ""
     """``host:port`` serving ``/healthz`` and ``/readyz`` (``:8081``: every address); empty:
     none. Readiness fails, naming the verb and resource, while a list, watch or status write
@@ -318,6 +329,17 @@ class KubeControllerConfig(ApiSettings):
             problems.append("worker_failure_limit: must not be negative")
         if self.renew_period * 2 > self.lease_duration:
             problems.append("renew_period: must be at most half of lease_duration")
+        for kind in ("queue", "api"):
+            base, most = getattr(self, f"{kind}_backoff_base"), getattr(self, f"{kind}_backoff_max")
+            if not base > 0:
+                problems.append(f"{kind}_backoff_base: must be more than 0 seconds, got {base:g}")
+            elif not most >= base:
+                problems.append(
+                    f"{kind}_backoff_max: must be at least {kind}_backoff_base ({base:g} s), "
+                    f"got {most:g}"
+                )
+            elif most > 3600:
+                problems.append(f"{kind}_backoff_max: must be at most 3600 seconds, got {most:g}")
         if self.health_address:
             port = self.health_address.rpartition(":")[2]
             if ":" not in self.health_address or not port.isdigit() or int(port) > 65535:

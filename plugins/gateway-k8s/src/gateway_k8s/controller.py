@@ -389,30 +389,20 @@ class Controller:
         # One namespace, or all of them (one watch per kind) keeping the allowed ones: see
         # gateway_k8s.namespaces. Pods, Services and Secrets go in their cluster's namespace.
         policy = config.policy
-        ns, accept = policy.watch_namespace, policy.allows
-        self.clusters = Informer(
-            client, CLUSTERS, namespace=ns, handler=self._on_cluster, accept=accept
+        shared: dict[str, Any] = {
+            "namespace": policy.watch_namespace,
+            "accept": policy.allows,
+            "backoff_base": config.api_backoff_base,
+            "backoff_max": config.api_backoff_max,
+        }
+        self.clusters = Informer(client, CLUSTERS, handler=self._on_cluster, **shared)
+        ours = {**shared, "labels": objects.SELECTOR}
+        self.pods = Informer(client, PODS, handler=self._on_pod, **ours)
+        self.services = Informer(client, SERVICES, handler=self._on_child, **ours)
+        self.secrets = Informer(client, SECRETS, handler=self._on_child, **ours)
+        self.queue = WorkQueue(
+            base_delay=config.queue_backoff_base, max_delay=config.queue_backoff_max
         )
-        self.pods = Informer(
-            client, PODS, namespace=ns, labels=objects.SELECTOR, handler=self._on_pod, accept=accept
-        )
-        self.services = Informer(
-            client,
-            SERVICES,
-            namespace=ns,
-            labels=objects.SELECTOR,
-            handler=self._on_child,
-            accept=accept,
-        )
-        self.secrets = Informer(
-            client,
-            SECRETS,
-            namespace=ns,
-            labels=objects.SELECTOR,
-            handler=self._on_child,
-            accept=accept,
-        )
-        self.queue = WorkQueue()
         self.expectations = Expectations(timeout=config.expectations_timeout)
         identity = config.identity or f"{socket.gethostname()}-{os.getpid()}"
         self.elector = LeaderElector(client, config, identity)

@@ -80,6 +80,35 @@ def gateway_register_commands(cli: click.Group) -> None:
     )
     @click.option("--api-qps", default=None, type=float, help="API requests a second [50].")
     @click.option(
+        "--queue-backoff-base",
+        default=0.05,
+        show_default=True,
+        type=float,
+        help="Seconds before a cluster whose reconcile failed is tried again (doubled at each "
+        "failure in a row).",
+    )
+    @click.option(
+        "--queue-backoff-max",
+        default=30.0,
+        show_default=True,
+        type=float,
+        help="Longest wait between tries of a failing reconcile.",
+    )
+    @click.option(
+        "--api-backoff-base",
+        default=0.2,
+        show_default=True,
+        type=float,
+        help="Seconds before a failed list or watch is tried again (doubled at each failure).",
+    )
+    @click.option(
+        "--api-backoff-max",
+        default=10.0,
+        show_default=True,
+        type=float,
+        help="Longest wait between tries of a failing list or watch.",
+    )
+    @click.option(
         "--health-address",
         envvar="GATEWAY_K8S_HEALTH_ADDRESS",
         default="",
@@ -142,6 +171,10 @@ def gateway_register_commands(cli: click.Group) -> None:
                 leader_election=not options["no_leader_election"],
                 address_mode=options["address_mode"],
                 health_address=options["health_address"],
+                queue_backoff_base=options["queue_backoff_base"],
+                queue_backoff_max=options["queue_backoff_max"],
+                api_backoff_base=options["api_backoff_base"],
+                api_backoff_max=options["api_backoff_max"],
             )
         except ConfigError as exc:
             raise click.UsageError("; ".join(exc.problems)) from None

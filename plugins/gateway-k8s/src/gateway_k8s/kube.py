@@ -302,8 +302,14 @@ class Informer:
         labels: str = "",
         handler: Handler | None = None,
         accept: Callable[[str], bool] | None = None,
+        backoff_base: float = 0.2,
+        backoff_max: float = 10.0,
     ) -> None:
         self.client = client
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        """Seconds before a failed list or watch is tried again: ``backoff_base``, doubled at
+        each failure in a row up to ``backoff_max`` (a 410 Gone relists at once)."""
         self.accept = accept
         self.resource = resource
         self.namespace = namespace
@@ -408,14 +414,14 @@ class Informer:
         return version
 
     async def _run(self) -> None:
-        delay = 0.2
+        delay = self.backoff_base
         while not self._stopping.is_set():
             try:
                 if not self.resource_version:
                     self.resource_version = await self._relist()
                     self.relists += 1
                 self.resource_version = await self._watch(self.resource_version)
-                delay = 0.2
+                delay = self.backoff_base
                 self.last_error = ""
             except asyncio.CancelledError:
                 raise
@@ -432,7 +438,7 @@ class Informer:
                 else:
                     log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, self.backoff_max)
 
     async def _watch(self, version: str) -> str:
         """One watch request from ``version``; the last version seen when it ends."""
