@@ -20,7 +20,7 @@ import aiohttp
 from attrs import define, field
 
 from gateway_core.backends.base import Backend
-from gateway_core.config import ClusterConfig, unstructure
+from gateway_core.config import ClusterConfig, ConfigError, structure, unstructure
 from gateway_core.errors import BackendUnavailable, ClusterConflict
 from gateway_core.models import DEFAULT_GROUP, Cluster, ClusterStatus, User, new_name
 from gateway_core.reconciler.heartbeat import Heartbeat
@@ -135,6 +135,9 @@ class KubeBackend(Backend):
         self.refused: dict[str, str] = {}
         """Per cluster, why its credentials Secret may not be read (a 403 to ``get secrets``,
         naming verb, resource and namespace): its reason."""
+        self.typed_configs: dict[str, ClusterConfig | None] = {}
+        """Each cluster's config (its resource's annotation) structured once: it never changes.
+        None when it no longer fits the config class."""
         self.refused_reads: dict[str, str] = {}
         """Per namespace, the last refused read of a Secret there, until one works: logged
         at ERROR once, listed by `health`."""
@@ -265,7 +268,19 @@ class KubeBackend(Backend):
             shared_groups=list(sharing.get("groups") or []),
         )
         cluster.workers = self.workers.of(name)
+        cluster.typed_config = self._typed_config(name, cluster.config)
         return cluster
+
+    def _typed_config(self, name: str, config: dict[str, Any]) -> ClusterConfig | None:
+        """The cluster's config typed (core's metrics count cores and memory from it, and
+        each worker group's from its `for_group`), structured once per cluster."""
+        if name not in self.typed_configs:
+            try:
+                self.typed_configs[name] = structure(config, self.cluster_config_class)
+            except ConfigError as exc:
+                log.warning("Config of cluster %s does not fit: %s", name, "; ".join(exc.problems))
+                self.typed_configs[name] = None
+        return self.typed_configs[name]
 
     async def _load_credentials(self, objs: list[dict[str, Any]]) -> None:
         """Read the credentials Secrets (by name: the gateway may not list Secrets) of
@@ -317,6 +332,7 @@ class KubeBackend(Backend):
             self.namespace_of.pop(name, None)
             self.credentials.pop(name, None)
             self.refused.pop(name, None)
+            self.typed_configs.pop(name, None)
             self.workers.forget(name)  # a stopped cluster's record keeps its own copy
         else:
             self.namespace_of[name] = obj["metadata"]["namespace"]
