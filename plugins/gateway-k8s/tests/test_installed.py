@@ -82,6 +82,11 @@ def test_config_classes_name_every_bad_setting() -> None:
         "parallelism: must be at least 1",
         "health_address: '8081' is not host:port (':8081' for every address)",
     ]
+    from gateway_k8s.config import KubeBackendConfig
+
+    with pytest.raises(ConfigError) as info:
+        KubeBackendConfig(controller_timeout=0)
+    assert info.value.problems == ["controller_timeout: must be more than 0 seconds, got 0"]
     with pytest.raises(ConfigError) as info:
         KubeClusterConfig(
             image_pull_policy="Sometimes",

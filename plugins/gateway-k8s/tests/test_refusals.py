@@ -296,3 +296,43 @@ async def test_a_refused_list_stops_the_gateway_from_starting_at_once(
     text = str(caught.value)
     assert f"the gateway may not list daskclusters in namespace {NS!r}" in text, text
     assert 'cannot list resource "daskclusters"' in text, text
+
+
+@pytest.mark.parametrize("kube", [PATCH_STATUS], indirect=True, ids=["patch-status"])
+async def test_a_cluster_whose_status_no_controller_may_write_tells_its_user(
+    kube: FakeKube,
+    kubelet: Kubelet,
+    controller: Controller,
+    make_gateway: Any,
+    make_api_client: Any,
+) -> None:
+    """The controller's status writes are refused, so nothing it knows reaches the
+    DaskCluster: after `controller_timeout` the gateway gives the pending cluster a reason
+    naming the likely cause (no controller, or `patch daskclusters/status` refused); once the
+    status may be written the cluster runs and the reason goes."""
+    config = gateway_config(kube)
+    config["backend"]["kubernetes"]["controller_timeout"] = 2
+    gateway = await make_gateway(config)
+    alice = make_api_client(gateway, "alice")
+    answer = await alice.post("/api/v1/clusters/", json={"cluster_options": {}})
+    assert answer.status == 201, answer.body
+    name = answer.body["name"]
+
+    async def reason() -> str:
+        return str((await alice.get(f"/api/v2/clusters/{name}/reason")).body.get("reason") or "")
+
+    text = await until(
+        lambda: _when(reason(), lambda r: "patch daskclusters/status" in r),
+        "the reason to name the status write",
+        timeout=30,
+    )
+    assert text.startswith("no controller has recorded this cluster's status in "), text
+    assert f"in namespace {NS!r}" in text, text
+    assert (await alice.get(f"/api/v1/clusters/{name}")).body["status"] == "PENDING"
+    kube.role = None  # granted: the controller's retries write the status
+
+    def written() -> bool:
+        return bool(status_of(kube, objects.resource_name(name)).get("phase"))
+
+    await until(written, "the status to be written once granted", timeout=45)
+    assert "no controller" not in await reason()

@@ -263,13 +263,31 @@ class KubeBackend(Backend):
             tls_key=key,
             start_time=_ms(meta.get("creationTimestamp")),
             last_heartbeat=self.heartbeats.get(name),
-            reason=status.get("reason") or self.refused.get(name) or None,
+            reason=status.get("reason")
+            or self.refused.get(name)
+            or self._no_controller(meta, status, phase),
             shared_users=list(sharing.get("users") or []),
             shared_groups=list(sharing.get("groups") or []),
         )
         cluster.workers = self.workers.of(name)
         cluster.typed_config = self._typed_config(name, cluster.config)
         return cluster
+
+    def _no_controller(
+        self, meta: dict[str, Any], status: dict[str, Any], phase: ClusterStatus
+    ) -> str | None:
+        """Why a cluster without any status after `controller_timeout` seconds is stuck: no
+        controller wrote one (none runs, or it may not patch the status subresource)."""
+        if status.get("phase") or phase != ClusterStatus.PENDING:
+            return None
+        waited = time.time() - _ms(meta.get("creationTimestamp")) / 1000
+        if waited < self.kconfig.controller_timeout:
+            return None
+        return (
+            f"no controller has recorded this cluster's status in {waited:.0f} s: none is "
+            f"running (gateway k8s controller), or it may not patch daskclusters/status in "
+            f"namespace {meta['namespace']!r} (its /readyz names what it is refused)"
+        )
 
     def _typed_config(self, name: str, config: dict[str, Any]) -> ClusterConfig | None:
         """The cluster's config typed (core's metrics count cores and memory from it, and

@@ -133,11 +133,19 @@ class KubeBackendConfig(ApiSettings):
     stopped_retention: float = 600.0
     """Seconds the gateway still answers for a stopped or failed cluster (in memory: its
     resource is deleted at once)."""
+    controller_timeout: float = 30.0
+    """Seconds after which a DaskCluster no controller has written any status to gets a
+    reason saying so (no controller runs, or it may not patch ``daskclusters/status``); it
+    stays pending, and starts once a controller can act."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
         if self.cluster_heartbeat_period < 1:
             problems.append("cluster_heartbeat_period: must be at least 1")
+        if not self.controller_timeout > 0:
+            problems.append(
+                f"controller_timeout: must be more than 0 seconds, got {self.controller_timeout:g}"
+            )
         return problems
 
 
