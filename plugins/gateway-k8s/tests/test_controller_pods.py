@@ -442,3 +442,50 @@ async def test_a_pod_create_committed_after_its_controller_died_leaves_no_extra_
 def _ended_or_deleting(pod: dict[str, Any]) -> bool:
     phase = (pod.get("status") or {}).get("phase")
     return phase in ("Succeeded", "Failed") or bool(pod["metadata"].get("deletionTimestamp"))
+
+
+async def test_a_started_clusters_deleted_secret_is_not_replaced_with_new_credentials(
+    kube: FakeKube, kubelet: Kubelet, client: KubeClient
+) -> None:
+    """New credentials would not match those the running scheduler and the gateway hold (and
+    the same moment comes when the garbage collector deletes a just-deleted DaskCluster's
+    Secret before the controller's cache heard of the deletion): the cluster gets a reason
+    instead, and no second Secret is made."""
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c8", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice", "worker": {"replicas": 0}},
+    }
+    await client.create(CLUSTERS, NS, body)
+
+    async def status() -> dict[str, Any]:
+        return (await client.get(CLUSTERS, NS, "dask-c8") or {}).get("status") or {}
+
+    async def running() -> bool:
+        return (await status()).get("phase") == "Running"
+
+    controller, stop, task = await start(kube)
+    try:
+        await until(running, "the cluster to run")  # the controller made its Secret
+        await client.delete(SECRETS, NS, "dask-c8-credentials")
+
+        async def told() -> str:
+            return str((await status()).get("reason") or "")
+
+        reason = await until(told, "the reason")
+        assert reason.startswith("the cluster's credentials Secret was deleted"), reason
+        await asyncio.sleep(1.0)
+        assert await client.get(SECRETS, NS, "dask-c8-credentials") is None
+        made = [
+            e
+            for e in kube.store.events
+            if e.kind == "/secrets"
+            and e.type == "ADDED"
+            and e.obj["metadata"]["name"] == "dask-c8-credentials"
+        ]
+        assert len(made) == 1, made
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        controller.client.close()

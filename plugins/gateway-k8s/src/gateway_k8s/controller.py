@@ -653,6 +653,22 @@ class Controller:
             await self._delete_pods(key, pods)
             return None
         if self.secrets.get(namespace, objects.secret_name(resource)) is None:
+            started = status.get("phase") == "Running" or any(
+                p["metadata"]["name"] == objects.scheduler_name(resource) for p in pods
+            )
+            if started:
+                # New credentials would not match those its scheduler and the gateway hold.
+                # (Also the moment the garbage collector deletes the Secret of a DaskCluster
+                # just deleted, before this cache hears of that: nothing must be made then.)
+                await self._write_status(
+                    owner,
+                    {
+                        **status,
+                        "reason": "the cluster's credentials Secret was deleted; new workers "
+                        "cannot start (stop the cluster and start a new one)",
+                    },
+                )
+                return self.resync_period
             await self._create_credentials(owner)
         if self.services.get(namespace, resource) is None:
             try:
