@@ -576,7 +576,11 @@ class Controller:
                     self.queue.forget(key)
                 else:
                     delay = self.queue.retry(key)
-                    log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
+                    # A refusal was logged at ERROR once already (`_refused`, `_write_status`).
+                    level = logging.DEBUG if exc.status == 403 else logging.WARNING
+                    log.log(
+                        level, "Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc
+                    )
             except Exception as exc:  # noqa: BLE001 - retried with backoff
                 delay = self.queue.retry(key)
                 log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
