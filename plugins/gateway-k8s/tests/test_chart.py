@@ -1010,3 +1010,60 @@ def test_probes_answer_on_a_gateway_serving_the_rendered_config(
     assert get(base + liveness) == 200
     # The prefix matters: without it the routes are not there.
     assert get(base + "/api/health") == 404
+
+
+@pytest.mark.integration
+def test_the_controllers_readiness_probe_answers_on_a_controller_run_as_rendered(
+    helm: str, default_objects: list[Obj], kube: Any, tmp_path: Path
+) -> None:
+    """`gateway k8s controller` with the rendered arguments and health address (on a free
+    loopback port instead of :8081) answers the readiness probe's path on the port the probe
+    names, against the fake API server."""
+    controller = container(one(default_objects, "Deployment", f"{FULLNAME}-controller"))
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    [port] = [
+        p
+        for p in controller["ports"]
+        if p["name"] == controller["readinessProbe"]["httpGet"]["port"]
+    ]
+    assert env["GATEWAY_K8S_HEALTH_ADDRESS"] == f":{port['containerPort']}"
+    path = controller["readinessProbe"]["httpGet"]["path"]
+    local = free_port()
+    log = (tmp_path / "controller.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway_core",
+            *controller["args"],
+            "--server",
+            kube.url,
+            "--namespace",
+            "dask",
+            "--no-leader-election",
+        ],
+        env={**os.environ, "GATEWAY_K8S_HEALTH_ADDRESS": f"127.0.0.1:{local}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if get(f"http://127.0.0.1:{local}{path}") == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "controller.log"
+            ).read_text()
+            time.sleep(0.2)
+        assert get(f"http://127.0.0.1:{local}/healthz") == 200
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
