@@ -89,7 +89,7 @@ async def test_the_gauges_show_a_created_and_scaled_cluster(
     assert families["gateway_clusters"].type == "gauge"
     assert value(samples, "gateway_clusters", backend="inprocess", status="running") == 1
     assert value(samples, "gateway_clusters", backend="inprocess", status="pending") == 0
-    assert value(samples, "gateway_workers", user="alice", status="running") == 3
+    assert value(samples, "gateway_workers", user="alice", group="default", status="running") == 3
     # One scheduler (1 core, 1 GiB) and three workers (2 cores, 1 GiB each).
     assert value(samples, "gateway_cores_in_use", user="alice") == 1 + 3 * 2
     assert value(samples, "gateway_memory_in_use_bytes", user="alice") == 4 * 2**30
@@ -280,3 +280,40 @@ def test_the_token_may_come_from_the_environment() -> None:
     config = load_config({}, environ={"GATEWAY_METRICS_TOKEN": TOKEN})
     assert config.metrics.token == TOKEN
     assert TOKEN not in repr(config.metrics)
+
+
+def test_worker_counts_by_group_come_from_workers_per_group() -> None:
+    """Records count by group and status; a Cluster class with counts of its own (the
+    Kubernetes backend's) is taken at its word, pending included; one with neither has what
+    its scheduler wants of each group counted as running."""
+    from attrs import define
+
+    from gateway_core.metrics import _active_per_group
+    from gateway_core.models import Cluster, Worker
+
+    records = Cluster(name="c", username="u", token="t", count=1, group_counts={"gpu": 2})
+    for name, group, status in (
+        ("c-1", "default", WorkerStatus.RUNNING),
+        ("c-gpu-1", "gpu", WorkerStatus.RUNNING),
+        ("c-gpu-2", "gpu", WorkerStatus.PENDING),
+        ("c-2", "default", WorkerStatus.STOPPED),
+    ):
+        records.workers[name] = Worker(name=name, cluster_name="c", group=group, status=status)
+    assert _active_per_group(records) == {
+        ("default", "running"): 1,
+        ("gpu", "running"): 1,
+        ("gpu", "pending"): 1,
+    }
+
+    @define(kw_only=True)
+    class Counted(Cluster):
+        def workers_per_group(self) -> dict[str, dict[str, int]]:
+            return {
+                "default": {"count": 1, "pending": 1, "running": 0, "stopping": 0},
+                "gpu": {"count": 2, "pending": 0, "running": 0, "stopping": 0},
+            }
+
+    counted = Counted(name="k", username="u", token="t", count=1, group_counts={"gpu": 2})
+    assert _active_per_group(counted) == {("default", "pending"): 1}
+    bare = Cluster(name="b", username="u", token="t", count=3, group_counts={"gpu": 2})
+    assert _active_per_group(bare) == {("default", "running"): 3, ("gpu", "running"): 2}

@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .models import ClusterStatus, WorkerStatus
+from .config import ClusterConfig, ConfigError
+from .models import DEFAULT_GROUP, Cluster, ClusterStatus, WorkerStatus
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .models import Cluster
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics", "ProxyTraffic"]
 
@@ -163,8 +163,9 @@ class GatewayMetrics:
         counts = {status: 0 for status in ClusterStatus}
         workers = GaugeMetricFamily(
             "gateway_workers",
-            "Active workers (pending, running, stopping) of active clusters, by user and status.",
-            labels=["user", "status"],
+            "Active workers (pending, running, stopping) of active clusters, by user, worker "
+            "group and status.",
+            labels=["user", "group", "status"],
         )
         cores = GaugeMetricFamily(
             "gateway_cores_in_use",
@@ -176,31 +177,29 @@ class GatewayMetrics:
             "Memory of the active schedulers and workers of each user, in bytes.",
             labels=["user"],
         )
-        per_worker: dict[tuple[str, str], int] = {}
+        per_worker: dict[tuple[str, str, str], int] = {}
         per_user: dict[str, list[float]] = {}
         for cluster in self._clusters:
             counts[cluster.status] += 1
             if not cluster.status.is_active:
                 continue
-            if cluster.workers:
-                for worker in cluster.workers.values():
-                    if worker.status.is_active:
-                        key = (cluster.username, worker.status.name.lower())
-                        per_worker[key] = per_worker.get(key, 0) + 1
-                active_count = sum(w.status.is_active for w in cluster.workers.values())
-            else:  # a backend that keeps no worker records: its scheduler's count
-                active_count = cluster.count
-                key = (cluster.username, WorkerStatus.RUNNING.name.lower())
-                per_worker[key] = per_worker.get(key, 0) + active_count
+            active = _active_per_group(cluster)
+            for (group, status_name), count in active.items():
+                key = (cluster.username, group, status_name)
+                per_worker[key] = per_worker.get(key, 0) + count
             usage = per_user.setdefault(cluster.username, [0.0, 0.0])
             config = cluster.typed_config
             if config is not None:
-                usage[0] += config.scheduler_cores + active_count * config.worker_cores
-                usage[1] += config.scheduler_memory + active_count * config.worker_memory
+                usage[0] += config.scheduler_cores
+                usage[1] += config.scheduler_memory
+                for group, count in _sum_by_group(active).items():
+                    shape = _group_config(config, group)
+                    usage[0] += count * shape.worker_cores
+                    usage[1] += count * shape.worker_memory
         for status, count in counts.items():
             by_status.add_metric([backend, status.name.lower()], count)
-        for (user, status_name), count in sorted(per_worker.items()):
-            workers.add_metric([user, status_name], count)
+        for (user, group, status_name), count in sorted(per_worker.items()):
+            workers.add_metric([user, group, status_name], count)
         for user, (n_cores, n_bytes) in sorted(per_user.items()):
             cores.add_metric([user], n_cores)
             memory.add_metric([user], n_bytes)
@@ -266,3 +265,42 @@ class _StateCollector(Collector):
         yield from self.metrics._cluster_metrics()
         yield from self.metrics._queue_metrics()
         yield from self.metrics._proxy_metrics()
+
+
+_ACTIVE = ("pending", "running", "stopping")
+
+
+def _active_per_group(cluster: Cluster) -> dict[tuple[str, str], int]:
+    """(group, status) -> active workers of ``cluster``, from `Cluster.workers_per_group`
+    (its worker records, or a backend's own counts where its `Cluster` class overrides that
+    method, as the Kubernetes backend's from its resources' status); a backend that has
+    neither counts what its scheduler wants of each group as running."""
+    groups = cluster.workers_per_group()
+    out = {
+        (group, status): entry.get(status, 0)
+        for group, entry in groups.items()
+        for status in _ACTIVE
+        if entry.get(status, 0)
+    }
+    own_counts = type(cluster).workers_per_group is not Cluster.workers_per_group
+    if not out and not cluster.workers and not own_counts:
+        running = WorkerStatus.RUNNING.name.lower()
+        out = {(group, running): e["count"] for group, e in groups.items() if e.get("count")}
+    return out
+
+
+def _sum_by_group(active: dict[tuple[str, str], int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (group, _), count in active.items():
+        out[group] = out.get(group, 0) + count
+    return out
+
+
+def _group_config(config: ClusterConfig, group: str) -> ClusterConfig:
+    """The config a group's workers run with; the cluster's for a group it no longer has."""
+    if group == DEFAULT_GROUP or group not in config.worker_groups:
+        return config
+    try:
+        return config.for_group(group)
+    except ConfigError:
+        return config

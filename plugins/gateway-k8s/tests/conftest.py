@@ -9,7 +9,7 @@ There is no real Kubernetes here: every test runs against the fake.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +82,34 @@ def kubelet(kube: FakeKube, tmp_path: Path) -> Iterator[Kubelet]:
 
 
 @pytest.fixture
-async def controller(kube: FakeKube) -> AsyncIterator[Controller]:
+async def start_controller(kube: FakeKube) -> AsyncIterator[Callable[[], Awaitable[Controller]]]:
+    """``await start_controller()``: the controller in this process (its own informers and
+    client), without a Lease, started when the test says (after a create, say); stopped at
+    teardown."""
+    running: list[tuple[Controller, asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start() -> Controller:
+        config = KubeControllerConfig(
+            server=kube.url,
+            namespace=NS,
+            address_mode="pod",
+            leader_election=False,
+            retire_grace=5.0,
+            api_qps=0,
+        )
+        made = await make_controller(config)
+        stop = asyncio.Event()
+        running.append((made, stop, asyncio.create_task(made.run(stop=stop))))
+        return made
+
+    yield start
+    for made, stop, task in running:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        made.client.close()
+
+
+@pytest.fixture
+async def controller(start_controller: Callable[[], Awaitable[Controller]]) -> Controller:
     """The controller in this process (its own informers and client), without a Lease."""
-    config = KubeControllerConfig(
-        server=kube.url,
-        namespace=NS,
-        address_mode="pod",
-        leader_election=False,
-        retire_grace=5.0,
-        api_qps=0,
-    )
-    made = await make_controller(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(made.run(stop=stop))
-    yield made
-    stop.set()
-    await asyncio.wait_for(task, 20)
-    made.client.close()
+    return await start_controller()

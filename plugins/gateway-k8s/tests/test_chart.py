@@ -318,12 +318,24 @@ def test_default_controller_deployment(default_objects: list[Obj]) -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == f"{FULLNAME}-controller"
     controller = container(deployment)
-    assert [*controller["command"], *controller["args"]] == ["gateway", "k8s", "controller"]
+    assert [*controller["command"], *controller["args"]] == [
+        "gateway",
+        "k8s",
+        "controller",
+        "--queue-backoff-base=0.05",
+        "--queue-backoff-max=30",
+        "--api-backoff-base=0.2",
+        "--api-backoff-max=10",
+    ]
     env = {e["name"]: e for e in controller["env"]}
     assert env["GATEWAY_CONFIG"]["value"] == "/etc/gateway-k8s/gateway.toml"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     # The controller has no use for the store's keys or the proxy token.
     assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in env.values())
+    # Readiness names what the API server refuses (gateway_k8s.controller's /readyz).
+    assert env["GATEWAY_K8S_HEALTH_ADDRESS"]["value"] == ":8081"
+    assert controller["ports"] == [{"name": "health", "containerPort": 8081}]
+    assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 @pytest.mark.integration
@@ -392,6 +404,24 @@ def test_a_changed_config_rolls_the_pods(helm: str, default_objects: list[Obj]) 
     [
         ("gateway.replicas=0", "gateway.replicas: must be at least 1"),
         ("gateway.config.cluster.bad=null", None),
+        (
+            "controller.backoff.queueBase=0",
+            "controller.backoff.queueBase: must be a number of seconds above 0, got 0",
+        ),
+        (
+            "controller.backoff.apiBase=soon",
+            "controller.backoff.apiBase: must be a number of seconds above 0, got soon",
+        ),
+        (
+            "controller.backoff.queueMax=0.01",
+            "controller.backoff.queueMax: must be a number of seconds from queueBase (0.05) "
+            "to 3600, got 0.01",
+        ),
+        (
+            "controller.backoff.apiMax=7200",
+            "controller.backoff.apiMax: must be a number of seconds from apiBase (0.2) to "
+            "3600, got 7200",
+        ),
     ],
 )
 def test_bad_values(helm: str, setting: str, message: str | None) -> None:
@@ -980,3 +1010,60 @@ def test_probes_answer_on_a_gateway_serving_the_rendered_config(
     assert get(base + liveness) == 200
     # The prefix matters: without it the routes are not there.
     assert get(base + "/api/health") == 404
+
+
+@pytest.mark.integration
+def test_the_controllers_readiness_probe_answers_on_a_controller_run_as_rendered(
+    helm: str, default_objects: list[Obj], kube: Any, tmp_path: Path
+) -> None:
+    """`gateway k8s controller` with the rendered arguments and health address (on a free
+    loopback port instead of :8081) answers the readiness probe's path on the port the probe
+    names, against the fake API server."""
+    controller = container(one(default_objects, "Deployment", f"{FULLNAME}-controller"))
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    [port] = [
+        p
+        for p in controller["ports"]
+        if p["name"] == controller["readinessProbe"]["httpGet"]["port"]
+    ]
+    assert env["GATEWAY_K8S_HEALTH_ADDRESS"] == f":{port['containerPort']}"
+    path = controller["readinessProbe"]["httpGet"]["path"]
+    local = free_port()
+    log = (tmp_path / "controller.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway_core",
+            *controller["args"],
+            "--server",
+            kube.url,
+            "--namespace",
+            "dask",
+            "--no-leader-election",
+        ],
+        env={**os.environ, "GATEWAY_K8S_HEALTH_ADDRESS": f"127.0.0.1:{local}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if get(f"http://127.0.0.1:{local}{path}") == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "controller.log"
+            ).read_text()
+            time.sleep(0.2)
+        assert get(f"http://127.0.0.1:{local}/healthz") == 200
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

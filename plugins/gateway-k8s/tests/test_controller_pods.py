@@ -378,3 +378,114 @@ async def test_excess_workers_of_a_named_group_are_asked_of_its_scheduler_by_gro
         stop.set()
         await asyncio.wait_for(task, 20)
         controller.client.close()
+
+
+async def test_a_pod_create_committed_after_its_controller_died_leaves_no_extra_worker(
+    kube: FakeKube, kubelet: Kubelet, client: KubeClient
+) -> None:
+    """The controller dies with a worker pod's create in flight, and the API server commits
+    that create anyway (as a real one may) after the replacement controller already made
+    the workers it found missing: one pod too many, which the replacement deletes (the
+    newest that has not started, else after `retire_timeout`); `replicas` workers remain."""
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c7", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice", "worker": {"replicas": 0}},
+    }
+    owner = await client.create(CLUSTERS, NS, body)
+    await client.create(
+        SECRETS, NS, objects.credentials_secret(owner=owner, token="t", cert=b"c", key=b"k")
+    )
+
+    async def workers() -> list[str]:
+        items, _ = await client.list(PODS, NS, labels=f"{objects.LABEL_COMPONENT}=worker")
+        return sorted(p["metadata"]["name"] for p in items if not _ended_or_deleting(p))
+
+    async def running() -> bool:
+        status = (await client.get(CLUSTERS, NS, "dask-c7") or {}).get("status") or {}
+        return status.get("phase") == "Running"
+
+    first, _, first_task = await start(kube)
+    await until(running, "the cluster to run")
+    kube.commit_abandoned = True
+    kube.delays[("create", "pods")] = 3.0
+    await client.patch(CLUSTERS, NS, "dask-c7", {"spec": {"worker": {"replicas": 2}}})
+
+    async def held() -> bool:
+        return kube.holding > 0
+
+    await until(held, "a worker pod's create in flight")
+    first_task.cancel()  # dies with the create in flight (its request stays sent)
+    await asyncio.gather(first_task, return_exceptions=True)
+    kube.delays.clear()  # the replacement's creates are quick
+    second, stop, task = await start(kube)
+    try:
+        # The abandoned create lands once its 3 s are up: three pods for a moment.
+        await until(lambda: _eq(workers(), 3), "the late create to land", timeout=20)
+        await until(lambda: _eq(workers(), 2), "the extra worker to be deleted", timeout=30)
+        await asyncio.sleep(1.5)
+        assert len(await workers()) == 2  # and stays so: nothing deleted or created twice
+        ever = [
+            e.obj["metadata"]["name"]
+            for e in kube.store.events
+            if e.kind == "/pods" and e.type == "ADDED" and "-worker-" in e.obj["metadata"]["name"]
+        ]
+        assert len(ever) == 3, ever  # the late one plus the two the replacement made
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        second.client.close()
+        first.client.close()
+
+
+def _ended_or_deleting(pod: dict[str, Any]) -> bool:
+    phase = (pod.get("status") or {}).get("phase")
+    return phase in ("Succeeded", "Failed") or bool(pod["metadata"].get("deletionTimestamp"))
+
+
+async def test_a_started_clusters_deleted_secret_is_not_replaced_with_new_credentials(
+    kube: FakeKube, kubelet: Kubelet, client: KubeClient
+) -> None:
+    """New credentials would not match those the running scheduler and the gateway hold (and
+    the same moment comes when the garbage collector deletes a just-deleted DaskCluster's
+    Secret before the controller's cache heard of the deletion): the cluster gets a reason
+    instead, and no second Secret is made."""
+    body = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "dask-c8", "labels": {objects.LABEL_MANAGED: objects.MANAGED_BY}},
+        "spec": {"user": "alice", "worker": {"replicas": 0}},
+    }
+    await client.create(CLUSTERS, NS, body)
+
+    async def status() -> dict[str, Any]:
+        return (await client.get(CLUSTERS, NS, "dask-c8") or {}).get("status") or {}
+
+    async def running() -> bool:
+        return (await status()).get("phase") == "Running"
+
+    controller, stop, task = await start(kube)
+    try:
+        await until(running, "the cluster to run")  # the controller made its Secret
+        await client.delete(SECRETS, NS, "dask-c8-credentials")
+
+        async def told() -> str:
+            return str((await status()).get("reason") or "")
+
+        reason = await until(told, "the reason")
+        assert reason.startswith("the cluster's credentials Secret was deleted"), reason
+        await asyncio.sleep(1.0)
+        assert await client.get(SECRETS, NS, "dask-c8-credentials") is None
+        made = [
+            e
+            for e in kube.store.events
+            if e.kind == "/secrets"
+            and e.type == "ADDED"
+            and e.obj["metadata"]["name"] == "dask-c8-credentials"
+        ]
+        assert len(made) == 1, made
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        controller.client.close()

@@ -48,6 +48,68 @@ async def test_the_work_queue_backs_off_per_key_and_forget_resets() -> None:
     queue.close()
 
 
+async def test_the_controller_takes_its_backoff_from_its_config(kube: FakeKube) -> None:
+    from gateway_k8s.controller import Controller
+
+    config = KubeControllerConfig(
+        server=kube.url,
+        namespace=NS,
+        queue_backoff_base=0.5,
+        queue_backoff_max=2.0,
+        api_backoff_base=0.3,
+        api_backoff_max=4.0,
+    )
+    client = KubeClient(load_api_client(server=kube.url), threads=3)
+    try:
+        controller = Controller(config=config, client=client)
+        key = ("ns", "a")
+        assert [controller.queue.retry(key) for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+        controller.queue.close()
+        for informer in controller.informers:
+            assert (informer.backoff_base, informer.backoff_max) == (0.3, 4.0)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"queue_backoff_base": 0}, "queue_backoff_base: must be more than 0 seconds, got 0"),
+        (
+            {"api_backoff_base": 2, "api_backoff_max": 1},
+            "api_backoff_max: must be at least api_backoff_base (2 s), got 1",
+        ),
+        ({"queue_backoff_max": 7200}, "queue_backoff_max: must be at most 3600 seconds, got 7200"),
+    ],
+)
+def test_bad_backoff_is_refused_naming_the_value(settings: dict[str, Any], problem: str) -> None:
+    from gateway_core.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        KubeControllerConfig(**settings)
+    assert info.value.problems == [problem]
+
+
+async def test_a_failing_list_is_retried_after_the_informers_backoff(kube: FakeKube) -> None:
+    """A refused list is tried again after ``backoff_base``, doubling up to ``backoff_max``:
+    a short backoff tries many times in a second and a half, a long one once."""
+    kube.role = []  # nothing granted: every list is refused
+    tries: dict[float, int] = {}
+    for base in (0.05, 5.0):
+        client = KubeClient(load_api_client(server=kube.url), threads=3)
+        informer = Informer(client, PODS, namespace=NS, backoff_base=base, backoff_max=base * 2)
+        informer.start()
+        try:
+            await asyncio.sleep(1.5)
+        finally:
+            await informer.stop()
+            client.close()
+        assert informer.refused is not None and informer.refused.verb == "list"
+        tries[base] = client.requests
+    assert tries[5.0] == 1, tries
+    assert tries[0.05] >= 5, tries
+
+
 def test_expectations_count_unseen_creates_until_observed_or_expired() -> None:
     now = [100.0]
     expectations = Expectations(timeout=10, clock=lambda: now[0])

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,72 @@ async def test_a_controller_killed_mid_scale_is_replaced_and_the_scale_completes
     # Exactly three worker pods, the two made before the kill among them; none made twice.
     assert len(seen["pods"]) == 3 and set(seen["at_kill"]) <= set(seen["pods"]), seen
     assert seen["added"] == seen["pods"], seen
+    await until(lambda: not leftovers(kube), "every object of the cluster to be deleted")
+
+
+def added(kube: FakeKube, plural: str, resource: str) -> list[str]:
+    """Names of every object of ``plural`` (pods, services, secrets) of the DaskCluster
+    ``resource`` ever created (the fake's retained watch history)."""
+    with kube.store.lock:
+        return [
+            e.obj["metadata"]["name"]
+            for e in kube.store.events
+            if e.kind == f"/{plural}"
+            and e.type == "ADDED"
+            and (e.obj["metadata"].get("labels") or {}).get("daskgateway.dev/cluster") == resource
+        ]
+
+
+async def test_a_cluster_created_while_no_controller_runs_starts_once_one_does(
+    kube: FakeKube,
+    kubelet: Kubelet,
+    start_controller: Callable[[], Awaitable[Controller]],
+    make_gateway: Any,
+) -> None:
+    """The gateway creates a DaskCluster while no controller runs (it died, or is being
+    upgraded): nothing happens to it, nothing is lost; the controller started afterwards
+    lists it and starts it, the client waiting in `new_cluster()` gets it, and every object
+    of it is made once (no duplicate pods)."""
+    gateway = await make_gateway(gateway_config(kube))
+    address = f"http://{gateway.public_address}{gateway.context.prefix}"
+    loop = asyncio.get_running_loop()
+    controller_started = asyncio.Event()
+
+    def session() -> dict[str, Any]:
+        from gateway_client import BasicAuth, Gateway
+
+        seen: dict[str, Any] = {}
+        with Gateway(address, auth=BasicAuth("alice", "")) as gw:
+            cluster = gw.new_cluster()  # returns only once a controller started it
+            seen["started_after_controller"] = controller_started.is_set()
+            seen["resource"] = f"dask-{cluster.name}"
+            with cluster.get_client(set_as_default=False) as client:
+                cluster.scale(2)
+                client.wait_for_workers(2, timeout=120)
+                seen["total"] = square_sum(client)
+            cluster.shutdown()
+        return seen
+
+    running = loop.run_in_executor(None, session)
+    resources = await until(
+        lambda: stored(kube, crd.GROUP, crd.VERSION, crd.PLURAL), "the DaskCluster", 60
+    )
+    [resource] = [r["metadata"]["name"] for r in resources]
+    await asyncio.sleep(2.0)  # no controller: nothing is made for it, it is still there
+    assert {k: v for k, v in leftovers(kube).items() if k != crd.PLURAL} == {}
+    [cluster] = await gateway.backend.list_clusters()
+    assert cluster.status.name == "PENDING", cluster
+    controller_started.set()
+    await start_controller()
+    seen = await asyncio.wait_for(running, 240)
+    assert seen["started_after_controller"] and seen["resource"] == resource, seen
+    assert seen["total"] == 285
+    # Each object made once: the Secret, the Service, the scheduler and two workers.
+    assert len(added(kube, "secrets", resource)) == 1
+    assert len(added(kube, "services", resource)) == 1
+    pods = added(kube, "pods", resource)
+    assert pods.count(f"{resource}-scheduler") == 1, pods
+    assert len(pods) == 3, pods
     await until(lambda: not leftovers(kube), "every object of the cluster to be deleted")
 
 

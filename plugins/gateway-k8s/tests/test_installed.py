@@ -52,16 +52,41 @@ def test_the_controller_command_refuses_bad_settings_by_name(tmp_path: Path) -> 
     assert "renew_period: must be at most half of lease_duration" in result.stderr
 
 
+def test_the_controller_command_refuses_bad_backoff_by_name() -> None:
+    result = run(
+        "k8s",
+        "controller",
+        "--queue-backoff-base",
+        "1",
+        "--queue-backoff-max",
+        "0.5",
+        "--api-backoff-base",
+        "-1",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "queue_backoff_max: must be at least queue_backoff_base (1 s), got 0.5" in result.stderr
+    assert "api_backoff_base: must be more than 0 seconds, got -1" in result.stderr
+    result = run("k8s", "controller", "--api-backoff-max", "soon")
+    assert result.returncode == 2
+    assert "--api-backoff-max" in result.stderr and "soon" in result.stderr
+
+
 def test_config_classes_name_every_bad_setting() -> None:
     from gateway_core.config import ConfigError
     from gateway_k8s.config import KubeClusterConfig, KubeControllerConfig
 
     with pytest.raises(ConfigError) as info:
-        KubeControllerConfig(namespace="Not_A_Namespace", parallelism=0)
+        KubeControllerConfig(namespace="Not_A_Namespace", parallelism=0, health_address="8081")
     assert info.value.problems == [
         "namespace: 'Not_A_Namespace' is not a namespace name (lower-case letters, digits, '-')",
         "parallelism: must be at least 1",
+        "health_address: '8081' is not host:port (':8081' for every address)",
     ]
+    from gateway_k8s.config import KubeBackendConfig
+
+    with pytest.raises(ConfigError) as info:
+        KubeBackendConfig(controller_timeout=0)
+    assert info.value.problems == ["controller_timeout: must be more than 0 seconds, got 0"]
     with pytest.raises(ConfigError) as info:
         KubeClusterConfig(
             image_pull_policy="Sometimes",

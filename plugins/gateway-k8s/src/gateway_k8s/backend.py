@@ -8,6 +8,7 @@ proxy routes fed from the resources' status, and the scheduler heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ import aiohttp
 from attrs import define, field
 
 from gateway_core.backends.base import Backend
-from gateway_core.config import ClusterConfig, unstructure
+from gateway_core.config import ClusterConfig, ConfigError, structure, unstructure
 from gateway_core.errors import BackendUnavailable, ClusterConflict
 from gateway_core.models import DEFAULT_GROUP, Cluster, ClusterStatus, User, new_name
 from gateway_core.reconciler.heartbeat import Heartbeat
@@ -131,6 +132,15 @@ class KubeBackend(Backend):
         self.routes = ClusterRoutes(context=context)
         self.stopped: dict[str, Cluster] = {}
         self.heartbeats: dict[str, float] = {}
+        self.refused: dict[str, str] = {}
+        """Per cluster, why its credentials Secret may not be read (a 403 to ``get secrets``,
+        naming verb, resource and namespace): its reason."""
+        self.typed_configs: dict[str, ClusterConfig | None] = {}
+        """Each cluster's config (its resource's annotation) structured once: it never changes.
+        None when it no longer fits the config class."""
+        self.refused_reads: dict[str, str] = {}
+        """Per namespace, the last refused read of a Secret there, until one works: logged
+        at ERROR once, listed by `health`."""
         self.workers = logs.WorkerNames()
         self.pod_logs: logs.PodLogs | None = None
         self._changed = asyncio.Event()
@@ -158,16 +168,41 @@ class KubeBackend(Backend):
             timeout=aiohttp.ClientTimeout(total=self.comm_timeout),
         )
         self.clusters.start()
+        where = self.policy.watch_namespace
+        scope = f"namespace {where!r}" if where else "all namespaces"
         try:
             async with asyncio.timeout(30):
-                await self.clusters.synced.wait()
+                # A refusal (403) is final until an administrator grants it: said at once.
+                while not self.clusters.synced.is_set() and self.clusters.refused is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.clusters.synced.wait(), 0.2)
         except TimeoutError:
-            where = self.policy.watch_namespace
-            scope = f"namespace {where!r}" if where else "all namespaces"
             why = f": {self.clusters.last_error}" if self.clusters.last_error else ""
             raise BackendUnavailable(
                 f"cannot list DaskClusters in {scope} within 30 s{why}"
             ) from None
+        refused = self.clusters.refused
+        if refused is not None and not self.clusters.synced.is_set():
+            raise BackendUnavailable(
+                f"the gateway may not {refused.verb} {refused.resource} in {scope}: "
+                f"{refused.message or refused}"
+            )
+
+    def health(self) -> dict[str, Any]:
+        """Fails while the DaskClusters may not be listed or watched (the gateway's view of
+        every cluster is stale); a refused read of a cluster's Secret is listed (that
+        cluster is unusable, the others are fine)."""
+        out: dict[str, Any] = {"status": "pass"}
+        refused = self.clusters.refused if self.clusters is not None else None
+        if refused is not None:
+            out["status"] = "fail"
+            out["reason"] = (
+                f"the gateway may not {refused.verb} {refused.resource}: "
+                f"{refused.message or refused}"
+            )
+        if self.refused_reads:
+            out["refused"] = [self.refused_reads[ns] for ns in sorted(self.refused_reads)]
+        return out
 
     async def cleanup(self) -> None:
         if self.context.config.gateway.stop_clusters_on_shutdown and self.clusters is not None:
@@ -228,12 +263,42 @@ class KubeBackend(Backend):
             tls_key=key,
             start_time=_ms(meta.get("creationTimestamp")),
             last_heartbeat=self.heartbeats.get(name),
-            reason=status.get("reason") or None,
+            reason=status.get("reason")
+            or self.refused.get(name)
+            or self._no_controller(meta, status, phase),
             shared_users=list(sharing.get("users") or []),
             shared_groups=list(sharing.get("groups") or []),
         )
         cluster.workers = self.workers.of(name)
+        cluster.typed_config = self._typed_config(name, cluster.config)
         return cluster
+
+    def _no_controller(
+        self, meta: dict[str, Any], status: dict[str, Any], phase: ClusterStatus
+    ) -> str | None:
+        """Why a cluster without any status after `controller_timeout` seconds is stuck: no
+        controller wrote one (none runs, or it may not patch the status subresource)."""
+        if status.get("phase") or phase != ClusterStatus.PENDING:
+            return None
+        waited = time.time() - _ms(meta.get("creationTimestamp")) / 1000
+        if waited < self.kconfig.controller_timeout:
+            return None
+        return (
+            f"no controller has recorded this cluster's status in {waited:.0f} s: none is "
+            f"running (gateway k8s controller), or it may not patch daskclusters/status in "
+            f"namespace {meta['namespace']!r} (its /readyz names what it is refused)"
+        )
+
+    def _typed_config(self, name: str, config: dict[str, Any]) -> ClusterConfig | None:
+        """The cluster's config typed (core's metrics count cores and memory from it, and
+        each worker group's from its `for_group`), structured once per cluster."""
+        if name not in self.typed_configs:
+            try:
+                self.typed_configs[name] = structure(config, self.cluster_config_class)
+            except ConfigError as exc:
+                log.warning("Config of cluster %s does not fit: %s", name, "; ".join(exc.problems))
+                self.typed_configs[name] = None
+        return self.typed_configs[name]
 
     async def _load_credentials(self, objs: list[dict[str, Any]]) -> None:
         """Read the credentials Secrets (by name: the gateway may not list Secrets) of
@@ -243,7 +308,27 @@ class KubeBackend(Backend):
 
         async def load(obj: dict[str, Any]) -> None:
             meta = obj["metadata"]
-            secret = await client.get(SECRETS, meta["namespace"], objects.secret_name(meta["name"]))
+            name = objects.cluster_name(meta["name"])
+            try:
+                secret = await client.get(
+                    SECRETS, meta["namespace"], objects.secret_name(meta["name"])
+                )
+            except KubeError as exc:
+                if exc.status != 403:
+                    raise
+                namespace = meta["namespace"]
+                why = (
+                    f"the gateway may not {exc.verb} {exc.resource} in namespace "
+                    f"{namespace!r}: {exc.message or exc}"
+                )
+                if namespace not in self.refused_reads:  # once, not for every cluster
+                    log.error("Cannot read cluster credentials: %s", why)
+                self.refused_reads[namespace] = why
+                self.refused[name] = why
+                return
+            self.refused.pop(name, None)
+            if self.refused_reads.pop(meta["namespace"], None) is not None:
+                log.info("Reading credentials in namespace %r is granted again", meta["namespace"])
             if secret is not None:
                 self.credentials[objects.cluster_name(meta["name"])] = (
                     objects.secret_value(secret, objects.TOKEN_KEY).decode(),
@@ -264,11 +349,24 @@ class KubeBackend(Backend):
         if type_ == "DELETED":
             self.namespace_of.pop(name, None)
             self.credentials.pop(name, None)
+            self.refused.pop(name, None)
+            self.typed_configs.pop(name, None)
             self.workers.forget(name)  # a stopped cluster's record keeps its own copy
         else:
             self.namespace_of[name] = obj["metadata"]["namespace"]
             await self._load_credentials([obj])
         record = self._record(obj)
+        if (
+            type_ != "DELETED"
+            and name in self.refused
+            and record.status == ClusterStatus.PENDING
+            and name not in self.stopped
+        ):
+            # Without its token no scheduler of it can reach the gateway, nor a client the
+            # scheduler: it cannot start, and its user is waiting (as for refused creates).
+            await self.stop_cluster(name, failed=True, reason=f"cannot start: {self.refused[name]}")
+            self._changed.set()
+            return
         if type_ != "DELETED" and record.status == ClusterStatus.RUNNING:
             self.routes.put(record)
         else:

@@ -49,6 +49,37 @@ def _namespace_problem(key: str, value: str) -> list[str]:
     return []
 
 
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+RESERVED_PREFIXES = ("app.kubernetes.io/", "daskgateway.dev/")
+"""Label and annotation keys the plugin sets itself (selectors depend on them)."""
+
+
+def _metadata_problems(key: str, entries: dict[str, str], *, values: bool = False) -> list[str]:
+    """Keys (and, for labels, values) Kubernetes would refuse, and keys of ours."""
+    problems: list[str] = []
+    for name, value in entries.items():
+        prefix, _, base = str(name).rpartition("/")
+        if not _LABEL_NAME.match(base) or (prefix and not _LABEL_PREFIX.match(prefix)):
+            problems.append(
+                f"{key}: {name!r} is not a label or annotation key ([prefix/]name, the name "
+                "at most 63 letters, digits, '-', '_', '.')"
+            )
+        elif name.startswith(RESERVED_PREFIXES):
+            problems.append(
+                f"{key}: {name!r} is the plugin's own (keys under "
+                f"{', '.join(RESERVED_PREFIXES)} are set by it)"
+            )
+        if not isinstance(value, str):
+            problems.append(f"{key}.{name}: must be a string, got {value!r}")
+        elif values and value and not _LABEL_NAME.match(value):
+            problems.append(
+                f"{key}.{name}: {value!r} is not a label value (at most 63 letters, digits, "
+                "'-', '_', '.', starting and ending with a letter or digit)"
+            )
+    return problems
+
+
 @define(kw_only=True, frozen=True)
 class ApiSettings(BackendConfig):
     """How to reach the API server, shared by the gateway and the controller."""
@@ -102,11 +133,19 @@ class KubeBackendConfig(ApiSettings):
     stopped_retention: float = 600.0
     """Seconds the gateway still answers for a stopped or failed cluster (in memory: its
     resource is deleted at once)."""
+    controller_timeout: float = 30.0
+    """Seconds after which a DaskCluster no controller has written any status to gets a
+    reason saying so (no controller runs, or it may not patch ``daskclusters/status``); it
+    stays pending, and starts once a controller can act."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
         if self.cluster_heartbeat_period < 1:
             problems.append("cluster_heartbeat_period: must be at least 1")
+        if not self.controller_timeout > 0:
+            problems.append(
+                f"controller_timeout: must be more than 0 seconds, got {self.controller_timeout:g}"
+            )
         return problems
 
 
@@ -120,6 +159,8 @@ class KubeClusterConfig(ClusterConfig):
         "worker_extra_pod_labels",
         "worker_extra_pod_annotations",
         "node_selector",
+        "common_labels",
+        "common_annotations",
     }
 
     image: str = "daskgateway/dask-gateway:latest"
@@ -162,6 +203,12 @@ class KubeClusterConfig(ClusterConfig):
     """Tolerations of every pod of the cluster, as in a pod spec."""
     service_account: str = ""
     """Service account of the cluster's pods; empty: the namespace's default."""
+    common_labels: dict[str, str] = field(factory=dict)
+    """Labels of every object made for the cluster: its DaskCluster, Secret, Service and
+    pods (under a pod's own extra labels; ours, ``app.kubernetes.io/*`` and
+    ``daskgateway.dev/*``, may not be set)."""
+    common_annotations: dict[str, str] = field(factory=dict)
+    """Annotations of every object made for the cluster (as ``common_labels``)."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
@@ -200,6 +247,8 @@ class KubeClusterConfig(ClusterConfig):
         for i, toleration in enumerate(self.tolerations):
             if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
                 problems.append(f"tolerations[{i}].operator: must be Equal or Exists")
+        problems += _metadata_problems("common_labels", self.common_labels, values=True)
+        problems += _metadata_problems("common_annotations", self.common_annotations)
         problems += self._group_backend_problems()
         return problems
 
@@ -264,6 +313,21 @@ class KubeControllerConfig(ApiSettings):
     fails, instead of replacing them for ever; 0: no limit."""
     expectations_timeout: float = 300.0
     """Seconds an unobserved create or delete is expected before it is forgotten."""
+    queue_backoff_base: float = 0.05
+    """Seconds before a cluster whose reconcile failed is reconciled again; doubled at each
+    failure in a row, up to ``queue_backoff_max``."""
+    queue_backoff_max: float = 30.0
+    """The longest wait between reconciles of a failing cluster (a refused create of a
+    running cluster's pods is retried this often once the backoff reached it)."""
+    api_backoff_base: float = 0.2
+    """Seconds before a failed list or watch is tried again (not a 410 Gone, which relists at
+    once); doubled at each failure in a row, up to ``api_backoff_max``."""
+    api_backoff_max: float = 10.0
+    """The longest wait between tries of a failing list or watch."""
+    health_address: str = ""
+    """``host:port`` serving ``/healthz`` and ``/readyz`` (``:8081``: every address); empty:
+    none. Readiness fails, naming the verb and resource, while a list, watch or status write
+    is refused."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
@@ -273,4 +337,22 @@ class KubeControllerConfig(ApiSettings):
             problems.append("worker_failure_limit: must not be negative")
         if self.renew_period * 2 > self.lease_duration:
             problems.append("renew_period: must be at most half of lease_duration")
+        for kind in ("queue", "api"):
+            base, most = getattr(self, f"{kind}_backoff_base"), getattr(self, f"{kind}_backoff_max")
+            if not base > 0:
+                problems.append(f"{kind}_backoff_base: must be more than 0 seconds, got {base:g}")
+            elif not most >= base:
+                problems.append(
+                    f"{kind}_backoff_max: must be at least {kind}_backoff_base ({base:g} s), "
+                    f"got {most:g}"
+                )
+            elif most > 3600:
+                problems.append(f"{kind}_backoff_max: must be at most 3600 seconds, got {most:g}")
+        if self.health_address:
+            port = self.health_address.rpartition(":")[2]
+            if ":" not in self.health_address or not port.isdigit() or int(port) > 65535:
+                problems.append(
+                    f"health_address: {self.health_address!r} is not host:port (':8081' for "
+                    "every address)"
+                )
         return problems

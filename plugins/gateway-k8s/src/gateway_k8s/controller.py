@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from gateway_core.models import new_token
 from gateway_core.tls import new_cluster_credentials
@@ -388,34 +389,30 @@ class Controller:
         # One namespace, or all of them (one watch per kind) keeping the allowed ones: see
         # gateway_k8s.namespaces. Pods, Services and Secrets go in their cluster's namespace.
         policy = config.policy
-        ns, accept = policy.watch_namespace, policy.allows
-        self.clusters = Informer(
-            client, CLUSTERS, namespace=ns, handler=self._on_cluster, accept=accept
+        shared: dict[str, Any] = {
+            "namespace": policy.watch_namespace,
+            "accept": policy.allows,
+            "backoff_base": config.api_backoff_base,
+            "backoff_max": config.api_backoff_max,
+        }
+        self.clusters = Informer(client, CLUSTERS, handler=self._on_cluster, **shared)
+        ours = {**shared, "labels": objects.SELECTOR}
+        self.pods = Informer(client, PODS, handler=self._on_pod, **ours)
+        self.services = Informer(client, SERVICES, handler=self._on_child, **ours)
+        self.secrets = Informer(client, SECRETS, handler=self._on_child, **ours)
+        self.queue = WorkQueue(
+            base_delay=config.queue_backoff_base, max_delay=config.queue_backoff_max
         )
-        self.pods = Informer(
-            client, PODS, namespace=ns, labels=objects.SELECTOR, handler=self._on_pod, accept=accept
-        )
-        self.services = Informer(
-            client,
-            SERVICES,
-            namespace=ns,
-            labels=objects.SELECTOR,
-            handler=self._on_child,
-            accept=accept,
-        )
-        self.secrets = Informer(
-            client,
-            SECRETS,
-            namespace=ns,
-            labels=objects.SELECTOR,
-            handler=self._on_child,
-            accept=accept,
-        )
-        self.queue = WorkQueue()
         self.expectations = Expectations(timeout=config.expectations_timeout)
         identity = config.identity or f"{socket.gethostname()}-{os.getpid()}"
         self.elector = LeaderElector(client, config, identity)
         self.reconciles = 0
+        self.health_port = 0
+        """The port `/healthz` and `/readyz` are served on (``health_address``), once bound."""
+        self._reported: dict[Key, str] = {}
+        """The refusal last logged per cluster (each logged at ERROR once, not per retry)."""
+        for informer in (self.pods, self.services, self.secrets):
+            informer.on_refused = self._requeue_all
         self._excess_since: dict[tuple[Key, str], float] = {}
         self._retire_asked: dict[tuple[Key, str], int] = {}
         self._failures: dict[Key, int] = {}
@@ -423,10 +420,32 @@ class Controller:
         self._failures_seen: dict[Key, set[str]] = {}
         self._last_failure: dict[Key, str] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.status_refused: KubeError | None = None
+        """The 403 to the last status write while it lasts (no cluster's status, reason
+        included, can be recorded): logged at ERROR once, named by `problems`."""
 
     @property
     def informers(self) -> list[Informer]:
         return [self.clusters, self.pods, self.services, self.secrets]
+
+    def _requeue_all(self) -> None:
+        """Every cluster looked at again (a cache they depend on is refused: they get told)."""
+        for obj in self.clusters.items():
+            self.queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+    def problems(self) -> list[str]:
+        """Why this controller cannot do its work, for its readiness and its operator: each
+        refused list, watch or status write by verb and resource, each cache not synced yet.
+        Empty: ready."""
+        out: list[str] = []
+        refusals = [i.refused for i in self.informers] + [self.status_refused]
+        for refusal in refusals:
+            if refusal is not None:
+                out.append(_refusal_text(refusal))
+        for informer in self.informers:
+            if not informer.synced.is_set() and informer.refused is None:
+                out.append(f"{informer.resource.plural} not listed yet")
+        return out
 
     # --- events --------------------------------------------------------------------------
 
@@ -434,7 +453,12 @@ class Controller:
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         if type_ == "DELETED":
             self.expectations.forget(key)
-            for memory in (self._failures, self._failures_seen, self._last_failure):
+            for memory in (
+                self._failures,
+                self._failures_seen,
+                self._last_failure,
+                self._reported,
+            ):
                 memory.pop(key, None)
         self.queue.add(key)
 
@@ -472,11 +496,19 @@ class Controller:
             timeout=aiohttp.ClientTimeout(total=10),
         )
         tasks: list[asyncio.Task[Any]] = []
+        health: web.AppRunner | None = None
         try:
+            if self.config.health_address:
+                health = await self._serve_health(self.config.health_address)
             for informer in self.informers:
                 informer.start()
+            # Without its clusters nothing can be done; a cache of their pods, Services or
+            # Secrets that may not be read (403) leaves the clusters to be told why.
+            await self.clusters.synced.wait()
             for informer in self.informers:
-                await informer.synced.wait()
+                while not informer.synced.is_set() and informer.refused is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(informer.synced.wait(), 0.2)
             if self.config.leader_election:
                 tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
                 waiter = asyncio.create_task(self.elector.leading.wait())
@@ -506,6 +538,33 @@ class Controller:
             for informer in self.informers:
                 await informer.stop()
             await self._session.close()
+            if health is not None:
+                await health.cleanup()
+
+    async def _serve_health(self, address: str) -> web.AppRunner:
+        """``GET /healthz`` (the event loop answers) and ``GET /readyz`` (200 when every
+        cache is synced and nothing is refused; else 503 with `problems`, one a line)."""
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def readyz(request: web.Request) -> web.Response:
+            problems = self.problems()
+            if not problems:
+                return web.Response(text="ok\n")
+            return web.Response(status=503, text="".join(f"{p}\n" for p in problems))
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = address.rpartition(":")
+        site = web.TCPSite(runner, host or None, int(port))
+        await site.start()
+        self.health_port = int(runner.addresses[0][1])
+        log.info("Health on %s: /healthz, /readyz", address)
+        return runner
 
     async def _worker(self) -> None:
         while True:
@@ -517,12 +576,17 @@ class Controller:
                     self.queue.forget(key)
                 else:
                     delay = self.queue.retry(key)
-                    log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
+                    # A refusal was logged at ERROR once already (`_refused`, `_write_status`).
+                    level = logging.DEBUG if exc.status == 403 else logging.WARNING
+                    log.log(
+                        level, "Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc
+                    )
             except Exception as exc:  # noqa: BLE001 - retried with backoff
                 delay = self.queue.retry(key)
                 log.warning("Reconciling %s/%s failed (retry in %.1f s): %s", *key, delay, exc)
             else:
                 self.queue.forget(key)
+                self._reported.pop(key, None)
                 if again is not None:
                     self.queue.add_after(key, again)
             finally:
@@ -538,7 +602,9 @@ class Controller:
         namespace, resource = key
         what = f"{exc.verb} {exc.resource}".strip() or "make a request"
         reason = f"the controller may not {what} in namespace {namespace!r}: {exc.message}"
-        log.error("Cluster %s/%s: %s", namespace, resource, reason)
+        if self._reported.get(key) != reason:
+            self._reported[key] = reason
+            log.error("Cluster %s/%s: %s", namespace, resource, reason)
         owner = self.clusters.get(namespace, resource)
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return True
@@ -550,7 +616,8 @@ class Controller:
         try:
             await self._write_status(owner, status)
         except KubeError as error:
-            log.error("Cannot record why cluster %s/%s is stuck: %s", namespace, resource, error)
+            if error.status != 403:  # a refused status write is logged once, for all
+                log.error("Cannot record why cluster %s/%s is stuck: %s", *key, error)
             return False
         if running:
             return False
@@ -572,6 +639,11 @@ class Controller:
         self.reconciles += 1
         namespace, resource = key
         owner = self.clusters.get(namespace, resource)
+        for informer in (self.pods, self.services, self.secrets):
+            if informer.refused is not None and owner is not None:
+                # Its cache cannot be trusted (or was never filled): acting on it could make
+                # pods twice. The refusal is the cluster's reason instead (see `_refused`).
+                raise informer.refused
         pods = [
             p
             for p in self.pods.items()
@@ -585,6 +657,22 @@ class Controller:
             await self._delete_pods(key, pods)
             return None
         if self.secrets.get(namespace, objects.secret_name(resource)) is None:
+            started = status.get("phase") == "Running" or any(
+                p["metadata"]["name"] == objects.scheduler_name(resource) for p in pods
+            )
+            if started:
+                # New credentials would not match those its scheduler and the gateway hold.
+                # (Also the moment the garbage collector deletes the Secret of a DaskCluster
+                # just deleted, before this cache hears of that: nothing must be made then.)
+                await self._write_status(
+                    owner,
+                    {
+                        **status,
+                        "reason": "the cluster's credentials Secret was deleted; new workers "
+                        "cannot start (stop the cluster and start a new one)",
+                    },
+                )
+                return self.resync_period
             await self._create_credentials(owner)
         if self.services.get(namespace, resource) is None:
             try:
@@ -896,7 +984,23 @@ class Controller:
         if "reason" not in patch and "reason" in current:
             patch["reason"] = None
         meta = owner["metadata"]
-        updated = await self.client.patch(
-            CLUSTERS, meta["namespace"], meta["name"], {"status": patch}, sub="status"
-        )
+        try:
+            updated = await self.client.patch(
+                CLUSTERS, meta["namespace"], meta["name"], {"status": patch}, sub="status"
+            )
+        except KubeError as exc:
+            if exc.status == 403:
+                if self.status_refused is None:  # once: every cluster meets it
+                    log.error("No cluster's status can be recorded: %s", _refusal_text(exc))
+                self.status_refused = exc
+            raise
+        if self.status_refused is not None:
+            log.info("Status writes are granted again")
+            self.status_refused = None
         self.clusters.put(updated)
+
+
+def _refusal_text(exc: KubeError) -> str:
+    """``may not watch pods: <the API server's words>``."""
+    what = f"{exc.verb} {exc.resource}".strip() or "make a request"
+    return f"may not {what}: {exc.message or exc}"

@@ -138,6 +138,12 @@ def spec_schema() -> Schema:
                 },
             },
             "serviceAccountName": _string(),
+            "labels": _string_map(
+                "Labels of every object made for the cluster (its Secret, Service and pods)."
+            ),
+            "annotations": _string_map(
+                "Annotations of every object made for the cluster (its Secret, Service, pods)."
+            ),
             "idleTimeoutSeconds": {"type": "number", "minimum": 0},
             "scheduler": _pod_template("The scheduler's pod."),
             "worker": _worker_group(

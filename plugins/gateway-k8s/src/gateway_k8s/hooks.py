@@ -79,6 +79,43 @@ def gateway_register_commands(cli: click.Group) -> None:
         help="Schedulers reached through their Service's DNS name, or their pod IP.",
     )
     @click.option("--api-qps", default=None, type=float, help="API requests a second [50].")
+    @click.option(
+        "--queue-backoff-base",
+        default=0.05,
+        show_default=True,
+        type=float,
+        help="Seconds before a cluster whose reconcile failed is tried again (doubled at each "
+        "failure in a row).",
+    )
+    @click.option(
+        "--queue-backoff-max",
+        default=30.0,
+        show_default=True,
+        type=float,
+        help="Longest wait between tries of a failing reconcile.",
+    )
+    @click.option(
+        "--api-backoff-base",
+        default=0.2,
+        show_default=True,
+        type=float,
+        help="Seconds before a failed list or watch is tried again (doubled at each failure).",
+    )
+    @click.option(
+        "--api-backoff-max",
+        default=10.0,
+        show_default=True,
+        type=float,
+        help="Longest wait between tries of a failing list or watch.",
+    )
+    @click.option(
+        "--health-address",
+        envvar="GATEWAY_K8S_HEALTH_ADDRESS",
+        default="",
+        help="host:port of /healthz and /readyz (':8081': every address; env "
+        "GATEWAY_K8S_HEALTH_ADDRESS); readiness names what the API server refuses. "
+        "Default: none.",
+    )
     @click.option("--log-level", default="INFO", show_default=True)
     def controller(**options: Any) -> None:
         """Reconcile DaskCluster resources into scheduler and worker pods."""
@@ -133,6 +170,11 @@ def gateway_register_commands(cli: click.Group) -> None:
                 renew_period=options["renew_period"],
                 leader_election=not options["no_leader_election"],
                 address_mode=options["address_mode"],
+                health_address=options["health_address"],
+                queue_backoff_base=options["queue_backoff_base"],
+                queue_backoff_max=options["queue_backoff_max"],
+                api_backoff_base=options["api_backoff_base"],
+                api_backoff_max=options["api_backoff_max"],
             )
         except ConfigError as exc:
             raise click.UsageError("; ".join(exc.problems)) from None

@@ -302,8 +302,14 @@ class Informer:
         labels: str = "",
         handler: Handler | None = None,
         accept: Callable[[str], bool] | None = None,
+        backoff_base: float = 0.2,
+        backoff_max: float = 10.0,
     ) -> None:
         self.client = client
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        """Seconds before a failed list or watch is tried again: ``backoff_base``, doubled at
+        each failure in a row up to ``backoff_max`` (a 410 Gone relists at once)."""
         self.accept = accept
         self.resource = resource
         self.namespace = namespace
@@ -316,6 +322,12 @@ class Informer:
         """Where the next watch starts; empty: list first."""
         self.last_error = ""
         """Why the last list or watch failed (empty once one worked)."""
+        self.refused: KubeError | None = None
+        """The API server's 403 to this informer's list or watch while it lasts (a Role
+        without the verb): logged at ERROR once, cleared (logged at INFO) once that verb
+        works again. The controller's readiness and its clusters' reasons name it."""
+        self.on_refused: Callable[[], None] | None = None
+        """Called when a refusal starts (the controller then tells its clusters)."""
         self._task: asyncio.Task[None] | None = None
         self._response: Any = None
         self._stopping = threading.Event()
@@ -361,8 +373,31 @@ class Informer:
         except Exception:
             log.exception("Handling %s %s failed", type_, self.resource.plural)
 
+    def _refusal(self, exc: KubeError) -> None:
+        first = self.refused is None or (self.refused.verb, self.refused.resource) != (
+            exc.verb,
+            exc.resource,
+        )
+        self.refused = exc
+        if first:  # once, not at every retry: the fix takes an administrator
+            log.error(
+                "The API server refuses to let this process %s %s: %s",
+                exc.verb or "read",
+                exc.resource or self.resource.plural,
+                exc.message or exc,
+            )
+            if self.on_refused is not None:
+                self.on_refused()
+
+    def _granted(self, verb: str) -> None:
+        """A ``verb`` request worked: a refusal of it is over."""
+        if self.refused is not None and self.refused.verb == verb:
+            log.info("%s %s is granted again", verb, self.refused.resource)
+            self.refused = None
+
     async def _relist(self) -> str:
         items, version = await self.client.list(self.resource, self.namespace, labels=self.labels)
+        self._granted("list")
         fresh = {_key(o): o for o in items if self._accepts(o)}
         for key, gone in list(self.cache.items()):
             if key not in fresh:
@@ -379,14 +414,14 @@ class Informer:
         return version
 
     async def _run(self) -> None:
-        delay = 0.2
+        delay = self.backoff_base
         while not self._stopping.is_set():
             try:
                 if not self.resource_version:
                     self.resource_version = await self._relist()
                     self.relists += 1
                 self.resource_version = await self._watch(self.resource_version)
-                delay = 0.2
+                delay = self.backoff_base
                 self.last_error = ""
             except asyncio.CancelledError:
                 raise
@@ -398,9 +433,12 @@ class Informer:
                     log.info("Watch of %s expired (410 Gone): relisting", self.resource.plural)
                     continue
                 self.last_error = str(exc) or type(exc).__name__
-                log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
+                if isinstance(exc, KubeError) and exc.status == 403:
+                    self._refusal(exc)
+                else:
+                    log.warning("Watch of %s failed: %s; retrying", self.resource.plural, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, self.backoff_max)
 
     async def _watch(self, version: str) -> str:
         """One watch request from ``version``; the last version seen when it ends."""
@@ -436,11 +474,13 @@ class Informer:
             while True:
                 item = await queue.get()
                 if item is None:
+                    self._granted("watch")
                     return version
                 if isinstance(item, Exception):
                     if self._stopping.is_set():
                         return version
                     raise item
+                self._granted("watch")
                 type_, obj = item.get("type"), item.get("object") or {}
                 if type_ == "ERROR":
                     raise KubeError(

@@ -27,9 +27,13 @@ TOKEN_KEY, CERT_KEY, PRIVATE_KEY = "token", "dask.crt", "dask.pem"
 
 LABEL_APP = "app.kubernetes.io/name"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_APP_COMPONENT = "app.kubernetes.io/component"
 LABEL_CLUSTER = "daskgateway.dev/cluster"
 LABEL_COMPONENT = "daskgateway.dev/component"
 LABEL_GROUP = "daskgateway.dev/worker-group"
+LABEL_USER = "daskgateway.dev/user"
+"""The owner's name made a label value (`user_label`); the exact name is `ANNOTATION_USER`."""
+ANNOTATION_USER = "daskgateway.dev/user"
 APP = "dask-gateway"
 MANAGED_BY = "dask-gateway-k8s"
 ANNOTATION_OPTIONS = "daskgateway.dev/options"
@@ -68,15 +72,48 @@ def worker_pod_name(resource: str, group: str) -> str:
     return f"{cluster_name(resource)}-{group}-{secrets.token_hex(5)}"
 
 
-def labels(resource: str, component: str, group: str = "") -> dict[str, str]:
-    out = {
-        LABEL_APP: APP,
-        LABEL_MANAGED: MANAGED_BY,
-        LABEL_CLUSTER: resource,
-        LABEL_COMPONENT: component,
-    }
+_NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def user_label(username: str) -> str:
+    """``username`` as a label value: each run of characters a label value may not hold made
+    one ``-``, at most 63 characters, starting and ending with a letter or digit
+    (``alice@example.org`` -> ``alice-example.org``)."""
+    return _NOT_LABEL.sub("-", username)[:63].strip("-._")
+
+
+def labels(
+    resource: str, component: str, group: str = "", *, owner: Obj | None = None
+) -> dict[str, str]:
+    """Our labels of an object of cluster ``resource``: the ``app.kubernetes.io`` ones, the
+    cluster, the component, the worker group, and (from ``owner``, its DaskCluster) the
+    user; after the cluster's own `spec.labels`, which may not override them."""
+    out: dict[str, str] = {}
+    spec = (owner or {}).get("spec") or {}
+    out.update(spec.get("labels") or {})
+    out.update(
+        {
+            LABEL_APP: APP,
+            LABEL_MANAGED: MANAGED_BY,
+            LABEL_APP_COMPONENT: component,
+            LABEL_CLUSTER: resource,
+            LABEL_COMPONENT: component,
+        }
+    )
     if group:
         out[LABEL_GROUP] = group
+    if spec.get("user"):
+        out[LABEL_USER] = user_label(str(spec["user"]))
+    return out
+
+
+def object_annotations(owner: Obj, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The annotations of an object made for ``owner``: the cluster's `spec.annotations`,
+    then ``extra`` (a pod template's), then the user's exact name."""
+    spec = owner.get("spec") or {}
+    out = {**(spec.get("annotations") or {}), **(extra or {})}
+    if spec.get("user"):
+        out[ANNOTATION_USER] = str(spec["user"])
     return out
 
 
@@ -196,6 +233,10 @@ def cluster_resource(
         groups[group] = _worker_template(group_config, gateway_env)
     if groups:
         spec["workerGroups"] = groups
+    if config.common_labels:
+        spec["labels"] = dict(config.common_labels)
+    if config.common_annotations:
+        spec["annotations"] = dict(config.common_annotations)
     if config.image_pull_secrets:
         spec["imagePullSecrets"] = copy.deepcopy(config.image_pull_secrets)
     if config.service_account:
@@ -208,8 +249,20 @@ def cluster_resource(
         "metadata": {
             "name": resource_name(name),
             "namespace": namespace,
-            "labels": {LABEL_APP: APP, LABEL_MANAGED: MANAGED_BY},
-            "annotations": {ANNOTATION_OPTIONS: options_json, ANNOTATION_CONFIG: config_json},
+            "labels": {
+                **config.common_labels,
+                LABEL_APP: APP,
+                LABEL_MANAGED: MANAGED_BY,
+                LABEL_APP_COMPONENT: "cluster",
+                LABEL_CLUSTER: resource_name(name),
+                LABEL_USER: user_label(username),
+            },
+            "annotations": {
+                **config.common_annotations,
+                ANNOTATION_USER: username,
+                ANNOTATION_OPTIONS: options_json,
+                ANNOTATION_CONFIG: config_json,
+            },
         },
         "spec": spec,
     }
@@ -229,7 +282,8 @@ def credentials_secret(*, owner: Obj, token: str, cert: bytes, key: bytes) -> Ob
         "metadata": {
             "name": secret_name(resource),
             "namespace": owner["metadata"]["namespace"],
-            "labels": labels(resource, "credentials"),
+            "labels": labels(resource, "credentials", owner=owner),
+            "annotations": object_annotations(owner),
             "ownerReferences": [owner_reference(owner)],
         },
         "data": {TOKEN_KEY: b64(token.encode()), CERT_KEY: b64(cert), PRIVATE_KEY: b64(key)},
@@ -341,8 +395,12 @@ def _pod(
         "metadata": {
             "name": name,
             "namespace": owner["metadata"]["namespace"],
-            "labels": {**(template.get("labels") or {}), **labels(resource, component, group)},
-            "annotations": dict(template.get("annotations") or {}),
+            "labels": {
+                **(spec.get("labels") or {}),
+                **(template.get("labels") or {}),
+                **labels(resource, component, group, owner=owner),
+            },
+            "annotations": object_annotations(owner, template.get("annotations") or {}),
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": pod_spec,
@@ -446,7 +504,8 @@ def scheduler_service(owner: Obj) -> Obj:
         "metadata": {
             "name": resource,
             "namespace": owner["metadata"]["namespace"],
-            "labels": labels(resource, "scheduler"),
+            "labels": labels(resource, "scheduler", owner=owner),
+            "annotations": object_annotations(owner),
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": {

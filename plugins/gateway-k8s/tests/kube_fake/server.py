@@ -67,6 +67,12 @@ class FakeKube:
     """Seconds to hold requests of a (verb, resource), e.g. ``("create", "pods")``, before
     serving them; a request whose client goes away meanwhile is dropped unserved (counted in
     `dropped`): a fault test can kill a client with a request in flight. Changeable live."""
+    commit_abandoned: bool = False
+    """Serve a held request even when its client went away meanwhile (still counted in
+    `dropped`), as a real API server may commit a write whose client died after sending it.
+    Changeable live."""
+    holding: int = field(init=False, default=0)
+    """Requests being held (`delays`) right now."""
     dropped: int = field(init=False, default=0)
     store: Store = field(init=False)
     url: str = field(init=False, default="")
@@ -208,9 +214,16 @@ class FakeKube:
             ):
                 raise self._forbidden(req, verb, resource)
             delay = self.delays.get((verb, resource))
-            if delay and not await self._held(request, delay):
-                self.dropped += 1
-                return web.Response(status=503)  # nobody reads it: the client is gone
+            if delay:
+                self.holding += 1
+                try:
+                    served = await self._held(request, delay)
+                finally:
+                    self.holding -= 1
+                if not served:
+                    self.dropped += 1
+                    if not self.commit_abandoned:
+                        return web.Response(status=503)  # nobody reads it: the client is gone
             if verb == "watch":
                 return await self._watch(request, req)
             if req.subresource == "log":
