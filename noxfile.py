@@ -104,10 +104,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy on gateway-core."""
-    session.install("mypy", "./proxy", "./core[testing]")
+    """mypy on gateway-core, the proxy, the client, every plugin and the example plugin (all
+    with core's settings)."""
+    plugins = sorted((ROOT / "plugins").glob("*/src/*")) + sorted(
+        (ROOT / "examples" / "gateway-plugin-example" / "src").glob("*")
+    )
+    sources = [ROOT / "proxy/src/gateway_proxy", ROOT / "client/src/gateway_client", *plugins]
+    distributions = [f"./{p.parent.parent.relative_to(ROOT)}" for p in plugins]
+    # types-PyYAML: gateway-k8s reads the chart's YAML.
+    session.install(
+        "mypy", "types-PyYAML", "./proxy", "./client", "./core[testing]", *distributions
+    )
     session.chdir(ROOT / "core")  # mypy reads its settings from core/pyproject.toml
-    session.run("mypy", "src/gateway_core")
+    session.run("mypy", "src/gateway_core", *(str(p) for p in sources))
 
 
 @nox.session

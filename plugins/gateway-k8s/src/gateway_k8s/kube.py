@@ -196,23 +196,23 @@ class KubeClient:
 
     async def get(self, resource: Resource, namespace: str, name: str) -> Obj | None:
         try:
-            return await self.request("GET", resource.path(namespace, name))  # type: ignore[no-any-return]
+            return await self.request("GET", resource.path(namespace, name))
         except KubeError as exc:
             if exc.status == 404:
                 return None
             raise
 
     async def create(self, resource: Resource, namespace: str, body: Obj) -> Obj:
-        return await self.request("POST", resource.path(namespace), body=body)  # type: ignore[no-any-return]
+        return await self.request("POST", resource.path(namespace), body=body)
 
     async def replace(self, resource: Resource, namespace: str, name: str, body: Obj) -> Obj:
-        return await self.request("PUT", resource.path(namespace, name), body=body)  # type: ignore[no-any-return]
+        return await self.request("PUT", resource.path(namespace, name), body=body)
 
     async def patch(
         self, resource: Resource, namespace: str, name: str, body: Any, *, sub: str = ""
     ) -> Obj:
         content = JSON_PATCH if isinstance(body, list) else MERGE_PATCH
-        return await self.request(  # type: ignore[no-any-return]
+        return await self.request(
             "PATCH", resource.path(namespace, name, sub), body=body, content_type=content
         )
 
