@@ -58,6 +58,8 @@ class Replica:
     config: Path
     address: str
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(factory=dict)
+    """Set in its environment at each `start` (e.g. a crash point for the next run only)."""
 
     @property
     def log(self) -> Path:
@@ -79,7 +81,7 @@ class Replica:
         """Start it and wait until it answers its health check (its log is appended to)."""
         log = self.log.open("ab")
         bindir = str(Path(sys.executable).parent)
-        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway_core", "serve", "--config", str(self.config)],
             stdout=log,

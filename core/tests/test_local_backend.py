@@ -9,6 +9,7 @@ and need root, as CI has; elsewhere they fail saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import os
@@ -1033,4 +1034,70 @@ def test_a_start_the_gateway_died_in_is_cleared_before_it_runs_again(tmp_path: P
         for proc in (stray, bystander):
             if proc.poll() is None:
                 proc.kill()
+            proc.wait()
+
+
+SLEEPER_WITH_CHILD = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("child started", flush=True)
+time.sleep(60)
+"""
+
+
+def _sleepers(
+    code: str, workdir: Path, log_file: Path
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """``code`` twice in ``workdir``, each leading a new session: one writing to ``log_file``,
+    one to /dev/null."""
+    with log_file.open("wb") as out:
+        leader = subprocess.Popen([PYTHON, code], stdout=out, cwd=workdir, start_new_session=True)
+    bystander = subprocess.Popen(
+        [PYTHON, code], stdout=subprocess.DEVNULL, cwd=workdir, start_new_session=True
+    )
+    return leader, bystander
+
+
+async def test_a_worker_launched_but_never_recorded_is_found_by_its_log_and_stopped(
+    tmp_path: Path,
+) -> None:
+    """The crash-safety net of `stop_worker` (and of adoption): with nothing in the worker's
+    state, the process that writes to its log and leads its group is found
+    (`launched_with_output`) and stopped with its group; what it started is not mistaken for
+    another worker, and a process writing elsewhere is left alone."""
+    from gateway_core.backends.kit import launched_with_output
+    from gateway_core.backends.local import LocalDriver
+    from gateway_core.models import Worker
+    from gateway_core.testing.units import unit_cluster, unit_driver
+
+    spec = next(
+        s for s in gateway_core.builtin.gateway_register_backends() if s.name == "unsafe-local"
+    )
+    driver = unit_driver(spec, LocalDriver, sigint_timeout=0.5, sigterm_timeout=5.0)
+    cluster = unit_cluster(spec, name="c0ffee")
+    workdir = tmp_path / "cluster-c0ffee"
+    workdir.mkdir()
+    code = script(tmp_path, "sleeper.py", SLEEPER_WITH_CHILD)
+    log_file = workdir / "worker-w1.log"
+    leader, bystander = _sleepers(code, workdir, log_file)
+    try:
+        await eventually(lambda: "child started" in _text(log_file), what="the child started")
+        child = _child_of(leader.pid)
+        found = launched_with_output(log_file)
+        assert [ref.pid for ref in found] == [leader.pid]  # not its child, not the bystander
+        assert launched_with_output(workdir / "worker-w2.log") == []
+
+        cluster.state = {"workdir": str(workdir)}
+        worker = Worker(name="w1", cluster_name=cluster.name)
+        assert driver.worker_start_may_rerun(cluster, worker)
+        await driver.stop_worker(cluster, worker)
+        assert leader.wait(timeout=10) is not None
+        await eventually(lambda: not _pid_alive(child), what="its child is gone with it")
+        assert bystander.poll() is None
+        await driver.stop_worker(cluster, Worker(name="w2", cluster_name=cluster.name))
+        assert bystander.poll() is None  # w2 never got as far as its log: nothing to stop
+    finally:
+        for proc in (leader, bystander):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # with the child it started
             proc.wait()
