@@ -1101,3 +1101,66 @@ async def test_a_worker_launched_but_never_recorded_is_found_by_its_log_and_stop
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # with the child it started
             proc.wait()
+
+
+async def _first_state(updates: Any) -> dict[str, Any]:
+    """The first state a start operation yields (the launch), the rest never run: what a
+    gateway killed right after the launch, before storing it, leaves behind."""
+    return dict(await updates.__anext__())
+
+
+async def test_local_a_worker_launched_as_its_user_before_a_crash_is_adopted_then_stopped(
+    throwaway_user: tuple[pwd.struct_passwd, int],
+) -> None:
+    """``local`` (as root, the worker as its user): a start whose launch was never stored is
+    run again by a new driver (a restarted gateway); it adopts the running worker, found by
+    its log, instead of launching a second one; a stop with nothing stored finds it too."""
+    from gateway_core.backends.local import LocalDriver
+    from gateway_core.models import Worker
+    from gateway_core.testing.units import unit_cluster, unit_driver
+
+    user, _ = throwaway_user
+    spec = next(s for s in gateway_core.builtin.gateway_register_backends() if s.name == "local")
+    base = tempfile.mkdtemp(prefix="gw-orphans-")
+    os.chmod(base, 0o755)  # the user reaches its directory through it
+    try:
+        knobs = {"start_method": "spawn", "clusters_directory": base, "sigint_timeout": 1.0}
+        first = unit_driver(spec, LocalDriver, **knobs)
+        cluster = unit_cluster(
+            spec,
+            name="c0ffee",
+            username=user.pw_name,
+            worker_cmd=["/bin/sh", "-c", "exec sleep 60"],
+        )
+        run_as = await first.owner.account(cluster)
+        workdir = os.path.join(base, cluster.name)
+        first._make_workdir(cluster, workdir, run_as)
+        cluster.state = {"workdir": workdir}
+        worker = Worker(name="c0ffee-w1", cluster_name=cluster.name)
+        launched = await _first_state(first.start_worker(cluster, worker))
+        pid = launched["pid"]
+        assert _uid_of(pid) == user.pw_uid
+        assert worker.state == {}  # the crash: never stored
+
+        second = unit_driver(spec, LocalDriver, **knobs)  # the restarted gateway's
+        assert second.worker_start_may_rerun(cluster, worker)
+        adopted = await _first_state(second.start_worker(cluster, worker))
+        assert (adopted["pid"], adopted["method"]) == (pid, "adopted")
+        assert adopted["start_ticks"] == _start_ticks(pid)
+        assert [st.pid for st in all_stats() if st.pgrp == st.pid and _in(st.pid, workdir)] == [
+            pid
+        ], "a second worker was launched"
+
+        await second.stop_worker(cluster, worker)  # nothing stored: found by its log
+        await eventually(lambda: not _pid_alive(pid), what="the worker was stopped")
+        await second.stop_scheduler(cluster)
+        assert _gone(workdir)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _in(pid: int, directory: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(directory)
+    except OSError:
+        return False

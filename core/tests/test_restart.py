@@ -85,7 +85,7 @@ def wait_status(server: Server, name: str, wanted: set[str], timeout: float = 60
 def compute(server: Server, name: str, workers: int) -> int:
     from gateway_client import BasicAuth, Gateway
 
-    with Gateway(server.address, auth=BasicAuth("alice")) as gateway:
+    with Gateway(server.address, auth=BasicAuth(server.user)) as gateway:
         cluster = gateway.connect(name)
         client = cluster.get_client(set_as_default=False)
         try:
@@ -164,7 +164,7 @@ def scheduler_workers(server: Server, name: str) -> int:
     """How many workers the cluster's scheduler has, as our client sees it."""
     from gateway_client import BasicAuth, Gateway
 
-    with Gateway(server.address, auth=BasicAuth("alice")) as gateway:
+    with Gateway(server.address, auth=BasicAuth(server.user)) as gateway:
         cluster = gateway.connect(name)
         client = cluster.get_client(set_as_default=False)
         try:
@@ -312,12 +312,13 @@ def test_a_normal_shutdown_stops_the_clusters_only_when_configured(
 # A crash between a launch and its record (the crash point `launched:<role>`)
 
 
-def launched(server: Server) -> dict[str, set[int]]:
-    """Per cluster, the processes a launcher started in its working directory (found by the
-    directory, as the chaos test counts them): those leading their own process group, not
-    what they started (a nanny's worker)."""
+def launched(server: Server, clusters: Path | None = None) -> dict[str, set[int]]:
+    """Per cluster, the processes a launcher started in its working directory under
+    ``clusters`` (default: the server's ``clusters``), found by the directory as the chaos
+    test counts them: those leading their own process group, not what they started (a
+    nanny's worker)."""
     found: dict[str, set[int]] = {}
-    for name, pids in processes_in(server.folder / "clusters").items():
+    for name, pids in processes_in(clusters or server.folder / "clusters").items():
         leaders = set()
         for pid in pids:
             st = read_stat(pid)
@@ -343,13 +344,13 @@ def crashed(server: Server, point: str) -> None:
     assert f"Crashing at {point}" in server.log_tail(10**6)
 
 
-def finish_and_check_nothing_left(server: Server, name: str) -> None:
+def finish_and_check_nothing_left(server: Server, name: str, clusters: Path | None = None) -> None:
+    clusters = clusters or server.folder / "clusters"
     server.call("DELETE", f"/v1/clusters/{name}")
     assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
-    wait_for("no process is left in a cluster's directory", lambda: not launched(server))
-    assert processes_in(server.folder / "clusters") == {}
+    wait_for("no process is left in a cluster's directory", lambda: not processes_in(clusters))
     assert server.stop() == 0
-    assert list((server.folder / "clusters").glob("*")) == []
+    assert list(clusters.glob("*")) == []
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
