@@ -58,6 +58,10 @@ class Replica:
     config: Path
     address: str
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(factory=dict)
+    """Set in its environment at each `start` (e.g. a crash point for the next run only)."""
+    user: str = "alice"
+    """Whom `call` asks as by default."""
 
     @property
     def log(self) -> Path:
@@ -79,7 +83,7 @@ class Replica:
         """Start it and wait until it answers its health check (its log is appended to)."""
         log = self.log.open("ab")
         bindir = str(Path(sys.executable).parent)
-        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway_core", "serve", "--config", str(self.config)],
             stdout=log,
@@ -103,8 +107,10 @@ class Replica:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
-    def call(self, method: str, path: str, body: Any = None, user: str = "alice") -> Any:
-        """The API at ``/api<path>`` as ``user`` (simple auth); raises HTTPError on >= 400."""
+    def call(self, method: str, path: str, body: Any = None, user: str | None = None) -> Any:
+        """The API at ``/api<path>`` as ``user`` (simple auth; default `Replica.user`); raises
+        HTTPError on >= 400."""
+        user = self.user if user is None else user
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             f"{self.address}/api{path}",

@@ -9,6 +9,7 @@ and need root, as CI has; elsewhere they fail saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import os
@@ -1034,3 +1035,132 @@ def test_a_start_the_gateway_died_in_is_cleared_before_it_runs_again(tmp_path: P
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+SLEEPER_WITH_CHILD = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("child started", flush=True)
+time.sleep(60)
+"""
+
+
+def _sleepers(
+    code: str, workdir: Path, log_file: Path
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """``code`` twice in ``workdir``, each leading a new session: one writing to ``log_file``,
+    one to /dev/null."""
+    with log_file.open("wb") as out:
+        leader = subprocess.Popen([PYTHON, code], stdout=out, cwd=workdir, start_new_session=True)
+    bystander = subprocess.Popen(
+        [PYTHON, code], stdout=subprocess.DEVNULL, cwd=workdir, start_new_session=True
+    )
+    return leader, bystander
+
+
+async def test_a_worker_launched_but_never_recorded_is_found_by_its_log_and_stopped(
+    tmp_path: Path,
+) -> None:
+    """The crash-safety net of `stop_worker` (and of adoption): with nothing in the worker's
+    state, the process that writes to its log and leads its group is found
+    (`launched_with_output`) and stopped with its group; what it started is not mistaken for
+    another worker, and a process writing elsewhere is left alone."""
+    from gateway_core.backends.kit import launched_with_output
+    from gateway_core.backends.local import LocalDriver
+    from gateway_core.models import Worker
+    from gateway_core.testing.units import unit_cluster, unit_driver
+
+    spec = next(
+        s for s in gateway_core.builtin.gateway_register_backends() if s.name == "unsafe-local"
+    )
+    driver = unit_driver(spec, LocalDriver, sigint_timeout=0.5, sigterm_timeout=5.0)
+    cluster = unit_cluster(spec, name="c0ffee")
+    workdir = tmp_path / "cluster-c0ffee"
+    workdir.mkdir()
+    code = script(tmp_path, "sleeper.py", SLEEPER_WITH_CHILD)
+    log_file = workdir / "worker-w1.log"
+    leader, bystander = _sleepers(code, workdir, log_file)
+    try:
+        await eventually(lambda: "child started" in _text(log_file), what="the child started")
+        child = _child_of(leader.pid)
+        found = launched_with_output(log_file)
+        assert [ref.pid for ref in found] == [leader.pid]  # not its child, not the bystander
+        assert launched_with_output(workdir / "worker-w2.log") == []
+
+        cluster.state = {"workdir": str(workdir)}
+        worker = Worker(name="w1", cluster_name=cluster.name)
+        assert driver.worker_start_may_rerun(cluster, worker)
+        await driver.stop_worker(cluster, worker)
+        assert leader.wait(timeout=10) is not None
+        await eventually(lambda: not _pid_alive(child), what="its child is gone with it")
+        assert bystander.poll() is None
+        await driver.stop_worker(cluster, Worker(name="w2", cluster_name=cluster.name))
+        assert bystander.poll() is None  # w2 never got as far as its log: nothing to stop
+    finally:
+        for proc in (leader, bystander):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # with the child it started
+            proc.wait()
+
+
+async def _first_state(updates: Any) -> dict[str, Any]:
+    """The first state a start operation yields (the launch), the rest never run: what a
+    gateway killed right after the launch, before storing it, leaves behind."""
+    return dict(await updates.__anext__())
+
+
+async def test_local_a_worker_launched_as_its_user_before_a_crash_is_adopted_then_stopped(
+    throwaway_user: tuple[pwd.struct_passwd, int],
+) -> None:
+    """``local`` (as root, the worker as its user): a start whose launch was never stored is
+    run again by a new driver (a restarted gateway); it adopts the running worker, found by
+    its log, instead of launching a second one; a stop with nothing stored finds it too."""
+    from gateway_core.backends.local import LocalDriver
+    from gateway_core.models import Worker
+    from gateway_core.testing.units import unit_cluster, unit_driver
+
+    user, _ = throwaway_user
+    spec = next(s for s in gateway_core.builtin.gateway_register_backends() if s.name == "local")
+    base = tempfile.mkdtemp(prefix="gw-orphans-")
+    os.chmod(base, 0o755)  # the user reaches its directory through it
+    try:
+        knobs = {"start_method": "spawn", "clusters_directory": base, "sigint_timeout": 1.0}
+        first = unit_driver(spec, LocalDriver, **knobs)
+        cluster = unit_cluster(
+            spec,
+            name="c0ffee",
+            username=user.pw_name,
+            worker_cmd=["/bin/sh", "-c", "exec sleep 60"],
+        )
+        run_as = await first.owner.account(cluster)
+        workdir = os.path.join(base, cluster.name)
+        first._make_workdir(cluster, workdir, run_as)
+        cluster.state = {"workdir": workdir}
+        worker = Worker(name="c0ffee-w1", cluster_name=cluster.name)
+        launched = await _first_state(first.start_worker(cluster, worker))
+        pid = launched["pid"]
+        assert _uid_of(pid) == user.pw_uid
+        assert worker.state == {}  # the crash: never stored
+
+        second = unit_driver(spec, LocalDriver, **knobs)  # the restarted gateway's
+        assert second.worker_start_may_rerun(cluster, worker)
+        adopted = await _first_state(second.start_worker(cluster, worker))
+        assert (adopted["pid"], adopted["method"]) == (pid, "adopted")
+        assert adopted["start_ticks"] == _start_ticks(pid)
+        assert [st.pid for st in all_stats() if st.pgrp == st.pid and _in(st.pid, workdir)] == [
+            pid
+        ], "a second worker was launched"
+
+        await second.stop_worker(cluster, worker)  # nothing stored: found by its log
+        await eventually(lambda: not _pid_alive(pid), what="the worker was stopped")
+        await second.stop_scheduler(cluster)
+        assert _gone(workdir)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _in(pid: int, directory: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(directory)
+    except OSError:
+        return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
 import time
@@ -19,8 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from replicaset import Replica, ReplicaSet, cluster_processes, replica_set, wait_for
+from replicaset import (
+    Replica,
+    ReplicaSet,
+    cluster_processes,
+    processes_in,
+    replica_set,
+    wait_for,
+)
 
+from gateway_core.backends.kit import read_stat
+from gateway_core.crashpoints import CRASH_VARIABLE
 from gateway_core.models import ClusterStatus, WorkerStatus
 from gateway_core.reconciler.replicas import SHARDS, shard_lease, shard_of
 
@@ -435,3 +445,53 @@ def test_shards_nobody_took_for_a_round_are_taken_past_the_fair_share(postgres_u
         assert len(survivor.held) == SHARDS
     finally:
         store.close()
+
+
+@pytest.mark.system
+@pytest.mark.integration
+@pytest.mark.usefixtures("no_process_left_behind")
+def test_a_worker_its_owner_launched_just_before_dying_is_adopted_by_the_other(
+    pair: Pair,
+) -> None:
+    """The owner is SIGKILLed right after forking a worker, before storing its pid (the crash
+    point ``launched:worker``); the other replica takes the cluster over and adopts that
+    worker instead of starting another (both carry the crash point: a second launch would
+    kill the survivor too)."""
+    for replica in pair.replicas:
+        replica.env = {CRASH_VARIABLE: "launched:worker"}
+    pair.a.start()
+    pair.b.start()
+    wait_for("the shards are shared", lambda: balanced(pair), timeout=LEASE_TTL * 4)
+    name = pair.a.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    a, b = owner_and_other(pair, name)
+    wait_for("it runs", lambda: status(a, name) == "RUNNING")
+    scheduler = pair.processes(name)["scheduler"]
+    with contextlib.suppress(OSError):  # the answer may be cut short by the crash
+        a.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    assert a.proc is not None and a.proc.wait(timeout=120) == -signal.SIGKILL, a.log_tail()
+    assert "Crashing at launched:worker" in a.log_tail(10**6)
+    orphans = leaders_in(pair, name) - {scheduler.pid}
+    assert len(orphans) == 1, f"not one worker after the crash: {orphans}"
+    assert pair.processes(name) == {"scheduler": scheduler}, "the worker was stored"
+
+    wait_for("B stores the worker it adopted", lambda: len(pair.processes(name)) == 2, timeout=60)
+    assert compute(b, name, 1) == 45
+    time.sleep(3 * 2 + 1)  # three status periods: nothing replaced, nothing doubled since
+    refs = pair.processes(name)
+    assert {ref.pid for what, ref in refs.items() if what != "scheduler"} == orphans
+    assert leaders_in(pair, name) == {scheduler.pid, *orphans}
+    assert b.alive(), "the survivor launched a second worker (and crashed)"
+    assert "launched before the gateway stopped but never recorded" in b.log_tail(10**6)
+
+    b.call("DELETE", f"/v1/clusters/{name}")
+    wait_for("B stopped it", lambda: status(b, name) == "STOPPED")
+    wait_for("every process is gone", lambda: not processes_in(pair.folder / "clusters"))
+    assert b.stop() == 0
+    assert list((pair.folder / "clusters").glob("*")) == []
+
+
+def leaders_in(pair: Pair, name: str) -> set[int]:
+    """The processes leading their own group in cluster ``name``'s directory (what was
+    launched there; a nanny's worker is not one)."""
+    pids = processes_in(pair.folder / "clusters").get(name, set())
+    return {pid for pid in pids if (st := read_stat(pid)) is not None and st.pgrp == pid}

@@ -10,88 +10,25 @@ clusters only when `stop_clusters_on_shutdown` says so.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from attrs import define
+from replicaset import Replica as Server
+from replicaset import free_port, processes_in
 
-from gateway_core.backends.kit import ProcessRef
+from gateway_core.backends.kit import ProcessRef, read_stat
+from gateway_core.crashpoints import CRASH_VARIABLE
 from gateway_core.models import WorkerStatus
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_process_left_behind")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@define(kw_only=True)
-class Server:
-    folder: Path
-    config: Path
-    address: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = (self.folder / "gateway.log").open("ab")
-        # As a user would run it: with this environment's scripts (`dask`) on PATH.
-        bindir = str(Path(sys.executable).parent)
-        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway_core", "serve", "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.folder,
-            env=env,
-        )
-        log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.address}/api/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, self.log_tail()
-            assert time.monotonic() < deadline, "gateway did not start\n" + self.log_tail()
-            time.sleep(0.1)
-
-    def log_tail(self) -> str:
-        return (self.folder / "gateway.log").read_text()[-4000:]
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"{self.address}/api{path}",
-            data=data,
-            method=method,
-            headers={
-                "Authorization": "Basic " + base64.b64encode(b"alice:").decode(),
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            text = resp.read()
-        return json.loads(text) if text else None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
 
 
 @pytest.fixture
@@ -125,7 +62,7 @@ clusters_directory = "{tmp_path / "clusters"}"
 worker_memory = "512 MiB"
 """
     )
-    srv = Server(folder=tmp_path, config=config, address=f"http://127.0.0.1:{port}")
+    srv = Server(name="gateway", folder=tmp_path, config=config, address=f"http://127.0.0.1:{port}")
     yield srv
     if srv.proc is not None and srv.proc.poll() is None:
         srv.proc.kill()
@@ -148,7 +85,7 @@ def wait_status(server: Server, name: str, wanted: set[str], timeout: float = 60
 def compute(server: Server, name: str, workers: int) -> int:
     from gateway_client import BasicAuth, Gateway
 
-    with Gateway(server.address, auth=BasicAuth("alice")) as gateway:
+    with Gateway(server.address, auth=BasicAuth(server.user)) as gateway:
         cluster = gateway.connect(name)
         client = cluster.get_client(set_as_default=False)
         try:
@@ -227,7 +164,7 @@ def scheduler_workers(server: Server, name: str) -> int:
     """How many workers the cluster's scheduler has, as our client sees it."""
     from gateway_client import BasicAuth, Gateway
 
-    with Gateway(server.address, auth=BasicAuth("alice")) as gateway:
+    with Gateway(server.address, auth=BasicAuth(server.user)) as gateway:
         cluster = gateway.connect(name)
         client = cluster.get_client(set_as_default=False)
         try:
@@ -369,3 +306,118 @@ def test_a_normal_shutdown_stops_the_clusters_only_when_configured(
     assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
     assert server.stop() == 0
     assert not any(ref.running() for ref in before.values())
+
+
+# -------------------------------------------------------------------------------------------
+# A crash between a launch and its record (the crash point `launched:<role>`)
+
+
+def launched(server: Server, clusters: Path | None = None) -> dict[str, set[int]]:
+    """Per cluster, the processes a launcher started in its working directory under
+    ``clusters`` (default: the server's ``clusters``), found by the directory as the chaos
+    test counts them: those leading their own process group, not what they started (a
+    nanny's worker)."""
+    found: dict[str, set[int]] = {}
+    for name, pids in processes_in(clusters or server.folder / "clusters").items():
+        leaders = set()
+        for pid in pids:
+            st = read_stat(pid)
+            if st is not None and st.pgrp == pid:
+                leaders.add(pid)
+        found[name] = leaders
+    return found
+
+
+def with_start_method(server: Server, method: str) -> None:
+    text = server.config.read_text()
+    server.config.write_text(
+        text.replace(
+            "worker_status_period = 2\n", f'worker_status_period = 2\nstart_method = "{method}"\n'
+        )
+    )
+
+
+def crashed(server: Server, point: str) -> None:
+    """The gateway killed itself at ``point`` (and said so in its log)."""
+    assert server.proc is not None
+    assert server.proc.wait(timeout=120) == -signal.SIGKILL, server.log_tail()
+    assert f"Crashing at {point}" in server.log_tail(10**6)
+
+
+def finish_and_check_nothing_left(server: Server, name: str, clusters: Path | None = None) -> None:
+    clusters = clusters or server.folder / "clusters"
+    server.call("DELETE", f"/v1/clusters/{name}")
+    assert wait_status(server, name, {"STOPPED"})["status"] == "STOPPED"
+    wait_for("no process is left in a cluster's directory", lambda: not processes_in(clusters))
+    assert server.stop() == 0
+    assert list(clusters.glob("*")) == []
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_worker_launched_just_before_a_crash_is_adopted_not_doubled(
+    server: Server, start_method: str
+) -> None:
+    with_start_method(server, start_method)
+    server.env = {CRASH_VARIABLE: "launched:worker"}
+    server.start()
+    name = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    wait_status(server, name, {"RUNNING"})
+    scheduler = active_processes(server, name)["scheduler"]
+    with contextlib.suppress(OSError):  # the answer may be cut short by the crash
+        server.call("POST", f"/v1/clusters/{name}/scale", {"count": 2})
+    crashed(server, "launched:worker")
+
+    # The window: a worker runs, and the store does not know it.
+    orphans = launched(server)[name] - {scheduler.pid}
+    recorded = {ref.pid for ref in active_processes(server, name).values()}
+    assert orphans - recorded, f"no unrecorded worker after the crash: {orphans}, {recorded}"
+
+    server.env = {}
+    server.start()
+    assert compute(server, name, 2) == 45
+    time.sleep(3 * 2 + 1)  # three status periods: nothing replaced, nothing doubled since
+    refs = active_processes(server, name)
+    workers = {ref.pid for what, ref in refs.items() if what != "scheduler"}
+    assert len(workers) == 2 and all(ref.running() for ref in refs.values()), refs
+    assert orphans <= workers, "the workers launched before the crash were replaced"
+    assert launched(server)[name] == {scheduler.pid, *workers}, "a worker process is doubled"
+    assert scheduler_workers(server, name) == 2
+    assert "launched before the gateway stopped but never recorded" in server.log_tail(10**6)
+    finish_and_check_nothing_left(server, name)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_scheduler_launched_just_before_a_crash_is_adopted_not_doubled(
+    server: Server, start_method: str
+) -> None:
+    with_start_method(server, start_method)
+    server.env = {CRASH_VARIABLE: "launched:scheduler"}
+    server.start()
+    try:
+        name = server.call("POST", "/v1/clusters/", {"cluster_options": {}})["name"]
+    except OSError:  # the crash came first: the name is in the store (made durable before)
+        name = stored_cluster_names(server)[0]
+    crashed(server, "launched:scheduler")
+    orphan = launched(server).get(name, set())
+    assert len(orphan) == 1, f"not one scheduler after the crash: {orphan}"
+    assert active_processes(server, name) == {}, "the scheduler was recorded before the crash"
+
+    server.env = {}
+    server.start()
+    wait_status(server, name, {"RUNNING"})
+    refs = active_processes(server, name)
+    assert {refs["scheduler"].pid} == orphan, "the scheduler was replaced, not adopted"
+    server.call("POST", f"/v1/clusters/{name}/scale", {"count": 1})
+    assert compute(server, name, 1) == 45
+    refs = active_processes(server, name)
+    assert launched(server)[name] == {ref.pid for ref in refs.values()}
+    assert len(refs) == 2
+    finish_and_check_nothing_left(server, name)
+
+
+def stored_cluster_names(server: Server) -> list[str]:
+    db = sqlite3.connect(server.folder / "gateway.sqlite")
+    try:
+        return [name for (name,) in db.execute("SELECT name FROM clusters")]
+    finally:
+        db.close()

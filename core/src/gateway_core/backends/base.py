@@ -305,6 +305,17 @@ class ClusterDriver(abc.ABC, Generic[ConfigT, ClusterConfigT]):
         """
         return False
 
+    def worker_start_may_rerun(self, cluster: Cluster, worker: Worker) -> bool:
+        """After a gateway restart or a takeover, for an active worker meant to run: True when
+        the state its start stored shows it launched nothing the gateway knows of, so the
+        reconciler runs `start_worker` again. That second attempt must first look for a
+        process the first one launched after its last write (the gateway was killed in
+        between) and return its state (adopt it) instead of launching another, or the worker
+        runs twice; a `stop_worker` given such a record must likewise find what may have been
+        launched. Default False: the worker is watched as stored, and `check_workers` decides.
+        """
+        return False
+
     async def failure_reason(self, cluster: Cluster) -> str | None:
         """Why the scheduler died, for the user (e.g. the last lines of its log); None if
         unknown. Called when a cluster fails."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from attrs import define, field
 
 from ..config import ClusterConfig, ProcessBackendConfig
+from ..crashpoints import crash_point
 from .base import SCHEDULER_COMPONENT, ClusterDriver, StateUpdates
 from .forkserver import ForkServer, ForkServerError, LaunchRefused
 from .kit import (
@@ -44,7 +45,9 @@ from .kit import (
     create_log,
     describe_exit,
     inherited_env,
+    launched_with_output,
     lookup_user,
+    open_directory,
     read_log,
     scheduler_command,
     tail_log,
@@ -288,7 +291,18 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
         stale = cluster.state.get("workdir")
         if isinstance(stale, str) and stale and ProcessRef.from_state(cluster.state) is None:
             # An attempt the gateway died in (`start_may_rerun`): it may have made the
-            # directory, and a fork it asked for may have happened after its last write.
+            # directory, and launched a scheduler after its last write. A live one is adopted
+            # (it may have registered already); anything else there is cleared.
+            adopted = await asyncio.to_thread(self._adopt, stale, SCHEDULER_LOG, "scheduler")
+            if adopted is not None:
+                log.info(
+                    "Adopted the scheduler of cluster %s (pid %d), launched before the "
+                    "gateway stopped but never recorded",
+                    cluster.name,
+                    adopted.pid,
+                )
+                yield {**adopted.to_state(), "method": "adopted"}
+                return
             await asyncio.to_thread(self._clear_failed_attempt, cluster, stale)
         workdir = self._workdir_path(cluster)
         yield {"workdir": workdir}
@@ -299,16 +313,28 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
             argv=argv, env=env, workdir=workdir, log_name=SCHEDULER_LOG, run_as=run_as
         )
         log.info("Scheduler of cluster %s started (pid %d, %s)", cluster.name, ref.pid, method)
+        crash_point("launched:scheduler")
         yield {**ref.to_state(), "method": method}
         await self._watch_start(ref, workdir, SCHEDULER_LOG, "scheduler", run_as)
 
     async def stop_scheduler(self, cluster: Cluster) -> None:
+        """Stop the scheduler (the one stored, or else one launched but never recorded), then
+        kill whatever still runs in the working directory and remove it: nothing of the
+        cluster outlives its stop."""
+        workdir = cluster.state.get("workdir")
+        has_workdir = isinstance(workdir, str) and bool(workdir)
+        refs: list[ProcessRef] = []
         ref = ProcessRef.from_state(cluster.state)
         if ref is not None:
-            await self._terminate(ref, f"scheduler of cluster {cluster.name}")
-        workdir = cluster.state.get("workdir")
-        if isinstance(workdir, str) and workdir:
-            await asyncio.to_thread(self._remove_workdir, cluster, workdir)
+            refs.append(ref)
+        elif has_workdir:
+            refs = await asyncio.to_thread(
+                launched_with_output, os.path.join(str(workdir), SCHEDULER_LOG)
+            )
+        for found in refs:
+            await self._terminate(found, f"scheduler of cluster {cluster.name}")
+        if has_workdir:
+            await asyncio.to_thread(self._clear_failed_attempt, cluster, str(workdir))
 
     def start_worker(self, cluster: Cluster, worker: Worker) -> StateUpdates:
         return self._start_worker(cluster, worker)
@@ -329,17 +355,47 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
             cluster, role="worker", workdir=workdir, run_as=run_as, settings=settings
         )
         log_name = f"worker-{worker.name}.log"
+        # An earlier attempt that got as far as its log (the gateway died in it) may have
+        # launched the worker after its last write: adopted, not doubled.
+        adopted = await asyncio.to_thread(self._adopt_worker, workdir, log_name, run_as)
+        if adopted is not None:
+            log.info(
+                "Adopted worker %s (pid %d), launched before the gateway stopped but never "
+                "recorded",
+                worker.name,
+                adopted.pid,
+            )
+            yield {**adopted.to_state(), "method": "adopted", "log": log_name}
+            return
         ref, method = await self._launch(
             argv=argv, env=env, workdir=workdir, log_name=log_name, run_as=run_as
         )
         log.info("Worker %s started (pid %d, %s)", worker.name, ref.pid, method)
+        crash_point("launched:worker")
         yield {**ref.to_state(), "method": method, "log": log_name}
         await self._watch_start(ref, workdir, log_name, "worker", run_as)
 
     async def stop_worker(self, cluster: Cluster, worker: Worker) -> None:
+        """Stop the worker's process: the one stored, or else any launched for it but never
+        recorded (found by its log, `launched_with_output`)."""
         ref = ProcessRef.from_state(worker.state)
         if ref is not None:
             await self._terminate(ref, f"worker {worker.name}")
+            return
+        workdir = cluster.state.get("workdir")
+        if not isinstance(workdir, str) or not workdir:
+            return
+        log_file = os.path.join(workdir, f"worker-{worker.name}.log")
+        for found in await asyncio.to_thread(_launched_with_log, log_file):
+            log.info(
+                "Stopping worker %s (pid %d), launched but never recorded", worker.name, found.pid
+            )
+            await self._terminate(found, f"worker {worker.name}")
+
+    def worker_start_may_rerun(self, cluster: Cluster, worker: Worker) -> bool:
+        # As for the scheduler: no pid stored, so the start runs again, and adopts a worker
+        # the earlier attempt launched after its last write (found by its log) if one runs.
+        return ProcessRef.from_state(worker.state) is None
 
     async def check_clusters(self, clusters: Sequence[Cluster]) -> list[bool]:
         return [self.processes.alive(ProcessRef.from_state(c.state)) for c in clusters]
@@ -429,13 +485,45 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
         # that the gateway knows of (a fork it asked for is found by its directory).
         return ProcessRef.from_state(cluster.state) is None
 
+    def _adopt(self, workdir: str, log_name: str, what: str) -> ProcessRef | None:
+        """The live process launched with ``log_name`` in ``workdir`` as its output, if there
+        is one (the newest; older ones, which cannot be, are killed)."""
+        found = sorted(
+            launched_with_output(os.path.join(workdir, log_name)), key=lambda r: r.start_ticks
+        )
+        for extra in found[:-1]:
+            log.warning("Killing a second %s (pid %d) writing to %s", what, extra.pid, log_name)
+            self.processes.signal(extra, signal.SIGKILL)
+        return found[-1] if found else None
+
+    def _adopt_worker(self, workdir: str, log_name: str, run_as: RunAs | None) -> ProcessRef | None:
+        """Before a worker's launch: the live worker an earlier attempt launched, if its log
+        is there and a process writes to it; otherwise None, with a stale log removed so the
+        launch can create it afresh (`create_log` never opens an existing file)."""
+        if not os.path.lexists(os.path.join(workdir, log_name)):
+            return None  # the usual case: no attempt got as far as its log
+        adopted = self._adopt(workdir, log_name, "worker")
+        if adopted is not None:
+            return adopted
+        dir_fd = open_directory(workdir, run_as=run_as)
+        try:
+            os.unlink(log_name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(dir_fd)
+        return None
+
     def _clear_failed_attempt(self, cluster: Cluster, workdir: str) -> None:
-        """Kill what runs in ``workdir`` (a scheduler forked after the gateway's last write,
-        found by its working directory) and remove the directory."""
+        """Kill what still runs in ``workdir`` (found by its working directory: a process
+        launched after the gateway's last write, or anything the cluster's processes left)
+        and remove the directory."""
         real = os.path.realpath(workdir)
         for pid in _pids_in_directory(real):
             log.warning(
-                "Killing process %d of an unfinished start of cluster %s", pid, cluster.name
+                "Killing process %d left in the working directory of cluster %s",
+                pid,
+                cluster.name,
             )
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)  # each launch leads its own process group
@@ -619,6 +707,14 @@ class LocalDriver(ClusterDriver[LocalBackendConfig, ClusterConfig]):
 def _check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
         raise RuntimeError(f"refusing to make files for the unsafe name {name!r}")
+
+
+def _launched_with_log(log_file: str) -> list[ProcessRef]:
+    """`launched_with_output` of ``log_file``; at once empty when there is no such file (no
+    attempt got as far as its log, so nothing was launched with it)."""
+    if not os.path.lexists(log_file):
+        return []
+    return launched_with_output(log_file)
 
 
 def _pids_in_directory(directory: str) -> list[int]:

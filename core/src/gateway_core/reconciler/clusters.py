@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..models import DEFAULT_GROUP, ClusterStatus, Worker, WorkerStatus, now_ms, worker_name
-from .credentials import issue_credentials
+from .credentials import has_credentials, issue_credentials
 from .runtime import cancel_start
 from .shared import describe, run_start_operation
 
@@ -38,13 +38,14 @@ class ClusterMachine:
             await self.stop(cluster)
             return
         if cluster.status == ClusterStatus.PENDING:
-            if cluster.scheduler_address:
-                self._running(cluster)
-            elif not self.shared.runtimes.cluster(cluster.name).started:
+            if not self.shared.runtimes.cluster(cluster.name).started:
+                # First, even before a heartbeat is acted on: a start resumed with no launch
+                # stored must find (adopt) a scheduler that registered meanwhile.
                 self._begin_start(cluster)
                 return
-            else:
+            if not cluster.scheduler_address:
                 return
+            self._running(cluster)
         self.shared.routes.put(cluster)
         self._scale_workers(cluster)
 
@@ -52,7 +53,10 @@ class ClusterMachine:
     # Starting
 
     def _begin_start(self, cluster: Cluster) -> None:
-        issue_credentials(self.shared.store, cluster)
+        if not has_credentials(cluster):
+            # Kept when a start runs again: a scheduler launched by the first attempt, which
+            # the driver may adopt, serves with them.
+            issue_credentials(self.shared.store, cluster)
         runtime = self.shared.runtimes.cluster(cluster.name)
         runtime.started = True
         log.info("Starting cluster %s", cluster.name)

@@ -472,8 +472,7 @@ class Replicas:
             if mine is None:
                 local.workers[worker.name] = worker  # written by a former owner
                 if worker.status.is_active:
-                    reconciler.runtimes.worker(local.name, worker.name).started = True
-                    reconciler.queue.put((local.name, worker.name))
+                    reconciler.resume_worker(local, worker)
                 continue
             if (
                 worker.status == WorkerStatus.RUNNING

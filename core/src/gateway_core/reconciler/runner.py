@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailable, ClusterConflict
-from ..models import Cluster, ClusterStatus, WorkerStatus
+from ..models import Cluster, ClusterStatus, Worker, WorkerStatus
 from .checks import Checks
 from .clusters import ClusterMachine
 from .credentials import has_credentials
@@ -199,9 +199,18 @@ class Reconciler:
             cluster.last_heartbeat = now
         for worker in cluster.workers.values():
             if worker.status.is_active:
-                self.runtimes.worker(cluster.name, worker.name).started = True
-                self.queue.put((cluster.name, worker.name))
+                self.resume_worker(cluster, worker)
         self.enqueue(cluster.name)
+
+    def resume_worker(self, cluster: Cluster, worker: Worker) -> None:
+        """Pick up one active worker this process did not start: watched as stored, or, when
+        its stored state shows no launch (`ClusterDriver.worker_start_may_rerun`), started
+        again, the driver adopting what the killed attempt launched."""
+        rerun = worker.target == WorkerStatus.RUNNING and self.driver.worker_start_may_rerun(
+            cluster, worker
+        )
+        self.runtimes.worker(cluster.name, worker.name).started = not rerun
+        self.queue.put((cluster.name, worker.name))
 
     # ---------------------------------------------------------------------------------------
     # Requests

@@ -42,7 +42,9 @@ class WorkerMachine:
                 return
             if worker.target == WorkerStatus.RUNNING:
                 runtime = self.shared.runtimes.worker(cluster.name, worker.name)
-                if worker.status == WorkerStatus.PENDING and not runtime.started:
+                # Not started: new, or resumed with no launch stored, which a heartbeat may
+                # have marked RUNNING meanwhile (the launch the gateway died in connected).
+                if not runtime.started:
                     runtime.started = True
                     runtime.start = asyncio.create_task(
                         self._run_start(cluster, worker), name=f"gateway-start-{worker.name}"

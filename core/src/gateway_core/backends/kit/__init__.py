@@ -34,6 +34,7 @@ from .processes import (
     boot_id,
     describe_exit,
     group_members,
+    launched_with_output,
     read_stat,
 )
 from .retries import attempts
@@ -58,6 +59,7 @@ __all__ = [
     "group_members",
     "inherited_env",
     "last_lines",
+    "launched_with_output",
     "lookup_user",
     "open_directory",
     "read_log",

@@ -1,8 +1,9 @@
 """Process groups on the gateway's host: start them, watch them, stop them, even after a restart.
 
-Owns `/proc` parsing (`read_stat`, `boot_id`), `ProcessRef` (what a driver stores to find a
-process again without mistaking a reused pid for it), `ProcessGroups` (start in a new session,
-alive, terminate with grace, wait until gone) and `describe_exit`. Linux only.
+Owns `/proc` parsing (`read_stat`, `boot_id`, `launched_with_output`), `ProcessRef` (what a
+driver stores to find a process again without mistaking a reused pid for it), `ProcessGroups`
+(start in a new session, alive, terminate with grace, wait until gone) and `describe_exit`.
+Linux only.
 """
 
 from __future__ import annotations
@@ -97,6 +98,32 @@ def boot_id() -> str:
 def group_members(pgid: int) -> list[int]:
     """Pids of the running (not zombie) processes in process group ``pgid``."""
     return [st.pid for st in all_stats() if st.pgrp == pgid and st.running]
+
+
+def launched_with_output(path: str | os.PathLike[str]) -> list[ProcessRef]:
+    """The running processes that lead their own process group and write their output
+    (file descriptor 1) to the file ``path``: what a launcher started with that file as its
+    log, found again without anything stored about it.
+
+    The mark is set by the kernel, not by the process: the launcher points the child's
+    stdout at the log before the child runs any code of its own (``ProcessGroups.start``
+    and the fork server both do), so a process forked just before its launcher died is found
+    as soon as it has its log, and nothing in it can forget or rewrite the mark. Children a
+    process starts (a nanny's worker) share its output but not its group lead, and are left
+    out. Reading another user's ``/proc/<pid>/fd`` needs root: as anyone else only one's own
+    processes are found."""
+    wanted = os.path.realpath(path)
+    found = []
+    for st in all_stats():
+        if st.pgrp != st.pid or not st.running:
+            continue
+        try:
+            target = os.readlink(f"/proc/{st.pid}/fd/1")
+        except OSError:  # gone, or not ours to read
+            continue
+        if target == wanted:
+            found.append(ProcessRef(pid=st.pid, start_ticks=st.start_ticks, boot_id=boot_id()))
+    return found
 
 
 def describe_exit(code: int | None) -> str:
