@@ -679,6 +679,56 @@ async def test_get_cluster(api: Api) -> None:
     assert cluster["stop_time"] is None
 
 
+async def test_list_and_get_answer_the_bytes_json_dumps_would(api: Api) -> None:
+    """The cached encoding changes nothing on the wire: the same bytes and headers as
+    ``web.json_response`` of the cluster JSON, before and after a cluster changes."""
+    one = await api.running(worker_cores=2)
+    two = await api.create()
+    for _ in range(2):  # the second time from the cache
+        resp = await api.call("GET", "/api/v1/clusters/")
+        assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+        expected = {n: api.backend.clusters[n].to_json() for n in (one, two)}
+        assert await resp.read() == json.dumps(expected).encode()
+        resp = await api.call("GET", f"/api/v1/clusters/{one}")
+        assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+        assert await resp.read() == json.dumps(api.backend.clusters[one].to_json()).encode()
+    api.backend.set_status(two, ClusterStatus.RUNNING)
+    listed = await (await api.call("GET", "/api/v1/clusters/")).json()
+    assert listed[two]["status"] == "RUNNING" and listed[two]["tls_cert"] == "CERT"
+    resp = await api.call("GET", "/api/v1/clusters/?status=stopped")
+    assert await resp.read() == b"{}"
+
+
+def test_cluster_json_bytes_are_cached_until_a_shown_field_changes() -> None:
+    cluster = Cluster(name="c1", username="alice", token="t", options={"cores": 1})
+    first = cluster.json_bytes()
+    assert first == json.dumps(cluster.to_json()).encode()
+    assert cluster.json_bytes() is first  # cached: not encoded again
+    cluster.last_heartbeat = 123.0  # not shown in the JSON: still cached
+    cluster.count = 3
+    assert cluster.json_bytes() is first
+    with_prefix = cluster.json_bytes(prefix="/gw")
+    assert with_prefix == json.dumps(cluster.to_json(prefix="/gw")).encode()
+    changes: list[Callable[[Cluster], None]] = [
+        lambda c: setattr(c, "status", ClusterStatus.RUNNING),
+        lambda c: setattr(c, "dashboard_address", "http://127.0.0.1:8787"),
+        lambda c: setattr(c, "tls_cert", b"CERT"),
+        lambda c: setattr(c, "tls_key", b"KEY"),
+        lambda c: setattr(c, "stop_time", 99),
+        lambda c: setattr(c, "start_time", 7),
+        lambda c: setattr(c, "options", {"cores": 2}),
+        lambda c: c.options.update(cores=3),  # changed in place: still seen
+        lambda c: setattr(c, "status", ClusterStatus.STOPPED),
+    ]
+    for change in changes:
+        before = cluster.json_bytes(prefix="/gw")
+        change(cluster)
+        after = cluster.json_bytes(prefix="/gw")
+        assert after != before
+        assert after == json.dumps(cluster.to_json(prefix="/gw")).encode()
+    assert b'"cores": 3' in cluster.json_bytes()
+
+
 async def test_v2_reason_route_tells_why_a_cluster_failed(api: Api) -> None:
     name = await api.running()
     resp = await api.call("GET", f"/api/v2/clusters/{name}/reason")

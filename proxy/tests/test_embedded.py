@@ -20,6 +20,7 @@ from gateway_core.plugins import Registry, make_plugin_manager
 from gateway_core.routes import Route, RouteTable
 from gateway_proxy.addresses import split_address
 from gateway_proxy.embedded import BuiltinProxy, BuiltinProxyConfig
+from gateway_proxy.memory import MemoryTransport
 
 pytestmark = pytest.mark.unit
 
@@ -120,3 +121,30 @@ async def test_a_gateway_serves_its_api_through_the_builtin_proxy(make_gateway) 
             assert (await resp.json())["status"] == "pass"
         async with session.get(f"http://{gateway.public_address}/gw/api/version") as resp:
             assert resp.status == 200
+        # The proxy reached the API in memory: every connection the API server has is one.
+        server = gateway._runner.server if gateway._runner else None
+        assert server is not None and server.connections
+        assert all(isinstance(h.transport, MemoryTransport) for h in server.connections)
+        # The API's own port still answers over TCP (for whoever is given it).
+        async with session.get(f"http://{gateway.api_address}/api/health") as resp:
+            assert resp.status == 200
+        assert not all(isinstance(h.transport, MemoryTransport) for h in server.connections)
+
+
+async def test_withdrawn_in_process_api_is_reached_over_tcp_again(make_gateway) -> None:
+    """`serve_api_in_process(None)` (the gateway's first step when it stops) sends the API's
+    requests to its port again: never to an API app being torn down."""
+    gateway = await make_gateway()
+    proxy = gateway.proxy
+    assert isinstance(proxy, BuiltinProxy) and proxy.server.http is not None
+    pool = proxy.server.http.pool
+    assert pool.in_process
+    proxy.serve_api_in_process(None)
+    assert not pool.in_process
+    url = f"http://{gateway.public_address}/api/health"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200  # over TCP, to the API's own port
+    proxy.serve_api_in_process(gateway._runner.server if gateway._runner else None)
+    assert pool.in_process
+    await gateway.stop()
+    assert not pool.in_process

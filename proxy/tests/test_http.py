@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 from aiohttp import web
 from conftest import LOOPBACK, client_context, client_hello, server_context
 
-from gateway_proxy import Route
+from gateway_proxy import ProxyServer, Route
 from gateway_proxy.addresses import split_address
 
 pytestmark = pytest.mark.unit
@@ -55,22 +56,67 @@ def info_app(
     return app
 
 
+@pytest.fixture(params=["tcp", "in-process"])
+def upstream_mode(request: pytest.FixtureRequest) -> str:
+    """Every test with an upstream app runs twice: the app on a loopback port, and the app in
+    the proxy's event loop reached in memory (`ProxyServer.serve_in_process`, as the gateway
+    serves its API to the embedded proxy) behind a URL where nothing listens."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def serve_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+def in_process_apps() -> dict[str, Callable[[], asyncio.BaseProtocol]]:
+    """Target URL → protocol factory of the apps `serve_app` runs in process."""
+    return {}
+
+
+@pytest.fixture
+async def serve_app(
+    upstream_mode: str, in_process_apps: dict[str, Callable[[], asyncio.BaseProtocol]]
+) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     runners: list[web.AppRunner] = []
 
     async def factory(app: web.Application, **kwargs: Any) -> str:
         runner = web.AppRunner(app, access_log=None, **kwargs)
         await runner.setup()
+        runners.append(runner)
+        if upstream_mode == "in-process":
+            assert runner.server is not None
+            # A port nothing listens on: a request that went over TCP would get a 502.
+            url = f"http://{LOOPBACK}:{closed_port()}"
+            in_process_apps[url] = runner.server
+            return url
         site = web.TCPSite(runner, LOOPBACK, 0)
         await site.start()
-        runners.append(runner)
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return f"http://{LOOPBACK}:{port}"
 
     yield factory
     for runner in runners:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def make_proxy(
+    make_proxy: Callable[..., Awaitable[ProxyServer]],
+    in_process_apps: dict[str, Callable[[], asyncio.BaseProtocol]],
+) -> Callable[..., Awaitable[ProxyServer]]:
+    """conftest's `make_proxy`, serving the apps `serve_app` runs in process in memory."""
+
+    async def factory(*args: Any, **kwargs: Any) -> ProxyServer:
+        proxy = await make_proxy(*args, **kwargs)
+        for url, protocol_factory in in_process_apps.items():
+            proxy.serve_in_process(url, protocol_factory)
+        return proxy
+
+    return factory
+
+
+def closed_port() -> int:
+    """A loopback port that was free a moment ago (nothing listens on it)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
 
 
 async def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:

@@ -224,6 +224,9 @@ class Gateway:
         self._runner = runner
         site = web.SockSite(runner, self._sock)
         await site.start()
+        if self.proxy is not None and runner.server is not None:
+            # An embedded proxy reaches the API in memory: no loopback hop per request.
+            self.proxy.serve_api_in_process(runner.server)
         log.info(
             "gateway serving at http://%s%s (backend %s, authenticator %s, event loop %s)",
             self.context.public_address,
@@ -235,6 +238,8 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop the API and backend (stopping clusters if configured), then the proxy."""
+        if self.proxy is not None:
+            self.proxy.serve_api_in_process(None)  # from now on as refused as the socket
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -6,7 +6,9 @@ cluster's JSON form that the REST API sends (PROTOCOL.md, `<cluster>`).
 
 from __future__ import annotations
 
+import copy
 import enum
+import json
 import secrets
 import time
 from collections.abc import Iterable
@@ -169,6 +171,10 @@ class Cluster:
     typed_config: ClusterConfig | None = field(default=None, eq=False, repr=False)
     """``config`` structured once by `ProcessBackend` (not stored: rebuilt when loaded); None
     until then, or when the stored config no longer fits the cluster config class."""
+    _encoded: tuple[tuple[Any, ...], bytes] | None = field(
+        default=None, init=False, eq=False, repr=False, alias="_encoded"
+    )
+    """The last `json_bytes` answer and what it was made from (not stored)."""
 
     @property
     def active_workers(self) -> list[Worker]:
@@ -193,6 +199,28 @@ class Cluster:
             )
             entry[worker.status.name.lower()] += 1
         return out
+
+    def json_bytes(self, *, prefix: str = "") -> bytes:
+        """`to_json` encoded as ``json.dumps`` does it, UTF-8; the same bytes are answered
+        again until a field the JSON shows changes (a listing of many clusters encodes only
+        the ones that changed since the last). ``options`` is compared by value."""
+        key = (
+            prefix,
+            self.status,
+            self.start_time,
+            self.stop_time,
+            self.dashboard_address,
+            self.tls_cert,
+            self.tls_key,
+            self.options,
+        )
+        cached = self._encoded
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        encoded = json.dumps(self.to_json(prefix=prefix)).encode()
+        # A copy of the options: a change made to the dict in place still shows.
+        self._encoded = ((*key[:-1], copy.deepcopy(self.options)), encoded)
+        return encoded
 
     def to_json(self, *, prefix: str = "") -> dict[str, Any]:
         """The cluster as the REST API shows it (PROTOCOL.md `<cluster>`); every key is v1."""

@@ -10,6 +10,9 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
     from .config import ProxyConfig
     from .context import GatewayContext
     from .routes import RouteTable
@@ -53,6 +56,13 @@ class Proxy(abc.ABC):
     @abc.abstractmethod
     def address(self) -> str:
         """``host:port`` the HTTP face is bound to (the real port when config said 0)."""
+
+    def serve_api_in_process(self, factory: Callable[[], asyncio.BaseProtocol] | None) -> bool:
+        """Offered, once the API is set up, the API server's protocol factory in the
+        gateway's event loop (and None again before it stops). A proxy living in that loop
+        may pass requests for ``api_target`` to new protocols of ``factory`` in memory
+        instead of connecting to it; returns whether it does. The default does not."""
+        return False
 
     @property
     def tcp_address(self) -> str:

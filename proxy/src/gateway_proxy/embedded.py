@@ -22,6 +22,7 @@ from .settings import ProxySettings
 from .table import Route
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
 
     from gateway_core import routes as core_routes
@@ -122,6 +123,12 @@ class BuiltinProxy(Proxy):
                 self.server.delete(route)
         except Exception:
             log.exception("could not apply route event %s", event)
+
+    def serve_api_in_process(self, factory: Callable[[], asyncio.BaseProtocol] | None) -> bool:
+        """Hand requests for the API to ``factory`` (the API server's protocol factory, in
+        this event loop) over in-memory connections instead of loopback TCP."""
+        self.server.serve_in_process(self.api_target, factory)
+        return True
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:

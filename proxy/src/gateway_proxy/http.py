@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import httptools
 
+from .memory import connect_in_memory
 from .settings import HEALTH_PATH, READY_PATH
 from .table import HttpTarget, RouteTable
 
@@ -146,6 +147,21 @@ class HttpFace:
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             log.info("http: TLS handshake with a client failed: %s", exc)
             sock.close()
+
+    def serve_in_process(
+        self, target: str, factory: Callable[[], asyncio.BaseProtocol] | None
+    ) -> None:
+        """Reach the HTTP server at ``target`` (``http://host:port``) through ``factory``, its
+        protocol factory in this event loop, instead of over TCP; None goes back to TCP.
+        Connections already open (pooled) stay as they are."""
+        parsed = HttpTarget.parse(target)
+        if parsed.tls:
+            raise ValueError(f"in-process target {target!r} must be http://, not https://")
+        key = (parsed.host, parsed.port, False)
+        if factory is None:
+            self.pool.in_process.pop(key, None)
+        else:
+            self.pool.in_process[key] = factory
 
     async def close(self) -> None:
         for server in self.servers:
@@ -383,7 +399,9 @@ class ClientConn(asyncio.Protocol):
         target = ex.target
         assert target is not None
         ex.attempts += 1
-        conn = self.face.pool.take((target.host, target.port, target.tls))
+        pool = self.face.pool
+        key = (target.host, target.port, target.tls)
+        conn = pool.take(key) or pool.connect_in_process(key)
         if conn is not None:
             conn.begin(ex)
             return
@@ -967,7 +985,31 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.idle: dict[PoolKey, list[UpstreamConn]] = {}
+        self.in_process: dict[PoolKey, Callable[[], asyncio.BaseProtocol]] = {}
+        """Targets served by a server in this event loop: its protocol factory (a connection
+        to it is a `gateway_proxy.memory` pair, no socket)."""
+        self._in_process_count = 0
         self._client_tls: ssl.SSLContext | None = None
+
+    def connect_in_process(self, key: PoolKey) -> UpstreamConn | None:
+        """A new in-memory connection to ``key`` if a server in this event loop serves it."""
+        factory = self.in_process.get(key)
+        if factory is None:
+            return None
+        conn = UpstreamConn(self, key)
+        # No port on the proxy's side: a connection number in the ephemeral range stands in
+        # for one, so that the server can tell its connections apart as over TCP.
+        self._in_process_count += 1
+        local = (key[0], 49152 + self._in_process_count % 16384)
+        remote = (key[0], key[1])
+        connect_in_memory(
+            self.loop,
+            conn,
+            factory,
+            client_extra={"peername": remote, "sockname": local},
+            server_extra={"peername": local, "sockname": remote},
+        )
+        return conn
 
     async def connect(self, target: HttpTarget) -> UpstreamConn:
         key = (target.host, target.port, target.tls)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .addresses import join_address, split_address
 from .http import HttpFace
@@ -138,6 +138,18 @@ class ProxyServer:
         scheme = "https" if context else "http"
         log.info("HTTP face at %s://%s%s", scheme, self._address, settings.prefix or "/")
         log.info("TLS-SNI face at %s", self._tcp_address)
+
+    def serve_in_process(
+        self, target: str, factory: Callable[[], asyncio.BaseProtocol] | None
+    ) -> None:
+        """Send the HTTP face's requests for ``target`` (``http://host:port``) to ``factory``,
+        the protocol factory of that server in this event loop, in memory; None: back to TCP
+        (and nothing before `start`, when there is no HTTP face yet)."""
+        if self.http is None:
+            if factory is None:
+                return
+            raise RuntimeError("the proxy is not started")
+        self.http.serve_in_process(target, factory)
 
     async def stop(self) -> None:
         """Close the listeners and every connection (spliced, handshaking, HTTP)."""
