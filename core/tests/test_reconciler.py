@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import logging
 import os
 import time
@@ -264,6 +265,78 @@ async def test_scale_up_and_down_through_the_scheduler(
         cluster, {"op": "adapt", "minimum": 1, "maximum": 4, "active": True}
     )
     assert scheduler.adapt == {"minimum": 1, "maximum": 4, "active": True}
+
+
+async def test_forwarded_requests_reuse_one_connection_and_survive_a_restarted_scheduler(
+    make: Callable[..., Awaitable[Gateway]],
+) -> None:
+    gw = await make(worker_connect_delay=0.02)
+    cluster = await gw.running()
+    scheduler = gw.driver.schedulers[cluster.name]
+    for minimum in (0, 1, 0, 1):
+        await gw.backend.forward_to_scheduler(
+            cluster, {"op": "adapt", "minimum": minimum, "maximum": 2, "active": True}
+        )
+    assert len(scheduler.comm_peers) == 4
+    assert len(set(scheduler.comm_peers)) == 1, scheduler.comm_peers  # one kept connection
+
+    # The scheduler goes away and comes back on its port: the kept connection is dead, and
+    # the next request still arrives (over a new one).
+    await scheduler.stop()
+    await scheduler.start()
+    await gw.backend.forward_to_scheduler(
+        cluster, {"op": "adapt", "minimum": 2, "maximum": 3, "active": True}
+    )
+    assert scheduler.adapt == {"minimum": 2, "maximum": 3, "active": True}
+    assert scheduler.comm_peers[-1] not in scheduler.comm_peers[:4]
+
+
+async def test_a_kept_connection_the_scheduler_drops_while_reused_is_retried_once(
+    make: Callable[..., Awaitable[Gateway]],
+) -> None:
+    """An agent that answers one request per connection and then drops the connection at
+    the next request's arrival (the race a kept-alive connection can lose): the forwarded
+    request is sent again on a new connection, not failed."""
+    gw = await make(worker_connect_delay=0.02)
+    cluster = await gw.running()
+    answered: list[bytes] = []
+
+    async def one_request_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        served = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                if served:
+                    break  # dropped without an answer
+                answered.append(body)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\n\r\n{}"
+                )
+                await writer.drain()
+                served = True
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(one_request_per_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cluster.api_address = f"http://127.0.0.1:{port}"
+    try:
+        for count in (1, 2):
+            await gw.backend.forward_to_scheduler(cluster, {"op": "scale", "count": count})
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [json.loads(b)["count"] for b in answered] == [1, 2]
 
 
 async def test_worker_groups_scale_apart_with_their_own_settings(

@@ -51,6 +51,9 @@ class ProcessBackend(Backend):
     comm_timeout: ClassVar[float] = 10.0
     """Seconds a forwarded scale/adapt request may take."""
 
+    comm_keepalive: ClassVar[float] = 15.0
+    """Seconds an idle connection to a scheduler's agent is kept for the next request."""
+
     logs_timeout: ClassVar[float] = 120.0
     """Seconds the driver's `ClusterDriver.cluster_logs` may take for one request."""
 
@@ -95,9 +98,13 @@ class ProcessBackend(Backend):
         if active:
             log.info("Resuming %d active cluster(s) from the store", len(active))
         unfit = {c.name: problems for c in active if (problems := self._type_config(c))}
-        # No keep-alive: requests are rare, and schedulers come and go.
+        # Keep-alive to the schedulers' agents: a few idle connections per scheduler, dropped
+        # after `comm_keepalive` s, so a burst of scale/adapt requests reuses one connection
+        # (a scheduler that went away costs one retry, see `forward_to_scheduler`).
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=4, keepalive_timeout=self.comm_keepalive
+            ),
             timeout=aiohttp.ClientTimeout(total=self.comm_timeout),
         )
         await self.driver.setup()
@@ -233,18 +240,29 @@ class ProcessBackend(Backend):
         url = f"{cluster.api_address.rstrip('/')}/api/comm"
         headers = {"Authorization": f"token {cluster.token}"}
         try:
-            async with self._session.post(url, json=msg, headers=headers) as resp:
-                if resp.status >= 400:
-                    text = (await resp.text())[:200]
-                    raise ClusterConflict(
-                        f"The scheduler of cluster {cluster.name} refused {op}: "
-                        f"HTTP {resp.status} {text}".rstrip()
-                    )
+            try:
+                status, text = await self._post(url, msg, headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A kept connection the scheduler closed (it restarted, or dropped it idle)
+                # just as it was reused: scale and adapt set targets, so sending again is safe.
+                status, text = await self._post(url, msg, headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ClusterConflict(
                 f"Cannot reach the scheduler of cluster {cluster.name} to {op}: "
                 f"{str(exc) or type(exc).__name__}"
             ) from exc
+        if status >= 400:
+            raise ClusterConflict(
+                f"The scheduler of cluster {cluster.name} refused {op}: "
+                f"HTTP {status} {text[:200]}".rstrip()
+            )
+
+    async def _post(
+        self, url: str, msg: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, str]:
+        assert self._session is not None
+        async with self._session.post(url, json=msg, headers=headers) as resp:
+            return resp.status, await resp.text()  # read whole: the connection is reused
 
     async def cluster_logs(
         self, cluster: Cluster, *, components: Sequence[str], tail: int, max_bytes: int

@@ -66,6 +66,9 @@ class FakeScheduler:
         """Workers wanted per named worker group."""
         self.adapt: dict[str, Any] | None = None
         self.comm_log: list[dict[str, Any]] = []
+        self.comm_peers: list[tuple[str, int]] = []
+        """The client address of each ``/api/comm`` request (one per request: a reused
+        connection repeats its address)."""
         self.workers: dict[str, float | None] = {}
         """Connected workers → monotonic time of the last ping (None: never expires)."""
         self.launched: set[str] = set()
@@ -108,7 +111,8 @@ class FakeScheduler:
         app.router.add_get("/status", self._handle_status)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
+        # A restart keeps the port it had (a scheduler coming back where it was).
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         self._loop_task = asyncio.create_task(self._heartbeat_loop(), name=f"fake-hb-{self.name}")
@@ -263,6 +267,9 @@ class FakeScheduler:
         if not isinstance(msg, dict):
             return web.json_response({"error": "body must be an object"}, status=400)
         self.comm_log.append(msg)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.comm_peers.append((str(peer[0]), int(peer[1])))
         op = msg.get("op")
         if op == "scale":
             count = msg.get("count")
