@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 HIGH_WATER = 64 * 1024
 """Default bytes one end may have waiting at the other before its writer is paused."""
@@ -37,7 +37,8 @@ class MemoryTransport(asyncio.Transport):
     ) -> None:
         super().__init__(dict(extra))
         self._loop = loop
-        self._protocol = protocol
+        # A stream protocol (data_received, eof_received), as a TCP transport is given.
+        self._protocol = cast(asyncio.Protocol, protocol)
         self._peer: MemoryTransport | None = None
         self._inbox: deque[bytes] = deque()
         self._inbox_size = 0
@@ -73,14 +74,14 @@ class MemoryTransport(asyncio.Transport):
             peer._schedule()
             if peer._writer_paused:  # nothing waits here any more
                 peer._writer_paused = False
-                self._loop.call_soon(peer._protocol.resume_writing)  # type: ignore[attr-defined]
+                self._loop.call_soon(peer._protocol.resume_writing)
         self._loop.call_soon(self._lose, None)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
+        self._protocol = cast(asyncio.Protocol, protocol)
 
     # -- asyncio.ReadTransport --------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class MemoryTransport(asyncio.Transport):
         peer._schedule()
         if not self._writer_paused and peer._inbox_size > self._high:
             self._writer_paused = True
-            self._protocol.pause_writing()  # type: ignore[attr-defined]
+            self._protocol.pause_writing()
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(list_of_data))
@@ -173,12 +174,12 @@ class MemoryTransport(asyncio.Transport):
             chunk = self._inbox.popleft()
             self._inbox_size -= len(chunk)
             self._relieve_writer()
-            protocol.data_received(chunk)  # type: ignore[attr-defined]
+            protocol.data_received(chunk)
         if self._closing or self._reading_paused or self._inbox:
             return
         if self._eof_in and not self._eof_given:
             self._eof_given = True
-            keep_open = protocol.eof_received()  # type: ignore[attr-defined]
+            keep_open = protocol.eof_received()
             if not keep_open:
                 self.close()
 
@@ -187,7 +188,7 @@ class MemoryTransport(asyncio.Transport):
         peer = self._peer
         if peer is not None and peer._writer_paused and self._inbox_size <= peer._low:
             peer._writer_paused = False
-            peer._protocol.resume_writing()  # type: ignore[attr-defined]
+            peer._protocol.resume_writing()
 
     def _lose(self, exc: Exception | None) -> None:
         if self._lost:
