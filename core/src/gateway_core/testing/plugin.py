@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+# Imported with the plugin, not in the end-of-run hook: an import there may be the first of
+# the module, so pytest's assertion rewriter parses it at exit, where CPython 3.11.7 can fail
+# with "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905) after the
+# original client's finalizers raised.
+from .scenarios import not_applicable_report
+
 try:
     from pytest_asyncio import fixture as async_fixture
 except ImportError:  # gateway-core[testing] brings it; without it async fixtures cannot run
@@ -204,8 +210,6 @@ def gateway_backend_setup() -> BackendSetup:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """List the scenarios a plugin declared not applicable, and why, at the end of the run."""
-    from .scenarios import not_applicable_report
-
     lines = list(not_applicable_report(config.stash))
     if lines:
         terminalreporter.section("backend scenarios declared not applicable")
