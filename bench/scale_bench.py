@@ -48,6 +48,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,17 @@ def tail(path: Path, lines: int = 12) -> str:
 # ============================================================================================
 
 
+COMM_PORTS = 64
+"""Addresses the schedulers' stand-in answers forwarded scales on: clusters spread over them,
+as real schedulers each have their own (a gateway may cap connections per address)."""
+
+
 class Schedulers:
     def __init__(self) -> None:
         self.targets: dict[str, dict[str, Any]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.comm_ports: list[int] = []
 
     async def run(self) -> None:
         import aiohttp
@@ -135,6 +142,10 @@ class Schedulers:
         site = web.TCPSite(runner, LOOPBACK, 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        for _ in range(COMM_PORTS):
+            comm = web.TCPSite(runner, LOOPBACK, 0)
+            await comm.start()
+            self.comm_ports.append(comm._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         print(self.port, flush=True)
         tasks = [asyncio.create_task(self.tail_loop())]
         loop = asyncio.get_running_loop()
@@ -204,6 +215,9 @@ class Schedulers:
                     if name in t["tokens"]:
                         self.spawn(self.beat(t, name, first=False))
 
+    def comm_port(self, name: str) -> int:
+        return self.comm_ports[zlib.crc32(name.encode()) % len(self.comm_ports)]
+
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
@@ -226,7 +240,7 @@ class Schedulers:
         msg = {
             "scheduler_address": "tls://127.0.0.1:9",
             "dashboard_address": "",
-            "api_address": f"http://{LOOPBACK}:{self.port}",
+            "api_address": f"http://{LOOPBACK}:{self.comm_port(name)}",
             "count": t["workers"],
             "active_workers": workers,
             "closing_workers": [],
@@ -1132,8 +1146,10 @@ def render(report: dict[str, Any]) -> str:
         "sends the heartbeats through the gateway's heartbeat route with the cluster's token "
         "(the first one makes the cluster RUNNING and sets its worker count; later ones list "
         "the started workers as active), and answers the scale requests a gateway forwards to "
-        "a scheduler's API. A separate *users* process (aiohttp, one session and cookie jar "
-        "per user, Basic auth) makes the load.",
+        "a scheduler's API, on 64 addresses (each cluster's API address is one of them, as "
+        "every real scheduler has its own: a gateway's connection limit per address then "
+        "does not turn into one limit for all clusters). A separate *users* process "
+        "(aiohttp, one session and cookie jar per user, Basic auth) makes the load.",
         "",
         "- *Filling*: one cluster is created through the API and taken to RUNNING with its "
         "workers (the template); with the gateway stopped, the store is filled to the size by "
