@@ -363,10 +363,37 @@ def check_settled(chaos: Chaos) -> None:
     while problems and time.monotonic() < deadline:
         time.sleep(1)
         problems = differences(chaos)
-    assert not problems, "\n".join(["not settled:", *problems, "journal:", *chaos.journal])
+    assert not problems, "\n".join(
+        ["not settled:", *problems, "journal:", *chaos.journal, *story(chaos, problems)]
+    )
     # Settled means it stays so: a few more rounds of every check find the same.
     time.sleep(3 * LEASE_TTL)
     assert differences(chaos) == []
+
+
+def story(chaos: Chaos, problems: list[str], lines: int = 40) -> list[str]:
+    """For each cluster named in ``problems``: its status and reason as a live replica answers,
+    and the last ``lines`` lines of each replica's log that name it (what a failed run needs
+    to be understood without a replay)."""
+    told: list[str] = []
+    names = sorted({w.name for w in chaos.wanted.values() if any(w.name in p for p in problems)})
+    for name in names:
+        for replica in chaos.alive()[:1]:
+            try:
+                status = replica.status(name)
+                reason = replica.call("GET", f"/v2/clusters/{name}/reason")["reason"]
+                told.append(f"{name} on {replica.name}: {status}: {reason}")
+            except (OSError, urllib.error.HTTPError) as exc:
+                told.append(f"{name} on {replica.name}: {exc}")
+        for replica in chaos.replicas.replicas:
+            try:
+                text = replica.log.read_text(errors="replace")
+            except OSError:
+                continue
+            mentions = [line for line in text.splitlines() if name in line][-lines:]
+            told.append(f"--- {replica.name}.log lines naming {name}:")
+            told.extend(mentions)
+    return told
 
 
 def started_by(replicas: ReplicaSet, name: str) -> set[str]:

@@ -347,6 +347,55 @@ async def test_the_owner_learns_through_the_database_what_another_replica_was_to
 
 
 @pytest.mark.system
+async def test_the_owner_reads_the_database_before_failing_a_cluster_for_silence(
+    postgres_url: str,
+) -> None:
+    """Every heartbeat goes to replica B; A, the owner, stops syncing (a period far longer
+    than the heartbeat timeout, as a loaded replica's sync can lag). A keeps the cluster while
+    B records its heartbeats, and fails it once the scheduler falls silent."""
+    from test_reconciler import Gateway, until
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    timing = {"heartbeat_period": 0.2, "cluster_heartbeat_timeout": 1.0}
+
+    def settings(replica: str) -> dict[str, Any]:
+        return {
+            "db_url": postgres_url,
+            "db_encrypt_keys": [key],
+            "replica_id": replica,
+            "lease_ttl": 60.0,
+            "replica_sync_period": 0.1,
+            "stop_clusters_on_shutdown": False,
+        }
+
+    a = Gateway(gateway=settings("replica-a"), **timing)
+    b = Gateway(gateway=settings("replica-b"), **timing)
+    await a.backend.setup()
+    await b.backend.setup()
+    try:
+        replicas = a.backend.reconciler.replicas
+        assert replicas is not None and len(replicas.held) == SHARDS
+        a.driver.deliver_to(b.backend)  # A's schedulers heartbeat to B only
+        cluster = await a.start()
+        await until(lambda: cluster.status == ClusterStatus.RUNNING, timeout=10)
+        replicas.sync_period = 3600.0  # from its next round on, A reads nothing B writes
+        await asyncio.sleep(0.5)
+        synced = cluster.last_heartbeat
+        await asyncio.sleep(4.0)  # four heartbeat timeouts
+        assert cluster.status == ClusterStatus.RUNNING, cluster.reason
+        assert cluster.last_heartbeat is not None and synced is not None
+        assert cluster.last_heartbeat > synced  # taken from the database, not from a sync
+
+        a.driver.schedulers[cluster.name].pause()
+        await until(lambda: cluster.status == ClusterStatus.FAILED, timeout=10)
+        assert cluster.reason is not None and "heartbeat" in cluster.reason
+    finally:
+        for gw in (b, a):
+            await gw.backend.cleanup()
+            await gw.driver.shutdown()
+
+
+@pytest.mark.system
 async def test_a_replica_that_joins_gets_half_the_shards_and_carries_on_their_clusters(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

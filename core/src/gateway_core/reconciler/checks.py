@@ -70,6 +70,8 @@ class Checks:
                 continue
             last = cluster.last_heartbeat
             if last is not None and now_s - last > cfg.heartbeat_timeout:
+                if await self._heard_elsewhere(cluster, now_s):
+                    continue
                 shared.request_stop(
                     cluster.name,
                     failed=True,
@@ -94,6 +96,22 @@ class Checks:
                         f"({cfg.worker_start_timeout:g} s)",
                         count=False,
                     )
+
+    async def _heard_elsewhere(self, cluster: Cluster, now_s: float) -> bool:
+        """Whether another replica recorded a heartbeat of ``cluster`` within the timeout
+        that this one has not synced yet (then taken as this one's); False with one gateway.
+        A read that fails counts as no news: the cluster is failed as it would have been."""
+        try:
+            recorded = await self.shared.recorded_heartbeat(cluster.name)
+        except Exception:  # the database may be away: decide on what we know
+            log.warning("Reading the last heartbeat of %s failed", cluster.name, exc_info=True)
+            return False
+        if recorded is None or now_s - recorded > self.shared.config.heartbeat_timeout:
+            return False
+        if cluster.last_heartbeat is None or recorded > cluster.last_heartbeat:
+            cluster.last_heartbeat = recorded
+        log.debug("Cluster %s: a heartbeat another replica recorded keeps it", cluster.name)
+        return True
 
     def _lifetime(self, cluster: Cluster, now: int) -> bool:
         """Emit the ``lifetime_warning`` event once the warning is due, and stop the cluster

@@ -372,6 +372,12 @@ class Replicas:
                 self._merge_workers(local, [worker])
         return applied
 
+    async def recorded_heartbeat(self, name: str) -> float | None:
+        """The last heartbeat of cluster ``name`` in the database now (this replica's sync may
+        be up to a period behind the heartbeats other replicas recorded)."""
+        fresh = await asyncio.to_thread(self.store.read_cluster, name)
+        return None if fresh is None else fresh.last_heartbeat
+
     async def find(self, name: str) -> Cluster | None:
         """A cluster this replica does not hold yet (made on another replica since the last
         read): read from the database, held, and returned; None when there is none."""

@@ -97,6 +97,7 @@ class Reconciler:
             )
             self.shared.owns = self.replicas.owns
             self.shared.fence = self.replicas.fence
+            self.shared.recorded_heartbeat = self.replicas.recorded_heartbeat
         self.workers = WorkerMachine(shared=self.shared)
         self.clusters = ClusterMachine(shared=self.shared, workers=self.workers)
         self.checks = Checks(shared=self.shared, workers=self.workers)

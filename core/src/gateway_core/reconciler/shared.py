@@ -37,6 +37,10 @@ async def _unfenced(name: str) -> bool:
     return True
 
 
+async def _no_other_heartbeats(name: str) -> float | None:
+    return None
+
+
 @define(kw_only=True, eq=False)
 class Shared:
     """The services the reconciler's parts share; built once by `Reconciler`."""
@@ -54,6 +58,10 @@ class Shared:
     fence: Callable[[str], Awaitable[bool]] = _unfenced
     """Awaited just before a driver call that must not run twice for the named cluster: False
     when this replica lost the cluster (the call must not be made)."""
+    recorded_heartbeat: Callable[[str], Awaitable[float | None]] = _no_other_heartbeats
+    """The last heartbeat of the named cluster as the database has it now (other replicas
+    record the heartbeats the load balancer sends them); None with one gateway. Asked before
+    a cluster is failed for silence, so a heartbeat not synced yet does not fail it."""
 
     def enqueue(self, cluster_name: str, delay: float = 0.0) -> None:
         """Queue cluster ``cluster_name`` to be reconciled after ``delay`` seconds."""
