@@ -268,6 +268,11 @@ address = "127.0.0.1:{port}"
 
 [backend.unsafe-local]
 cluster_heartbeat_period = 1
+# A heartbeat to a replica that is being killed or is starting gets no answer or a 503, and
+# is retried a period later: the default timeout (two periods) would fail a cluster for one
+# such beat. With the default 15 s period a failed beat is retried after 1 s, well within
+# its 30 s timeout; five periods here leave the same room for a few.
+cluster_heartbeat_timeout = 5
 cluster_status_period = 2
 worker_status_period = 2
 clusters_directory = "{clusters}"
