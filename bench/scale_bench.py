@@ -120,6 +120,11 @@ COMM_PORTS = 64
 as real schedulers each have their own (a gateway may cap connections per address)."""
 
 
+def comm_port(ports: list[int], cluster: str) -> int:
+    """The stand-in's port that answers as cluster ``cluster``'s scheduler API."""
+    return ports[zlib.crc32(cluster.encode()) % len(ports)]
+
+
 class Schedulers:
     def __init__(self) -> None:
         self.targets: dict[str, dict[str, Any]] = {}
@@ -147,6 +152,7 @@ class Schedulers:
             await comm.start()
             self.comm_ports.append(comm._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         print(self.port, flush=True)
+        print(json.dumps(self.comm_ports), flush=True)
         tasks = [asyncio.create_task(self.tail_loop())]
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
@@ -216,7 +222,7 @@ class Schedulers:
                         self.spawn(self.beat(t, name, first=False))
 
     def comm_port(self, name: str) -> int:
-        return self.comm_ports[zlib.crc32(name.encode()) % len(self.comm_ports)]
+        return comm_port(self.comm_ports, name)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -632,6 +638,8 @@ class Gateway:
                     "username": owner,
                     "token": fernet.encrypt(uuid.uuid4().hex.encode()),
                     "start_time": int(time.time() * 1000),
+                    # Its own scheduler API address, as the stand-in answers for it.
+                    "api_address": f"http://{LOOPBACK}:{comm_port(self.hub.comm_ports, name)}",
                 }
                 if key == "id":  # the original: integer ids, given here to link the workers
                     values["id"] = None
@@ -667,6 +675,7 @@ class Hub:
         )
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
+        self.comm_ports: list[int] = json.loads(self.proc.stdout.readline())
 
     def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"http://{LOOPBACK}:{self.port}{path}"
