@@ -72,6 +72,8 @@ class Checks:
             if last is not None and now_s - last > cfg.heartbeat_timeout:
                 if await self._heard_elsewhere(cluster, now_s):
                     continue
+                if not shared.owns(cluster.name) or cluster.target != ClusterStatus.RUNNING:
+                    continue  # changed hands or was stopped while the database was read
                 shared.request_stop(
                     cluster.name,
                     failed=True,
