@@ -18,11 +18,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from attrs import define
+from attrs import Factory, define
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
@@ -404,7 +404,9 @@ class Store:
             raise StoreError(f"cluster {cluster.name} already exists")
         steps: list[_Step] = [(self._insert_cluster, self._cluster_row(cluster))]
         steps.extend((self._insert_worker, _worker_row(w)) for w in cluster.workers.values())
-        self._submit(f"new cluster {cluster.name}", steps, cluster=cluster.name)
+        self._submit(
+            f"new cluster {cluster.name}", steps, cluster=cluster.name, rows={cluster.name: ALL}
+        )
         self._clusters[cluster.name] = cluster
         self._index(cluster)
 
@@ -440,7 +442,12 @@ class Store:
                 .values({f: sa.bindparam(f) for f in fields})
             )
         values["c_name"] = cluster.name
-        self._submit(f"cluster {cluster.name}", [(statement, values)], cluster=cluster.name)
+        self._submit(
+            f"cluster {cluster.name}",
+            [(statement, values)],
+            cluster=cluster.name,
+            rows={cluster.name: ""},
+        )
 
     def delete_cluster(self, cluster: Cluster | str) -> None:
         """Remove a cluster and its workers; unknown names are ignored."""
@@ -458,6 +465,7 @@ class Store:
             f"new worker {worker.name}",
             [(self._insert_worker, _worker_row(worker))],
             cluster=worker.cluster_name,
+            rows={worker.cluster_name: worker.name},
         )
         cluster.workers[worker.name] = worker
 
@@ -484,7 +492,12 @@ class Store:
             )
         values["w_cluster"] = worker.cluster_name
         values["w_name"] = worker.name
-        self._submit(f"worker {worker.name}", [(statement, values)], cluster=worker.cluster_name)
+        self._submit(
+            f"worker {worker.name}",
+            [(statement, values)],
+            cluster=worker.cluster_name,
+            rows={worker.cluster_name: worker.name},
+        )
 
     def delete_worker(self, worker: Worker) -> None:
         """Remove one worker record."""
@@ -493,7 +506,11 @@ class Store:
             .where(workers_table.c.cluster_name == worker.cluster_name)
             .where(workers_table.c.name == worker.name)
         )
-        self._submit(f"deleted worker {worker.name}", [(statement, None)])
+        self._submit(
+            f"deleted worker {worker.name}",
+            [(statement, None)],
+            rows={worker.cluster_name: worker.name},
+        )
         cluster = self._clusters.get(worker.cluster_name)
         if cluster is not None:
             cluster.workers.pop(worker.name, None)
@@ -545,7 +562,18 @@ class Store:
         """``statement`` setting the row's ``changed`` stamp, on a shared database."""
         return statement.values(changed=_db_now_ms()) if self.shared else statement
 
-    def _submit(self, what: str, steps: Sequence[_Step], *, cluster: str | None = None) -> None:
+    def _submit(
+        self,
+        what: str,
+        steps: Sequence[_Step],
+        *,
+        cluster: str | None = None,
+        rows: Mapping[str, str] | None = None,
+    ) -> None:
+        """Queue ``steps`` as one write. ``rows``: what the steps touch, cluster name -> ""
+        (its own row), a worker's name (that worker's row) or `ALL` (its row and all its
+        workers'); a batch moves a write ahead of writes touching none of it (`_regrouped`).
+        None: not known, no write crosses it."""
         if self._closed:
             raise StoreError(f"the store is closed; cannot write {what}")
         self._submitted += 1
@@ -556,7 +584,7 @@ class Store:
                 target=self._write_loop, name="gateway-store-writer", daemon=True
             )
             self._writer.start()
-        self._writes.put(_Write(what=what, steps=tuple(steps), number=self._submitted))
+        self._writes.put(_Write(what=what, steps=tuple(steps), number=self._submitted, rows=rows))
 
     def _write_loop(self) -> None:
         """The writer thread: apply queued writes in order until `close`, committing the
@@ -606,7 +634,7 @@ class Store:
         if len(batch) > 1:
             try:
                 with self._serial, self.engine.begin() as conn:
-                    for statement, params in _grouped(step for w in batch for step in w.steps):
+                    for statement, params in _regrouped(batch):
                         conn.execute(statement, params)
                 return
             except Exception as exc:  # noqa: BLE001 - retried below, one write at a time
@@ -909,7 +937,9 @@ class Store:
             (workers_table.delete().where(workers_table.c.cluster_name.in_(names)), None),
             (clusters_table.delete().where(clusters_table.c.name.in_(names)), None),
         ]
-        self._submit(f"deleted cluster(s) {', '.join(names)}", steps)
+        self._submit(
+            f"deleted cluster(s) {', '.join(names)}", steps, rows=dict.fromkeys(names, ALL)
+        )
         for name in names:
             self._last_write.pop(name, None)
             cluster = self._clusters.pop(name, None)
@@ -996,31 +1026,68 @@ class Store:
         )
 
 
-def _grouped(steps: Iterable[_Step]) -> Iterator[_Step]:
-    """``steps`` in order, each run of consecutive steps with the same statement object and
-    parameters of the same keys merged into one step with a list of parameters (one
-    executemany: a batch's new workers, or its workers' state updates, in one go)."""
-    statement: Any = None
-    group: list[dict[str, Any]] = []
-    keys: Any = None
-    for step, params in steps:
-        if (
-            params is not None
-            and step is statement
-            and isinstance(params, dict)
-            and params.keys() == keys
-        ):
-            group.append(params)
-            continue
-        if statement is not None:
-            yield statement, group if len(group) > 1 else group[0]
-            statement, group, keys = None, [], None
-        if params is None or not isinstance(params, dict):
-            yield step, params
-            continue
-        statement, group, keys = step, [params], params.keys()
-    if statement is not None:
-        yield statement, group if len(group) > 1 else group[0]
+ALL = "*"
+"""In a write's rows: every row of the cluster, its own and its workers' (an insert or delete
+of the cluster)."""
+
+
+def _regrouped(batch: Iterable[_Write]) -> list[_Step]:
+    """The steps of ``batch`` regrouped so that each kind of statement goes out as few times as
+    the rows allow: a step with a parameter dict joins the earliest group of the same
+    statement object and parameter keys that is followed by no group touching a row it
+    touches (one executemany per group); any other step starts a group at the end.
+
+    Only steps on different rows change places: every row sees its changes in the order they
+    were made, a worker's row comes after its cluster's insert and before its delete (`ALL`),
+    and a write whose rows are not known (`_Write.rows` None) is a fence no step crosses."""
+    groups: list[_Group] = []
+    for write in batch:
+        rows = write.rows
+        for statement, params in write.steps:
+            keys = params.keys() if isinstance(params, dict) else None
+            home: _Group | None = None
+            if keys is not None and rows is not None:
+                for group in reversed(groups):
+                    if group.touches(rows):
+                        break  # the step must stay after this group
+                    if group.statement is statement and group.keys == keys:
+                        home = group
+            if home is None:
+                home = _Group(statement=statement, keys=keys)
+                groups.append(home)
+            home.add(rows, params)
+    return [(g.statement, g.params if len(g.params) > 1 else g.params[0]) for g in groups]
+
+
+@define(kw_only=True, eq=False)
+class _Group:
+    """Steps of one statement sent together (`_regrouped`), and the rows they touch."""
+
+    statement: Any
+    keys: Any
+    params: list[Any] = Factory(list)
+    rows: dict[str, set[str]] = Factory(dict)
+    """Cluster name -> "" (its row), worker names, `ALL`: what the steps touch."""
+    fence: bool = False
+    """A step of it touches rows not known: nothing crosses it."""
+
+    def add(self, rows: Mapping[str, str] | None, params: Any) -> None:
+        self.params.append(params)
+        if rows is None:
+            self.fence = True
+            return
+        for cluster, row in rows.items():
+            self.rows.setdefault(cluster, set()).add(row)
+
+    def touches(self, rows: Mapping[str, str]) -> bool:
+        """Whether a step touching ``rows`` must stay after this group."""
+        if self.fence:
+            return True
+        for cluster, row in rows.items():
+            mine = self.rows.get(cluster)
+            if mine is not None and (row == ALL or row in mine or ALL in mine):
+                return True
+        return False
 
 
 def _drop(index: dict[Any, _Bucket], key: Any, name: str) -> None:
@@ -1051,6 +1118,9 @@ class _Write:
     steps: tuple[_Step, ...]
     number: int = 0
     """Its place in the order of writes (`Store.pending_since`)."""
+    rows: Mapping[str, str] | None = None
+    """The rows its steps touch, cluster name -> "" (the cluster's row), a worker's name or
+    `ALL` (see `Store._submit`); None when not known (no step crosses it)."""
 
 
 @define(kw_only=True, frozen=True)
