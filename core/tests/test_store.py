@@ -575,6 +575,66 @@ async def test_a_batch_regroups_statements_by_kind_keeping_each_rows_order(db_ur
     again.close()
 
 
+async def test_a_create_queued_ahead_commits_before_the_backlog_and_keeps_its_rows_order(
+    db_url: str, connect: sqlalchemy.Engine
+) -> None:
+    """`create_cluster(ahead=True)` and `flush_ahead`: the insert is committed in the writer's
+    next turn, before the writes queued ahead of it (more than a batch), so a create answers
+    without waiting for the backlog; a change of the new cluster queued after it still lands
+    after it, and the backlog is all written."""
+    key = make_key()
+    store = Store(url=db_url, encrypt_keys=[key])
+    busy = make_cluster("c0")
+    store.create_cluster(busy)
+    await store.flush()
+    gate = threading.Event()
+    log: list[str] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(conn: object, cursor: object, statement: str, params: object, *args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        words = statement.split()
+        log.append(" ".join(words[:3]) + (" new" if "new" in str(params) else ""))
+
+    @sqlalchemy.event.listens_for(store.engine, "commit")
+    def count(conn: object) -> None:
+        log.append("COMMIT")
+
+    store.update_cluster(busy, count=1)  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    backlog = store_module.WRITE_BATCH + 50
+    for i in range(backlog):  # the workers of a cluster being started, and more
+        store.create_worker(Worker(name=f"c0-w{i}", cluster_name="c0"))
+    everything = asyncio.ensure_future(store.flush())
+    new = make_cluster("new")
+    store.create_cluster(new, ahead=True)
+    created = asyncio.ensure_future(store.flush_ahead())
+    store.update_cluster(new, count=7)  # queued after the insert, not ahead
+    await asyncio.sleep(0.05)
+    assert not created.done()  # nothing is committed yet
+    gate.set()
+    await asyncio.wait_for(created, 30)
+    with connect.connect() as conn:
+        row = conn.execute(sqlalchemy.text("SELECT name FROM clusters WHERE name = 'new'")).all()
+    assert row == [("new",)]
+    await asyncio.wait_for(everything, 30)
+    await store.flush()
+    # The held write; then the insert ahead, alone, before the first batch of the backlog.
+    assert log[:5] == [
+        "UPDATE clusters SET",
+        "COMMIT",
+        "INSERT INTO clusters new",
+        "COMMIT",
+        "INSERT INTO workers",
+    ], log[:5]
+    await store.aclose()
+    again = Store(url=db_url, encrypt_keys=[key])
+    loaded = {c.name: c for c in again.load()}
+    assert loaded["new"].count == 7
+    assert len(loaded["c0"].workers) == backlog
+    again.close()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

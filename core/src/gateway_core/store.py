@@ -265,7 +265,10 @@ class Store:
         self._by_status: dict[ClusterStatus, _Bucket] = {}
         self._by_sharee_user: dict[str, _Bucket] = {}
         self._by_sharee_group: dict[str, _Bucket] = {}
-        self._writes: queue.Queue[_Write | _Barrier | None] = queue.Queue()
+        self._writes: queue.Queue[_Write | _Barrier | _Nudge | None] = queue.Queue()
+        # Writes that go ahead of the queue (`create_cluster(ahead=True)`) and their barriers
+        # (`flush_ahead`); each put is followed by a `_NUDGE` on ``_writes``.
+        self._ahead: queue.Queue[_Write | _Barrier] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._closed = False
         # Replica sync: writes are numbered; a record with a write queued after a fetch began
@@ -398,14 +401,23 @@ class Store:
     # ---------------------------------------------------------------------------------------
     # Writing: memory at once, the database behind
 
-    def create_cluster(self, cluster: Cluster) -> None:
-        """Insert ``cluster`` (and any workers it already holds)."""
+    def create_cluster(self, cluster: Cluster, *, ahead: bool = False) -> None:
+        """Insert ``cluster`` (and any workers it already holds).
+
+        With ``ahead`` the insert goes ahead of the writes queued so far (the writer commits
+        it before them, or with them), and `flush_ahead` waits for it without waiting for
+        them: for a cluster whose name was never stored (`gateway_core.models.new_name`), on
+        whose row no earlier write can be queued."""
         if cluster.name in self._clusters:
             raise StoreError(f"cluster {cluster.name} already exists")
         steps: list[_Step] = [(self._insert_cluster, self._cluster_row(cluster))]
         steps.extend((self._insert_worker, _worker_row(w)) for w in cluster.workers.values())
         self._submit(
-            f"new cluster {cluster.name}", steps, cluster=cluster.name, rows={cluster.name: ALL}
+            f"new cluster {cluster.name}",
+            steps,
+            cluster=cluster.name,
+            rows={cluster.name: ALL},
+            ahead=ahead,
         )
         self._clusters[cluster.name] = cluster
         self._index(cluster)
@@ -538,6 +550,19 @@ class Store:
         self._writes.put(_Barrier(loop=loop, future=written))
         await written
 
+    async def flush_ahead(self) -> None:
+        """Return once every write queued ahead (`create_cluster` with ``ahead``) before this
+        call is in the database (or was given up on and logged), without waiting for the
+        other writes queued before it: a create answers after its own row's commit, not
+        after the backlog of the clusters and workers being started."""
+        if self._writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        self._ahead.put(_Barrier(loop=loop, future=written))
+        self._writes.put(_NUDGE)
+        await written
+
     def wait_written(self) -> None:
         """Block until every change made so far is in the database: for synchronous callers
         (start-up, tools, tests); on the event loop, await `flush` instead."""
@@ -569,31 +594,44 @@ class Store:
         *,
         cluster: str | None = None,
         rows: Mapping[str, str] | None = None,
+        ahead: bool = False,
     ) -> None:
         """Queue ``steps`` as one write. ``rows``: what the steps touch, cluster name -> ""
         (its own row), a worker's name (that worker's row) or `ALL` (its row and all its
         workers'); a batch moves a write ahead of writes touching none of it (`_regrouped`).
-        None: not known, no write crosses it."""
+        None: not known, no write crosses it. ``ahead``: see `create_cluster`."""
         if self._closed:
             raise StoreError(f"the store is closed; cannot write {what}")
         self._submitted += 1
-        if cluster is not None and self.shared:
+        if cluster is not None and self.shared and not ahead:
+            # (A row written ahead is as new as the record until its next change, which is
+            # not ahead and counts here.)
             self._last_write[cluster] = self._submitted
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._write_loop, name="gateway-store-writer", daemon=True
             )
             self._writer.start()
-        self._writes.put(_Write(what=what, steps=tuple(steps), number=self._submitted, rows=rows))
+        write = _Write(what=what, steps=tuple(steps), number=self._submitted, rows=rows)
+        if ahead:
+            self._ahead.put(write)
+            self._writes.put(_NUDGE)
+        else:
+            self._writes.put(write)
 
     def _write_loop(self) -> None:
         """The writer thread: apply queued writes in order until `close`, committing the
         writes queued meanwhile (up to `WRITE_BATCH`) together, and releasing the `flush`
         barriers among them once that commit is done: concurrent flushes share one commit
         (group commit), and no barrier is released before every write queued ahead of it is
-        committed (or given up on and logged)."""
+        committed (or given up on and logged).
+
+        Writes queued ahead (`create_cluster` with ``ahead``) are taken after the others of a
+        turn, so that each of them queued before one of those is among them, and committed
+        first, in a transaction of their own; then their `flush_ahead` barriers are released.
+        """
         while True:
-            item: _Write | _Barrier | None = self._writes.get()
+            item: _Write | _Barrier | _Nudge | None = self._writes.get()
             taken = 1
             batch: list[_Write] = []
             barriers: list[_Barrier] = []
@@ -605,7 +643,7 @@ class Store:
                         break
                     if isinstance(item, _Barrier):
                         barriers.append(item)
-                    else:
+                    elif isinstance(item, _Write):
                         batch.append(item)
                         if len(batch) >= WRITE_BATCH:
                             break
@@ -614,6 +652,7 @@ class Store:
                     except queue.Empty:
                         break
                     taken += 1
+                self._write_ahead()
                 if batch:
                     try:
                         self._apply_batch(batch)
@@ -627,6 +666,27 @@ class Store:
                     self._writes.task_done()
             if stop:
                 return
+
+    def _write_ahead(self) -> None:
+        """Commit every write queued ahead so far, then release the barriers among them."""
+        batch: list[_Write] = []
+        barriers: list[_Barrier] = []
+        while True:
+            try:
+                item = self._ahead.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Barrier):
+                barriers.append(item)
+            else:
+                batch.append(item)
+        if batch:
+            try:
+                self._apply_batch(batch)
+            finally:
+                self.commits += 1
+        for barrier in barriers:
+            barrier.release()
 
     def _apply_batch(self, batch: list[_Write]) -> None:
         """Commit ``batch`` in one transaction; when that fails, apply each write on its own
@@ -1135,6 +1195,13 @@ class _Barrier:
             self.loop.call_soon_threadsafe(_resolve, self.future)
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
+
+
+class _Nudge:
+    """Queued after a write or barrier queued ahead: wakes the writer to take it."""
+
+
+_NUDGE = _Nudge()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
