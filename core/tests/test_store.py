@@ -635,6 +635,24 @@ async def test_a_create_queued_ahead_commits_before_the_backlog_and_keeps_its_ro
     again.close()
 
 
+@pytest.mark.system
+def test_a_postgres_store_keeps_a_connection_for_each_thread_that_may_use_it(
+    postgres_url: str,
+) -> None:
+    """The writer and every thread of asyncio's default executor (lease, fence and sync
+    statements) can hold a connection at once without the pool opening and closing more."""
+    import concurrent.futures
+
+    store = Store(url=postgres_url, encrypt_keys=[make_key()])
+    try:
+        executor_threads = concurrent.futures.ThreadPoolExecutor()._max_workers
+        pool = store.engine.pool
+        assert isinstance(pool, sqlalchemy.pool.QueuePool)
+        assert pool.size() >= executor_threads + 1
+    finally:
+        store.close()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import copy
 import logging
+import os
 import queue
 import threading
 import time
@@ -1259,15 +1260,32 @@ def _worker_from_row(row: Mapping[Any, Any]) -> Worker:
     )
 
 
+def pool_size() -> int:
+    """Connections kept open to a persistent database: one per thread that may use the store
+    at once (the writer, and asyncio's default executor, which runs the lease, fence and sync
+    statements: ``min(32, cpus + 4)`` threads), plus one to spare. SQLAlchemy's default of 5 is
+    fewer, so connections beyond it were opened and closed again under load."""
+    return min(32, (os.cpu_count() or 1) + 4) + 2
+
+
 def _make_engine(url: str, *, debug: bool) -> Engine:
     kwargs: dict[str, Any] = {"echo": debug}
     if is_in_memory(url):
         # One shared connection, or every pooled connection would see its own empty database.
         kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+    elif _backend(url) == "postgresql":
+        kwargs.update(pool_size=pool_size(), max_overflow=pool_size())
     try:
         return sa.create_engine(url, **kwargs)
     except (ArgumentError, ImportError, SQLAlchemyError) as exc:
         raise StoreError(f"cannot use db_url {_safe_url(url)}: {_reason(exc)}") from exc
+
+
+def _backend(url: str) -> str:
+    try:
+        return str(sa.make_url(url).get_backend_name())
+    except ArgumentError:
+        return ""
 
 
 def _reason(exc: BaseException) -> str:
