@@ -1337,8 +1337,9 @@ FINDINGS: list[str] = [
     "and the certificate's signature, both of which release it) cost the loop about a sixth "
     "of its time, and the replicas' sync re-reads this replica's own writes (3-4 %). A lower "
     "`sys.setswitchinterval` (1 ms) measured within the noise and was left out. So the goal "
-    "of 300/s is at the edge: just under it in this run, over it in some A/B runs (307/s; "
-    "346/s when the 2,000 creates ran out in 5.8 s), needing a quiet machine to say.",
+    "of 300/s is at the edge of this machine's noise: just under it in that run, over it in "
+    "the branch's next run a minute later (326/s at 1,000; 371/s at 10,000, where the 2,000 "
+    "creates ran out in 5.4 s; load 1.3-2.0) and in some A/B runs (307/s; 346/s).",
     "**The periodic worker check is one long synchronous pass.** `Checks.workers_alive` "
     "visits all 100,000 workers every `worker_status_period` and pairs each with the driver's "
     "answer (`_ask`): 14 % + 7 % self of the busy samples under API load (5 s periods here; "
