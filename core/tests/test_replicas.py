@@ -258,19 +258,26 @@ async def test_fences_asking_together_share_one_statement_and_a_later_one_sends_
         replicas = gw.backend.reconciler.replicas
         assert replicas is not None
         store = gw.backend.store
-        asked: list[str] = []
-        held = store.lease_held
+        asked: list[list[str]] = []
+        held = store.leases_held
 
-        def counted(lease: Any, **kw: Any) -> bool:
-            asked.append(lease.name)
-            return held(lease, **kw)
+        def counted(leases: Any, **kw: Any) -> set[tuple[str, int]]:
+            asked.append(sorted(lease.name for lease in leases))
+            return held(leases, **kw)
 
-        store.lease_held = counted  # type: ignore[method-assign]
+        store.leases_held = counted  # type: ignore[method-assign]
         name = "c" * 32
         # Ten fences in one turn of the loop (a cluster's workers starting together): one
         # statement for all of them.
         assert await asyncio.gather(*(replicas.fence(name) for _ in range(10))) == [True] * 10
-        assert asked == [shard_lease(shard_of(name))]
+        assert asked == [[shard_lease(shard_of(name))]]
+        # Fences of clusters in other shards asking in the same turn: one statement too.
+        others = [f"{i:032x}" for i in range(40)]
+        shards = sorted({shard_lease(shard_of(n)) for n in others})
+        assert len(shards) > 10
+        assert await asyncio.gather(*(replicas.fence(n) for n in others)) == [True] * 40
+        assert asked[1:] == [shards]
+        asked.clear()
         # Once the statement was sent, a fence gets a statement of its own, which sees the
         # lease taken by another replica meanwhile.
         lease = replicas.held[shard_of(name)]
@@ -282,7 +289,7 @@ async def test_fences_asking_together_share_one_statement_and_a_later_one_sends_
         assert stolen is not None
         assert await replicas.fence(name) is False
         await first
-        assert len(asked) == 3
+        assert len(asked) == 2
     finally:
         await gw.backend.cleanup()
         await gw.driver.shutdown()

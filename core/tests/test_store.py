@@ -499,6 +499,160 @@ async def test_a_batch_sends_its_new_workers_and_their_updates_as_one_statement_
     again.close()
 
 
+async def test_a_batch_regroups_statements_by_kind_keeping_each_rows_order(db_url: str) -> None:
+    """Interleaved writes of several clusters and their workers in one batch go out as one
+    executemany per kind of statement where the rows allow; each row still sees its changes
+    in order (same-field updates of one row, an update after another of the same row, a
+    worker after its cluster's insert, a worker re-made after its delete)."""
+    key = make_key()
+    store = Store(url=db_url, encrypt_keys=[key])
+    first = make_cluster("c0")
+    store.create_cluster(first)
+    await store.flush()
+    gate = threading.Event()
+    statements: list[str] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(conn: object, cursor: object, statement: str, *args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        statements.append(" ".join(statement.split()[:3]))
+
+    store.update_cluster(first, count=1)  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    clusters = [make_cluster(f"c{i}") for i in range(1, 4)]
+    for cluster in clusters:  # as concurrent creates interleave their writes
+        store.create_cluster(cluster)
+        store.update_cluster(cluster, state={"pid": cluster.name})
+    for cluster in clusters:
+        store.update_cluster(cluster, count=2)
+        for i in range(3):
+            store.create_worker(Worker(name=f"{cluster.name}-w{i}", cluster_name=cluster.name))
+        store.update_cluster(cluster, status=ClusterStatus.RUNNING)
+        store.update_cluster(cluster, count=3)  # after the status update of the same row
+    for cluster in clusters:
+        for worker in cluster.workers.values():
+            store.update_worker(worker, state={"n": 1})
+            store.update_worker(worker, status=WorkerStatus.RUNNING)
+            store.update_worker(worker, state={"n": 2})  # the last state wins
+    gone = clusters[0].workers["c1-w0"]
+    store.delete_worker(gone)
+    store.create_worker(Worker(name="c1-w0", cluster_name="c1", state={"again": True}))
+    gate.set()
+    await store.flush()
+    batch = statements[1:]
+    # Per kind of statement one executemany for the 3 clusters (or 9 workers), not one
+    # statement per write: 3 inserts and 15 updates of clusters, 9 + 1 inserts, 27 updates
+    # of workers and a delete were written in 10 statements.
+    assert batch == [
+        "INSERT INTO clusters",
+        "UPDATE clusters SET",  # state
+        "UPDATE clusters SET",  # count = 2
+        "INSERT INTO workers",
+        "UPDATE clusters SET",  # status
+        "UPDATE clusters SET",  # count = 3
+        "UPDATE workers SET",  # state n = 1
+        "UPDATE workers SET",  # status
+        "UPDATE workers SET",  # state n = 2
+        "DELETE FROM workers",
+        "INSERT INTO workers",
+    ], batch
+    await store.aclose()
+    again = Store(url=db_url, encrypt_keys=[key])
+    loaded = {c.name: c for c in again.load()}
+    for cluster in clusters:
+        stored = loaded[cluster.name]
+        assert (stored.count, stored.status, stored.state) == (
+            3,
+            ClusterStatus.RUNNING,
+            {"pid": cluster.name},
+        )
+        assert sorted(stored.workers) == [f"{cluster.name}-w{i}" for i in range(3)]
+        for worker in stored.workers.values():
+            if worker.name == "c1-w0":
+                assert (worker.status, worker.state) == (WorkerStatus.PENDING, {"again": True})
+            else:
+                assert (worker.status, worker.state) == (WorkerStatus.RUNNING, {"n": 2})
+    again.close()
+
+
+async def test_a_create_queued_ahead_commits_before_the_backlog_and_keeps_its_rows_order(
+    db_url: str, connect: sqlalchemy.Engine
+) -> None:
+    """`create_cluster(ahead=True)` and `flush_ahead`: the insert is committed in the writer's
+    next turn, before the writes queued ahead of it (more than a batch), so a create answers
+    without waiting for the backlog; a change of the new cluster queued after it still lands
+    after it, and the backlog is all written."""
+    key = make_key()
+    store = Store(url=db_url, encrypt_keys=[key])
+    busy = make_cluster("c0")
+    store.create_cluster(busy)
+    await store.flush()
+    gate = threading.Event()
+    log: list[str] = []
+
+    @sqlalchemy.event.listens_for(store.engine, "before_cursor_execute")
+    def hold(conn: object, cursor: object, statement: str, params: object, *args: object) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        words = statement.split()
+        log.append(" ".join(words[:3]) + (" new" if "new" in str(params) else ""))
+
+    @sqlalchemy.event.listens_for(store.engine, "commit")
+    def count(conn: object) -> None:
+        log.append("COMMIT")
+
+    store.update_cluster(busy, count=1)  # the writer takes it and waits at the gate
+    await asyncio.sleep(0.05)
+    backlog = store_module.WRITE_BATCH + 50
+    for i in range(backlog):  # the workers of a cluster being started, and more
+        store.create_worker(Worker(name=f"c0-w{i}", cluster_name="c0"))
+    everything = asyncio.ensure_future(store.flush())
+    new = make_cluster("new")
+    store.create_cluster(new, ahead=True)
+    created = asyncio.ensure_future(store.flush_ahead())
+    store.update_cluster(new, count=7)  # queued after the insert, not ahead
+    await asyncio.sleep(0.05)
+    assert not created.done()  # nothing is committed yet
+    gate.set()
+    await asyncio.wait_for(created, 30)
+    with connect.connect() as conn:
+        row = conn.execute(sqlalchemy.text("SELECT name FROM clusters WHERE name = 'new'")).all()
+    assert row == [("new",)]
+    await asyncio.wait_for(everything, 30)
+    await store.flush()
+    # The held write; then the insert ahead, alone, before the first batch of the backlog.
+    assert log[:5] == [
+        "UPDATE clusters SET",
+        "COMMIT",
+        "INSERT INTO clusters new",
+        "COMMIT",
+        "INSERT INTO workers",
+    ], log[:5]
+    await store.aclose()
+    again = Store(url=db_url, encrypt_keys=[key])
+    loaded = {c.name: c for c in again.load()}
+    assert loaded["new"].count == 7
+    assert len(loaded["c0"].workers) == backlog
+    again.close()
+
+
+@pytest.mark.system
+def test_a_postgres_store_keeps_a_connection_for_each_thread_that_may_use_it(
+    postgres_url: str,
+) -> None:
+    """The writer and every thread of asyncio's default executor (lease, fence and sync
+    statements) can hold a connection at once without the pool opening and closing more."""
+    import concurrent.futures
+
+    store = Store(url=postgres_url, encrypt_keys=[make_key()])
+    try:
+        executor_threads = concurrent.futures.ThreadPoolExecutor()._max_workers
+        pool = store.engine.pool
+        assert isinstance(pool, sqlalchemy.pool.QueuePool)
+        assert pool.size() >= executor_threads + 1
+    finally:
+        store.close()
+
+
 # -------------------------------------------------------------------------------------------
 # The PostgreSQL the tests need: a failure under CI, a skip naming the script elsewhere
 

@@ -15,14 +15,15 @@ import binascii
 import contextlib
 import copy
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from attrs import define
+from attrs import Factory, define
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
@@ -265,7 +266,10 @@ class Store:
         self._by_status: dict[ClusterStatus, _Bucket] = {}
         self._by_sharee_user: dict[str, _Bucket] = {}
         self._by_sharee_group: dict[str, _Bucket] = {}
-        self._writes: queue.Queue[_Write | _Barrier | None] = queue.Queue()
+        self._writes: queue.Queue[_Write | _Barrier | _Nudge | None] = queue.Queue()
+        # Writes that go ahead of the queue (`create_cluster(ahead=True)`) and their barriers
+        # (`flush_ahead`); each put is followed by a `_NUDGE` on ``_writes``.
+        self._ahead: queue.Queue[_Write | _Barrier] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._closed = False
         # Replica sync: writes are numbered; a record with a write queued after a fetch began
@@ -398,13 +402,24 @@ class Store:
     # ---------------------------------------------------------------------------------------
     # Writing: memory at once, the database behind
 
-    def create_cluster(self, cluster: Cluster) -> None:
-        """Insert ``cluster`` (and any workers it already holds)."""
+    def create_cluster(self, cluster: Cluster, *, ahead: bool = False) -> None:
+        """Insert ``cluster`` (and any workers it already holds).
+
+        With ``ahead`` the insert goes ahead of the writes queued so far (the writer commits
+        it before them, or with them), and `flush_ahead` waits for it without waiting for
+        them: for a cluster whose name was never stored (`gateway_core.models.new_name`), on
+        whose row no earlier write can be queued."""
         if cluster.name in self._clusters:
             raise StoreError(f"cluster {cluster.name} already exists")
         steps: list[_Step] = [(self._insert_cluster, self._cluster_row(cluster))]
         steps.extend((self._insert_worker, _worker_row(w)) for w in cluster.workers.values())
-        self._submit(f"new cluster {cluster.name}", steps, cluster=cluster.name)
+        self._submit(
+            f"new cluster {cluster.name}",
+            steps,
+            cluster=cluster.name,
+            rows={cluster.name: ALL},
+            ahead=ahead,
+        )
         self._clusters[cluster.name] = cluster
         self._index(cluster)
 
@@ -440,7 +455,12 @@ class Store:
                 .values({f: sa.bindparam(f) for f in fields})
             )
         values["c_name"] = cluster.name
-        self._submit(f"cluster {cluster.name}", [(statement, values)], cluster=cluster.name)
+        self._submit(
+            f"cluster {cluster.name}",
+            [(statement, values)],
+            cluster=cluster.name,
+            rows={cluster.name: ""},
+        )
 
     def delete_cluster(self, cluster: Cluster | str) -> None:
         """Remove a cluster and its workers; unknown names are ignored."""
@@ -458,6 +478,7 @@ class Store:
             f"new worker {worker.name}",
             [(self._insert_worker, _worker_row(worker))],
             cluster=worker.cluster_name,
+            rows={worker.cluster_name: worker.name},
         )
         cluster.workers[worker.name] = worker
 
@@ -484,7 +505,12 @@ class Store:
             )
         values["w_cluster"] = worker.cluster_name
         values["w_name"] = worker.name
-        self._submit(f"worker {worker.name}", [(statement, values)], cluster=worker.cluster_name)
+        self._submit(
+            f"worker {worker.name}",
+            [(statement, values)],
+            cluster=worker.cluster_name,
+            rows={worker.cluster_name: worker.name},
+        )
 
     def delete_worker(self, worker: Worker) -> None:
         """Remove one worker record."""
@@ -493,7 +519,11 @@ class Store:
             .where(workers_table.c.cluster_name == worker.cluster_name)
             .where(workers_table.c.name == worker.name)
         )
-        self._submit(f"deleted worker {worker.name}", [(statement, None)])
+        self._submit(
+            f"deleted worker {worker.name}",
+            [(statement, None)],
+            rows={worker.cluster_name: worker.name},
+        )
         cluster = self._clusters.get(worker.cluster_name)
         if cluster is not None:
             cluster.workers.pop(worker.name, None)
@@ -521,6 +551,19 @@ class Store:
         self._writes.put(_Barrier(loop=loop, future=written))
         await written
 
+    async def flush_ahead(self) -> None:
+        """Return once every write queued ahead (`create_cluster` with ``ahead``) before this
+        call is in the database (or was given up on and logged), without waiting for the
+        other writes queued before it: a create answers after its own row's commit, not
+        after the backlog of the clusters and workers being started."""
+        if self._writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        self._ahead.put(_Barrier(loop=loop, future=written))
+        self._writes.put(_NUDGE)
+        await written
+
     def wait_written(self) -> None:
         """Block until every change made so far is in the database: for synchronous callers
         (start-up, tools, tests); on the event loop, await `flush` instead."""
@@ -545,27 +588,51 @@ class Store:
         """``statement`` setting the row's ``changed`` stamp, on a shared database."""
         return statement.values(changed=_db_now_ms()) if self.shared else statement
 
-    def _submit(self, what: str, steps: Sequence[_Step], *, cluster: str | None = None) -> None:
+    def _submit(
+        self,
+        what: str,
+        steps: Sequence[_Step],
+        *,
+        cluster: str | None = None,
+        rows: Mapping[str, str] | None = None,
+        ahead: bool = False,
+    ) -> None:
+        """Queue ``steps`` as one write. ``rows``: what the steps touch, cluster name -> ""
+        (its own row), a worker's name (that worker's row) or `ALL` (its row and all its
+        workers'); a batch moves a write ahead of writes touching none of it (`_regrouped`).
+        None: not known, no write crosses it. ``ahead``: see `create_cluster`."""
         if self._closed:
             raise StoreError(f"the store is closed; cannot write {what}")
         self._submitted += 1
-        if cluster is not None and self.shared:
+        if cluster is not None and self.shared and not ahead:
+            # (A row written ahead is as new as the record until its next change, which is
+            # not ahead and counts here.)
             self._last_write[cluster] = self._submitted
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._write_loop, name="gateway-store-writer", daemon=True
             )
             self._writer.start()
-        self._writes.put(_Write(what=what, steps=tuple(steps), number=self._submitted))
+        write = _Write(what=what, steps=tuple(steps), number=self._submitted, rows=rows)
+        if ahead:
+            self._ahead.put(write)
+            self._writes.put(_NUDGE)
+        else:
+            self._writes.put(write)
 
     def _write_loop(self) -> None:
         """The writer thread: apply queued writes in order until `close`, committing the
         writes queued meanwhile (up to `WRITE_BATCH`) together, and releasing the `flush`
         barriers among them once that commit is done: concurrent flushes share one commit
         (group commit), and no barrier is released before every write queued ahead of it is
-        committed (or given up on and logged)."""
+        committed (or given up on and logged).
+
+        Writes queued ahead (`create_cluster` with ``ahead``) are taken after the others of a
+        turn, so that each of them queued before one of those is among them, and committed
+        first, in a transaction of their own; then their `flush_ahead` barriers are released.
+        """
         while True:
-            item: _Write | _Barrier | None = self._writes.get()
+            item: _Write | _Barrier | _Nudge | None = self._writes.get()
             taken = 1
             batch: list[_Write] = []
             barriers: list[_Barrier] = []
@@ -577,7 +644,7 @@ class Store:
                         break
                     if isinstance(item, _Barrier):
                         barriers.append(item)
-                    else:
+                    elif isinstance(item, _Write):
                         batch.append(item)
                         if len(batch) >= WRITE_BATCH:
                             break
@@ -586,6 +653,7 @@ class Store:
                     except queue.Empty:
                         break
                     taken += 1
+                self._write_ahead()
                 if batch:
                     try:
                         self._apply_batch(batch)
@@ -600,13 +668,34 @@ class Store:
             if stop:
                 return
 
+    def _write_ahead(self) -> None:
+        """Commit every write queued ahead so far, then release the barriers among them."""
+        batch: list[_Write] = []
+        barriers: list[_Barrier] = []
+        while True:
+            try:
+                item = self._ahead.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Barrier):
+                barriers.append(item)
+            else:
+                batch.append(item)
+        if batch:
+            try:
+                self._apply_batch(batch)
+            finally:
+                self.commits += 1
+        for barrier in barriers:
+            barrier.release()
+
     def _apply_batch(self, batch: list[_Write]) -> None:
         """Commit ``batch`` in one transaction; when that fails, apply each write on its own
         (with its retries), so one bad write is the only one lost."""
         if len(batch) > 1:
             try:
                 with self._serial, self.engine.begin() as conn:
-                    for statement, params in _grouped(step for w in batch for step in w.steps):
+                    for statement, params in _regrouped(batch):
                         conn.execute(statement, params)
                 return
             except Exception as exc:  # noqa: BLE001 - retried below, one write at a time
@@ -847,6 +936,32 @@ class Store:
             except SQLAlchemyError as exc:
                 raise StoreError(f"lease {lease.name}: {_reason(exc)}") from exc
 
+    def leases_held(
+        self, leases: Iterable[Lease], *, now: int | None = None
+    ) -> set[tuple[str, int]]:
+        """(name, token) of each of ``leases`` still its holder's with that token, unexpired:
+        `lease_held` for many leases in one statement (the fences asked meanwhile)."""
+        wanted = {(lease.name, lease.holder, lease.token) for lease in leases}
+        if not wanted:
+            return set()
+        at = now_ms() if now is None else now
+        t = leases_table.c
+        query = sa.select(t.name, t.holder, t.token).where(
+            t.name.in_(sorted({name for name, _, _ in wanted})), t.expires >= at
+        )
+        with self._serial:
+            try:
+                with self.engine.begin() as conn:
+                    rows = conn.execute(query).all()
+            except SQLAlchemyError as exc:
+                names = ", ".join(sorted({name for name, _, _ in wanted}))
+                raise StoreError(f"leases {names}: {_reason(exc)}") from exc
+        return {
+            (name, int(token))
+            for name, holder, token in rows
+            if (name, holder, int(token)) in wanted
+        }
+
     def live_leases(self, prefix: str, *, now: int | None = None) -> dict[str, str]:
         """Unexpired leases whose name starts with ``prefix``: name -> holder. One statement."""
         at = now_ms() if now is None else now
@@ -909,7 +1024,9 @@ class Store:
             (workers_table.delete().where(workers_table.c.cluster_name.in_(names)), None),
             (clusters_table.delete().where(clusters_table.c.name.in_(names)), None),
         ]
-        self._submit(f"deleted cluster(s) {', '.join(names)}", steps)
+        self._submit(
+            f"deleted cluster(s) {', '.join(names)}", steps, rows=dict.fromkeys(names, ALL)
+        )
         for name in names:
             self._last_write.pop(name, None)
             cluster = self._clusters.pop(name, None)
@@ -996,31 +1113,68 @@ class Store:
         )
 
 
-def _grouped(steps: Iterable[_Step]) -> Iterator[_Step]:
-    """``steps`` in order, each run of consecutive steps with the same statement object and
-    parameters of the same keys merged into one step with a list of parameters (one
-    executemany: a batch's new workers, or its workers' state updates, in one go)."""
-    statement: Any = None
-    group: list[dict[str, Any]] = []
-    keys: Any = None
-    for step, params in steps:
-        if (
-            params is not None
-            and step is statement
-            and isinstance(params, dict)
-            and params.keys() == keys
-        ):
-            group.append(params)
-            continue
-        if statement is not None:
-            yield statement, group if len(group) > 1 else group[0]
-            statement, group, keys = None, [], None
-        if params is None or not isinstance(params, dict):
-            yield step, params
-            continue
-        statement, group, keys = step, [params], params.keys()
-    if statement is not None:
-        yield statement, group if len(group) > 1 else group[0]
+ALL = "*"
+"""In a write's rows: every row of the cluster, its own and its workers' (an insert or delete
+of the cluster)."""
+
+
+def _regrouped(batch: Iterable[_Write]) -> list[_Step]:
+    """The steps of ``batch`` regrouped so that each kind of statement goes out as few times as
+    the rows allow: a step with a parameter dict joins the earliest group of the same
+    statement object and parameter keys that is followed by no group touching a row it
+    touches (one executemany per group); any other step starts a group at the end.
+
+    Only steps on different rows change places: every row sees its changes in the order they
+    were made, a worker's row comes after its cluster's insert and before its delete (`ALL`),
+    and a write whose rows are not known (`_Write.rows` None) is a fence no step crosses."""
+    groups: list[_Group] = []
+    for write in batch:
+        rows = write.rows
+        for statement, params in write.steps:
+            keys = params.keys() if isinstance(params, dict) else None
+            home: _Group | None = None
+            if keys is not None and rows is not None:
+                for group in reversed(groups):
+                    if group.touches(rows):
+                        break  # the step must stay after this group
+                    if group.statement is statement and group.keys == keys:
+                        home = group
+            if home is None:
+                home = _Group(statement=statement, keys=keys)
+                groups.append(home)
+            home.add(rows, params)
+    return [(g.statement, g.params if len(g.params) > 1 else g.params[0]) for g in groups]
+
+
+@define(kw_only=True, eq=False)
+class _Group:
+    """Steps of one statement sent together (`_regrouped`), and the rows they touch."""
+
+    statement: Any
+    keys: Any
+    params: list[Any] = Factory(list)
+    rows: dict[str, set[str]] = Factory(dict)
+    """Cluster name -> "" (its row), worker names, `ALL`: what the steps touch."""
+    fence: bool = False
+    """A step of it touches rows not known: nothing crosses it."""
+
+    def add(self, rows: Mapping[str, str] | None, params: Any) -> None:
+        self.params.append(params)
+        if rows is None:
+            self.fence = True
+            return
+        for cluster, row in rows.items():
+            self.rows.setdefault(cluster, set()).add(row)
+
+    def touches(self, rows: Mapping[str, str]) -> bool:
+        """Whether a step touching ``rows`` must stay after this group."""
+        if self.fence:
+            return True
+        for cluster, row in rows.items():
+            mine = self.rows.get(cluster)
+            if mine is not None and (row == ALL or row in mine or ALL in mine):
+                return True
+        return False
 
 
 def _drop(index: dict[Any, _Bucket], key: Any, name: str) -> None:
@@ -1051,6 +1205,9 @@ class _Write:
     steps: tuple[_Step, ...]
     number: int = 0
     """Its place in the order of writes (`Store.pending_since`)."""
+    rows: Mapping[str, str] | None = None
+    """The rows its steps touch, cluster name -> "" (the cluster's row), a worker's name or
+    `ALL` (see `Store._submit`); None when not known (no step crosses it)."""
 
 
 @define(kw_only=True, frozen=True)
@@ -1065,6 +1222,13 @@ class _Barrier:
             self.loop.call_soon_threadsafe(_resolve, self.future)
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
+
+
+class _Nudge:
+    """Queued after a write or barrier queued ahead: wakes the writer to take it."""
+
+
+_NUDGE = _Nudge()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -1096,15 +1260,32 @@ def _worker_from_row(row: Mapping[Any, Any]) -> Worker:
     )
 
 
+def pool_size() -> int:
+    """Connections kept open to a persistent database: one per thread that may use the store
+    at once (the writer, and asyncio's default executor, which runs the lease, fence and sync
+    statements: ``min(32, cpus + 4)`` threads), plus one to spare. SQLAlchemy's default of 5 is
+    fewer, so connections beyond it were opened and closed again under load."""
+    return min(32, (os.cpu_count() or 1) + 4) + 2
+
+
 def _make_engine(url: str, *, debug: bool) -> Engine:
     kwargs: dict[str, Any] = {"echo": debug}
     if is_in_memory(url):
         # One shared connection, or every pooled connection would see its own empty database.
         kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+    elif _backend(url) == "postgresql":
+        kwargs.update(pool_size=pool_size(), max_overflow=pool_size())
     try:
         return sa.create_engine(url, **kwargs)
     except (ArgumentError, ImportError, SQLAlchemyError) as exc:
         raise StoreError(f"cannot use db_url {_safe_url(url)}: {_reason(exc)}") from exc
+
+
+def _backend(url: str) -> str:
+    try:
+        return str(sa.make_url(url).get_backend_name())
+    except ArgumentError:
+        return ""
 
 
 def _reason(exc: BaseException) -> str:

@@ -186,8 +186,10 @@ class ProcessBackend(Backend):
     async def begin_cluster(
         self, *, user: User, options: dict[str, Any], config: ClusterConfig
     ) -> tuple[str, Callable[[], Awaitable[None]]]:
-        """The record in memory (counted by `list_clusters` at once) and its write queued;
-        `Store.flush` makes it durable: awaited by concurrent creates, it is one commit."""
+        """The record in memory (counted by `list_clusters` at once) and its insert queued
+        ahead of the store's backlog; `Store.flush_ahead` makes it durable: awaited by
+        concurrent creates, it is one commit, which does not wait for the writes of the
+        clusters and workers being started meanwhile."""
         cluster = Cluster(
             name=new_name(),
             username=user.name,
@@ -196,10 +198,10 @@ class ProcessBackend(Backend):
             config=unstructure(config),
             typed_config=config,
         )
-        self.store.create_cluster(cluster)
+        self.store.create_cluster(cluster, ahead=True)  # a new name: no write precedes it
         log.info("Created cluster %s for %s", cluster.name, user.name)
         self.reconciler.enqueue(cluster.name)
-        return cluster.name, self.store.flush  # durable before its name is handed out
+        return cluster.name, self.store.flush_ahead  # durable before its name is handed out
 
     async def stop_cluster(
         self, name: str, *, failed: bool = False, reason: str | None = None

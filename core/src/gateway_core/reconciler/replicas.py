@@ -110,8 +110,10 @@ class Replicas:
         self._free_before: set[int] = set()
         """The shards free (unheld or expired) at the previous `take`."""
         self._sync_lock = asyncio.Lock()
-        self._fence_checks: dict[tuple[str, int], asyncio.Future[bool]] = {}
+        self._fence_asked: dict[tuple[str, int], tuple[Lease, asyncio.Future[bool]]] = {}
         """Lease checks asked for and not sent yet, by lease name and token (`_still_held`)."""
+        self._fence_sender: asyncio.Future[None] | None = None
+        """Sends the checks asked, one statement at a time (`_send_fences`)."""
 
     # ---------------------------------------------------------------------------------------
     # Ownership
@@ -141,20 +143,41 @@ class Replicas:
         return False
 
     async def _still_held(self, lease: Lease) -> bool:
-        """`Store.lease_held` for ``lease``, one statement shared by the fences that ask in
-        the same turn of the event loop (a cluster's workers starting together): the statement
-        is sent only after every one of them asked, so its answer is no older than any of
-        their questions. A fence asking once it was sent waits for a statement of its own."""
+        """`Store.lease_held` for ``lease``, in one statement (`Store.leases_held`) with every
+        other lease check asked before it is sent: the fences asked in the same turn of the
+        event loop, or while the previous statement was on its way (a cluster's workers
+        starting together, the clusters of other shards starting meanwhile). A statement is
+        sent only after every check it answers was asked, so its answer is no older than
+        any of their questions; a check asked once it was sent waits for the next one."""
         key = (lease.name, lease.token)
-        pending = self._fence_checks.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._check_lease(key, lease))
-            self._fence_checks[key] = pending
-        return await asyncio.shield(pending)
+        asked = self._fence_asked.get(key)
+        if asked is None:
+            asked = (lease, asyncio.get_running_loop().create_future())
+            self._fence_asked[key] = asked
+        if self._fence_sender is None or self._fence_sender.done():
+            self._fence_sender = asyncio.ensure_future(self._send_fences())
+        return await asyncio.shield(asked[1])
 
-    async def _check_lease(self, key: tuple[str, int], lease: Lease) -> bool:
-        del self._fence_checks[key]  # from here on, a new question gets a new statement
-        return await asyncio.to_thread(self.store.lease_held, lease)
+    async def _send_fences(self) -> None:
+        """Answer the lease checks asked, one statement for all those asked before it."""
+        while self._fence_asked:
+            asked, self._fence_asked = self._fence_asked, {}
+            try:
+                held = await asyncio.to_thread(
+                    self.store.leases_held, [lease for lease, _ in asked.values()]
+                )
+            except asyncio.CancelledError:
+                for _, future in asked.values():
+                    future.cancel()  # the gateway is stopping: so are the fences waiting
+                raise
+            except Exception as exc:  # noqa: BLE001 - each fence that asked raises it
+                for _, future in asked.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for key, (_, future) in asked.items():
+                if not future.done():
+                    future.set_result(key in held)
 
     def take(self) -> list[int]:
         """Register this replica and take its fair share of the free shards, and any shard
