@@ -53,6 +53,11 @@ class FakeQueue:
 
     def __init__(self) -> None:
         self.jobs: dict[str, str] = {}
+        self.names: dict[str, str] = {}
+        """Job id → the name it was submitted with (``--name=``)."""
+        self.owners: dict[str, str] = {}
+        self.lookup_stderr = ""
+        """Set: the lookup command fails (exit 1) printing it."""
         self.next_id = 100
         self.status_calls: list[tuple[float, list[str]]] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
@@ -97,7 +102,21 @@ class FakeQueue:
             job_id = str(self.next_id)
             self.next_id += 1
             self.jobs[job_id] = "Q"
+            self.names[job_id] = request["cmd"][1].removeprefix("--name=")
+            self.owners[job_id] = user.name
             return {"ok": True, "returncode": 0, "stdout": f"{job_id}\n", "stderr": ""}
+        if action == "run" and (request.get("cmd") or [""])[0] == "toy-lookup":
+            if self.lookup_stderr:
+                return {"ok": True, "returncode": 1, "stdout": "", "stderr": self.lookup_stderr}
+            name, owner = request["cmd"][1], request["cmd"][2]
+            found = [
+                j
+                for j, state in self.jobs.items()
+                if state != "X" and self.names.get(j) == name and self.owners.get(j) == owner
+            ]
+            # newest first, as some schedulers list them: the driver's parser sorts
+            out = "".join(f"{j}\n" for j in reversed(found))
+            return {"ok": True, "returncode": 0, "stdout": out, "stderr": ""}
         if action == "run":
             for job_id in (request.get("cmd") or [])[1:]:
                 if job_id in self.jobs:
@@ -125,6 +144,7 @@ class ToyDriver(JobQueueDriver):
     default_submit_command: ClassVar[str] = "toy-submit"
     default_cancel_command: ClassVar[str] = "toy-cancel"
     default_status_command: ClassVar[str] = "toy-status"
+    default_lookup_command: ClassVar[str] = "toy-lookup"
     states: ClassVar[StateTable] = {
         "Q": (JobState.PENDING, "queued"),
         "R": (JobState.RUNNING, "running"),
@@ -141,8 +161,17 @@ class ToyDriver(JobQueueDriver):
         staging_dir: str,
         script: str,
     ) -> Submission:
-        name = worker.name if worker is not None else cluster.name
+        name = self.job_name(cluster, worker)
         return Submission(argv=[self.submit_program, f"--name={name}"], stdin=script)
+
+    def lookup_command_line(self, job_name: str, username: str) -> list[str]:
+        return [self.lookup_program, job_name, username]
+
+    def parse_job_lookup(self, stdout: str) -> list[str]:
+        ids = stdout.split()
+        if not all(i.isdigit() for i in ids):
+            raise ValueError("expected job ids")
+        return sorted(ids, key=int)
 
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
         return [self.status_program, ",".join(job_ids)]
@@ -187,6 +216,8 @@ def test_a_driver_missing_a_scheduler_method_fails_when_made() -> None:
         submission = ToyDriver.submission
         status_command_line = ToyDriver.status_command_line
         parse_job_id = ToyDriver.parse_job_id
+        lookup_command_line = ToyDriver.lookup_command_line
+        parse_job_lookup = ToyDriver.parse_job_lookup
 
     context = GatewayContext(config=load_config({}, environ={}), hook=None)
     with pytest.raises(TypeError, match="parse_job_states"):
@@ -286,7 +317,7 @@ async def test_the_scheduler_is_submitted_as_the_user_with_its_staging_directory
         "dask.crt": {"data": "CERT", "mode": 0o600},
         "dask.pem": {"data": "KEY", "mode": 0o600},
     }
-    assert request["cmd"] == ["toy-submit", "--name=c0ffee"]
+    assert request["cmd"] == ["toy-submit", "--name=dask-scheduler-c0ffee"]
     script = request["stdin"]
     lines = script.splitlines()
     assert lines[0] == "#!/bin/sh"
@@ -312,7 +343,10 @@ async def test_a_worker_job_uses_the_clusters_staging_directory() -> None:
     cluster.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee", "job_id": "7"}
     cluster.scheduler_address = "tls://10.0.0.5:8786"
     worker = Worker(name="c0ffee-w1", cluster_name="c0ffee")
-    assert await run_start(driver.start_worker(cluster, worker)) == [{"job_id": "100"}]
+    assert await run_start(driver.start_worker(cluster, worker)) == [
+        {"job_name": "dask-worker-c0ffee-w1"},  # stored before the submit: a crash-safe mark
+        {"job_id": "100"},
+    ]
     [request] = queue.of("submit")
     assert "staging_dir" not in request and "files" not in request
     lines = request["stdin"].splitlines()
@@ -439,18 +473,225 @@ async def test_a_failed_cancel_raises_so_the_stop_is_retried() -> None:
 async def test_a_launcher_failure_fails_the_stop_only_when_a_job_may_be_left_behind() -> None:
     queue = FakeQueue()
     driver = make_driver(queue)
+    calls: list[dict[str, Any]] = []
+    fail_lookup = True
 
     async def broken(user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        calls.append(request)
+        if request["cmd"] and (request["cmd"][0] != "toy-lookup" or fail_lookup):
+            raise LauncherError("cannot run the launcher as alice: Permission denied")
+        if request["cmd"]:
+            return {"ok": True, "returncode": 0, "stdout": "", "stderr": ""}
         raise LauncherError("cannot run the launcher as alice: Permission denied")
 
     queue.run_as = broken  # type: ignore[method-assign]
-    never_submitted = make_cluster()
-    never_submitted.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee"}
-    await driver.stop_scheduler(never_submitted)  # nothing to cancel: the stop goes through
+    # No job id stored: a job may have been submitted after the last write, so a lookup that
+    # cannot be made fails the stop (retried) rather than leave the job behind.
+    unknown = make_cluster()
+    unknown.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee"}
+    with pytest.raises(RuntimeError, match="looking up the scheduler of cluster c0ffee"):
+        await driver.stop_scheduler(unknown)
+    # The lookup finds nothing: only the removal is left, and its failure is not fatal.
+    fail_lookup = False
+    await driver.stop_scheduler(unknown)
+    assert [c["cmd"] and c["cmd"][0] for c in calls[1:]] == ["toy-lookup", None]
     submitted = make_cluster()
     submitted.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee", "job_id": "9"}
     with pytest.raises(LauncherError):
         await driver.stop_scheduler(submitted)
+
+
+# -------------------------------------------------------------------------------------------
+# A crash between a submit and the write of its job id
+
+
+class Crashed(Exception):
+    """Stands for the SIGKILL a crash point sends under ``GATEWAY_TEST_CRASH_AT``."""
+
+
+@pytest.fixture
+def crash_points(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every crash point the driver passes raises `Crashed`; the list records them."""
+    seen: list[str] = []
+
+    def crash(name: str) -> None:
+        seen.append(name)
+        raise Crashed(name)
+
+    monkeypatch.setattr(jobqueue, "crash_point", crash)
+    return seen
+
+
+async def crash_in_start(updates: Any, stored: dict[str, Any]) -> None:
+    """Run a start until its crash point, storing what it yields before, as the gateway does."""
+    with pytest.raises(Crashed):
+        async for state in updates:
+            stored.update(state)
+
+
+def running_cluster() -> Cluster:
+    cluster = make_cluster()
+    cluster.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee", "job_id": "7"}
+    cluster.scheduler_address = "tls://10.0.0.5:8786"
+    return cluster
+
+
+async def test_a_worker_submitted_just_before_a_crash_is_adopted_not_submitted_again(
+    crash_points: list[str],
+) -> None:
+    queue = FakeQueue()
+    cluster = running_cluster()
+    worker = Worker(name="c0ffee-w1", cluster_name="c0ffee")
+    first = make_driver(queue)
+    assert not first.worker_start_may_rerun(
+        cluster, Worker(name="w", cluster_name="c0ffee", state={"job_id": "3"})
+    )
+    await crash_in_start(first.start_worker(cluster, worker), worker.state)
+    assert crash_points == ["submitted:worker"]
+    assert worker.state == {"job_name": "dask-worker-c0ffee-w1"}  # the id never stored
+    assert queue.jobs == {"100": "Q"}
+
+    second = make_driver(queue)  # the restarted gateway
+    assert second.worker_start_may_rerun(cluster, worker)
+    assert await run_start(second.start_worker(cluster, worker)) == [{"job_id": "100"}]
+    assert len(queue.of("submit")) == 1, "submitted twice"
+    lookup = queue.of("run")[-1]
+    assert lookup["cmd"] == ["toy-lookup", "dask-worker-c0ffee-w1", "alice"]
+    assert queue.requests[-1][0] == "alice"  # as the user, through the launcher
+
+
+async def test_a_rerun_finding_no_job_submits_once_and_stores_its_id() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    cluster = running_cluster()
+    worker = Worker(
+        name="c0ffee-w1", cluster_name="c0ffee", state={"job_name": "dask-worker-c0ffee-w1"}
+    )
+    assert await run_start(driver.start_worker(cluster, worker)) == [{"job_id": "100"}]
+    assert [r["action"] for r in queue.of("run") + queue.of("submit")] == ["run", "submit"]
+
+
+async def test_a_scheduler_submitted_just_before_a_crash_is_adopted(
+    crash_points: list[str],
+) -> None:
+    queue = FakeQueue()
+    cluster = make_cluster()
+    await crash_in_start(make_driver(queue).start_scheduler(cluster), cluster.state)
+    assert crash_points == ["submitted:scheduler"]
+    assert cluster.state == {"staging_dir": "/home/alice/.dask-gateway/c0ffee"}
+
+    second = make_driver(queue)
+    assert second.start_may_rerun(cluster)
+    assert await run_start(second.start_scheduler(cluster)) == [{"job_id": "100"}]
+    assert len(queue.of("submit")) == 1, "submitted twice"
+    # Adopted: its staging directory (with the TLS files the job reads) is left as it is.
+    assert all(not r.get("remove") for r in queue.of("run"))
+    cluster.state["job_id"] = "100"
+    assert not second.start_may_rerun(cluster)
+
+
+async def test_a_scheduler_rerun_finding_no_job_clears_the_half_made_directory_first() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    cluster = make_cluster()
+    staging = "/home/alice/.dask-gateway/c0ffee"
+    cluster.state = {"staging_dir": staging}  # made, maybe half made; nothing submitted
+    assert await run_start(driver.start_scheduler(cluster)) == [
+        {"staging_dir": staging},
+        {"job_id": "100"},
+    ]
+    lookup, clear, submit = (r for _, r in queue.requests)
+    assert lookup["cmd"][0] == "toy-lookup"
+    assert (clear["action"], clear["cmd"], clear["remove"]) == ("run", None, staging)
+    assert submit["action"] == "submit" and submit["staging_dir"] == staging
+
+
+async def test_a_scheduler_rerun_fails_when_the_old_directory_cannot_be_removed() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    real = queue.run_as
+
+    async def cannot_remove(user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        answer = await real(user, request)
+        if request.get("remove"):
+            answer["remove_error"] = "cannot remove /x: Permission denied"
+        return answer
+
+    queue.run_as = cannot_remove  # type: ignore[method-assign]
+    cluster = make_cluster()
+    cluster.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee"}
+    with pytest.raises(RuntimeError, match="staging directory cannot be removed"):
+        await run_start(driver.start_scheduler(cluster))
+    assert queue.of("submit") == []
+
+
+async def test_of_several_jobs_found_by_name_the_newest_is_adopted_and_the_rest_cancelled() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    cluster = running_cluster()
+    worker = Worker(name="c0ffee-w1", cluster_name="c0ffee")
+    for _ in range(3):  # three attempts, each killed after its submit
+        await run_start(
+            driver.start_worker(cluster, Worker(name="c0ffee-w1", cluster_name="c0ffee"))
+        )
+    worker.state = {"job_name": "dask-worker-c0ffee-w1"}
+    assert await run_start(driver.start_worker(cluster, worker)) == [{"job_id": "102"}]
+    assert queue.jobs == {"100": "X", "101": "X", "102": "Q"}
+    assert queue.of("run")[-1]["cmd"] == ["toy-cancel", "100", "101"]
+
+
+async def test_a_failed_lookup_is_never_taken_for_no_job() -> None:
+    queue = FakeQueue()
+    queue.lookup_stderr = "toy-lookup: error: cannot reach the controller"
+    driver = make_driver(queue)
+    cluster = running_cluster()
+    worker = Worker(
+        name="c0ffee-w1", cluster_name="c0ffee", state={"job_name": "dask-worker-c0ffee-w1"}
+    )
+    with pytest.raises(RuntimeError) as info:
+        await run_start(driver.start_worker(cluster, worker))
+    message = str(info.value)
+    assert "looking up worker c0ffee-w1 by its job name" in message
+    assert "toy-lookup dask-worker-c0ffee-w1 alice" in message  # the command, named
+    assert "cannot reach the controller" in message
+    assert queue.of("submit") == []  # no second job on a guess
+    with pytest.raises(RuntimeError, match="toy-lookup dask-worker-c0ffee-w1 alice"):
+        await driver.stop_worker(cluster, worker)
+
+    queue.lookup_stderr = ""
+
+    async def garbled(user: RunAs, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "returncode": 0, "stdout": "Segmentation fault\n", "stderr": ""}
+
+    queue.run_as = garbled  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="cannot understand its output"):
+        await run_start(driver.start_worker(cluster, worker))
+
+
+async def test_a_stop_without_a_job_id_cancels_what_it_finds_by_name() -> None:
+    queue = FakeQueue()
+    driver = make_driver(queue)
+    cluster = make_cluster()
+    await run_start(driver.start_scheduler(cluster))  # job 100, its id "lost"
+    cluster.state = {"staging_dir": "/home/alice/.dask-gateway/c0ffee"}
+    await driver.stop_scheduler(cluster)
+    stop = queue.of("run")[-1]
+    assert stop["cmd"] == ["toy-cancel", "100"]
+    assert stop["remove"] == "/home/alice/.dask-gateway/c0ffee"  # in the same call
+    assert queue.jobs == {"100": "X"}
+
+    running = running_cluster()
+    await run_start(driver.start_worker(running, Worker(name="c0ffee-w1", cluster_name="c0ffee")))
+    worker = Worker(
+        name="c0ffee-w1", cluster_name="c0ffee", state={"job_name": "dask-worker-c0ffee-w1"}
+    )
+    await driver.stop_worker(running, worker)
+    assert queue.jobs["101"] == "X"
+    assert queue.of("run")[-1]["cmd"] == ["toy-cancel", "101"]
+    # Nothing found: nothing to cancel, and no error.
+    before = len(queue.of("run"))
+    await driver.stop_worker(running, worker)
+    assert [r["cmd"][0] for r in queue.of("run")[before:]] == ["toy-lookup"]
 
 
 # -------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ CRASH_VARIABLE = "GATEWAY_TEST_CRASH_AT"
 """The environment variable naming the point to crash at (read at each point, so a test may set
 it in the gateway's environment only)."""
 
-POINTS = ("launched:scheduler", "launched:worker")
+POINTS = ("launched:scheduler", "launched:worker", "submitted:scheduler", "submitted:worker")
 """The points there are: ``launched:<role>`` is in the local backends, right after a scheduler
-or worker process was started and before its pid was stored."""
+or worker process was started and before its pid was stored; ``submitted:<role>`` is in the
+job-queue driver (Slurm, PBS), right after a scheduler's or worker's job was submitted and
+before its job id was stored."""
 
 
 def crash_point(name: str) -> None:

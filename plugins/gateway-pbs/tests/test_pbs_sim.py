@@ -168,6 +168,36 @@ def test_qstat_tables_and_errors_are_openpbs_s(
     assert (bad.returncode, bad.stdout, bad.stderr) == (170, "", "qsub: Unknown queue\n")
 
 
+def test_qselect_lists_the_ids_of_jobs_by_name_user_and_state(
+    pbs: SimulatedPBS, make_user: Callable[[], pwd.struct_passwd]
+) -> None:
+    alice, bob = make_user(), make_user()
+    name = f"dask-worker-{alice.pw_name}-w1"  # longer than qstat's 16-character column
+    first = run(pbs, "qsub", "-N", name, user=alice, stdin="sleep 60\n").stdout.strip()
+    held = run(pbs, "qsub", "-h", "-N", name, user=alice, stdin="sleep 60\n").stdout.strip()
+    done = run(pbs, "qsub", "-N", name, user=alice, stdin="true\n").stdout.strip()
+    run(pbs, "qsub", "-N", name, user=bob, stdin="sleep 60\n")
+    run(pbs, "qsub", "-N", "other", user=alice, stdin="sleep 60\n")
+    wait_for(lambda: state_of(pbs, done) == "F" and state_of(pbs, first) == "R", "R and F")
+
+    def select(*args: str) -> list[str]:
+        out = run(pbs, "qselect", *args, user=alice)
+        assert (out.returncode, out.stderr) == (0, ""), out
+        return out.stdout.splitlines()
+
+    # The user's live jobs with that whole name, in submission order; the finished one only
+    # with -x; none is an empty answer, not an error.
+    assert select("-N", name, "-u", alice.pw_name) == [first, held]
+    assert select("-N", name, "-u", alice.pw_name, "-x") == [first, held, done]
+    assert select("-N", name, "-u", alice.pw_name, "-s", "QHWTSURB") == [first, held]
+    assert select("-N", name, "-u", alice.pw_name, "-s", "R") == [first]
+    assert select("-N", name[:16], "-u", alice.pw_name) == []
+    bad = run(pbs, "qselect", "-s", "RZ", user=alice)
+    assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", "qselect: illegal -s value\n")
+    for job_id in select("-u", f"{alice.pw_name},{bob.pw_name}"):
+        run(pbs, "qdel", job_id)
+
+
 def test_qdel_kills_the_job_process_group_and_refuses_finished_and_foreign_jobs(
     pbs: SimulatedPBS, make_user: Callable[[], pwd.struct_passwd]
 ) -> None:

@@ -197,6 +197,29 @@ def test_qsubs_job_id_is_sequence_dot_server() -> None:
             d.parse_job_id(bad)
 
 
+def test_a_job_never_recorded_is_looked_up_with_qselect_among_the_live_states() -> None:
+    d = driver(lookup_command="/opt/pbs/bin/qselect")
+    assert d.lookup_command_line("dask-worker-abc123-w9", "alice") == [
+        "/opt/pbs/bin/qselect",
+        "-N",
+        "dask-worker-abc123-w9",
+        "-u",
+        "alice",
+        "-s",
+        "QHWTSURB",
+    ]
+    # Every state of STATES but the ended ones (E, F, X, M).
+    assert {c for c, (state, _) in STATES.items() if not state.alive} == set("EFXM")
+    assert d.parse_job_lookup("108.pbs01\n17.pbs01\n\n9[].pbs01\n") == [
+        "9[].pbs01",
+        "17.pbs01",
+        "108.pbs01",
+    ]
+    assert d.parse_job_lookup("") == []
+    with pytest.raises(ValueError, match="got 'qselect: illegal -s value'"):
+        d.parse_job_lookup("qselect: illegal -s value\n")
+
+
 def test_qstat_tables_are_read_by_their_state_column() -> None:
     d = driver()
     assert d.parse_job_states(QSTAT) == {"17.pbs01": "R", "18.pbs01": "Q", "19.pbs01": "F"}

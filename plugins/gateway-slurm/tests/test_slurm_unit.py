@@ -127,6 +127,24 @@ def test_one_squeue_asks_for_every_job_in_every_state() -> None:
     assert d.cancel_command_line(["11", "12"]) == ["/usr/bin/scancel", "11", "12"]
 
 
+def test_a_job_never_recorded_is_looked_up_by_its_name_among_the_users_live_jobs() -> None:
+    d = driver(lookup_command="/opt/slurm/bin/squeue")
+    c = cluster()
+    assert d.job_name(c, None) == "dask-scheduler-abc123"
+    assert d.lookup_command_line("dask-worker-abc123-w9", "alice") == [
+        "/opt/slurm/bin/squeue",
+        "--noheader",
+        "--format=%i",
+        "--name=dask-worker-abc123-w9",
+        "--user=alice",
+    ]
+    # Oldest first, whatever order squeue prints them in (its default sorts by state).
+    assert d.parse_job_lookup("105\n98\n\n1000\n") == ["98", "105", "1000"]
+    assert d.parse_job_lookup("") == []
+    with pytest.raises(ValueError, match="expected one job id per line, got 'JOBID'"):
+        d.parse_job_lookup("JOBID\n105\n")
+
+
 def test_squeue_output_is_parsed_and_states_mapped() -> None:
     d = driver()
     assert d.parse_job_states("11 PD\n12 R\n\n13 CA\n14 OOM\n") == {

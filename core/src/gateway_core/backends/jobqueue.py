@@ -52,10 +52,23 @@ status command that fails is retried ``status_command_retries`` times with expon
 (``backoff_base_delay``); if it keeps failing, the check raises, so the reconciler skips that
 period rather than marking anything dead. A job missing from the answer is finished.
 
+Crashes and takeovers
+---------------------
+A gateway killed (or a replica losing a cluster) between a successful submit and the write of
+the job id leaves a job it does not know. So before each submit the driver stores what it is
+about to submit (the scheduler's ``staging_dir``, a worker's ``job_name``), and a record with
+that but no ``job_id`` may be started again (`JobQueueDriver.start_may_rerun`,
+`JobQueueDriver.worker_start_may_rerun`): the second start first looks the job up by its name
+among the user's live jobs (one lookup command, as the user, through the launcher) and adopts
+it (the newest; others found are cancelled) instead of submitting another. The scheduler's
+second start, finding none, removes the half-made staging directory before submitting. A
+stop given such a record cancels what the lookup finds. A lookup that fails raises, like a
+failed submit, so the reconciler retries: "cannot tell" is never taken as "no job".
+
 Writing a driver for another scheduler
 --------------------------------------
 Subclass ``JobQueueDriver[YourConfig, YourClusterConfig]`` (the classes your `BackendSpec`
-names), set ``job_label`` and the three ``default_*_command`` names, and declare what the
+names), set ``job_label`` and the four ``default_*_command`` names, and declare what the
 scheduler says:
 
 - ``states``: its job state codes, each mapped to what it means (`JobState`) and to words for
@@ -71,9 +84,11 @@ scheduler says:
   about.
 
 Then implement `JobQueueDriver.submission` (the submit command line and what goes to its
-stdin), `JobQueueDriver.status_command_line`, `JobQueueDriver.parse_job_id` and
-`JobQueueDriver.parse_job_states`. The cancel command is ``[cancel_program, *job_ids]``
-unless `JobQueueDriver.cancel_command_line` is overridden. Override
+stdin; name the job `JobQueueDriver.job_name`), `JobQueueDriver.status_command_line`,
+`JobQueueDriver.parse_job_id`, `JobQueueDriver.parse_job_states`, and the lookup by name:
+`JobQueueDriver.lookup_command_line` and `JobQueueDriver.parse_job_lookup` (set
+``default_lookup_command`` too). The cancel command is ``[cancel_program, *job_ids]`` unless
+`JobQueueDriver.cancel_command_line` is overridden. Override
 `JobQueueDriver.tls_paths` when jobs see the staging directory elsewhere (PBS's stage-in),
 `JobQueueDriver.output_file` for where a job's output goes, and the three methods above when
 a table and patterns cannot say it.
@@ -98,6 +113,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from attrs import define, field
 
 from ..config import ClusterConfig, Command, ProcessBackendConfig
+from ..crashpoints import crash_point
 from .base import SCHEDULER_COMPONENT, ClusterDriver, StateUpdates
 from .kit import (
     CERT_FILE,
@@ -182,6 +198,10 @@ class JobQueueConfig(ProcessBackendConfig):
     """The job cancel command (``scancel``, ``qdel``); empty: the driver's default."""
     status_command: str = ""
     """The job status command (``squeue``, ``qstat``); empty: the driver's default."""
+    lookup_command: str = ""
+    """The command finding a user's live jobs by name (``squeue``, ``qselect``), run as the
+    user after a restart or takeover to find a job submitted but never recorded; empty: the
+    driver's default."""
     dask_gateway_jobqueue_launcher: Command = field(factory=lambda: Command([]))
     """The launcher run as the user (a path, or a command line). Empty: the
     ``gateway-jobqueue-launcher`` script beside the gateway's Python, else
@@ -462,6 +482,7 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     default_submit_command: ClassVar[str] = ""
     default_cancel_command: ClassVar[str] = ""
     default_status_command: ClassVar[str] = ""
+    default_lookup_command: ClassVar[str] = ""
     status_batch_window: ClassVar[float] = 0.05
     """Seconds status questions are collected before one status command answers them all."""
     states: ClassVar[StateTable] = {}
@@ -507,6 +528,20 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     ) -> Submission:
         """The submit command for the scheduler (``worker`` None) or a worker of ``cluster``,
         whose job script is ``script``; it runs as the user, in ``staging_dir``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def lookup_command_line(self, job_name: str, username: str) -> list[str]:
+        """One command listing the ids of ``username``'s live jobs (queued, held or running;
+        not ended) named ``job_name`` (`job_name`); run as the user, through the launcher.
+        Finds a job submitted just before a crash, before its id was stored."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def parse_job_lookup(self, stdout: str) -> list[str]:
+        """The job ids in the lookup command's output, oldest (first submitted) first; an
+        empty list when it lists none. Raise ValueError on output that cannot be understood
+        (the lookup then fails, and is retried)."""
         raise NotImplementedError
 
     def cancel_command_line(self, job_ids: Sequence[str]) -> list[str]:
@@ -583,6 +618,18 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     @property
     def status_program(self) -> str:
         return self._program(self.config.status_command, self.default_status_command)
+
+    @property
+    def lookup_program(self) -> str:
+        return self._program(self.config.lookup_command, self.default_lookup_command)
+
+    def job_name(self, cluster: Cluster, worker: Worker | None) -> str:
+        """The name the scheduler's (``worker`` None) or a worker's job is submitted with:
+        ``dask-scheduler-<cluster>``, ``dask-worker-<worker>``; the lookup finds jobs by it,
+        so `submission` must use it."""
+        if worker is None:
+            return f"dask-scheduler-{cluster.name}"
+        return f"dask-worker-{worker.name}"
 
     @staticmethod
     def _program(configured: str, default: str) -> str:
@@ -696,7 +743,8 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
             raise RuntimeError(
                 f"switch_user = sudo, but {self.config.sudo_command!r} is not installed"
             )
-        for program in (self.submit_program, self.cancel_program, self.status_program):
+        programs = (self.submit_program, self.cancel_program, self.status_program)
+        for program in (*programs, self.lookup_program):
             if shutil.which(program) is None:
                 log.warning("%s not found on the gateway's PATH; jobs may fail to run", program)
         log.info(
@@ -721,8 +769,20 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
     async def _start_scheduler(self, cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
         user = await self.account(cluster)
         settings = self.cluster_config(cluster)
+        what = f"the scheduler of cluster {cluster.name}"
+        stale = cluster.state.get("staging_dir")
+        if isinstance(stale, str) and stale and not cluster.state.get("job_id"):
+            # An attempt the gateway died in (`start_may_rerun`): its job may have been
+            # submitted after its last write. A live one is adopted; otherwise the staging
+            # directory it may have half made is removed, so the submit can make it afresh.
+            adopted = await self._adopt(user, self.job_name(cluster, None), what)
+            if adopted is not None:
+                yield {"job_id": adopted}
+                return
+            await self._remove_staging(user, stale, what)
         staging_dir = self.staging_path(cluster, settings, user)
-        # Stored before it exists: a gateway killed now still knows what to remove.
+        # Stored before it exists: a gateway killed now still knows what to remove, and that
+        # a job may have been submitted (found by its name).
         yield {"staging_dir": staging_dir}
         script = self.job_script(cluster, settings, worker=None, staging_dir=staging_dir)
         sub = self.submission(
@@ -740,19 +800,27 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
             "stdin": sub.stdin,
             "env": self.submit_env(),
         }
-        job_id = await self._submit(user, request, f"the scheduler of cluster {cluster.name}")
+        job_id = await self._submit(user, request, what)
+        crash_point("submitted:scheduler")
         yield {"job_id": job_id}
 
     async def stop_scheduler(self, cluster: Cluster) -> None:
+        """Cancel the scheduler's job (the one stored, or else any found by its name: a start
+        may have submitted it after its last write) and remove the staging directory."""
         job_id = cluster.state.get("job_id")
         staging_dir = cluster.state.get("staging_dir")
         if not job_id and not staging_dir:
+            return  # the start stored nothing: it submitted nothing
+        what = f"the scheduler of cluster {cluster.name}"
+        user = await self._stopping_account(cluster, what)
+        if user is None:
             return
+        if job_id:
+            job_ids = [str(job_id)]
+        else:
+            job_ids = await self._unrecorded_jobs(user, self.job_name(cluster, None), what)
         await self._cancel(
-            cluster,
-            str(job_id) if job_id else None,
-            remove=str(staging_dir) if staging_dir else None,
-            what=f"the scheduler of cluster {cluster.name}",
+            user, job_ids, remove=str(staging_dir) if staging_dir else None, what=what
         )
 
     def start_worker(self, cluster: Cluster, worker: Worker) -> StateUpdates:
@@ -778,13 +846,46 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
             "stdin": sub.stdin,
             "env": self.submit_env(),
         }
-        job_id = await self._submit(user, request, f"worker {worker.name}")
+        what = f"worker {worker.name}"
+        job_name = self.job_name(cluster, worker)
+        if worker.state.get("job_name") and not worker.state.get("job_id"):
+            # An attempt the gateway died in (`worker_start_may_rerun`) may have submitted
+            # the job after its last write: adopted, not doubled.
+            adopted = await self._adopt(user, job_name, what)
+            if adopted is not None:
+                yield {"job_id": adopted}
+                return
+        else:
+            # Stored before the submit: a later start or stop knows to look for the job.
+            yield {"job_name": job_name}
+        job_id = await self._submit(user, request, what)
+        crash_point("submitted:worker")
         yield {"job_id": job_id}
 
     async def stop_worker(self, cluster: Cluster, worker: Worker) -> None:
+        """Cancel the worker's job: the one stored, or else any found by its name (a start
+        may have submitted it after its last write)."""
         job_id = worker.state.get("job_id")
+        if not job_id and not worker.state.get("job_name"):
+            return  # the start stored nothing: it submitted nothing
+        what = f"worker {worker.name}"
+        user = await self._stopping_account(cluster, what)
+        if user is None:
+            return
         if job_id:
-            await self._cancel(cluster, str(job_id), remove=None, what=f"worker {worker.name}")
+            job_ids = [str(job_id)]
+        else:
+            job_ids = await self._unrecorded_jobs(user, self.job_name(cluster, worker), what)
+        if job_ids:
+            await self._cancel(user, job_ids, remove=None, what=what)
+
+    def start_may_rerun(self, cluster: Cluster) -> bool:
+        # No job id stored: the start runs again, and adopts a job the first attempt submitted
+        # after its last write (found by its name) if one is live.
+        return not cluster.state.get("job_id")
+
+    def worker_start_may_rerun(self, cluster: Cluster, worker: Worker) -> bool:
+        return not worker.state.get("job_id")
 
     async def check_clusters(self, clusters: Sequence[Cluster]) -> list[bool]:
         return await self._check([c.state.get("job_id") for c in clusters])
@@ -899,43 +1000,140 @@ class JobQueueDriver(ClusterDriver[JobQueueConfigT, JobQueueClusterConfigT]):
         except Exception:
             log.warning("Cannot cancel %s %s", self.job_label, job_id, exc_info=True)
 
-    async def _cancel(
-        self, cluster: Cluster, job_id: str | None, *, remove: str | None, what: str
-    ) -> None:
+    async def _stopping_account(self, cluster: Cluster, what: str) -> RunAs | None:
+        """The account to stop ``what`` as; None (logged) when the user has none any more:
+        then nothing of theirs can be cancelled or removed by the gateway."""
         try:
-            user = await self.account(cluster)
+            return await self.account(cluster)
         except RuntimeError as exc:
             log.warning("Cannot stop %s: %s", what, exc)
-            return
+            return None
+
+    async def _cancel(
+        self, user: RunAs, job_ids: Sequence[str], *, remove: str | None, what: str
+    ) -> None:
+        """Cancel ``job_ids`` (none: only remove) and remove the directory ``remove`` (if
+        given), as ``user`` through the launcher, in one call. A cancel that fails raises
+        (retried: a job must not be left behind)."""
         request: dict[str, Any] = {
             "action": "run",
-            "cmd": self.cancel_command_line([job_id]) if job_id else None,
+            "cmd": self.cancel_command_line(job_ids) if job_ids else None,
             "env": self.submit_env(),
             "remove": remove,
         }
         try:
             answer = await self.runner.run_as(user, request)
         except LauncherError as exc:
-            if job_id:
+            if job_ids:
                 raise  # retried: a job must not be left behind
             # Nothing was submitted; at worst an empty staging directory is left.
             log.warning("Cannot remove the staging directory of %s: %s", what, exc)
             return
         if answer.get("remove_error"):
             log.warning("Staging directory of %s: %s", what, answer["remove_error"])
-        if job_id:
+        if job_ids:
             result = CommandResult(
                 returncode=int(answer.get("returncode", -1)),
                 stdout=str(answer.get("stdout", "")),
                 stderr=str(answer.get("stderr", "")),
             )
+            ids = " ".join(job_ids)
             if not self.cancel_succeeded(result):
                 raise RuntimeError(
-                    f"cancelling {self.job_label} {job_id} ({what}) failed: "
+                    f"cancelling {self.job_label} {ids} ({what}) failed: "
                     + result.describe(os.path.basename(self.cancel_program))
                 )
-            self._last_state.pop(job_id, None)
-            log.info("Cancelled %s %s (%s)", self.job_label, job_id, what)
+            for job_id in job_ids:
+                self._last_state.pop(job_id, None)
+            log.info("Cancelled %s %s (%s)", self.job_label, ids, what)
+
+    # ---------------------------------------------------------------------------------------
+    # Jobs submitted but never recorded (a crash between the submit and the write)
+
+    async def find_jobs(self, user: RunAs, job_name: str, what: str) -> list[str]:
+        """The ids of ``user``'s live jobs named ``job_name``, oldest first: one lookup
+        command (`lookup_command_line`), as the user, through the launcher. Raises
+        RuntimeError naming the command when it cannot tell (the command failed or printed
+        what `parse_job_lookup` cannot read): that is never taken as "no job"."""
+        argv = self.lookup_command_line(job_name, user.name)
+        command = shlex.join(argv)
+        request = {"action": "run", "cmd": argv, "env": self.submit_env()}
+        try:
+            answer = await self.runner.run_as(user, request)
+        except LauncherError as exc:
+            raise RuntimeError(
+                f"looking up {what} by its job name ({command}) failed: {exc}"
+            ) from None
+        result = CommandResult(
+            returncode=int(answer.get("returncode", -1)),
+            stdout=str(answer.get("stdout", "")),
+            stderr=str(answer.get("stderr", "")),
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"looking up {what} by its job name ({command}) failed: "
+                + result.describe(os.path.basename(argv[0]))
+            )
+        try:
+            return self.parse_job_lookup(result.stdout)
+        except ValueError as exc:
+            raise RuntimeError(
+                f"looking up {what} by its job name ({command}): cannot understand its "
+                f"output ({exc}): {result.stdout.strip()[:500]!r}"
+            ) from None
+
+    async def _adopt(self, user: RunAs, job_name: str, what: str) -> str | None:
+        """Before a start's second submit: the live job named ``job_name`` that an earlier
+        attempt submitted after its last write, if any (the newest; older ones, which must
+        not run twice, are cancelled); None when there is none."""
+        found = await self.find_jobs(user, job_name, what)
+        if not found:
+            return None
+        *extra, newest = found
+        if extra:
+            log.warning(
+                "Found %d %ss named %s (%s); keeping the newest, %s, and cancelling %s",
+                len(found),
+                self.job_label,
+                job_name,
+                what,
+                newest,
+                " ".join(extra),
+            )
+            await self._cancel(user, extra, remove=None, what=what)
+        log.info(
+            "Adopted %s %s (%s, user %s), submitted before the gateway stopped but never recorded",
+            self.job_label,
+            newest,
+            what,
+            user.name,
+        )
+        return newest
+
+    async def _unrecorded_jobs(self, user: RunAs, job_name: str, what: str) -> list[str]:
+        """For a stop without a job id: the live jobs named ``job_name`` (a start may have
+        submitted one after its last write)."""
+        found = await self.find_jobs(user, job_name, what)
+        if found:
+            log.info(
+                "Stopping %s: found %s %s by its name %s, submitted but never recorded",
+                what,
+                self.job_label,
+                " ".join(found),
+                job_name,
+            )
+        return found
+
+    async def _remove_staging(self, user: RunAs, staging_dir: str, what: str) -> None:
+        """Remove a staging directory an earlier attempt may have half made (no job of it
+        runs), so the submit can make it afresh; raises when it cannot."""
+        request = {"action": "run", "cmd": None, "env": self.submit_env(), "remove": staging_dir}
+        answer = await self.runner.run_as(user, request)
+        if answer.get("remove_error"):
+            raise RuntimeError(
+                f"starting {what} again: the earlier attempt's staging directory cannot be "
+                f"removed: {answer['remove_error']}"
+            )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

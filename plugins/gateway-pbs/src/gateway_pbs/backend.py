@@ -5,8 +5,9 @@ Owns `PBSClusterConfig` (queue, account, project, the ``-l`` resource-list templ
 stage-in on top of the job-queue cluster settings), `PBSConfig` (`[backend.pbs]`, adding
 ``gateway_hostname``) and `PBSDriver`, which fills in the scheduler-specific part of core's
 `gateway_core.backends.jobqueue.JobQueueDriver`: the ``qsub`` command line, ``qsub``'s job id,
-one ``qstat -x`` table for every job, what PBS's job states mean, and what ``qstat``/``qdel``
-say about jobs PBS no longer knows or that have already finished.
+one ``qstat -x`` table for every job, what PBS's job states mean, what ``qstat``/``qdel``
+say about jobs PBS no longer knows or that have already finished, and the ``qselect`` finding
+a user's live jobs by name (a job submitted just before a crash).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ history (``Unknown Job Id <id>``, exit 153, PBSE_UNKJOBID), and what ``qdel`` sa
 that has already finished (exit 35, PBSE_HISTJOBID). ``qstat`` lists the jobs it knows and
 names each it does not: only when it names every job asked about is the answer "all
 finished"; otherwise the check fails."""
+LIVE_STATES = "".join(code for code, (state, _) in STATES.items() if state.alive)
+"""The ``qselect -s`` letters of the states a job is alive in (queued, held, running, ...)."""
 _JOB_ID = re.compile(r"\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?")
 _RESOURCE_FIELDS = ("cores", "memory")
 
@@ -128,7 +131,8 @@ class PBSClusterConfig(JobQueueClusterConfig):
 @define(kw_only=True, frozen=True)
 class PBSConfig(JobQueueConfig):
     """`[backend.pbs]`: the reconciler's settings, the PBS commands (``submit_command`` default
-    ``qsub``, ``cancel_command`` ``qdel``, ``status_command`` ``qstat``), the launcher and how
+    ``qsub``, ``cancel_command`` ``qdel``, ``status_command`` ``qstat``, ``lookup_command``
+    ``qselect``), the launcher and how
     users are switched (see `gateway_core.backends.jobqueue`), and the gateway's host name."""
 
     gateway_hostname: str = field(factory=socket.gethostname)
@@ -152,13 +156,16 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
     (copied there by PBS when the job ends). With ``use_stagein`` each job runs in a private
     sandbox into which PBS copies the staging directory, and the TLS files are read from there.
     One ``qstat -x <ids>`` answers every status question of a period; ``-x`` keeps finished
-    jobs (state ``F``) in the answer while PBS keeps their history.
+    jobs (state ``F``) in the answer while PBS keeps their history. A job submitted but never
+    recorded (the gateway was killed in between) is found by its name among the user's live
+    jobs: ``qselect -N <job name> -u <user> -s <the live states of STATES>``.
     """
 
     job_label: ClassVar[str] = "PBS job"
     default_submit_command: ClassVar[str] = "qsub"
     default_cancel_command: ClassVar[str] = "qdel"
     default_status_command: ClassVar[str] = "qstat"
+    default_lookup_command: ClassVar[str] = "qselect"
     states = STATES
     gone_messages = GONE_MESSAGES
 
@@ -197,7 +204,7 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
             )
         host = self.config.gateway_hostname
         output = self.output_file(staging_dir, role, name)
-        argv = [self.submit_program, "-N", f"dask-{role}-{name}"]
+        argv = [self.submit_program, "-N", self.job_name(cluster, worker)]
         if settings.queue:
             argv += ["-q", settings.queue]
         if settings.account:
@@ -211,6 +218,18 @@ class PBSDriver(JobQueueDriver[PBSConfig, PBSClusterConfig]):
 
     def status_command_line(self, job_ids: Sequence[str]) -> list[str]:
         return [self.status_program, "-x", *job_ids]
+
+    def lookup_command_line(self, job_name: str, username: str) -> list[str]:
+        # -s: only jobs in a live state (E, exiting, counts as ended, as in the status check).
+        return [self.lookup_program, "-N", job_name, "-u", username, "-s", LIVE_STATES]
+
+    def parse_job_lookup(self, stdout: str) -> list[str]:
+        # One job id per line ("17.pbs01"); PBS numbers jobs in submission order.
+        ids = [line.strip() for line in stdout.splitlines() if line.strip()]
+        for job_id in ids:
+            if not _JOB_ID.fullmatch(job_id):
+                raise ValueError(f"expected one job id like 17.server per line, got {job_id!r}")
+        return sorted(ids, key=lambda job_id: int(job_id.split(".", 1)[0].split("[", 1)[0]))
 
     def parse_job_id(self, stdout: str) -> str:
         # qsub prints "<sequence>.<server>" ("17.pbs01"), arrays "<seq>[].<server>".

@@ -1,5 +1,5 @@
-"""The simulated commands: ``qsub``, ``qstat``, ``qdel``, ``qrls`` and the runner qsub forks
-for each job, with OpenPBS's output formats, messages and exit statuses.
+"""The simulated commands: ``qsub``, ``qstat``, ``qselect``, ``qdel``, ``qrls`` and the runner
+qsub forks for each job, with OpenPBS's output formats, messages and exit statuses.
 
 Owns each command's ``main(server_root, argv)``. A job is run by a detached runner process of
 the submitting user: it stages files in, starts the job script in its own process group
@@ -447,6 +447,52 @@ def qstat(root: str, argv: list[str]) -> int:
     return status
 
 
+QSELECT_STATES = "BEFHMQRSTUWX"
+"""The letters ``qselect -s`` takes (OpenPBS); F, M and X (ended, moved, finished subjob) are
+history, selected only with ``-x``."""
+
+
+def qselect(root: str, argv: list[str]) -> int:
+    """The ids of the jobs passing every filter given, one per line in the server's (submission)
+    order; none is no error. Filters: ``-N name`` (the whole name), ``-u user[@host][,...]``,
+    ``-s states``, ``-q queue``; ``-x`` adds finished jobs (history)."""
+    server = Server(root)
+    try:
+        opts, args = getopt.getopt(argv, "N:u:s:q:xH")
+    except getopt.GetoptError as exc:
+        _err(f"qselect: {exc}")
+        _err("usage: qselect [-N name] [-q destination] [-s states] [-u user_list] [-x] ...")
+        return EXIT_BAD_ATTRIBUTE
+    if args:
+        _err("usage: qselect [-N name] [-q destination] [-s states] [-u user_list] [-x] ...")
+        return EXIT_BAD_ATTRIBUTE
+    flags = dict(opts)
+    history = "-x" in flags or "-H" in flags
+    states = flags.get("-s")
+    if states is not None and (not states or set(states) - set(QSELECT_STATES)):
+        _err("qselect: illegal -s value")
+        return EXIT_BAD_ATTRIBUTE
+    users = None
+    if "-u" in flags:
+        users = {u.split("@", 1)[0] for u in flags["-u"].split(",") if u}
+    queue = flags.get("-q", "").split("@", 1)[0]
+    with server.locked():
+        for job_id in server.all_ids():
+            job = server.load(job_id)
+            if job is None or (job["state"] in ("F", "M", "X") and not history):
+                continue
+            if "-N" in flags and job["name"] != flags["-N"]:
+                continue
+            if users is not None and job["owner"] not in users:
+                continue
+            if states is not None and job["state"] not in states:
+                continue
+            if queue and job["queue"] != queue:
+                continue
+            print(job["id"])
+    return 0
+
+
 def _kill(job: dict[str, Any]) -> None:
     pgid = job.get("pgid")
     # Never signal our own group (or init's): only a job's own session is ever killed.
@@ -524,4 +570,4 @@ def qrls(root: str, argv: list[str]) -> int:
     return status
 
 
-COMMANDS = {"qsub": qsub, "qstat": qstat, "qdel": qdel, "qrls": qrls}
+COMMANDS = {"qsub": qsub, "qstat": qstat, "qselect": qselect, "qdel": qdel, "qrls": qrls}

@@ -1,5 +1,5 @@
-"""Installs the simulator: a state directory and the ``qsub``/``qstat``/``qdel``/``qrls``
-scripts that use it, all readable by every user.
+"""Installs the simulator: a state directory and the ``qsub``/``qstat``/``qselect``/``qdel``/
+``qrls`` scripts that use it, all readable by every user.
 
 Owns `install` and `SimulatedPBS` (where things are, for the tests).
 """

@@ -3,7 +3,8 @@
 Owns `SlurmClusterConfig` (partition, account, qos on top of the job-queue cluster settings),
 `SlurmConfig` (`[backend.slurm]`) and `SlurmDriver`, which fills in the scheduler-specific
 part of core's `gateway_core.backends.jobqueue.JobQueueDriver`: the ``sbatch`` command line,
-``sbatch --parsable`` output, one ``squeue`` for every job, and what Slurm's states mean.
+``sbatch --parsable`` output, one ``squeue`` for every job, what Slurm's states mean, and the
+``squeue`` finding a user's live jobs by name (a job submitted just before a crash).
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class SlurmClusterConfig(JobQueueClusterConfig):
 @define(kw_only=True, frozen=True)
 class SlurmConfig(JobQueueConfig):
     """`[backend.slurm]`: the reconciler's settings, the Slurm commands (``submit_command``
-    default ``sbatch``, ``cancel_command`` ``scancel``, ``status_command`` ``squeue``), the
-    launcher and how users are switched (see `gateway_core.backends.jobqueue`)."""
+    default ``sbatch``, ``cancel_command`` ``scancel``, ``status_command`` and
+    ``lookup_command`` ``squeue``), the launcher and how users are switched (see
+    `gateway_core.backends.jobqueue`)."""
 
 
 class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
@@ -98,13 +100,16 @@ class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
     (``dask-scheduler-<cluster>.log``, ``dask-worker-<worker>.log``); they ask for
     ``--cpus-per-task`` = the cores and ``--mem`` = the memory of their role. One
     ``squeue -h --states=all --jobs=<ids> -o "%i %t"`` answers every status question of a
-    period; a job not listed has ended.
+    period; a job not listed has ended. A job submitted but never recorded (the gateway was
+    killed in between) is found by its name among the user's pending, running and completing
+    jobs: ``squeue --noheader --format=%i --name=<job name> --user=<user>``.
     """
 
     job_label: ClassVar[str] = "Slurm job"
     default_submit_command: ClassVar[str] = "sbatch"
     default_cancel_command: ClassVar[str] = "scancel"
     default_status_command: ClassVar[str] = "squeue"
+    default_lookup_command: ClassVar[str] = "squeue"
     states = STATES
     gone_messages = GONE_MESSAGES
 
@@ -123,7 +128,8 @@ class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
         else:
             role, name = "worker", worker.name
             cores, memory = settings.worker_cores, settings.worker_memory
-        argv = [self.submit_program, "--parsable", f"--job-name=dask-{role}-{name}"]
+        job_name = self.job_name(cluster, worker)
+        argv = [self.submit_program, "--parsable", f"--job-name={job_name}"]
         if settings.partition:
             argv.append(f"--partition={settings.partition}")
         if settings.account:
@@ -148,6 +154,24 @@ class SlurmDriver(JobQueueDriver[SlurmConfig, SlurmClusterConfig]):
             "-o",
             "%i %t",
         ]
+
+    def lookup_command_line(self, job_name: str, username: str) -> list[str]:
+        # Without --states, squeue lists pending, running and completing jobs: the live ones.
+        return [
+            self.lookup_program,
+            "--noheader",
+            "--format=%i",
+            f"--name={job_name}",
+            f"--user={username}",
+        ]
+
+    def parse_job_lookup(self, stdout: str) -> list[str]:
+        # One job id per line; Slurm numbers jobs in submission order.
+        ids = [line.strip() for line in stdout.splitlines() if line.strip()]
+        for job_id in ids:
+            if not job_id.isdigit():
+                raise ValueError(f"expected one job id per line, got {job_id!r}")
+        return sorted(ids, key=int)
 
     def parse_job_id(self, stdout: str) -> str:
         # --parsable prints "<id>" or "<id>;<cluster>"
