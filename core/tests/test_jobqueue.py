@@ -1040,3 +1040,22 @@ def test_every_config_class_checks_its_own_settings_and_all_problems_come_at_onc
     assert any(p.startswith("staging_directory: unknown placeholder {nowhere}") for p in problems)
     assert problems[-1] == "partition: must not be empty"
     assert SiteClusterConfig().partition == "main"  # nothing to report: no error
+
+
+def test_a_command_runs_as_another_user_on_the_gateways_default_event_loop() -> None:
+    """`gateway serve` runs on uvloop, whose create_subprocess_exec refuses user=/group=:
+    the setuid mode's commands must still run, as the user asked for."""
+    import pwd
+
+    uvloop = pytest.importorskip("uvloop", reason="uvloop comes with gateway-core[local]")
+    if os.geteuid() != 0:
+        pytest.fail("run as root: the setuid mode needs it (CI runs as root)")
+    nobody = RunAs.from_pwd(pwd.getpwnam("nobody"))
+    runner = jobqueue.JobRunner(JobQueueConfig(switch_user="setuid"))
+
+    async def ids() -> jobqueue.CommandResult:
+        return await runner.run(["sh", "-c", "id -u; id -g"], timeout=30, identity=nobody)
+
+    result = uvloop.run(ids())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(nobody.uid), str(nobody.gid)]

@@ -106,6 +106,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -384,9 +385,13 @@ class JobRunner:
     ) -> CommandResult:
         """Run ``argv`` (as ``identity``'s uid and gids when given; the gateway must be root)
         and collect its output. Raises RuntimeError when it cannot run or times out."""
-        ids: dict[str, Any] = {}
         if identity is not None:
-            ids = {"user": identity.uid, "group": identity.gid, "extra_groups": identity.groups}
+            # uvloop (the gateway's default event loop) refuses user=/group=/extra_groups= in
+            # create_subprocess_exec, so a command run as someone else goes through the
+            # standard library's subprocess, in a thread.
+            return await asyncio.to_thread(
+                _run_as_identity, list(argv), env=env, stdin=stdin, timeout=timeout, who=identity
+            )
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -396,7 +401,6 @@ class JobRunner:
                 env=dict(env) if env is not None else None,
                 cwd="/",
                 start_new_session=True,
-                **ids,
             )
         except FileNotFoundError:
             raise RuntimeError(f"command not found: {argv[0]!r}") from None
@@ -1229,3 +1233,40 @@ __all__ = [
     "StateTable",
     "Submission",
 ]
+
+
+def _run_as_identity(
+    argv: list[str],
+    *,
+    env: Mapping[str, str] | None,
+    stdin: bytes | None,
+    timeout: float,
+    who: RunAs,
+) -> CommandResult:
+    """`JobRunner.run` for a command run as ``who`` (blocking: called in a thread)."""
+    try:
+        done = subprocess.run(
+            argv,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            env=dict(env) if env is not None else None,
+            cwd="/",
+            start_new_session=True,
+            timeout=timeout,
+            user=who.uid,
+            group=who.gid,
+            extra_groups=list(who.groups),
+            check=False,
+        )
+    except FileNotFoundError:
+        raise RuntimeError(f"command not found: {argv[0]!r}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{argv[0]} did not finish within {timeout:g} s") from None
+    except OSError as exc:
+        raise RuntimeError(f"cannot run {argv[0]!r}: {exc}") from None
+    return CommandResult(
+        returncode=done.returncode,
+        stdout=done.stdout.decode("utf-8", "replace"),
+        stderr=done.stderr.decode("utf-8", "replace"),
+    )
