@@ -248,8 +248,8 @@ class JobQueueCrashScenarios:
         setup = gateway_backend_setup
         user = make_user()
         variant = next(iter(setup.variants.values()))
-        # Users are switched through sudo: `gateway serve` runs uvloop, whose subprocesses
-        # cannot take the uid and gids "setuid" starts the launcher with.
+        # Users are switched through sudo here (the setuid mode on uvloop, which gateway serve
+        # runs, has its own test in core's test_jobqueue.py).
         sudo = {"backend": {setup.backend: {"switch_user": "sudo"}}}
         process = GatewayProcess(
             folder=tmp_path, config=merge(merge(setup.config, variant), sudo), user=user.pw_name
